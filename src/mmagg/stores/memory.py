@@ -1,0 +1,104 @@
+"""The process-local store: one shared window per aggregator key, in memory."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+
+from mmagg.window import DEFAULT_MAX_CLASSES, Window
+
+__all__ = ["MemoryStore", "default_store"]
+
+
+class MemoryStore:
+    """Windows and interval clock in this process's memory.
+
+    Two block instances (two HTTP requests in one inference server) that use the same
+    aggregator key collect into the same window.
+
+    Example:
+        >>> store = MemoryStore(clock=lambda: 100.0)
+        >>> store.window("k") is store.window("k")
+        True
+        >>> store.claim("k", frequency=5) is None  # the first call starts the interval
+        True
+    """
+
+    shared = False
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.time,
+        max_classes: int = DEFAULT_MAX_CLASSES,
+    ) -> None:
+        self._clock = clock
+        self._max_classes = max_classes
+        self._windows: dict[str, Window] = {}
+        self._last_report: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def window(self, key: str) -> Window:
+        window = self._windows.get(key)
+        if window is None:
+            with self._lock:
+                window = self._windows.setdefault(key, Window(max_classes=self._max_classes))
+        return window
+
+    def claim(self, key: str, frequency: float) -> Window | None:
+        now = self._clock()
+        with self._lock:
+            last = self._last_report.get(key)
+            if last is None:
+                self._last_report[key] = now
+                return None
+            if int(now - last) < frequency:
+                return None
+            self._last_report[key] = now
+            return self._swap(key)
+
+    def take(self, key: str) -> Window:
+        with self._lock:
+            return self._swap(key)
+
+    def give_back(self, key: str, window: Window) -> None:
+        self.window(key).merge_in(window)
+
+    def close(self) -> None:
+        """Nothing to release: windows stay until taken."""
+
+    def _swap(self, key: str) -> Window:
+        taken = self._windows.get(key) or Window(max_classes=self._max_classes)
+        self._windows[key] = Window(max_classes=self._max_classes)
+        return taken
+
+    def _reset_after_fork(self) -> None:
+        # A forked child must not re-send what its parent collected.
+        self._windows = {}
+        self._last_report = {}
+        self._lock = threading.Lock()
+
+
+_DEFAULT: MemoryStore | None = None
+_DEFAULT_LOCK = threading.Lock()
+
+
+def default_store() -> MemoryStore:
+    """The process-wide memory store (shared by every aggregator and block instance)."""
+    global _DEFAULT
+    if _DEFAULT is None:
+        with _DEFAULT_LOCK:
+            if _DEFAULT is None:
+                _DEFAULT = MemoryStore()
+    return _DEFAULT
+
+
+def _after_fork_in_child() -> None:
+    if _DEFAULT is not None:
+        _DEFAULT._reset_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

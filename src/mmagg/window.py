@@ -1,0 +1,383 @@
+"""The window: best prediction per class plus mergeable statistics, kept on arrival.
+
+Memory is O(classes) whatever the frame rate, window length or mask size: only the
+columns of a frame are kept, folded in small batches with numpy, and the winner per
+``(model_id, class_name, source_id)`` survives. The result equals the original's
+"store everything, group by class, sort by confidence, take the first" (ties: the
+prediction seen first wins).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from mmagg.predictions import PredictionBatch
+
+__all__ = ["HISTOGRAM_BUCKETS", "ClassStats", "Key", "Sample", "Window"]
+
+#: Fixed confidence buckets of the per-class histogram: ``[i/10, (i+1)/10)``, 1.0 in the last.
+HISTOGRAM_BUCKETS = 10
+#: Folding happens once this many predictions are buffered (bounds memory and per-call work).
+FOLD_THRESHOLD = 2048
+#: Default cardinality guard: distinct keys a window accepts before refusing new ones.
+DEFAULT_MAX_CLASSES = 10_000
+
+#: ``(model_id, class_name, source_id)``; ``source_id`` is ``""`` unless per-source is on.
+Key = tuple[str, str, str]
+
+_arrivals = itertools.count()
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """The representative prediction of one key: the most confident, first seen on ties.
+
+    ``seen_at`` (wall-clock seconds) and ``seq`` (arrival order) only break ties.
+    """
+
+    class_name: str
+    confidence: float
+    inference_id: str
+    model_type: str
+    model_id: str
+    source_id: str = ""
+    seen_at: float = 0.0
+    seq: int = 0
+
+    def rank(self) -> tuple[float, float, int, str, str]:
+        """Total order: the smallest rank is the better sample."""
+        return (-self.confidence, self.seen_at, self.seq, self.inference_id, self.model_type)
+
+    def to_result(self) -> dict[str, Any]:
+        """The ``inference_results`` item of the original payload (DESIGN §2)."""
+        return {
+            "class_name": self.class_name,
+            "confidence": self.confidence,
+            "inference_id": self.inference_id,
+            "model_type": self.model_type,
+            "model_id": self.model_id,
+        }
+
+
+@dataclass(slots=True)
+class ClassStats:
+    """Count, sum, min, max and a fixed-bucket histogram of one key's confidences."""
+
+    count: int = 0
+    total: float = 0.0
+    minimum: float = math.inf
+    maximum: float = -math.inf
+    histogram: list[int] = field(default_factory=lambda: [0] * HISTOGRAM_BUCKETS)
+
+    def merge_in(self, other: ClassStats) -> None:
+        self.count += other.count
+        self.total += other.total
+        self.minimum = min(self.minimum, other.minimum)
+        self.maximum = max(self.maximum, other.maximum)
+        self.histogram = [a + b for a, b in zip(self.histogram, other.histogram, strict=True)]
+
+    def copy(self) -> ClassStats:
+        return ClassStats(self.count, self.total, self.minimum, self.maximum, list(self.histogram))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``stats`` extension item (docs/wire-format.md)."""
+        return {
+            "count": self.count,
+            "sum": self.total,
+            "min": self.minimum,
+            "max": self.maximum,
+            "histogram": list(self.histogram),
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> ClassStats:
+        return cls(
+            int(raw["count"]),
+            float(raw["sum"]),
+            float(raw["min"]),
+            float(raw["max"]),
+            [int(v) for v in raw["histogram"]],
+        )
+
+
+@dataclass(slots=True)
+class _Chunk:
+    model_id: str
+    source_id: str
+    seen_at: float
+    seq: int
+    batch: PredictionBatch
+
+
+class Window:
+    """Best sample and statistics per key, for one reporting interval.
+
+    ``add`` is cheap: it keeps the frame's columns and folds them with numpy every
+    :data:`FOLD_THRESHOLD` predictions. Reading (``samples``, ``to_results``, ``merge``)
+    folds what is pending first. Thread-safe.
+
+    Example:
+        >>> from mmagg.predictions import to_batch
+        >>> w = Window()
+        >>> w.add(to_batch({"predictions": [{"class": "cat", "confidence": 0.4}]}), model_id="m/1")
+        1
+        >>> w.add(to_batch({"predictions": [{"class": "cat", "confidence": 0.8}]}), model_id="m/1")
+        1
+        >>> [(r["class_name"], r["confidence"]) for r in w.to_results()]
+        [('cat', 0.8)]
+    """
+
+    def __init__(self, *, max_classes: int = DEFAULT_MAX_CLASSES) -> None:
+        self.max_classes = max_classes
+        self._best: dict[Key, Sample] = {}
+        self._stats: dict[Key, ClassStats] = {}
+        self._chunks: list[_Chunk] = []
+        self._buffered = 0
+        #: Predictions refused because their confidence was NaN or infinite.
+        self.rejected_nonfinite = 0
+        #: Predictions refused because the window already held ``max_classes`` keys.
+        self.dropped_max_classes = 0
+        self._lock = threading.Lock()
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def add(
+        self,
+        batch: PredictionBatch | None,
+        *,
+        model_id: str,
+        source_id: str = "",
+        seen_at: float = 0.0,
+    ) -> int:
+        """Collect one frame's predictions; returns how many were taken in."""
+        if batch is None or len(batch) == 0:
+            return 0
+        chunk = _Chunk(model_id, source_id, seen_at, next(_arrivals), batch)
+        with self._lock:
+            self._chunks.append(chunk)
+            self._buffered += len(batch)
+            if self._buffered >= FOLD_THRESHOLD:
+                self._fold()
+        return len(batch)
+
+    def merge_in(self, other: Window) -> None:
+        """Merge ``other`` into this window (max per key, statistics summed)."""
+        if other is self:
+            return
+        best, stats, rejected, dropped = other.snapshot()
+        with self._lock:
+            self._fold()
+            self._merge_entries(best, stats)
+            self.rejected_nonfinite += rejected
+            self.dropped_max_classes += dropped
+
+    def merge(self, other: Window) -> Window:
+        """A new window holding both: associative and commutative.
+
+        Example:
+            >>> from mmagg.predictions import to_batch
+            >>> a, b = Window(), Window()
+            >>> low = to_batch({"predictions": [{"class": "x", "confidence": 0.2}]})
+            >>> high = to_batch({"predictions": [{"class": "x", "confidence": 0.6}]})
+            >>> _, _ = a.add(low, model_id="m"), b.add(high, model_id="m")
+            >>> a.merge(b).to_results()[0]["confidence"]
+            0.6
+        """
+        merged = Window(max_classes=max(self.max_classes, other.max_classes))
+        merged.merge_in(self)
+        merged.merge_in(other)
+        return merged
+
+    def merge_entries(self, best: Mapping[Key, Sample], stats: Mapping[Key, ClassStats]) -> None:
+        """Merge raw entries (as read back from a store) into this window."""
+        with self._lock:
+            self._fold()
+            self._merge_entries(best, stats)
+
+    def _merge_entries(self, best: Mapping[Key, Sample], stats: Mapping[Key, ClassStats]) -> None:
+        for key, sample in best.items():
+            current = self._best.get(key)
+            if current is None:
+                if len(self._best) >= self.max_classes:
+                    self.dropped_max_classes += stats[key].count if key in stats else 1
+                    continue
+                self._best[key] = sample
+            elif sample.rank() < current.rank():
+                self._best[key] = sample
+        for key, item in stats.items():
+            if key not in self._best:
+                continue
+            mine = self._stats.get(key)
+            if mine is None:
+                self._stats[key] = item.copy()
+            else:
+                mine.merge_in(item)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def snapshot(self) -> tuple[dict[Key, Sample], dict[Key, ClassStats], int, int]:
+        """Copies of ``(best, stats, rejected_nonfinite, dropped_max_classes)``."""
+        with self._lock:
+            self._fold()
+            return (
+                dict(self._best),
+                {k: v.copy() for k, v in self._stats.items()},
+                self.rejected_nonfinite,
+                self.dropped_max_classes,
+            )
+
+    def samples(self) -> list[Sample]:
+        """The best sample per key, in order of first arrival of the key."""
+        best, _, _, _ = self.snapshot()
+        return list(best.values())
+
+    def stats(self) -> dict[Key, ClassStats]:
+        """Statistics per key."""
+        return self.snapshot()[1]
+
+    def to_results(self, *, extensions: bool = False) -> list[dict[str, Any]]:
+        """``inference_results`` items, one per key; with ``extensions`` also
+        ``source_id`` (when set) and ``stats``."""
+        best, stats, _, _ = self.snapshot()
+        results = []
+        for key, sample in best.items():
+            item = sample.to_result()
+            if extensions:
+                if sample.source_id:
+                    item["source_id"] = sample.source_id
+                if key in stats:
+                    item["stats"] = stats[key].to_dict()
+            results.append(item)
+        return results
+
+    def __len__(self) -> int:
+        """Number of keys (classes) held."""
+        with self._lock:
+            self._fold()
+            return len(self._best)
+
+    def is_empty(self) -> bool:
+        with self._lock:
+            return not self._chunks and not self._best
+
+    def keys(self) -> Iterator[Key]:
+        return iter(self.snapshot()[0])
+
+    # -- folding -----------------------------------------------------------------------------
+
+    def _fold(self) -> None:
+        """Fold buffered chunks into the per-key state (caller holds the lock)."""
+        if not self._chunks:
+            return
+        chunks, self._chunks, self._buffered = self._chunks, [], 0
+        groups: dict[tuple[str, str], list[_Chunk]] = {}
+        for chunk in chunks:
+            groups.setdefault((chunk.model_id, chunk.source_id), []).append(chunk)
+        for (model_id, source_id), group in groups.items():
+            self._fold_group(model_id, source_id, group)
+
+    def _fold_group(self, model_id: str, source_id: str, group: list[_Chunk]) -> None:
+        names = _concat([c.batch.class_names for c in group])
+        conf = _concat([c.batch.confidences for c in group]).astype(np.float64, copy=False)
+        lengths = np.fromiter((len(c.batch) for c in group), dtype=np.int64, count=len(group))
+        chunk_of = np.repeat(np.arange(len(group)), lengths)
+        finite = np.isfinite(conf)
+        if not finite.all():
+            self.rejected_nonfinite += int((~finite).sum())
+            names, conf, chunk_of = names[finite], conf[finite], chunk_of[finite]
+            keep_rows = np.flatnonzero(finite)
+        else:
+            keep_rows = None
+        if conf.size == 0:
+            return
+        unique, inverse = np.unique(names, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        k = unique.size
+        maxs = np.full(k, -np.inf)
+        np.maximum.at(maxs, inverse, conf)
+        # Per class, the first arrival among those reaching the maximum (first seen wins ties).
+        at_max = np.flatnonzero(conf == maxs[inverse])
+        winners = np.full(k, conf.size, dtype=np.int64)
+        np.minimum.at(winners, inverse[at_max], at_max)
+        counts = np.bincount(inverse, minlength=k)
+        sums = np.bincount(inverse, weights=conf, minlength=k)
+        mins = np.full(k, np.inf)
+        np.minimum.at(mins, inverse, conf)
+        scaled = conf * HISTOGRAM_BUCKETS
+        np.minimum(np.maximum(scaled, 0.0, out=scaled), HISTOGRAM_BUCKETS - 1, out=scaled)
+        buckets = scaled.astype(np.int64)
+        hist = np.bincount(
+            inverse * HISTOGRAM_BUCKETS + buckets, minlength=k * HISTOGRAM_BUCKETS
+        ).reshape(k, HISTOGRAM_BUCKETS)
+        rows = winners if keep_rows is None else keep_rows[winners]
+        ids = _concat([c.batch.inference_ids for c in group])[rows]
+        types = _concat([c.batch.model_types for c in group])[rows]
+        names_list = unique.tolist()
+        conf_list = conf[winners].tolist()
+        chunk_list = chunk_of[winners].tolist()
+        for i, name in enumerate(names_list):
+            key = (model_id, name, source_id)
+            chunk = group[chunk_list[i]]
+            candidate = Sample(
+                class_name=name,
+                confidence=conf_list[i],
+                inference_id=str(ids[i]),
+                model_type=str(types[i]),
+                model_id=model_id,
+                source_id=source_id,
+                seen_at=chunk.seen_at,
+                seq=chunk.seq,
+            )
+            current = self._best.get(key)
+            if current is None:
+                if len(self._best) >= self.max_classes:
+                    self.dropped_max_classes += int(counts[i])
+                    continue
+                self._best[key] = candidate
+                self._stats[key] = ClassStats(
+                    int(counts[i]),
+                    float(sums[i]),
+                    float(mins[i]),
+                    conf_list[i],
+                    hist[i].tolist(),
+                )
+                continue
+            if candidate.rank() < current.rank():
+                self._best[key] = candidate
+            stats = self._stats[key]
+            stats.count += int(counts[i])
+            stats.total += float(sums[i])
+            stats.minimum = min(stats.minimum, float(mins[i]))
+            stats.maximum = max(stats.maximum, conf_list[i])
+            stats.histogram = [
+                a + b for a, b in zip(stats.histogram, hist[i].tolist(), strict=True)
+            ]
+
+
+def _concat(arrays: list[npt.NDArray[Any]]) -> npt.NDArray[Any]:
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def naive_best(
+    stream: Iterable[tuple[str, str, float, str, str]],
+) -> dict[tuple[str, str], tuple[float, str, str]]:
+    """The original's algorithm, for tests and benchmarks: store all, sort per class.
+
+    ``stream`` yields ``(model_id, class_name, confidence, inference_id, model_type)``.
+    """
+    groups: dict[tuple[str, str], list[tuple[float, str, str]]] = {}
+    for model_id, name, confidence, inference_id, model_type in stream:
+        groups.setdefault((model_id, name), []).append((confidence, inference_id, model_type))
+    result = {}
+    for key, items in groups.items():
+        items.sort(key=lambda item: item[0], reverse=True)  # stable: first seen wins ties
+        result[key] = items[0]
+    return result
