@@ -1,0 +1,817 @@
+/* mmagg dashboard.
+ *
+ * Rules this file keeps (the page's Content-Security-Policy enforces the first two):
+ * - no inline script, no eval, no inline style attribute in markup;
+ * - every piece of data reaches the DOM through textContent or setAttribute, never as HTML,
+ *   so a class name such as "<script>alert(1)</script>" shows as those characters;
+ * - every request goes to this page's own origin, by a relative URL.
+ */
+(function () {
+  "use strict";
+
+  // Okabe–Ito, ordered so the first colours stay apart for every common colour-vision
+  // deficiency; yellow is late because it is faint on white. Dashes and hollow/filled markers
+  // add a second, colour-free cue.
+  var PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442"];
+  var DASHES = [[], [8, 4], [2, 3], [12, 3, 2, 3], [4, 4], [16, 4], [1, 3], [8, 2, 2, 2, 2, 2]];
+  var AXIS_FONT = "12px system-ui, sans-serif";
+  var REFRESH_MS = 10000;
+  var STALE_INTERVALS = 3;
+  var NICE_BUCKETS = [5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400];
+  var HIST_EDGES = [0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
+
+  var state = {
+    workspace: null,
+    rangeSeconds: 3600,
+    custom: null, // {start: Date, end: Date} when the custom range is applied
+    filter: "", // "" | "device:<id>" | "source:<id>"
+    model: null,
+    paused: false,
+    timer: null,
+    generation: 0,
+    renders: 0,
+    charts: [],
+    classStyles: {},
+  };
+
+  function $(id) { return document.getElementById(id); }
+
+  // ---------------------------------------------------------------- DOM helpers (text only)
+
+  function el(tag, text, className) {
+    var node = document.createElement(tag);
+    if (text !== undefined && text !== null) node.textContent = String(text);
+    if (className) node.className = className;
+    return node;
+  }
+
+  function clear(node) {
+    while (node.firstChild) node.removeChild(node.firstChild);
+  }
+
+  function show(node, visible) { node.hidden = !visible; }
+
+  // ---------------------------------------------------------------- time & number formatting
+
+  function toDate(value) {
+    if (value === null || value === undefined || value === "") return null;
+    if (typeof value === "number") return new Date(value < 1e11 ? value * 1000 : value);
+    var s = String(value);
+    // A naive ISO time from the backend is UTC (wire format); make Date read it so.
+    if (/^\d{4}-\d\d-\d\dT\d\d:\d\d(:\d\d(\.\d+)?)?$/.test(s)) s += "Z";
+    var d = new Date(s);
+    return isNaN(d.getTime()) ? null : d;
+  }
+
+  function pad(n) { return (n < 10 ? "0" : "") + n; }
+
+  function formatTime(d) {
+    if (!d) return "—";
+    var today = new Date();
+    var hms = pad(d.getHours()) + ":" + pad(d.getMinutes()) + ":" + pad(d.getSeconds());
+    if (d.toDateString() === today.toDateString()) return hms;
+    return d.getFullYear() + "-" + pad(d.getMonth() + 1) + "-" + pad(d.getDate()) + " " + hms;
+  }
+
+  function formatDuration(seconds) {
+    if (seconds === null || seconds === undefined || !isFinite(seconds)) return "—";
+    var s = Math.max(0, Math.round(seconds));
+    if (s < 60) return s + " s";
+    if (s < 3600) return Math.floor(s / 60) + " min " + (s % 60 ? (s % 60) + " s" : "").trim();
+    if (s < 86400) return Math.floor(s / 3600) + " h " + (Math.floor((s % 3600) / 60) ? Math.floor((s % 3600) / 60) + " min" : "");
+    return Math.floor(s / 86400) + " d " + (Math.floor((s % 86400) / 3600) ? Math.floor((s % 86400) / 3600) + " h" : "");
+  }
+
+  function formatConfidence(c) {
+    return typeof c === "number" && isFinite(c) ? c.toFixed(3) : "—";
+  }
+
+  function toLocalInput(d) {
+    return d.getFullYear() + "-" + pad(d.getMonth() + 1) + "-" + pad(d.getDate()) + "T" +
+      pad(d.getHours()) + ":" + pad(d.getMinutes()) + ":" + pad(d.getSeconds());
+  }
+
+  // ---------------------------------------------------------------- HTTP
+
+  function ApiError(status, message) {
+    this.status = status;
+    this.message = message;
+  }
+
+  function request(method, path, params, body) {
+    var url = "dashboard/api/" + path;
+    if (params) {
+      var q = new URLSearchParams();
+      Object.keys(params).forEach(function (k) {
+        if (params[k] !== null && params[k] !== undefined && params[k] !== "") q.append(k, params[k]);
+      });
+      var qs = q.toString();
+      if (qs) url += "?" + qs;
+    }
+    var init = {
+      method: method,
+      credentials: "same-origin",
+      cache: "no-store",
+      headers: { Accept: "application/json" },
+    };
+    if (body !== undefined) {
+      init.headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(body);
+    }
+    return fetch(url, init).then(function (resp) {
+      return resp.text().then(function (text) {
+        var data = null;
+        try { data = text ? JSON.parse(text) : null; } catch (e) { data = null; }
+        if (!resp.ok) {
+          var detail = data && (data.detail || data.message || data.error);
+          if (detail && typeof detail !== "string") detail = JSON.stringify(detail);
+          throw new ApiError(resp.status, detail || resp.statusText || "request failed");
+        }
+        return data;
+      });
+    });
+  }
+
+  // ---------------------------------------------------------------- reading the API's shapes
+  // The backend's JSON (docs/server.md) is read through these small readers, in one place.
+
+  function listOf(data, key) {
+    if (Array.isArray(data)) return data;
+    if (data && Array.isArray(data[key])) return data[key];
+    if (data && Array.isArray(data.items)) return data.items;
+    return [];
+  }
+
+  function first(obj, keys) {
+    for (var i = 0; i < keys.length; i++) {
+      if (obj && obj[keys[i]] !== undefined && obj[keys[i]] !== null) return obj[keys[i]];
+    }
+    return null;
+  }
+
+  function readModel(m) {
+    var devices = first(m, ["devices", "device_ids"]) || [];
+    var sources = first(m, ["sources", "source_ids"]) || [];
+    return {
+      id: String(first(m, ["model_id", "id", "name"])),
+      lastReport: toDate(first(m, ["last_report_at", "last_report_time", "last_report", "last_seen"])),
+      reports: first(m, ["report_count", "reports", "num_reports"]),
+      devices: devices.map(function (d) { return typeof d === "string" ? d : String(first(d, ["device_id", "id", "name"])); }),
+      sources: sources.map(function (d) { return typeof d === "string" ? d : String(first(d, ["source_id", "id", "name"])); }),
+      interval: first(m, ["interval_seconds", "estimated_interval_seconds", "estimated_interval", "interval"]),
+    };
+  }
+
+  // ---------------------------------------------------------------- range & filter
+
+  function currentRange() {
+    if (state.custom) return { start: state.custom.start, end: state.custom.end };
+    var end = new Date();
+    return { start: new Date(end.getTime() - state.rangeSeconds * 1000), end: end };
+  }
+
+  function bucketSecondsFor(range) {
+    var span = (range.end - range.start) / 1000;
+    for (var i = 0; i < NICE_BUCKETS.length; i++) {
+      if (NICE_BUCKETS[i] >= span / 120) return NICE_BUCKETS[i];
+    }
+    return NICE_BUCKETS[NICE_BUCKETS.length - 1];
+  }
+
+  function rangeParams(range) {
+    var p = { startTime: range.start.toISOString(), endTime: range.end.toISOString() };
+    if (state.filter.indexOf("device:") === 0) p.device_id = state.filter.slice(7);
+    if (state.filter.indexOf("source:") === 0) p.source_id = state.filter.slice(7);
+    return p;
+  }
+
+  // ---------------------------------------------------------------- session
+
+  function showLogin(message) {
+    stopTimer();
+    destroyCharts();
+    state.workspace = null;
+    show($("session"), false);
+    show($("app-view"), false);
+    show($("login-view"), true);
+    $("login-error").textContent = message || "";
+    $("api-key").value = "";
+    $("api-key").focus();
+  }
+
+  function showApp(workspace) {
+    state.workspace = workspace;
+    $("workspace-name").textContent = workspace || "";
+    show($("login-view"), false);
+    show($("session"), true);
+    show($("app-view"), true);
+    readHash();
+    refresh();
+    startTimer();
+  }
+
+  function onLogin(event) {
+    event.preventDefault();
+    var key = $("api-key").value.trim();
+    var error = $("login-error");
+    if (!key) {
+      error.textContent = "Enter an API key.";
+      return;
+    }
+    error.textContent = "";
+    $("login-submit").disabled = true;
+    request("POST", "login", null, { api_key: key })
+      .then(function (data) {
+        $("api-key").value = "";
+        return request("GET", "me").then(function (me) {
+          showApp(first(me, ["workspace"]) || first(data, ["workspace"]));
+        });
+      })
+      .catch(function (err) {
+        if (err.status === 401 || err.status === 403) {
+          error.textContent = "That API key was not accepted. Check it and try again.";
+        } else if (err.status === 429) {
+          error.textContent = "Too many attempts. Wait a moment and try again.";
+        } else {
+          error.textContent = "Could not sign in: " + (err.message || "the server did not answer") + ".";
+        }
+        $("api-key").focus();
+      })
+      .then(function () { $("login-submit").disabled = false; });
+  }
+
+  function onLogout() {
+    request("POST", "logout").catch(function () { /* the session is gone either way */ })
+      .then(function () {
+        location.hash = "";
+        showLogin("You are signed out.");
+      });
+  }
+
+  function handleError(err) {
+    if (err && err.status === 401) {
+      showLogin("Your session has ended. Sign in again.");
+      return;
+    }
+    var banner = $("app-error");
+    banner.textContent = "Could not load data: " + ((err && err.message) || String(err));
+    show(banner, true);
+  }
+
+  // ---------------------------------------------------------------- refresh loop
+
+  function startTimer() {
+    stopTimer();
+    state.timer = setInterval(function () {
+      if (!state.paused && document.visibilityState !== "hidden") refresh();
+    }, REFRESH_MS);
+  }
+
+  function stopTimer() {
+    if (state.timer) clearInterval(state.timer);
+    state.timer = null;
+  }
+
+  function setBusy(busy) {
+    document.body.setAttribute("data-busy", busy ? "true" : "false");
+  }
+
+  function refresh() {
+    if (!state.workspace) return Promise.resolve();
+    var gen = ++state.generation;
+    var range = currentRange();
+    setBusy(true);
+    var jobs = [loadFilters(range, gen), loadOverview(range, gen)];
+    if (state.model) jobs.push(loadModel(state.model, range, gen));
+    return Promise.all(jobs)
+      .then(function () {
+        if (gen !== state.generation) return;
+        show($("app-error"), false);
+        state.renders += 1;
+        document.body.setAttribute("data-renders", String(state.renders));
+        $("refresh-status").textContent = "Updated " + formatTime(new Date()) +
+          (state.paused ? " · auto-refresh paused" : " · refreshes every " + REFRESH_MS / 1000 + " s");
+      })
+      .catch(function (err) { if (gen === state.generation) handleError(err); })
+      .then(function () { if (gen === state.generation) setBusy(false); });
+  }
+
+  // ---------------------------------------------------------------- filters (devices/sources)
+
+  function loadFilters(range, gen) {
+    var params = { startTime: range.start.toISOString(), endTime: range.end.toISOString() };
+    if (state.model) params.model = state.model;
+    return request("GET", "devices", params)
+      .then(function (data) {
+        if (gen !== state.generation) return;
+        // {"devices": [{"device_id", "sources": [{"source_id", ...}]}]}; ids may be null.
+        var devices = [];
+        var sources = [];
+        listOf(data, "devices").forEach(function (d) {
+          var id = typeof d === "string" ? d : first(d, ["device_id", "id", "name"]);
+          if (id !== null && devices.indexOf(String(id)) < 0) devices.push(String(id));
+          (d.sources || []).forEach(function (s) {
+            var sid = typeof s === "string" ? s : first(s, ["source_id", "id", "name"]);
+            if (sid !== null && sources.indexOf(String(sid)) < 0) sources.push(String(sid));
+          });
+        });
+        sources.sort();
+        var select = $("filter-select");
+        var keep = state.filter;
+        var values = [""];
+        clear(select);
+        select.appendChild(optionOf("", "All devices and sources"));
+        devices.forEach(function (d) { values.push("device:" + d); select.appendChild(optionOf("device:" + d, "Device: " + d)); });
+        sources.forEach(function (s) { values.push("source:" + s); select.appendChild(optionOf("source:" + s, "Source: " + s)); });
+        if (values.indexOf(keep) < 0 && keep) {
+          select.appendChild(optionOf(keep, keep.replace(":", ": ")));
+        }
+        select.value = keep;
+      });
+  }
+
+  function optionOf(value, text) {
+    var o = el("option", text);
+    o.value = value;
+    return o;
+  }
+
+  // ---------------------------------------------------------------- overview
+
+  function healthOf(model, now) {
+    if (!model.lastReport) return { cls: "unknown", text: "? No reports", title: "" };
+    var silent = (now - model.lastReport) / 1000;
+    var interval = typeof model.interval === "number" && model.interval > 0 ? model.interval : null;
+    if (interval === null) {
+      return { cls: "unknown", text: "? Interval unknown", title: "Needs two reports to estimate the interval" };
+    }
+    var title = "Reports about every " + formatDuration(interval) + "; silent for " + formatDuration(silent);
+    if (silent > STALE_INTERVALS * interval) {
+      return { cls: "stale", text: "\u26A0 Stopped reporting", title: title };
+    }
+    return { cls: "ok", text: "\u2713 Reporting", title: title };
+  }
+
+  function mergeModels(inRange, allTime) {
+    var byId = {};
+    inRange.forEach(function (m) { byId[m.id] = m; });
+    allTime.forEach(function (m) {
+      var r = byId[m.id];
+      if (!r) {
+        byId[m.id] = { id: m.id, lastReport: m.lastReport, reports: 0, devices: [], sources: [], interval: m.interval };
+      } else {
+        r.lastReport = m.lastReport || r.lastReport;
+        r.interval = m.interval || r.interval;
+      }
+    });
+    var list = Object.keys(byId).sort().map(function (k) { return byId[k]; });
+    if (!state.filter) return list;
+    // The models endpoint has no device/source filter: keep the models seen on it.
+    var kind = state.filter.indexOf("device:") === 0 ? "devices" : "sources";
+    var value = state.filter.slice(7);
+    return list.filter(function (m) { return m[kind].indexOf(value) >= 0; });
+  }
+
+  function loadOverview(range, gen) {
+    // Two reads: the range gives reports and devices in it; all time gives the last report
+    // and the interval, so a model that went silent before the range still shows, as stale.
+    var inRange = { startTime: range.start.toISOString(), endTime: range.end.toISOString() };
+    var allTime = { startTime: "0", endTime: new Date(Math.max(Date.now(), range.end.getTime()) + 1000).toISOString() };
+    return Promise.all([request("GET", "models", inRange), request("GET", "models", allTime)]).then(function (both) {
+      if (gen !== state.generation) return;
+      var models = mergeModels(listOf(both[0], "models").map(readModel), listOf(both[1], "models").map(readModel));
+      var body = $("models-body");
+      clear(body);
+      var now = new Date();
+      models.forEach(function (m) {
+        var tr = el("tr");
+        tr.setAttribute("data-model-id", m.id);
+        var name = el("td");
+        var link = el("a", m.id, "model-link");
+        link.href = "#model=" + encodeURIComponent(m.id);
+        name.appendChild(link);
+        tr.appendChild(name);
+        var h = healthOf(m, now);
+        var health = el("td", h.text, "health " + h.cls);
+        if (h.title) health.title = h.title;
+        tr.appendChild(health);
+        var last = el("td");
+        last.appendChild(el("span", formatTime(m.lastReport)));
+        if (m.lastReport) {
+          last.appendChild(el("br"));
+          last.appendChild(el("span", formatDuration((now - m.lastReport) / 1000) + " ago", "muted"));
+        }
+        tr.appendChild(last);
+        tr.appendChild(el("td", m.reports === null ? "—" : m.reports, "num"));
+        var who = m.devices.concat(m.sources.map(function (s) { return "source " + s; }));
+        tr.appendChild(el("td", who.length ? who.join(", ") : "—"));
+        var open = el("td");
+        var button = el("button", "Open");
+        button.type = "button";
+        button.setAttribute("aria-label", "Open model " + m.id);
+        button.addEventListener("click", function () { openModel(m.id); });
+        open.appendChild(button);
+        tr.appendChild(open);
+        body.appendChild(tr);
+      });
+      show($("models-empty"), models.length === 0);
+      if (state.model) {
+        var current = models.filter(function (m) { return m.id === state.model; })[0];
+        $("model-summary").textContent = current
+          ? "Last report " + formatTime(current.lastReport) + " (" + formatDuration((now - current.lastReport) / 1000) +
+            " ago) · " + (current.reports === null ? "?" : current.reports) + " reports in range" +
+            (current.interval ? " · about every " + formatDuration(current.interval) : "")
+          : "No reports from this model in the range.";
+      }
+    });
+  }
+
+  // ---------------------------------------------------------------- model view
+
+  function openModel(id) {
+    location.hash = "#model=" + encodeURIComponent(id);
+  }
+
+  function readHash() {
+    var m = /^#model=(.*)$/.exec(location.hash);
+    var id = m ? decodeURIComponent(m[1]) : null;
+    state.model = id;
+    show($("model-view"), !!id);
+    show($("overview"), !id);
+    if (id) $("model-name").textContent = id;
+    else destroyCharts();
+  }
+
+  function onHashChange() {
+    var before = state.model;
+    readHash();
+    if (state.model !== before) {
+      clear($("legend"));
+      refresh().then(function () {
+        if (state.model) $("model-title").scrollIntoView({ block: "start" });
+      });
+    }
+  }
+
+  function styleFor(className, index) {
+    // Keep a class's colour stable across refreshes and range changes.
+    if (!state.classStyles[className]) {
+      var n = Object.keys(state.classStyles).length;
+      state.classStyles[className] = {
+        color: PALETTE[n % PALETTE.length],
+        dash: DASHES[n % DASHES.length],
+        hollow: Math.floor(n / PALETTE.length) % 2 === 1 || n % 2 === 1,
+      };
+    }
+    return state.classStyles[className];
+  }
+
+  function loadModel(modelId, range, gen) {
+    var bucket = bucketSecondsFor(range);
+    var params = rangeParams(range);
+    params.model = modelId;
+    var seriesParams = Object.assign({ bucket_seconds: bucket }, params);
+    var histParams = Object.assign({}, params);
+    var sampleParams = Object.assign({ limit: 50 }, params);
+    return Promise.all([
+      request("GET", "timeseries", seriesParams),
+      request("GET", "histogram", histParams),
+      request("GET", "samples", sampleParams),
+    ]).then(function (results) {
+      if (gen !== state.generation || modelId !== state.model) return;
+      var series = readSeries(results[0], range, bucket);
+      var hists = readHistograms(results[1], series);
+      // Counts only mean something for classes whose reports carried stats; a result
+      // without stats would otherwise show as "1 prediction".
+      var withStats = {};
+      hists.forEach(function (h) { if (!h.fromSamples) withStats[h.name] = true; });
+      series.classes.forEach(function (c) {
+        if (!withStats[c.name]) c.counts = c.counts.map(function () { return null; });
+      });
+      renderLegend(series);
+      destroyCharts();
+      renderLineChart($("confidence-chart"), series, "confidence", range, bucket);
+      var hasCounts = series.classes.some(function (c) { return c.counts.some(function (v) { return v !== null; }); });
+      show($("counts-chart"), hasCounts);
+      show($("counts-empty"), !hasCounts && series.classes.length > 0);
+      if (hasCounts) renderLineChart($("counts-chart"), series, "counts", range, bucket);
+      renderHistograms(hists);
+      renderSamples(listOf(results[2], "samples"));
+    });
+  }
+
+  function readSeries(data, range, bucket) {
+    // Accepts {"series": [{"class_name", "points": [{"t"|"bucket_start", "best_confidence"|"confidence", "count"}]}]}
+    // or {"classes": [...same...]}; aligns all classes on one x axis for uPlot.
+    var raw = listOf(data, "series");
+    if (!raw.length && data && Array.isArray(data.classes)) raw = data.classes;
+    var xsSet = {};
+    var perClass = raw.map(function (s) {
+      var name = String(first(s, ["class_name", "class", "name"]) || "");
+      var points = {};
+      listOf(first(s, ["points", "buckets", "data"]) || [], "points").forEach(function (p) {
+        var t = toDate(first(p, ["t", "bucket_start", "time", "timestamp", "start"]));
+        if (!t) return;
+        var x = Math.floor(t.getTime() / 1000);
+        xsSet[x] = true;
+        points[x] = {
+          conf: first(p, ["best_confidence", "max_confidence", "confidence", "best"]),
+          count: first(p, ["prediction_count", "count"]),
+        };
+      });
+      return { name: name, points: points };
+    });
+    var xs = Object.keys(xsSet).map(Number).sort(function (a, b) { return a - b; });
+    perClass.sort(function (a, b) { return a.name < b.name ? -1 : a.name > b.name ? 1 : 0; });
+    return {
+      xs: xs,
+      bucket: first(data, ["bucket_seconds"]) || bucket,
+      classes: perClass.map(function (c, i) {
+        return {
+          name: c.name,
+          style: styleFor(c.name, i),
+          confidence: xs.map(function (x) { var p = c.points[x]; return p && typeof p.conf === "number" ? p.conf : null; }),
+          counts: xs.map(function (x) { var p = c.points[x]; return p && typeof p.count === "number" ? p.count : null; }),
+        };
+      }),
+    };
+  }
+
+  function swatch(style) {
+    var ns = "http://www.w3.org/2000/svg";
+    var svg = document.createElementNS(ns, "svg");
+    svg.setAttribute("width", "34");
+    svg.setAttribute("height", "14");
+    svg.setAttribute("aria-hidden", "true");
+    var line = document.createElementNS(ns, "line");
+    line.setAttribute("x1", "1"); line.setAttribute("y1", "7");
+    line.setAttribute("x2", "33"); line.setAttribute("y2", "7");
+    line.setAttribute("stroke", style.color);
+    line.setAttribute("stroke-width", "3");
+    if (style.dash.length) line.setAttribute("stroke-dasharray", style.dash.join(" "));
+    svg.appendChild(line);
+    var dot = document.createElementNS(ns, "circle");
+    dot.setAttribute("cx", "17"); dot.setAttribute("cy", "7"); dot.setAttribute("r", "4");
+    dot.setAttribute("stroke", style.color);
+    dot.setAttribute("stroke-width", "2");
+    dot.setAttribute("fill", style.hollow ? "#ffffff" : style.color);
+    svg.appendChild(dot);
+    return svg;
+  }
+
+  function renderLegend(series) {
+    var legend = $("legend");
+    clear(legend);
+    series.classes.forEach(function (c) {
+      var li = el("li");
+      li.setAttribute("data-class", c.name);
+      li.appendChild(swatch(c.style));
+      li.appendChild(el("span", c.name === "" ? "(no class name)" : c.name, "class-name"));
+      var best = Math.max.apply(null, c.confidence.filter(function (v) { return v !== null; }).concat([-1]));
+      var total = c.counts.reduce(function (a, v) { return a + (v || 0); }, 0);
+      var detail = best >= 0 ? "best " + best.toFixed(2) : "";
+      if (total) detail += (detail ? " · " : "") + total + " predictions";
+      if (detail) li.appendChild(el("span", "(" + detail + ")", "muted"));
+      legend.appendChild(li);
+    });
+    show($("legend-empty"), series.classes.length === 0);
+  }
+
+  // ---------------------------------------------------------------- charts (uPlot)
+
+  function destroyCharts() {
+    state.charts.forEach(function (c) { c.plot.destroy(); });
+    state.charts = [];
+  }
+
+  function chartWidth(container) {
+    return Math.max(200, Math.floor(container.getBoundingClientRect().width || container.clientWidth || 600));
+  }
+
+  function axis(label, values) {
+    var a = {
+      stroke: "#1b1f24",
+      font: AXIS_FONT,
+      labelFont: "600 12px system-ui, sans-serif",
+      grid: { stroke: "#e5e8ec", width: 1 },
+      ticks: { stroke: "#c8ced6", width: 1 },
+    };
+    if (label) { a.label = label; a.labelSize = 20; }
+    if (values) a.values = values;
+    return a;
+  }
+
+  function renderLineChart(container, series, kind, range, bucket) {
+    clear(container);
+    var data = [series.xs];
+    var uSeries = [{ label: "Time" }];
+    series.classes.forEach(function (c) {
+      data.push(kind === "confidence" ? c.confidence : c.counts);
+      uSeries.push({
+        label: c.name,
+        stroke: c.style.color,
+        width: 2,
+        dash: c.style.dash,
+        spanGaps: false,
+        points: { show: true, size: 7, width: 2, stroke: c.style.color, fill: c.style.hollow ? "#ffffff" : c.style.color },
+      });
+    });
+    var pointCount = data.slice(1).reduce(function (a, ys) {
+      return a + ys.filter(function (v) { return v !== null; }).length;
+    }, 0);
+    container.setAttribute("data-series", String(series.classes.length));
+    container.setAttribute("data-points", String(pointCount));
+    container.setAttribute("data-range-start", String(Math.floor(range.start / 1000)));
+    container.setAttribute("data-range-end", String(Math.floor(range.end / 1000)));
+    var mobile = window.innerWidth < 600;
+    var opts = {
+      width: chartWidth(container),
+      height: mobile ? 220 : 280,
+      legend: { show: false },
+      cursor: { drag: { x: false, y: false }, points: { size: 8 } },
+      scales: {
+        x: { time: true, range: function () { return [Math.floor(range.start / 1000), Math.ceil(range.end / 1000)]; } },
+        y: kind === "confidence"
+          ? { range: [0, 1] }
+          : { range: function (u, min, max) { return [0, Math.max(1, Math.ceil((max || 0) * 1.1))]; } },
+      },
+      axes: [axis(null), axis(kind === "confidence" ? "confidence" : "predictions / " + formatDuration(bucket))],
+      series: uSeries,
+    };
+    var plot = new uPlot(opts, data, container);
+    state.charts.push({ plot: plot, container: container });
+  }
+
+  function readHistograms(data, series) {
+    // {"classes": [{"class_name", "histogram": [10 ints], "source": "stats"|"samples"}]}
+    var out = [];
+    listOf(data, "classes").forEach(function (h) {
+      var counts = first(h, ["histogram", "buckets", "counts"]);
+      if (!Array.isArray(counts)) return;
+      out.push({
+        name: String(first(h, ["class_name", "class", "name"]) || ""),
+        counts: counts.map(Number),
+        fromSamples: !first(h, ["results_with_stats"]),
+      });
+    });
+    // A class with samples but no histogram row: count its sampled confidences instead.
+    if (!out.length && series.classes.length) {
+      series.classes.forEach(function (c) {
+        var counts = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        c.confidence.forEach(function (v) {
+          if (v === null) return;
+          counts[Math.min(9, Math.max(0, Math.floor(v * 10)))] += 1;
+        });
+        out.push({ name: c.name, counts: counts, fromSamples: true });
+      });
+    }
+    out.sort(function (a, b) { return a.name < b.name ? -1 : a.name > b.name ? 1 : 0; });
+    return out;
+  }
+
+  function renderHistograms(hists) {
+    var box = $("histograms");
+    clear(box);
+    var bars = uPlot.paths && uPlot.paths.bars ? uPlot.paths.bars({ size: [0.9, 60] }) : null;
+    hists.forEach(function (h, i) {
+      var style = styleFor(h.name, i);
+      var fig = el("figure", null, "histogram");
+      fig.setAttribute("data-class", h.name);
+      var cap = el("figcaption");
+      cap.appendChild(swatch(style));
+      cap.appendChild(el("span", h.name === "" ? "(no class name)" : h.name, "class-name"));
+      var total = h.counts.reduce(function (a, b) { return a + b; }, 0);
+      cap.appendChild(el("span", total + (h.fromSamples ? " sampled" : " predictions"), "hist-note"));
+      fig.appendChild(cap);
+      var body = el("div", null, "chart-body");
+      body.setAttribute("role", "img");
+      body.setAttribute("aria-label", "Histogram of confidence for class " + h.name + ": " + h.counts.join(", "));
+      fig.appendChild(body);
+      box.appendChild(fig);
+      var xs = HIST_EDGES.slice(0, 10).map(function (e) { return e + 0.05; });
+      var plot = new uPlot({
+        width: chartWidth(body),
+        height: 140,
+        legend: { show: false },
+        cursor: { show: false },
+        scales: {
+          x: { time: false, range: [0, 1] },
+          y: { range: function (u, min, max) { return [0, Math.max(1, max || 0)]; } },
+        },
+        axes: [
+          axis(null, function (u, vals) { return vals.map(function (v) { return v.toFixed(1); }); }),
+          axis(null),
+        ],
+        series: [
+          {},
+          { label: h.name, stroke: style.color, fill: style.color + "B3", width: 1, paths: bars, points: { show: false } },
+        ],
+      }, [xs, h.counts], body);
+      state.charts.push({ plot: plot, container: body });
+    });
+    show($("histograms-empty"), hists.length === 0);
+  }
+
+  function renderSamples(samples) {
+    var body = $("samples-body");
+    clear(body);
+    samples.forEach(function (s) {
+      var tr = el("tr");
+      tr.appendChild(el("td", formatTime(toDate(first(s, ["timestamp", "time", "reported_at", "created_at"])))));
+      tr.appendChild(el("td", first(s, ["class_name", "class"]) || "", "class-name"));
+      tr.appendChild(el("td", formatConfidence(first(s, ["confidence"])), "num"));
+      var id = el("td");
+      id.appendChild(el("code", first(s, ["inference_id"]) || "—"));
+      tr.appendChild(id);
+      tr.appendChild(el("td", first(s, ["model_type"]) || "—"));
+      var device = first(s, ["device_id", "device"]) || "—";
+      var source = first(s, ["source_id", "source"]);
+      tr.appendChild(el("td", source ? device + " / " + source : device));
+      body.appendChild(tr);
+    });
+    if (!samples.length) {
+      var tr = el("tr");
+      var td = el("td", "No samples in this range.", "muted");
+      td.colSpan = 6;
+      tr.appendChild(td);
+      body.appendChild(tr);
+    }
+  }
+
+  function onResize() {
+    state.charts.forEach(function (c) {
+      var w = chartWidth(c.container);
+      if (Math.abs(w - c.plot.width) > 2) c.plot.setSize({ width: w, height: c.plot.height });
+    });
+  }
+
+  // ---------------------------------------------------------------- controls
+
+  function onRangeChange() {
+    var v = $("range-select").value;
+    if (v === "custom") {
+      show($("custom-range"), true);
+      var r = currentRange();
+      if (!$("custom-start").value) $("custom-start").value = toLocalInput(r.start);
+      if (!$("custom-end").value) $("custom-end").value = toLocalInput(r.end);
+      $("custom-start").focus();
+      return;
+    }
+    show($("custom-range"), false);
+    state.custom = null;
+    state.rangeSeconds = Number(v);
+    refresh();
+  }
+
+  function onCustomApply() {
+    var start = new Date($("custom-start").value);
+    var end = new Date($("custom-end").value);
+    if (isNaN(start.getTime()) || isNaN(end.getTime()) || start >= end) {
+      var banner = $("app-error");
+      banner.textContent = "The custom range needs a start before its end.";
+      show(banner, true);
+      return;
+    }
+    show($("app-error"), false);
+    state.custom = { start: start, end: end };
+    refresh();
+  }
+
+  function onTogglePause() {
+    state.paused = !state.paused;
+    var b = $("refresh-toggle");
+    b.setAttribute("aria-pressed", state.paused ? "true" : "false");
+    b.textContent = state.paused ? "Resume auto-refresh" : "Pause auto-refresh";
+    if (!state.paused) refresh();
+    else $("refresh-status").textContent = "Auto-refresh paused";
+  }
+
+  function init() {
+    $("login-form").addEventListener("submit", onLogin);
+    $("logout-button").addEventListener("click", onLogout);
+    $("range-select").addEventListener("change", onRangeChange);
+    $("custom-apply").addEventListener("click", onCustomApply);
+    $("filter-select").addEventListener("change", function () {
+      state.filter = $("filter-select").value;
+      refresh();
+    });
+    $("refresh-toggle").addEventListener("click", onTogglePause);
+    $("refresh-now").addEventListener("click", function () { refresh(); });
+    $("back-button").addEventListener("click", function () { location.hash = ""; });
+    window.addEventListener("hashchange", onHashChange);
+    var resizeTimer = null;
+    window.addEventListener("resize", function () {
+      clearTimeout(resizeTimer);
+      resizeTimer = setTimeout(onResize, 100);
+    });
+    document.body.setAttribute("data-renders", "0");
+    request("GET", "me")
+      .then(function (me) { showApp(first(me, ["workspace"])); })
+      .catch(function (err) {
+        showLogin(err.status === 401 || err.status === 403 ? "" : "Could not reach the server: " + err.message);
+      });
+  }
+
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", init);
+  else init();
+})();
