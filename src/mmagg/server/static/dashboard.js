@@ -16,6 +16,7 @@
   var DASHES = [[], [8, 4], [2, 3], [12, 3, 2, 3], [4, 4], [16, 4], [1, 3], [8, 2, 2, 2, 2, 2]];
   var AXIS_FONT = "12px system-ui, sans-serif";
   var REFRESH_MS = 10000;
+  var SAMPLE_ROWS = 20;
   var STALE_INTERVALS = 3;
   var NICE_BUCKETS = [5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400];
   var HIST_EDGES = [0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
@@ -389,6 +390,7 @@
         var name = el("td");
         var link = el("a", m.id, "model-link");
         link.href = "#model=" + encodeURIComponent(m.id);
+        link.title = "Open the charts of model " + m.id;
         name.appendChild(link);
         tr.appendChild(name);
         var h = healthOf(m, now);
@@ -405,13 +407,6 @@
         tr.appendChild(el("td", m.reports === null ? "—" : m.reports, "num"));
         var who = m.devices.concat(m.sources.map(function (s) { return "source " + s; }));
         tr.appendChild(el("td", who.length ? who.join(", ") : "—"));
-        var open = el("td");
-        var button = el("button", "Open");
-        button.type = "button";
-        button.setAttribute("aria-label", "Open model " + m.id);
-        button.addEventListener("click", function () { openModel(m.id); });
-        open.appendChild(button);
-        tr.appendChild(open);
         body.appendChild(tr);
       });
       show($("models-empty"), models.length === 0);
@@ -427,10 +422,6 @@
   }
 
   // ---------------------------------------------------------------- model view
-
-  function openModel(id) {
-    location.hash = "#model=" + encodeURIComponent(id);
-  }
 
   function readHash() {
     var m = /^#model=(.*)$/.exec(location.hash);
@@ -472,7 +463,7 @@
     params.model = modelId;
     var seriesParams = Object.assign({ bucket_seconds: bucket }, params);
     var histParams = Object.assign({}, params);
-    var sampleParams = Object.assign({ limit: 50 }, params);
+    var sampleParams = Object.assign({ limit: SAMPLE_ROWS }, params);
     return Promise.all([
       request("GET", "timeseries", seriesParams),
       request("GET", "histogram", histParams),
@@ -681,8 +672,8 @@
       cap.appendChild(swatch(style));
       cap.appendChild(el("span", h.name === "" ? "(no class name)" : h.name, "class-name"));
       var total = h.counts.reduce(function (a, b) { return a + b; }, 0);
-      cap.appendChild(el("span", total + (h.fromSamples ? " sampled" : " predictions"), "hist-note"));
       fig.appendChild(cap);
+      fig.appendChild(el("p", total + (h.fromSamples ? " sampled confidences (no stats)" : " predictions"), "hist-note"));
       var body = el("div", null, "chart-body");
       body.setAttribute("role", "img");
       body.setAttribute("aria-label", "Histogram of confidence for class " + h.name + ": " + h.counts.join(", "));
@@ -717,13 +708,13 @@
     clear(body);
     samples.forEach(function (s) {
       var tr = el("tr");
-      tr.appendChild(el("td", formatTime(toDate(first(s, ["timestamp", "time", "reported_at", "created_at"])))));
+      tr.appendChild(el("td", formatTime(toDate(first(s, ["t", "time", "timestamp"]))), "nowrap"));
       tr.appendChild(el("td", first(s, ["class_name", "class"]) || "", "class-name"));
       tr.appendChild(el("td", formatConfidence(first(s, ["confidence"])), "num"));
       var id = el("td");
       id.appendChild(el("code", first(s, ["inference_id"]) || "—"));
       tr.appendChild(id);
-      tr.appendChild(el("td", first(s, ["model_type"]) || "—"));
+      tr.appendChild(el("td", first(s, ["model_type"]) || "—", "nowrap"));
       var device = first(s, ["device_id", "device"]) || "—";
       var source = first(s, ["source_id", "source"]);
       tr.appendChild(el("td", source ? device + " / " + source : device));

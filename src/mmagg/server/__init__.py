@@ -1,0 +1,11 @@
+"""mmagg's self-hosted Model Monitoring backend (`pip install mmagg[server]`).
+
+Example:
+    >>> from mmagg.server import create_app
+    >>> app = create_app("sqlite:///mmagg.db")  # serve with: mmagg serve
+"""
+
+from mmagg.server.app import create_app
+from mmagg.server.db import Database, SchemaTooNewError, migrate
+
+__all__ = ["Database", "SchemaTooNewError", "create_app", "migrate"]

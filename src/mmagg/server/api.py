@@ -1,0 +1,222 @@
+"""The read JSON API, written once and mounted twice.
+
+`/{workspace}/api/...` authorises with an API key (query or Bearer), `/dashboard/api/...`
+with the dashboard session cookie. Both mounts share these handlers; only the dependency
+that yields the `Principal` differs, so the cookie mount can never read a workspace taken
+from the URL.
+"""
+
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
+
+from mmagg.server import queries
+from mmagg.server.db import Database, Principal
+from mmagg.server.errors import ApiError
+
+PrincipalDependency = Callable[..., Principal]
+
+DEFAULT_RANGE = timedelta(hours=24)
+MAX_SAMPLES = 1_000
+
+
+def parse_time(name: str, value: str | None) -> datetime | None:
+    """Parse a `startTime`/`endTime` query value; naive values are UTC.
+
+    Accepts Roboflow's `YYYY-MM-DD HH:mm:ss`, any ISO-8601 datetime, or epoch seconds.
+    """
+    if value is None or value.strip() == "":
+        return None
+    text = value.strip()
+    try:
+        parsed = datetime.fromtimestamp(float(text), timezone.utc)
+    except ValueError:
+        try:
+            parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise ApiError(
+                422,
+                f"{name}: expected 'YYYY-MM-DD HH:mm:ss', ISO-8601 or epoch seconds, "
+                f"got {text[:64]!r}",
+                reason="invalid",
+                field=f"query.{name}",
+            ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed
+
+
+def time_range(start_time: str | None, end_time: str | None) -> queries.TimeRange:
+    """The requested range; Roboflow's defaults: the 24 hours up to now."""
+    end = parse_time("endTime", end_time) or datetime.now(timezone.utc)
+    start = parse_time("startTime", start_time) or end - DEFAULT_RANGE
+    if start >= end:
+        raise ApiError(
+            422,
+            f"startTime: expected a time before endTime ({end.isoformat()}), "
+            f"got {start.isoformat()}",
+            reason="invalid",
+            field="query.startTime",
+        )
+    return queries.TimeRange(start.timestamp(), end.timestamp())
+
+
+def _db(request: Request) -> Database:
+    db: Database = request.app.state.db
+    return db
+
+
+StartTime = Annotated[str | None, Query(alias="startTime")]
+EndTime = Annotated[str | None, Query(alias="endTime")]
+ClassNames = Annotated[list[str] | None, Query(alias="class_name")]
+
+
+def build_api_router(principal_dependency: PrincipalDependency) -> APIRouter:
+    """The JSON read endpoints, authorised by `principal_dependency`."""
+    router = APIRouter()
+    Auth = Annotated[Principal, Depends(principal_dependency)]
+
+    def respond(payload: dict[str, Any], principal: Principal) -> JSONResponse:
+        payload = {"workspace": principal.workspace, **payload}
+        return JSONResponse(payload)
+
+    @router.get("/inference-stats")
+    def read_inference_stats(
+        request: Request,
+        principal: Auth,
+        start_time: StartTime = None,
+        end_time: EndTime = None,
+        model_names: Annotated[str | None, Query(alias="modelNames")] = None,
+    ) -> JSONResponse:
+        return inference_stats_response(request, principal, start_time, end_time, model_names)
+
+    @router.get("/models")
+    def read_models(
+        request: Request, principal: Auth, start_time: StartTime = None, end_time: EndTime = None
+    ) -> JSONResponse:
+        span = time_range(start_time, end_time)
+        with _db(request).read() as conn:
+            return respond(queries.models(conn, principal.workspace_id, span), principal)
+
+    @router.get("/classes")
+    def read_classes(
+        request: Request,
+        principal: Auth,
+        model: Annotated[str, Query(min_length=1)],
+        start_time: StartTime = None,
+        end_time: EndTime = None,
+    ) -> JSONResponse:
+        span = time_range(start_time, end_time)
+        with _db(request).read() as conn:
+            return respond(queries.classes(conn, principal.workspace_id, model, span), principal)
+
+    @router.get("/devices")
+    def read_devices(
+        request: Request,
+        principal: Auth,
+        model: str | None = None,
+        start_time: StartTime = None,
+        end_time: EndTime = None,
+    ) -> JSONResponse:
+        span = time_range(start_time, end_time)
+        with _db(request).read() as conn:
+            return respond(queries.devices(conn, principal.workspace_id, span, model), principal)
+
+    @router.get("/timeseries")
+    def read_timeseries(
+        request: Request,
+        principal: Auth,
+        model: Annotated[str, Query(min_length=1)],
+        bucket_seconds: Annotated[float, Query(gt=0, le=366 * 86400)] = 60.0,
+        class_names: ClassNames = None,
+        source_id: str | None = None,
+        device_id: str | None = None,
+        start_time: StartTime = None,
+        end_time: EndTime = None,
+    ) -> JSONResponse:
+        span = time_range(start_time, end_time)
+        buckets = (span.end - span.start) / bucket_seconds
+        if buckets > queries.MAX_SERIES_POINTS:
+            raise ApiError(
+                422,
+                f"bucket_seconds: expected at most {queries.MAX_SERIES_POINTS} buckets in the "
+                f"range, got {buckets:.0f}; use a wider bucket or a shorter range",
+                reason="invalid",
+                field="query.bucket_seconds",
+            )
+        with _db(request).read() as conn:
+            payload = queries.timeseries(
+                conn,
+                principal.workspace_id,
+                model,
+                span,
+                bucket_seconds,
+                class_names or (),
+                source_id,
+                device_id,
+            )
+        return respond(payload, principal)
+
+    @router.get("/histogram")
+    def read_histogram(
+        request: Request,
+        principal: Auth,
+        model: Annotated[str, Query(min_length=1)],
+        class_names: ClassNames = None,
+        source_id: str | None = None,
+        device_id: str | None = None,
+        start_time: StartTime = None,
+        end_time: EndTime = None,
+    ) -> JSONResponse:
+        span = time_range(start_time, end_time)
+        with _db(request).read() as conn:
+            payload = queries.histogram(
+                conn, principal.workspace_id, model, span, class_names or (), source_id, device_id
+            )
+        return respond(payload, principal)
+
+    @router.get("/samples")
+    def read_samples(
+        request: Request,
+        principal: Auth,
+        model: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_SAMPLES)] = 50,
+        class_names: ClassNames = None,
+        source_id: str | None = None,
+        device_id: str | None = None,
+        start_time: StartTime = None,
+        end_time: EndTime = None,
+    ) -> JSONResponse:
+        span = time_range(start_time, end_time)
+        with _db(request).read() as conn:
+            payload = queries.samples(
+                conn,
+                principal.workspace_id,
+                span,
+                limit,
+                model,
+                class_names or (),
+                source_id,
+                device_id,
+            )
+        return respond(payload, principal)
+
+    return router
+
+
+def inference_stats_response(
+    request: Request,
+    principal: Principal,
+    start_time: str | None,
+    end_time: str | None,
+    model_names: str | None,
+) -> JSONResponse:
+    """Body of the Roboflow-compatible read endpoint, shared by every mount."""
+    span = time_range(start_time, end_time)
+    names = [n.strip() for n in (model_names or "").split(",") if n.strip()]
+    with _db(request).read() as conn:
+        payload = queries.inference_stats(conn, principal.workspace_id, span, names)
+    return JSONResponse({"workspace": principal.workspace, **payload})

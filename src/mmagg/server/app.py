@@ -1,0 +1,357 @@
+"""The FastAPI app: Roboflow-compatible ingest and read endpoints, the dashboard API, ops.
+
+Routes (docs/server.md has the shapes):
+
+- `GET /` workspace lookup; `POST /{workspace}/inference-stats` ingest;
+  `GET /{workspace}/inference-stats` Roboflow's read endpoint.
+- `/{workspace}/api/...` JSON reads by API key; `/dashboard/api/...` the same by session.
+- `GET /healthz`, `GET /metrics`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import anyio.to_thread
+import pydantic
+from fastapi import APIRouter, Cookie, Depends, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from mmagg import __version__
+from mmagg.server.api import build_api_router, inference_stats_response
+from mmagg.server.db import SESSION_TTL_SECONDS, Database, Principal
+from mmagg.server.errors import ApiError, BodyTooLargeError
+from mmagg.server.metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
+from mmagg.server.schemas import REPORT_ADAPTER, LoginRequest, error_details
+
+logger = logging.getLogger("mmagg.server")
+
+DEFAULT_DATABASE_URL = "sqlite:///mmagg.db"
+DEFAULT_BODY_LIMIT = 1 << 20
+SESSION_COOKIE = "mmagg_session"
+MAX_IDEMPOTENCY_KEY = 255
+
+
+class BodyLimitMiddleware:
+    """Reject bodies over `limit` bytes: by Content-Length up front, else while streaming.
+
+    Checking the declared length alone would let a chunked upload through, so the wrapped
+    `receive` counts the bytes actually read and raises `BodyTooLargeError` past the limit.
+    """
+
+    def __init__(self, app: Any, limit: int, metrics: Metrics) -> None:
+        self.app = app
+        self.limit = limit
+        self.metrics = metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = -1
+                if declared > self.limit or declared < 0:
+                    self.metrics.reject("too_large" if declared > self.limit else "invalid")
+                    status = 413 if declared > self.limit else 400
+                    detail = (
+                        f"request body: expected at most {self.limit} bytes, "
+                        f"Content-Length says {declared}"
+                        if status == 413
+                        else "Content-Length: expected a non-negative integer"
+                    )
+                    response = JSONResponse(
+                        {"detail": detail}, status_code=status, headers={"Connection": "close"}
+                    )
+                    await response(scope, receive, send)
+                    return
+        received = 0
+
+        async def counting_receive() -> Any:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise BodyTooLargeError(self.limit)
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+def request_api_key(request: Request) -> str | None:
+    """The key from `?api_key=` or `Authorization: Bearer`, whichever is present."""
+    key = request.query_params.get("api_key")
+    if key:
+        return key
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return None
+
+
+_MISSING_KEY = "missing API key: pass ?api_key=KEY or the header 'Authorization: Bearer KEY'"
+_BAD_KEY = "unknown or revoked API key"
+_OTHER_WORKSPACE = "this API key does not belong to workspace in the URL"
+
+
+def _principal_for_key(db: Database, key: str | None, workspace: str | None) -> Principal:
+    if key is None:
+        raise ApiError(401, _MISSING_KEY, reason="unauthorized")
+    principal = db.authenticate(key)
+    if principal is None:
+        raise ApiError(401, _BAD_KEY, reason="unauthorized")
+    if workspace is not None and principal.workspace != workspace:
+        raise ApiError(403, _OTHER_WORKSPACE, reason="forbidden")
+    return principal
+
+
+def key_principal(request: Request, workspace: str) -> Principal:
+    """Dependency: the workspace's principal from an API key; 401/403 otherwise."""
+    return _principal_for_key(request.app.state.db, request_api_key(request), workspace)
+
+
+def session_principal(
+    request: Request, mmagg_session: Annotated[str | None, Cookie()] = None
+) -> Principal:
+    """Dependency: the principal of the dashboard session cookie; 401 otherwise."""
+    if not mmagg_session:
+        raise ApiError(401, "not logged in: POST /dashboard/api/login", reason="unauthorized")
+    db: Database = request.app.state.db
+    principal = db.session_principal(mmagg_session)
+    if principal is None:
+        raise ApiError(401, "session expired or logged out: log in again", reason="unauthorized")
+    return principal
+
+
+def _ingest(
+    db: Database,
+    metrics: Metrics,
+    key: str,
+    workspace: str,
+    body: bytes,
+    idempotency_key: str | None,
+) -> JSONResponse:
+    principal = _principal_for_key(db, key, workspace)
+    try:
+        report = REPORT_ADAPTER.validate_json(body)
+    except pydantic.ValidationError as error:
+        metrics.reject("invalid")
+        return JSONResponse(
+            {"detail": error_details(error.errors(include_url=False), secret=key)},
+            status_code=422,
+        )
+    stored = db.store_report(principal, report, idempotency_key)
+    headers = {}
+    if stored.duplicate:
+        metrics.duplicates.inc()
+        headers["Idempotent-Replayed"] = "true"
+    else:
+        metrics.reports_received.inc()
+        metrics.results_stored.inc(stored.result_count)
+    return JSONResponse(
+        {"status": "ok", "report_id": stored.report_id, "results": stored.result_count},
+        headers=headers,
+    )
+
+
+def _routes(session_ttl: float, secure_cookies: bool) -> tuple[APIRouter, APIRouter]:
+    dashboard = APIRouter(prefix="/dashboard/api")
+
+    @dashboard.post("/login")
+    def login(request: Request, credentials: LoginRequest) -> JSONResponse:
+        db: Database = request.app.state.db
+        principal = db.authenticate(credentials.api_key)
+        if principal is None:
+            raise ApiError(401, _BAD_KEY, reason="unauthorized")
+        token = db.create_session(principal, ttl=session_ttl)
+        response = JSONResponse({"workspace": principal.workspace})
+        response.set_cookie(
+            SESSION_COOKIE,
+            token,
+            max_age=int(session_ttl),
+            path="/",
+            httponly=True,
+            samesite="strict",
+            secure=secure_cookies,
+        )
+        return response
+
+    @dashboard.post("/logout")
+    def logout(
+        request: Request, mmagg_session: Annotated[str | None, Cookie()] = None
+    ) -> JSONResponse:
+        if mmagg_session:
+            request.app.state.db.delete_session(mmagg_session)
+        response = JSONResponse({"status": "logged out"})
+        response.delete_cookie(
+            SESSION_COOKIE, path="/", httponly=True, samesite="strict", secure=secure_cookies
+        )
+        return response
+
+    @dashboard.get("/me")
+    def me(principal: Annotated[Principal, Depends(session_principal)]) -> dict[str, str]:
+        return {"workspace": principal.workspace}
+
+    dashboard.include_router(build_api_router(session_principal))
+
+    public = APIRouter()
+
+    @public.get("/healthz")
+    def healthz(request: Request) -> dict[str, str]:
+        with request.app.state.db.read() as conn:
+            conn.exec_driver_sql("SELECT 1")
+        return {"status": "ok", "version": __version__}
+
+    @public.get("/metrics")
+    def metrics_endpoint(request: Request) -> Response:
+        return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @public.get("/")
+    def lookup(request: Request) -> dict[str, str]:
+        principal = _principal_for_key(request.app.state.db, request_api_key(request), None)
+        return {"workspace": principal.workspace}
+
+    @public.post("/{workspace}/inference-stats")
+    async def ingest(request: Request, workspace: str) -> JSONResponse:
+        key = request_api_key(request)
+        if key is None:
+            raise ApiError(401, _MISSING_KEY, reason="unauthorized")
+        idempotency_key = request.headers.get("idempotency-key")
+        if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
+            raise ApiError(
+                422,
+                f"Idempotency-Key: expected 1-{MAX_IDEMPOTENCY_KEY} characters, "
+                f"got {len(idempotency_key)}",
+                reason="invalid",
+                field="header.Idempotency-Key",
+            )
+        body = await request.body()
+        # Auth, validation and the write share one worker-thread hop.
+        return await anyio.to_thread.run_sync(
+            _ingest,
+            request.app.state.db,
+            request.app.state.metrics,
+            key,
+            workspace,
+            body,
+            idempotency_key,
+        )
+
+    @public.get("/{workspace}/inference-stats")
+    def read_stats(
+        request: Request,
+        principal: Annotated[Principal, Depends(key_principal)],
+        startTime: str | None = None,  # noqa: N803 - Roboflow's query parameter names
+        endTime: str | None = None,  # noqa: N803
+        modelNames: str | None = None,  # noqa: N803
+    ) -> JSONResponse:
+        return inference_stats_response(request, principal, startTime, endTime, modelNames)
+
+    keyed = APIRouter(prefix="/{workspace}/api")
+    keyed.include_router(build_api_router(key_principal))
+    public.include_router(keyed)
+    return dashboard, public
+
+
+def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    async def api_error(request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, ApiError)
+        metrics.reject(error.reason)
+        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+        return error.response(headers)
+
+    async def too_large(request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, BodyTooLargeError)
+        metrics.reject("too_large")
+        return JSONResponse(
+            {"detail": f"request body: expected at most {error.limit} bytes, got more"},
+            status_code=413,
+            headers={"Connection": "close"},
+        )
+
+    async def invalid_request(request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, RequestValidationError)
+        metrics.reject("invalid")
+        secret = request_api_key(request)
+        return JSONResponse(
+            {"detail": error_details(list(error.errors()), secret=secret)}, status_code=422
+        )
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(BodyTooLargeError, too_large)
+    app.add_exception_handler(RequestValidationError, invalid_request)
+
+
+def create_app(
+    database_url: str | None = None,
+    *,
+    db: Database | None = None,
+    body_limit: int = DEFAULT_BODY_LIMIT,
+    session_ttl: float = SESSION_TTL_SECONDS,
+    secure_cookies: bool = False,
+) -> FastAPI:
+    """Build the backend app on `database_url` (or an open `db`), migrating its schema.
+
+    `database_url` defaults to `$MMAGG_DATABASE_URL`, else `sqlite:///mmagg.db`. Set
+    `secure_cookies` when the dashboard is served over HTTPS.
+
+    Example:
+        >>> app = create_app("sqlite://")
+        >>> key = app.state.db.create_key("acme")
+        >>> # uvicorn.run(app, host="127.0.0.1", port=9090)
+    """
+    if db is None:
+        url = database_url or os.environ.get("MMAGG_DATABASE_URL") or DEFAULT_DATABASE_URL
+        db = Database(url)
+    metrics = Metrics()
+    owned_db = db
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        owned_db.close()
+
+    app = FastAPI(
+        title="mmagg backend",
+        version=__version__,
+        summary="Self-hosted Model Monitoring backend (Roboflow-compatible ingest).",
+        lifespan=lifespan,
+    )
+    app.state.db = db
+    app.state.metrics = metrics
+    _install_error_handlers(app, metrics)
+
+    dashboard_api, public = _routes(session_ttl, secure_cookies)
+    # Fixed /dashboard routes go first: they would otherwise match /{workspace}/... routes.
+    app.include_router(dashboard_api)
+    page = _dashboard_page_router()
+    if page is not None:
+        app.include_router(page)
+    app.include_router(public)
+
+    app.add_middleware(BodyLimitMiddleware, limit=body_limit, metrics=metrics)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
+
+
+def _dashboard_page_router() -> APIRouter | None:
+    try:
+        module = importlib.import_module("mmagg.server.dashboard")
+    except ModuleNotFoundError as error:
+        # Only a missing dashboard module is expected; a bug inside it must surface.
+        if error.name != "mmagg.server.dashboard":
+            raise
+        return None
+    router: APIRouter = module.router
+    return router

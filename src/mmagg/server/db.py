@@ -1,0 +1,511 @@
+"""Storage for the backend: SQLAlchemy Core tables, the schema version, keys and sessions.
+
+SQLite (a file, WAL) is the default; `postgresql://` URLs use the psycopg 3 driver. Every
+timestamp is stored as float seconds since the epoch (UTC) so that time bucketing is plain
+arithmetic on both engines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.pool import StaticPool
+
+from mmagg.server.schemas import Report
+
+SCHEMA_VERSION = 1
+KEY_PREFIX = "mmk_"
+KEY_DISPLAY_CHARS = 8
+SESSION_TTL_SECONDS = 12 * 3600
+
+# Names the backend routes under; a workspace called like this would be unreachable.
+RESERVED_WORKSPACES = frozenset({"dashboard", "metrics", "healthz", "api", "static", "docs"})
+_WORKSPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+metadata = sa.MetaData()
+
+schema_version = sa.Table(
+    "schema_version",
+    metadata,
+    sa.Column("version", sa.Integer, nullable=False),
+)
+
+workspaces = sa.Table(
+    "workspaces",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_at", sa.Float(53), nullable=False),
+)
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("workspace_id", sa.ForeignKey("workspaces.id"), nullable=False),
+    sa.Column("key_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("prefix", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.Float(53), nullable=False),
+    sa.Column("revoked_at", sa.Float(53), nullable=True),
+)
+
+reports = sa.Table(
+    "reports",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("workspace_id", sa.ForeignKey("workspaces.id"), nullable=False),
+    sa.Column("received_at", sa.Float(53), nullable=False),
+    sa.Column("ts", sa.Float(53), nullable=False),
+    sa.Column("device_id", sa.String(1024), nullable=True),
+    sa.Column("source", sa.String(1024), nullable=True),
+    sa.Column("source_info", sa.String(1024), nullable=True),
+    sa.Column("inference_server_version", sa.String(1024), nullable=True),
+    sa.Column("system_info", sa.Text, nullable=False),
+    sa.Column("idempotency_key", sa.String(255), nullable=True),
+    sa.Column("frequency", sa.Float(53), nullable=True),
+    sa.Column("extension", sa.Text, nullable=True),
+    sa.Column("result_count", sa.Integer, nullable=False),
+    sa.UniqueConstraint("workspace_id", "idempotency_key", name="uq_reports_idempotency"),
+    sa.Index("ix_reports_workspace_ts", "workspace_id", "ts"),
+)
+
+# workspace_id, ts and device_id are copied from the report so that every read query is a
+# single-table range scan on (workspace_id, model_id, ts).
+results = sa.Table(
+    "results",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "report_id", sa.ForeignKey("reports.id", ondelete="CASCADE"), nullable=False, index=True
+    ),
+    sa.Column("workspace_id", sa.Integer, nullable=False),
+    sa.Column("ts", sa.Float(53), nullable=False),
+    sa.Column("device_id", sa.String(1024), nullable=True),
+    sa.Column("model_id", sa.String(1024), nullable=False),
+    sa.Column("class_name", sa.String(1024), nullable=False),
+    sa.Column("confidence", sa.Float(53), nullable=False),
+    sa.Column("inference_id", sa.String(1024), nullable=True),
+    sa.Column("model_type", sa.String(1024), nullable=True),
+    sa.Column("source_id", sa.String(1024), nullable=True),
+    sa.Column("stats_count", sa.Integer, nullable=True),
+    sa.Column("stats_sum", sa.Float(53), nullable=True),
+    sa.Column("stats_min", sa.Float(53), nullable=True),
+    sa.Column("stats_max", sa.Float(53), nullable=True),
+    sa.Column("stats_histogram", sa.Text, nullable=True),
+    sa.Index("ix_results_ws_model_ts", "workspace_id", "model_id", "ts"),
+    sa.Index("ix_results_ws_ts", "workspace_id", "ts"),
+)
+
+dashboard_sessions = sa.Table(
+    "dashboard_sessions",
+    metadata,
+    sa.Column("token_hash", sa.String(64), primary_key=True),
+    sa.Column("workspace_id", sa.ForeignKey("workspaces.id"), nullable=False),
+    sa.Column("created_at", sa.Float(53), nullable=False),
+    sa.Column("expires_at", sa.Float(53), nullable=False),
+)
+
+
+class SchemaTooNewError(RuntimeError):
+    """The database was written by a newer mmagg than this one."""
+
+
+class WorkspaceNameError(ValueError):
+    """A workspace name that cannot be used in a URL path."""
+
+
+def normalize_url(database_url: str) -> str:
+    """Map plain `postgresql://` / `postgres://` URLs to the psycopg 3 driver."""
+    for scheme in ("postgresql://", "postgres://"):
+        if database_url.startswith(scheme):
+            return "postgresql+psycopg://" + database_url[len(scheme) :]
+    return database_url
+
+
+def create_db_engine(database_url: str) -> Engine:
+    """An engine for `database_url`, with SQLite tuned for one writer and many readers.
+
+    Example:
+        >>> engine = create_db_engine("sqlite://")
+        >>> engine.dialect.name
+        'sqlite'
+    """
+    url = sa.make_url(normalize_url(database_url))
+    if url.get_backend_name() != "sqlite":
+        return sa.create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    in_memory = url.database in (None, "", ":memory:")
+    engine = sa.create_engine(
+        url,
+        connect_args={"check_same_thread": False, "timeout": 30},
+        poolclass=StaticPool if in_memory else None,
+    )
+
+    @sa.event.listens_for(engine, "connect")
+    def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        if not in_memory:
+            cursor.execute("PRAGMA journal_mode=WAL")
+        # NORMAL is durable across application crashes in WAL mode; only an OS crash can
+        # lose the last commits, which the client's retry + idempotency key then covers.
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    return engine
+
+
+def _step_1(conn: Connection) -> None:
+    metadata.create_all(conn)
+
+
+# Step n upgrades a database at version n - 1 to version n; append, never edit.
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _step_1}
+
+
+def current_version(conn: Connection) -> int:
+    """The schema version stored in the database, 0 for an empty database."""
+    if not sa.inspect(conn).has_table("schema_version"):
+        return 0
+    version = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
+    return int(version or 0)
+
+
+def migrate(engine: Engine) -> int:
+    """Upgrade the database step by step to `SCHEMA_VERSION` and return the version.
+
+    Raises `SchemaTooNewError` for a database written by a newer release, so that an old
+    binary never writes into a schema it does not know.
+
+    Example:
+        >>> migrate(create_db_engine("sqlite://"))
+        1
+    """
+    with engine.begin() as conn:
+        version = current_version(conn)
+        if version > SCHEMA_VERSION:
+            raise SchemaTooNewError(
+                f"database schema version is {version}, this mmagg supports up to "
+                f"{SCHEMA_VERSION}; upgrade mmagg"
+            )
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            MIGRATIONS[step](conn)
+            conn.execute(sa.delete(schema_version))
+            conn.execute(sa.insert(schema_version).values(version=step))
+    return SCHEMA_VERSION
+
+
+def hash_secret(secret: str) -> str:
+    """Hex SHA-256 of a key or session token; the only form the database ever holds."""
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def new_api_key() -> str:
+    """A fresh key: `mmk_` followed by 32 URL-safe characters (192 bits)."""
+    return KEY_PREFIX + secrets.token_urlsafe(24)
+
+
+def validate_workspace_name(name: str) -> str:
+    """Return `name` if it can be a workspace; raise `WorkspaceNameError` otherwise."""
+    if not _WORKSPACE_RE.match(name) or name.lower() in RESERVED_WORKSPACES:
+        raise WorkspaceNameError(
+            f"workspace: expected 1-64 characters of letters, digits, '_', '-', '.' starting "
+            f"with a letter or digit and not one of {sorted(RESERVED_WORKSPACES)}, got {name!r}"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """A row of `mmagg keys list`: never the key, only its public prefix."""
+
+    id: int
+    prefix: str
+    workspace: str
+    created_at: float
+    revoked_at: float | None
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a key or session belongs to."""
+
+    workspace_id: int
+    workspace: str
+
+
+@dataclass(frozen=True)
+class StoredReport:
+    """Outcome of storing one report."""
+
+    report_id: int
+    result_count: int
+    duplicate: bool
+
+
+class Database:
+    """The backend's storage: one engine, the writes, keys and sessions.
+
+    Example:
+        >>> db = Database("sqlite://")
+        >>> key = db.create_key("acme")
+        >>> db.authenticate(key).workspace
+        'acme'
+    """
+
+    def __init__(self, database_url: str, *, migrate_schema: bool = True) -> None:
+        self.url = database_url
+        self.engine = create_db_engine(database_url)
+        self.dialect = self.engine.dialect.name
+        # SQLite allows one writer; serialising in-process writers here avoids SQLITE_BUSY
+        # back-off sleeps, which would dominate the ingest tail latency.
+        self._write_lock: threading.Lock | None = (
+            threading.Lock() if self.dialect == "sqlite" else None
+        )
+        if migrate_schema:
+            migrate(self.engine)
+
+    def close(self) -> None:
+        """Release every pooled connection."""
+        self.engine.dispose()
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A write transaction, serialised in-process on SQLite."""
+        if self._write_lock is None:
+            with self.engine.begin() as conn:
+                yield conn
+            return
+        with self._write_lock, self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A connection for reads."""
+        with self.engine.connect() as conn:
+            yield conn
+
+    # workspaces and keys
+
+    def ensure_workspace(self, name: str) -> int:
+        """The id of workspace `name`, created if missing."""
+        validate_workspace_name(name)
+        with self.write() as conn:
+            found = conn.execute(
+                sa.select(workspaces.c.id).where(workspaces.c.name == name)
+            ).scalar()
+            if found is not None:
+                return int(found)
+            return _inserted_id(
+                conn.execute(sa.insert(workspaces).values(name=name, created_at=time.time()))
+            )
+
+    def create_key(self, workspace: str) -> str:
+        """Create a key for `workspace` (created if missing) and return it; shown only once."""
+        workspace_id = self.ensure_workspace(workspace)
+        key = new_api_key()
+        with self.write() as conn:
+            conn.execute(
+                sa.insert(api_keys).values(
+                    workspace_id=workspace_id,
+                    key_hash=hash_secret(key),
+                    prefix=key[:KEY_DISPLAY_CHARS],
+                    created_at=time.time(),
+                )
+            )
+        return key
+
+    def list_keys(self) -> list[KeyInfo]:
+        """Every key, oldest first, without any secret."""
+        query = (
+            sa.select(
+                api_keys.c.id,
+                api_keys.c.prefix,
+                workspaces.c.name,
+                api_keys.c.created_at,
+                api_keys.c.revoked_at,
+            )
+            .join(workspaces, workspaces.c.id == api_keys.c.workspace_id)
+            .order_by(api_keys.c.id)
+        )
+        with self.read() as conn:
+            return [KeyInfo(*row) for row in conn.execute(query)]
+
+    def revoke_key(self, key_id: int | str) -> bool:
+        """Revoke a key by numeric id or prefix; False if no active key matched."""
+        if isinstance(key_id, int) or str(key_id).isdigit():
+            where = api_keys.c.id == int(key_id)
+        else:
+            where = api_keys.c.prefix == str(key_id)
+        with self.write() as conn:
+            updated = conn.execute(
+                sa.update(api_keys)
+                .where(where, api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=time.time())
+            )
+            return updated.rowcount > 0
+
+    def authenticate(self, api_key: str, conn: Connection | None = None) -> Principal | None:
+        """The workspace of an active key, or None for an unknown or revoked key."""
+        digest = hash_secret(api_key)
+        query = (
+            sa.select(api_keys.c.key_hash, workspaces.c.id, workspaces.c.name)
+            .join(workspaces, workspaces.c.id == api_keys.c.workspace_id)
+            .where(api_keys.c.key_hash == digest, api_keys.c.revoked_at.is_(None))
+        )
+        if conn is None:
+            with self.read() as own:
+                row = own.execute(query).first()
+        else:
+            row = conn.execute(query).first()
+        # The index lookup already matched; comparing again in constant time keeps the
+        # check independent of how the database compares strings.
+        if row is None or not hmac.compare_digest(row[0], digest):
+            return None
+        return Principal(workspace_id=int(row[1]), workspace=str(row[2]))
+
+    # sessions
+
+    def create_session(self, principal: Principal, ttl: float = SESSION_TTL_SECONDS) -> str:
+        """A new opaque session token for `principal`; only its hash is stored."""
+        token = secrets.token_urlsafe(32)
+        now = time.time()
+        with self.write() as conn:
+            conn.execute(sa.delete(dashboard_sessions).where(dashboard_sessions.c.expires_at < now))
+            conn.execute(
+                sa.insert(dashboard_sessions).values(
+                    token_hash=hash_secret(token),
+                    workspace_id=principal.workspace_id,
+                    created_at=now,
+                    expires_at=now + ttl,
+                )
+            )
+        return token
+
+    def session_principal(self, token: str) -> Principal | None:
+        """The workspace of a live session token, or None."""
+        query = (
+            sa.select(workspaces.c.id, workspaces.c.name)
+            .join(dashboard_sessions, dashboard_sessions.c.workspace_id == workspaces.c.id)
+            .where(
+                dashboard_sessions.c.token_hash == hash_secret(token),
+                dashboard_sessions.c.expires_at > time.time(),
+            )
+        )
+        with self.read() as conn:
+            row = conn.execute(query).first()
+        return None if row is None else Principal(int(row[0]), str(row[1]))
+
+    def delete_session(self, token: str) -> None:
+        """End a session (logout)."""
+        with self.write() as conn:
+            conn.execute(
+                sa.delete(dashboard_sessions).where(
+                    dashboard_sessions.c.token_hash == hash_secret(token)
+                )
+            )
+
+    # reports
+
+    def store_report(
+        self, principal: Principal, report: Report, idempotency_key: str | None
+    ) -> StoredReport:
+        """Store a report and its results in one transaction, at most once per key."""
+        now = time.time()
+        ts = report.timestamp.timestamp()
+        ext = report.mmagg
+        row = {
+            "workspace_id": principal.workspace_id,
+            "received_at": now,
+            "ts": ts,
+            "device_id": report.device_id,
+            "source": report.source,
+            "source_info": report.source_info,
+            "inference_server_version": report.inference_server_version,
+            "system_info": json.dumps(report.system_info()),
+            "idempotency_key": idempotency_key,
+            "frequency": ext.frequency if ext is not None else None,
+            "extension": ext.model_dump_json() if ext is not None else None,
+            "result_count": len(report.inference_results),
+        }
+        try:
+            with self.write() as conn:
+                report_id = _inserted_id(conn.execute(sa.insert(reports).values(row)))
+                if report.inference_results:
+                    conn.execute(
+                        sa.insert(results),
+                        _result_rows(report, report_id, principal.workspace_id, ts),
+                    )
+        except sa.exc.IntegrityError:
+            if idempotency_key is None:
+                raise
+            existing = self._find_idempotent(principal.workspace_id, idempotency_key)
+            if existing is None:
+                raise
+            return existing
+        return StoredReport(report_id, len(report.inference_results), duplicate=False)
+
+    def _find_idempotent(self, workspace_id: int, key: str) -> StoredReport | None:
+        query = sa.select(reports.c.id, reports.c.result_count).where(
+            reports.c.workspace_id == workspace_id, reports.c.idempotency_key == key
+        )
+        with self.read() as conn:
+            row = conn.execute(query).first()
+        return None if row is None else StoredReport(int(row[0]), int(row[1]), duplicate=True)
+
+    def count_reports(self, workspace: str | None = None) -> int:
+        """Number of stored reports, in one workspace or overall."""
+        query = sa.select(sa.func.count()).select_from(reports)
+        if workspace is not None:
+            query = query.join(workspaces, workspaces.c.id == reports.c.workspace_id).where(
+                workspaces.c.name == workspace
+            )
+        with self.read() as conn:
+            return int(conn.execute(query).scalar() or 0)
+
+
+def _inserted_id(result: sa.CursorResult[Any]) -> int:
+    key = result.inserted_primary_key
+    if key is None or key[0] is None:
+        raise RuntimeError("the database returned no id for an inserted row")
+    return int(key[0])
+
+
+def _result_rows(
+    report: Report, report_id: int, workspace_id: int, ts: float
+) -> Sequence[dict[str, Any]]:
+    rows = []
+    for item in report.inference_results:
+        stats = item.stats
+        rows.append(
+            {
+                "report_id": report_id,
+                "workspace_id": workspace_id,
+                "ts": ts,
+                "device_id": report.device_id,
+                "model_id": item.model_id,
+                "class_name": item.class_name,
+                "confidence": item.confidence,
+                "inference_id": item.inference_id,
+                "model_type": item.model_type,
+                "source_id": item.source_id,
+                "stats_count": stats.count if stats else None,
+                "stats_sum": stats.sum if stats else None,
+                "stats_min": stats.min if stats else None,
+                "stats_max": stats.max if stats else None,
+                "stats_histogram": json.dumps(stats.histogram) if stats else None,
+            }
+        )
+    return rows

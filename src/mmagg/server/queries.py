@@ -1,0 +1,530 @@
+"""Read queries behind the read endpoint and the dashboard JSON API.
+
+Each function takes a connection, the workspace id and already-validated parameters, and
+returns a JSON-ready dict; the HTTP layer only authenticates and parses. docs/server.md
+documents every shape returned here.
+
+Counting rules (docs/server.md, "What the numbers mean"): a stored *result* is one sampled
+prediction (the best of its class in a report window). A result that carries the `stats`
+extension also stands for `stats.count` predictions; one without stands for itself only.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from mmagg.server.db import reports, results
+from mmagg.server.schemas import HISTOGRAM_BUCKETS
+
+MAX_SERIES_POINTS = 5_000
+
+
+@dataclass(frozen=True)
+class TimeRange:
+    """A half-open interval [start, end) in epoch seconds."""
+
+    start: float
+    end: float
+
+    def previous(self) -> TimeRange:
+        """The period of equal length just before this one."""
+        return TimeRange(self.start - (self.end - self.start), self.start)
+
+
+def iso(epoch: float | None) -> str | None:
+    """Epoch seconds as an ISO-8601 UTC string."""
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat()
+
+
+def _in_range(workspace_id: int, span: TimeRange) -> list[sa.ColumnElement[bool]]:
+    return [
+        results.c.workspace_id == workspace_id,
+        results.c.ts >= span.start,
+        results.c.ts < span.end,
+    ]
+
+
+def confidence_bucket(confidence: float) -> int:
+    """The histogram bucket of docs/wire-format.md: [i/10, (i+1)/10), 1.0 in the last."""
+    return min(max(int(confidence * HISTOGRAM_BUCKETS), 0), HISTOGRAM_BUCKETS - 1)
+
+
+def histogram_median(histogram: Sequence[int]) -> float | None:
+    """Median estimated from 10 equal buckets over [0, 1], linear within the bucket."""
+    total = sum(histogram)
+    if total == 0:
+        return None
+    half = total / 2
+    seen = 0
+    width = 1 / len(histogram)
+    for index, count in enumerate(histogram):
+        if count and seen + count >= half:
+            return (index + (half - seen) / count) * width
+        seen += count
+    return 1.0
+
+
+@dataclass
+class _Group:
+    confidences: list[float]
+    predictions: int = 0
+    prediction_sum: float = 0.0
+
+
+def _groups(
+    conn: Connection, workspace_id: int, span: TimeRange, model_names: Sequence[str]
+) -> dict[tuple[str, str], _Group]:
+    query = sa.select(
+        results.c.model_id,
+        results.c.class_name,
+        results.c.confidence,
+        results.c.stats_count,
+        results.c.stats_sum,
+    ).where(*_in_range(workspace_id, span))
+    if model_names:
+        query = query.where(results.c.model_id.in_(model_names))
+    groups: dict[tuple[str, str], _Group] = {}
+    for model_id, class_name, confidence, count, total in conn.execute(query):
+        group = groups.get((model_id, class_name))
+        if group is None:
+            group = groups[(model_id, class_name)] = _Group([])
+        group.confidences.append(confidence)
+        group.predictions += 1 if count is None else count
+        group.prediction_sum += confidence if total is None else total
+    return groups
+
+
+def inference_stats(
+    conn: Connection, workspace_id: int, span: TimeRange, model_names: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Roboflow's `GET /{workspace}/inference-stats` shape, per model and class.
+
+    `num_inferences`, `avg_confidence`, `median_confidence` are over the sampled results;
+    `class_count` counts predictions (stats when present); `prev_*` are the same numbers for
+    the period of equal length just before. Fields mmagg cannot know (errors, response
+    times) are null.
+    """
+    current = _groups(conn, workspace_id, span, model_names)
+    previous = _groups(conn, workspace_id, span.previous(), model_names)
+    items = []
+    for model_id, class_name in sorted(current):
+        group = current[(model_id, class_name)]
+        prev = previous.get((model_id, class_name))
+        items.append(
+            {
+                "model_name": model_id,
+                "predicted_class": class_name,
+                "num_inferences": len(group.confidences),
+                "prev_num_inferences": len(prev.confidences) if prev else 0,
+                "num_errors": None,
+                "prev_num_errors": None,
+                "avg_confidence": statistics.fmean(group.confidences),
+                "prev_avg_confidence": statistics.fmean(prev.confidences) if prev else None,
+                "median_confidence": statistics.median(group.confidences),
+                "avg_response_time": None,
+                "prev_avg_response_time": None,
+                "class_count": group.predictions,
+                "predictions_avg_confidence": group.prediction_sum / group.predictions
+                if group.predictions
+                else None,
+            }
+        )
+
+    def overall(groups: dict[tuple[str, str], _Group]) -> tuple[int, float | None]:
+        values = [c for g in groups.values() for c in g.confidences]
+        return len(values), (statistics.fmean(values) if values else None)
+
+    num, avg = overall(current)
+    prev_num, prev_avg = overall(previous)
+    return {
+        "start_time": iso(span.start),
+        "end_time": iso(span.end),
+        "num_inferences": num,
+        "prev_num_inferences": prev_num,
+        "num_errors": 0,
+        "prev_num_errors": 0,
+        "avg_confidence": avg,
+        "prev_avg_confidence": prev_avg,
+        "avg_response_time": None,
+        "prev_avg_response_time": None,
+        "inference_stats": items,
+    }
+
+
+def _median_gap(times_by_device: dict[str | None, list[float]]) -> float | None:
+    gaps: list[float] = []
+    for times in times_by_device.values():
+        times.sort()
+        gaps.extend(b - a for a, b in zip(times, times[1:], strict=False) if b > a)
+    return statistics.median(gaps) if gaps else None
+
+
+def _reporting_interval(
+    conn: Connection, workspace_id: int, model_id: str, span: TimeRange
+) -> tuple[float | None, str | None]:
+    declared = conn.execute(
+        sa.select(reports.c.frequency)
+        .join(results, results.c.report_id == reports.c.id)
+        .where(*_in_range(workspace_id, span), results.c.model_id == model_id)
+        .where(reports.c.frequency.is_not(None))
+        .order_by(results.c.ts.desc())
+        .limit(1)
+    ).scalar()
+    if declared is not None:
+        return float(declared), "extension"
+    recent = conn.execute(
+        sa.select(results.c.report_id, results.c.device_id, results.c.ts)
+        .where(*_in_range(workspace_id, span), results.c.model_id == model_id)
+        .distinct()
+        .order_by(results.c.ts.desc())
+        .limit(1_000)
+    )
+    by_device: dict[str | None, list[float]] = defaultdict(list)
+    for _report_id, device_id, ts in recent:
+        by_device[device_id].append(ts)
+    gap = _median_gap(by_device)
+    return (gap, "median_gap") if gap is not None else (None, None)
+
+
+def _distinct_by_model(
+    conn: Connection, workspace_id: int, span: TimeRange, column: sa.Column[Any]
+) -> dict[str, list[str]]:
+    rows = conn.execute(
+        sa.select(results.c.model_id, column)
+        .where(*_in_range(workspace_id, span), column.is_not(None))
+        .distinct()
+    )
+    found: dict[str, list[str]] = defaultdict(list)
+    for model_id, value in rows:
+        found[model_id].append(value)
+    return {model: sorted(values) for model, values in found.items()}
+
+
+def models(conn: Connection, workspace_id: int, span: TimeRange) -> dict[str, Any]:
+    """Every model with results in the range, with its activity and reporting interval."""
+    rows = conn.execute(
+        sa.select(
+            results.c.model_id,
+            sa.func.max(results.c.ts),
+            sa.func.count(sa.distinct(results.c.report_id)),
+            sa.func.count(),
+            sa.func.sum(sa.func.coalesce(results.c.stats_count, 1)),
+            sa.func.count(sa.distinct(results.c.class_name)),
+        )
+        .where(*_in_range(workspace_id, span))
+        .group_by(results.c.model_id)
+        .order_by(results.c.model_id)
+    ).all()
+    devices = _distinct_by_model(conn, workspace_id, span, results.c.device_id)
+    sources = _distinct_by_model(conn, workspace_id, span, results.c.source_id)
+    items = []
+    for model_id, last, report_count, result_count, predictions, class_count in rows:
+        interval, interval_source = _reporting_interval(conn, workspace_id, model_id, span)
+        items.append(
+            {
+                "model_id": model_id,
+                "last_report_at": iso(last),
+                "report_count": int(report_count),
+                "result_count": int(result_count),
+                "prediction_count": int(predictions),
+                "class_count": int(class_count),
+                "devices": devices.get(model_id, []),
+                "sources": sources.get(model_id, []),
+                "estimated_interval_seconds": interval,
+                "interval_source": interval_source,
+            }
+        )
+    return {"start_time": iso(span.start), "end_time": iso(span.end), "models": items}
+
+
+def classes(conn: Connection, workspace_id: int, model_id: str, span: TimeRange) -> dict[str, Any]:
+    """The classes a model reported in the range, with sampled and prediction statistics."""
+    rows = conn.execute(
+        sa.select(
+            results.c.class_name,
+            sa.func.count(),
+            sa.func.avg(results.c.confidence),
+            sa.func.max(results.c.confidence),
+            sa.func.min(results.c.confidence),
+            sa.func.sum(sa.func.coalesce(results.c.stats_count, 1)),
+            sa.func.sum(sa.func.coalesce(results.c.stats_sum, results.c.confidence)),
+            sa.func.max(results.c.ts),
+        )
+        .where(*_in_range(workspace_id, span), results.c.model_id == model_id)
+        .group_by(results.c.class_name)
+        .order_by(results.c.class_name)
+    )
+    items = [
+        {
+            "class_name": name,
+            "result_count": int(count),
+            "avg_confidence": float(avg),
+            "max_confidence": float(best),
+            "min_confidence": float(worst),
+            "prediction_count": int(predictions),
+            "predictions_avg_confidence": float(total) / int(predictions),
+            "last_seen_at": iso(last),
+        }
+        for name, count, avg, best, worst, predictions, total, last in rows
+    ]
+    return {
+        "model_id": model_id,
+        "start_time": iso(span.start),
+        "end_time": iso(span.end),
+        "classes": items,
+    }
+
+
+def devices(
+    conn: Connection, workspace_id: int, span: TimeRange, model_id: str | None = None
+) -> dict[str, Any]:
+    """Devices (and the video sources seen on each) that reported in the range."""
+    where = _in_range(workspace_id, span)
+    if model_id is not None:
+        where.append(results.c.model_id == model_id)
+    rows = conn.execute(
+        sa.select(
+            results.c.device_id,
+            results.c.source_id,
+            sa.func.max(results.c.ts),
+            sa.func.count(sa.distinct(results.c.report_id)),
+            sa.func.count(),
+        )
+        .where(*where)
+        .group_by(results.c.device_id, results.c.source_id)
+    )
+    by_device: dict[str | None, dict[str, Any]] = {}
+    for device_id, source_id, last, report_count, result_count in rows:
+        device = by_device.setdefault(
+            device_id,
+            {"device_id": device_id, "last_report_at": None, "result_count": 0, "sources": []},
+        )
+        device["result_count"] += int(result_count)
+        if device["last_report_at"] is None or last > device["_last"]:
+            device["_last"] = last
+            device["last_report_at"] = iso(last)
+        device["sources"].append(
+            {
+                "source_id": source_id,
+                "last_report_at": iso(last),
+                "report_count": int(report_count),
+                "result_count": int(result_count),
+            }
+        )
+    report_counts: dict[str | None, int] = dict(
+        conn.execute(
+            sa.select(results.c.device_id, sa.func.count(sa.distinct(results.c.report_id)))
+            .where(*where)
+            .group_by(results.c.device_id)
+        ).all()
+    )
+    items = []
+    for device_id in sorted(by_device, key=lambda d: (d is None, d or "")):
+        device = by_device[device_id]
+        device.pop("_last", None)
+        device["report_count"] = int(report_counts.get(device_id, 0))
+        device["sources"].sort(key=lambda s: (s["source_id"] is None, s["source_id"] or ""))
+        items.append(device)
+    return {"start_time": iso(span.start), "end_time": iso(span.end), "devices": items}
+
+
+def _filters(
+    model_id: str,
+    class_names: Iterable[str],
+    source_id: str | None,
+    device_id: str | None,
+) -> list[sa.ColumnElement[bool]]:
+    where = [results.c.model_id == model_id]
+    names = list(class_names)
+    if names:
+        where.append(results.c.class_name.in_(names))
+    if source_id is not None:
+        where.append(results.c.source_id == source_id)
+    if device_id is not None:
+        where.append(results.c.device_id == device_id)
+    return where
+
+
+def timeseries(
+    conn: Connection,
+    workspace_id: int,
+    model_id: str,
+    span: TimeRange,
+    bucket_seconds: float,
+    class_names: Sequence[str] = (),
+    source_id: str | None = None,
+    device_id: str | None = None,
+) -> dict[str, Any]:
+    """Per class, one point per `bucket_seconds` bucket that holds results.
+
+    Raises ValueError when the range would produce more than `MAX_SERIES_POINTS` buckets.
+    """
+    if (span.end - span.start) / bucket_seconds > MAX_SERIES_POINTS:
+        raise ValueError(
+            f"bucket_seconds: expected at most {MAX_SERIES_POINTS} buckets in the range, got "
+            f"{(span.end - span.start) / bucket_seconds:.0f}; use a wider bucket"
+        )
+    scaled = results.c.ts / bucket_seconds
+    # The timestamps are positive, so integer truncation is floor on SQLite.
+    bucket = (
+        sa.func.floor(scaled) if conn.dialect.name == "postgresql" else sa.cast(scaled, sa.Integer)
+    ).label("bucket")
+    rows = conn.execute(
+        sa.select(
+            results.c.class_name,
+            bucket,
+            sa.func.max(results.c.confidence),
+            sa.func.avg(results.c.confidence),
+            sa.func.min(results.c.confidence),
+            sa.func.count(),
+            sa.func.sum(sa.func.coalesce(results.c.stats_count, 1)),
+            sa.func.sum(sa.func.coalesce(results.c.stats_sum, results.c.confidence)),
+        )
+        .where(
+            *_in_range(workspace_id, span),
+            *_filters(model_id, class_names, source_id, device_id),
+        )
+        .group_by(results.c.class_name, bucket)
+        .order_by(results.c.class_name, bucket)
+    )
+    series: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for name, index, best, avg, worst, samples, predictions, total in rows:
+        start = float(index) * bucket_seconds
+        series[name].append(
+            {
+                "t": start,
+                "time": iso(start),
+                "max_confidence": float(best),
+                "avg_confidence": float(avg),
+                "min_confidence": float(worst),
+                "samples": int(samples),
+                "prediction_count": int(predictions),
+                "predictions_avg_confidence": float(total) / int(predictions),
+            }
+        )
+    return {
+        "model_id": model_id,
+        "bucket_seconds": bucket_seconds,
+        "start_time": iso(span.start),
+        "end_time": iso(span.end),
+        "series": [{"class_name": name, "points": points} for name, points in series.items()],
+    }
+
+
+def histogram(
+    conn: Connection,
+    workspace_id: int,
+    model_id: str,
+    span: TimeRange,
+    class_names: Sequence[str] = (),
+    source_id: str | None = None,
+    device_id: str | None = None,
+) -> dict[str, Any]:
+    """Per class, confidence counts in the 10 buckets of docs/wire-format.md.
+
+    A result with `stats` contributes its whole `stats.histogram`; one without contributes
+    its sampled confidence once.
+    """
+    rows = conn.execute(
+        sa.select(results.c.class_name, results.c.confidence, results.c.stats_histogram)
+        .where(
+            *_in_range(workspace_id, span),
+            *_filters(model_id, class_names, source_id, device_id),
+        )
+        .order_by(results.c.class_name)
+    )
+    counts: dict[str, list[int]] = {}
+    from_stats: dict[str, int] = defaultdict(int)
+    for name, confidence, stored in rows:
+        buckets = counts.setdefault(name, [0] * HISTOGRAM_BUCKETS)
+        if stored is None:
+            buckets[confidence_bucket(confidence)] += 1
+            continue
+        from_stats[name] += 1
+        for index, value in enumerate(json.loads(stored)):
+            buckets[index] += value
+    return {
+        "model_id": model_id,
+        "start_time": iso(span.start),
+        "end_time": iso(span.end),
+        "bin_edges": [i / HISTOGRAM_BUCKETS for i in range(HISTOGRAM_BUCKETS + 1)],
+        "classes": [
+            {
+                "class_name": name,
+                "counts": buckets,
+                "total": sum(buckets),
+                "median_estimate": histogram_median(buckets),
+                "results_with_stats": from_stats[name],
+            }
+            for name, buckets in counts.items()
+        ],
+    }
+
+
+def samples(
+    conn: Connection,
+    workspace_id: int,
+    span: TimeRange,
+    limit: int,
+    model_id: str | None = None,
+    class_names: Sequence[str] = (),
+    source_id: str | None = None,
+    device_id: str | None = None,
+) -> dict[str, Any]:
+    """The latest sampled predictions, newest first."""
+    where = _in_range(workspace_id, span)
+    if model_id is not None:
+        where.extend(_filters(model_id, class_names, source_id, device_id))
+    else:
+        if class_names:
+            where.append(results.c.class_name.in_(list(class_names)))
+        if source_id is not None:
+            where.append(results.c.source_id == source_id)
+        if device_id is not None:
+            where.append(results.c.device_id == device_id)
+    rows = conn.execute(
+        sa.select(
+            results.c.ts,
+            results.c.model_id,
+            results.c.class_name,
+            results.c.confidence,
+            results.c.inference_id,
+            results.c.model_type,
+            results.c.device_id,
+            results.c.source_id,
+            results.c.stats_count,
+            results.c.report_id,
+        )
+        .where(*where)
+        .order_by(results.c.ts.desc(), results.c.id.desc())
+        .limit(limit)
+    )
+    return {
+        "samples": [
+            {
+                "time": iso(ts),
+                "t": ts,
+                "model_id": model,
+                "class_name": name,
+                "confidence": confidence,
+                "inference_id": inference_id,
+                "model_type": model_type,
+                "device_id": device,
+                "source_id": source,
+                "prediction_count": 1 if count is None else int(count),
+                "report_id": int(report_id),
+            }
+            for ts, model, name, confidence, inference_id, model_type, device, source, count, report_id in rows  # noqa: E501
+        ]
+    }

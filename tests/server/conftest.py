@@ -1,0 +1,70 @@
+"""Real backends for the server tests: uvicorn on a free loopback port, SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from server_support import RunningBackend, start_server
+
+from mmagg.server import Database, create_app
+
+
+def _pg_available() -> str | None:
+    try:
+        import psycopg
+
+        with psycopg.connect(
+            "host=127.0.0.1 port=5432 user=postgres dbname=test", connect_timeout=2
+        ):
+            return None
+    except Exception as error:  # any failure means: no usable server here
+        return f"PostgreSQL not reachable at 127.0.0.1:5432 ({type(error).__name__}: {error})"
+
+
+@pytest.fixture(scope="session")
+def pg_database_url() -> Iterator[str]:
+    """A freshly created PostgreSQL database, dropped after the session."""
+    reason = _pg_available()
+    if reason is not None:
+        pytest.skip(reason)
+    import psycopg
+
+    name = f"mmagg_test_{uuid.uuid4().hex[:12]}"
+    dsn = "host=127.0.0.1 port=5432 user=postgres dbname=test"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def backend(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningBackend]:
+    """The backend on SQLite (a file) and on PostgreSQL, served for real over HTTP."""
+    if request.param == "sqlite":
+        path: Path = tmp_path_factory.mktemp("db") / "mmagg.db"
+        url = f"sqlite:///{path}"
+    else:
+        url = request.getfixturevalue("pg_database_url")
+    db = Database(url)
+    running = start_server(create_app(db=db))
+    try:
+        yield RunningBackend(running.base_url, db, request.param)
+    finally:
+        running.stop()
+        db.close()
+
+
+@pytest.fixture
+def client(backend: RunningBackend) -> Iterator[httpx.Client]:
+    """An HTTP client pointed at the backend."""
+    with httpx.Client(base_url=backend.base_url, timeout=10) as http:
+        yield http

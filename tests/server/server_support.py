@@ -1,0 +1,66 @@
+"""Helpers shared by the server tests: a uvicorn thread and the running-backend handle."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import uvicorn
+
+from mmagg.server import Database
+
+
+@dataclass
+class RunningBackend:
+    """A backend serving on `base_url`, with direct access to its database."""
+
+    base_url: str
+    db: Database
+    kind: str
+
+    def new_workspace(self) -> tuple[str, str]:
+        """A fresh workspace and a key for it, so tests sharing the server stay independent."""
+        workspace = f"ws-{uuid.uuid4().hex[:12]}"
+        return workspace, self.db.create_key(workspace)
+
+
+def free_socket() -> socket.socket:
+    """A listening-ready loopback socket on a port the OS picked."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@dataclass
+class ServerThread:
+    """uvicorn running an app in a daemon thread."""
+
+    server: uvicorn.Server
+    thread: threading.Thread
+    base_url: str
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def start_server(app: object) -> ServerThread:
+    """Serve `app` with uvicorn on a free port and wait until it answers."""
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="uvicorn-test", daemon=True
+    )
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    return ServerThread(server, thread, f"http://127.0.0.1:{port}")
