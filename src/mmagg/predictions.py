@@ -136,7 +136,8 @@ def _str_column(data: Mapping[str, Any], field: str, n: int) -> StrArray:
             f"Detections.data[{field!r}]: expected shape ({n},), got {tuple(array.shape)}"
         )
     if array.dtype.kind == "U":
-        return array.copy()
+        copied: StrArray = array.copy()
+        return copied
     if array.dtype.kind == "O":
         # None in an object column means "missing", as in the original.
         array = np.where(np.equal(array, None), "", array)  # type: ignore[call-overload]

@@ -1,0 +1,313 @@
+"""The Model Monitoring HTTP client: workspace lookup, send, retries, redaction.
+
+Speaks the dialect of Roboflow's API (DESIGN §2), so it reports to Roboflow or to a
+self-hosted ``mmagg serve`` unchanged. It only knows *how* to talk HTTP; *when* to
+talk is the reporter's business.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import os
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from mmagg._secrets import get_logger, redact, register_secret
+from mmagg.cache import Cache
+
+if TYPE_CHECKING:
+    import httpx
+
+__all__ = [
+    "DEFAULT_API_BASE_URL",
+    "ModelMonitoringClient",
+    "ReportError",
+    "RetryPolicy",
+    "resolve_api_base_url",
+    "resolve_api_key",
+    "workspace_cache_key",
+]
+
+DEFAULT_API_BASE_URL = "https://api.roboflow.com"
+WORKSPACE_CACHE_KEY_TEMPLATE = "workflows:api_key_to_workspace:{digest}"
+WORKSPACE_CACHE_EXPIRE = 15 * 60
+RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+DEFAULT_REQUEST_TIMEOUT = 10.0
+
+logger = get_logger("mmagg.client")
+
+
+def resolve_api_key(api_key: str | None = None) -> str | None:
+    """The argument, else ``ROBOFLOW_API_KEY``, else ``API_KEY``, else ``None``."""
+    return api_key or os.environ.get("ROBOFLOW_API_KEY") or os.environ.get("API_KEY") or None
+
+
+def resolve_api_base_url(api_base_url: str | None = None) -> str:
+    """The argument, else ``API_BASE_URL``, else ``https://api.roboflow.com`` (no trailing /)."""
+    url = api_base_url or os.environ.get("API_BASE_URL") or DEFAULT_API_BASE_URL
+    return url.rstrip("/")
+
+
+def workspace_cache_key(api_key: str) -> str:
+    """The original's cache key for the API key → workspace lookup.
+
+    Example:
+        >>> workspace_cache_key("abc")
+        'workflows:api_key_to_workspace:900150983cd24fb0d6963f7d28e17f72'
+    """
+    digest = hashlib.md5(api_key.encode("utf-8")).hexdigest()
+    return WORKSPACE_CACHE_KEY_TEMPLATE.format(digest=digest)
+
+
+class ReportError(Exception):
+    """A lookup or send that did not succeed; its text never contains the API key.
+
+    Attributes:
+        kind: ``"connection"``, ``"timeout"``, ``"http"``, ``"bad_response"`` or ``"cancelled"``.
+        status: the HTTP status, when there was one.
+        retryable: whether a later report may succeed with the same data (the window is
+            merged back); ``False`` means the backend refused the data (4xx).
+    """
+
+    def __init__(
+        self, message: str, *, kind: str, status: int | None = None, retryable: bool = True
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.status = status
+        self.retryable = retryable
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter inside one overall deadline (seconds)."""
+
+    deadline: float = 30.0
+    base_delay: float = 0.5
+    max_delay: float = 8.0
+    max_attempts: int = 6
+
+    def delay(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
+        """Backoff before retry number ``attempt`` (1-based): uniform in (0, base·2^(n-1)]."""
+        ceiling = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
+        return float(max(0.01, ceiling * rng()))
+
+
+class ModelMonitoringClient:
+    """Talks to a Model Monitoring backend.
+
+    Example (against a local ``mmagg serve``; not run here):
+        >>> client = ModelMonitoringClient("mmk_...", api_base_url="http://127.0.0.1:9090")
+        >>> client.send({"inference_results": [], ...})  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        api_key: str,
+        *,
+        api_base_url: str | None = None,
+        request_timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        cache: Cache | None = None,
+        transport: httpx.BaseTransport | None = None,
+        cancel: threading.Event | None = None,
+        on_retry: Callable[[], None] | None = None,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        if not api_key:
+            raise ValueError("api_key: expected a non-empty Roboflow API key, got nothing")
+        register_secret(api_key)
+        self._api_key = api_key
+        self.api_base_url = resolve_api_base_url(api_base_url)
+        if request_timeout is None:
+            request_timeout = float(
+                os.environ.get("MMAGG_REQUEST_TIMEOUT", DEFAULT_REQUEST_TIMEOUT)
+            )
+        self.request_timeout = request_timeout
+        self.retry = retry or RetryPolicy()
+        self._cache = cache
+        self._cancel = cancel or threading.Event()
+        self._on_retry = on_retry
+        self._rng = rng
+        import httpx  # deferred: `import mmagg` stays light
+
+        self._http = httpx.Client(
+            transport=transport,
+            timeout=request_timeout,
+            headers={"User-Agent": "mmagg"},
+            follow_redirects=False,
+        )
+
+    def __repr__(self) -> str:  # never show the key
+        return f"ModelMonitoringClient(api_base_url={self.api_base_url!r})"
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def cancel(self) -> None:
+        """Stop waiting between retries (used at shutdown)."""
+        self._cancel.set()
+
+    # -- the two calls -----------------------------------------------------------------------
+
+    def workspace(self, *, deadline: float | None = None) -> str:
+        """The workspace of the API key, cached 15 minutes in the injected cache."""
+        key = workspace_cache_key(self._api_key)
+        if self._cache is not None:
+            cached = self._cache.get(key)
+            if isinstance(cached, str) and cached:
+                return cached
+        response = self._request(
+            "GET",
+            f"{self.api_base_url}/",
+            params={"api_key": self._api_key, "nocache": "true"},
+            deadline=deadline,
+        )
+        workspace = _workspace_from(response)
+        if self._cache is not None:
+            self._cache.set(key, workspace, expire=WORKSPACE_CACHE_EXPIRE)
+        return workspace
+
+    def send(
+        self,
+        payload: Mapping[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        deadline: float | None = None,
+    ) -> None:
+        """Look up the workspace and POST one report; raises :class:`ReportError`."""
+        end = self._deadline(deadline)
+        workspace = self.workspace(deadline=end)
+        self._request(
+            "POST",
+            f"{self.api_base_url}/{workspace}/inference-stats",
+            params={"api_key": self._api_key},
+            json=dict(payload),
+            headers={"Idempotency-Key": idempotency_key or uuid.uuid4().hex},
+            deadline=end,
+        )
+
+    # -- retries -----------------------------------------------------------------------------
+
+    def _deadline(self, deadline: float | None) -> float:
+        return deadline if deadline is not None else time.monotonic() + self.retry.deadline
+
+    def _request(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: Mapping[str, str],
+        deadline: float | None,
+        json: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
+        end = self._deadline(deadline)
+        where = f"{method} {url}"
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining = end - time.monotonic()
+            if remaining <= 0 or self._cancel.is_set():
+                raise ReportError(
+                    f"{where}: gave up, deadline of the report passed", kind="timeout"
+                )
+            outcome, retry_now, wait = self._attempt(
+                method, url, params, json, headers, min(self.request_timeout, remaining)
+            )
+            if not isinstance(outcome, ReportError):
+                return outcome
+            error = outcome
+            if not retry_now or attempt >= self.retry.max_attempts:
+                raise error
+            delay = max(wait or 0.0, self.retry.delay(attempt, self._rng))
+            if time.monotonic() + delay >= end:
+                raise error
+            logger.info("%s failed (%s); retry %d in %.2fs", where, error, attempt, delay)
+            if self._on_retry is not None:
+                self._on_retry()
+            if self._cancel.wait(delay):
+                raise ReportError(f"{where}: cancelled at shutdown", kind="cancelled")
+
+    def _attempt(
+        self,
+        method: str,
+        url: str,
+        params: Mapping[str, str],
+        json: Any,
+        headers: Mapping[str, str] | None,
+        timeout: float,
+    ) -> tuple[ReportError | httpx.Response, bool, float | None]:
+        """One request: the response, or the error, whether to retry it now, and a
+        server-asked wait."""
+        import httpx
+
+        where = f"{method} {url}"
+        failure: str | None = None
+        kind = "connection"
+        try:
+            response = self._http.request(
+                method, url, params=params, json=json, headers=headers, timeout=timeout
+            )
+        except httpx.TimeoutException as exc:
+            failure, kind = f"{type(exc).__name__} after {timeout:.1f}s", "timeout"
+        except httpx.TransportError as exc:
+            failure = f"{type(exc).__name__}: {exc}"
+        # Built outside the except blocks so that no chained exception (whose text holds
+        # the URL with the key) travels with the error.
+        if failure is not None:
+            error = ReportError(redact(f"{where}: {failure}", self._api_key), kind=kind)
+            return error, True, None
+        if response.is_success:
+            return response, False, None
+        status = response.status_code
+        body = redact(response.text[:200].strip(), self._api_key)
+        text = redact(f"{where}: HTTP {status} {response.reason_phrase}. {body}", self._api_key)
+        retry_now = status in RETRYABLE_STATUSES
+        error = ReportError(
+            text.strip(),
+            kind="http",
+            status=status,
+            # Any 5xx keeps the data for the next report; other 4xx mean it was refused.
+            retryable=retry_now or status >= 500,
+        )
+        wait = _retry_after(response.headers.get("Retry-After")) if retry_now else None
+        return error, retry_now, wait
+
+
+def _workspace_from(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    workspace = body.get("workspace") if isinstance(body, dict) else None
+    if not isinstance(workspace, str) or not workspace:
+        raise ReportError(
+            'workspace lookup: expected JSON {"workspace": "<name>"}, '
+            f"got {redact(response.text[:120])!r}",
+            kind="bad_response",
+        )
+    return workspace
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())

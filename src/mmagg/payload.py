@@ -1,0 +1,122 @@
+"""The report body: exactly the keys of the original (DESIGN §2), extensions on request."""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import re
+import socket
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+from mmagg import __version__
+
+__all__ = [
+    "SOURCE",
+    "SOURCE_INFO",
+    "SYSTEM_INFO_KEYS",
+    "build_payload",
+    "device_id",
+    "inference_server_version",
+    "system_info",
+]
+
+SOURCE = "workflow"
+SOURCE_INFO = "ModelMonitoringInferenceAggregatorBlockV1"
+SYSTEM_INFO_KEYS = (
+    "platform",
+    "platform_release",
+    "platform_version",
+    "architecture",
+    "hostname",
+    "ip_address",
+    "mac_address",
+    "processor",
+)
+
+
+def _mac_address() -> str:
+    return ":".join(re.findall("..", f"{uuid.getnode():012x}"))
+
+
+_READERS: dict[str, Callable[[], str]] = {
+    "platform": platform.system,
+    "platform_release": platform.release,
+    "platform_version": platform.version,
+    "architecture": platform.machine,
+    "hostname": socket.gethostname,
+    "ip_address": lambda: socket.gethostbyname(socket.gethostname()),
+    "mac_address": _mac_address,
+    "processor": platform.processor,
+}
+
+
+@functools.cache
+def system_info() -> dict[str, str]:
+    """The system-info keys, read once per process; a key that cannot be read is omitted.
+
+    Example:
+        >>> set(system_info()) <= set(SYSTEM_INFO_KEYS)
+        True
+    """
+    info = {}
+    for key in SYSTEM_INFO_KEYS:
+        try:
+            value = _READERS[key]()
+        except Exception:  # each key on its own: one failing lookup must not hide the rest
+            continue
+        if isinstance(value, str):
+            info[key] = value
+    return info
+
+
+@functools.cache
+def inference_server_version() -> str:
+    """Roboflow ``inference``'s version when installed, else mmagg's."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("inference")
+    except metadata.PackageNotFoundError:
+        return __version__
+
+
+def device_id(explicit: str | None = None) -> str:
+    """The argument, else ``DEVICE_ID``, else the host name."""
+    return explicit or os.environ.get("DEVICE_ID") or socket.gethostname()
+
+
+def build_payload(
+    results: Sequence[Mapping[str, Any]],
+    *,
+    device: str | None = None,
+    timestamp: datetime | None = None,
+    extension: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One report body.
+
+    Without ``extension`` the keys are exactly those of the original block: timestamp,
+    source, source_info, device_id, inference_server_version, the system-info keys and
+    inference_results. ``extension`` adds the ``mmagg`` object of docs/wire-format.md.
+
+    Example:
+        >>> body = build_payload([], device="cam-host")
+        >>> body["source"], body["source_info"], body["device_id"]
+        ('workflow', 'ModelMonitoringInferenceAggregatorBlockV1', 'cam-host')
+    """
+    when = timestamp or datetime.now(timezone.utc)
+    body: dict[str, Any] = {
+        "timestamp": when.isoformat(),
+        "source": SOURCE,
+        "source_info": SOURCE_INFO,
+        "device_id": device_id(device),
+        "inference_server_version": inference_server_version(),
+    }
+    body.update(system_info())
+    body["inference_results"] = [dict(item) for item in results]
+    if extension is not None:
+        body["mmagg"] = dict(extension)
+    return body
