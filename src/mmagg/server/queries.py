@@ -25,7 +25,7 @@ from sqlalchemy.engine import Connection
 from mmagg.server.db import reports, results
 from mmagg.server.schemas import HISTOGRAM_BUCKETS
 
-MAX_SERIES_POINTS = 5_000
+MAX_SERIES_POINTS = 20_000
 
 
 @dataclass(frozen=True)
@@ -260,6 +260,7 @@ def classes(conn: Connection, workspace_id: int, model_id: str, span: TimeRange)
             sa.func.sum(sa.func.coalesce(results.c.stats_count, 1)),
             sa.func.sum(sa.func.coalesce(results.c.stats_sum, results.c.confidence)),
             sa.func.max(results.c.ts),
+            sa.func.count(results.c.stats_count),
         )
         .where(*_in_range(workspace_id, span), results.c.model_id == model_id)
         .group_by(results.c.class_name)
@@ -275,8 +276,9 @@ def classes(conn: Connection, workspace_id: int, model_id: str, span: TimeRange)
             "prediction_count": int(predictions),
             "predictions_avg_confidence": float(total) / int(predictions),
             "last_seen_at": iso(last),
+            "results_with_stats": int(with_stats),
         }
-        for name, count, avg, best, worst, predictions, total, last in rows
+        for name, count, avg, best, worst, predictions, total, last, with_stats in rows
     ]
     return {
         "model_id": model_id,
@@ -390,6 +392,7 @@ def timeseries(
             sa.func.count(),
             sa.func.sum(sa.func.coalesce(results.c.stats_count, 1)),
             sa.func.sum(sa.func.coalesce(results.c.stats_sum, results.c.confidence)),
+            sa.func.count(results.c.stats_count),
         )
         .where(
             *_in_range(workspace_id, span),
@@ -399,7 +402,7 @@ def timeseries(
         .order_by(results.c.class_name, bucket)
     )
     series: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for name, index, best, avg, worst, samples, predictions, total in rows:
+    for name, index, best, avg, worst, samples, predictions, total, with_stats in rows:
         start = float(index) * bucket_seconds
         series[name].append(
             {
@@ -409,6 +412,7 @@ def timeseries(
                 "avg_confidence": float(avg),
                 "min_confidence": float(worst),
                 "samples": int(samples),
+                "results_with_stats": int(with_stats),
                 "prediction_count": int(predictions),
                 "predictions_avg_confidence": float(total) / int(predictions),
             }
@@ -446,8 +450,10 @@ def histogram(
     )
     counts: dict[str, list[int]] = {}
     from_stats: dict[str, int] = defaultdict(int)
+    result_counts: dict[str, int] = defaultdict(int)
     for name, confidence, stored in rows:
         buckets = counts.setdefault(name, [0] * HISTOGRAM_BUCKETS)
+        result_counts[name] += 1
         if stored is None:
             buckets[confidence_bucket(confidence)] += 1
             continue
@@ -465,6 +471,7 @@ def histogram(
                 "counts": buckets,
                 "total": sum(buckets),
                 "median_estimate": histogram_median(buckets),
+                "result_count": result_counts[name],
                 "results_with_stats": from_stats[name],
             }
             for name, buckets in counts.items()

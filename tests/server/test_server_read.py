@@ -1,0 +1,330 @@
+"""Read endpoint and dashboard JSON API: numbers recomputed here from what was sent."""
+
+from __future__ import annotations
+
+import random
+import statistics
+from collections import defaultdict
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import httpx
+import pytest
+from server_payloads import report, result, stats
+from server_support import RunningBackend
+
+BASE = datetime(2026, 11, 20, 10, 0, 0, tzinfo=timezone.utc)
+RANGE = {"startTime": "2026-11-20 10:00:00", "endTime": "2026-11-20 11:00:00"}
+
+
+def _post(client: httpx.Client, workspace: str, key: str, body: dict[str, Any]) -> None:
+    response = client.post(f"/{workspace}/inference-stats", params={"api_key": key}, json=body)
+    assert response.status_code == 200, response.text
+
+
+@pytest.fixture(scope="module")
+def dataset(backend: RunningBackend) -> dict[str, Any]:
+    """A workspace holding a known, varied set of reports, and what was sent."""
+    rng = random.Random(7)
+    workspace, key = backend.new_workspace()
+    sent: list[dict[str, Any]] = []  # flat: one entry per result, with its report time
+    bodies = []
+    # In range: 40 reports, 2 devices, every 30 s; yard/3 with stats (per source), gate/1 without.
+    for i in range(40):
+        when = BASE + timedelta(seconds=30 * i + 1)
+        device = "edge-01" if i % 2 == 0 else "edge-02"
+        items = []
+        for source in ("cam-1", "cam-2"):
+            for class_name, mean in (("car", 0.8), ("helmet", 0.6 if i < 20 else 0.3)):
+                confs = [
+                    min(max(rng.gauss(mean, 0.1), 0.0), 1.0) for _ in range(rng.randint(1, 30))
+                ]
+                items.append(
+                    result(class_name, max(confs), "yard/3", source_id=source, stats=stats(confs))
+                )
+        for class_name in ("person", "dog")[: 1 + i % 2]:
+            items.append(result(class_name, round(rng.uniform(0.2, 0.99), 4), "gate/1"))
+        bodies.append(
+            report(items, timestamp=when, device_id=device, mmagg={"frequency": 30.0})
+            if device == "edge-01"
+            else report(items, timestamp=when, device_id=device)
+        )
+        sent.extend({**item, "ts": when.timestamp(), "device_id": device} for item in items)
+    # Previous hour: a few reports that only feed prev_*.
+    prev: list[dict[str, Any]] = []
+    for i in range(5):
+        when = BASE - timedelta(minutes=10 * i + 1)
+        items = [result("person", 0.5 + i / 20, "gate/1")]
+        bodies.append(report(items, timestamp=when, device_id="edge-01"))
+        prev.extend(items)
+    # After the range: must not count.
+    bodies.append(report([result("person", 0.01, "gate/1")], timestamp=BASE + timedelta(hours=2)))
+    with httpx.Client(base_url=backend.base_url, timeout=10) as client:
+        for body in bodies:
+            _post(client, workspace, key, body)
+    return {"workspace": workspace, "key": key, "sent": sent, "prev": prev}
+
+
+def _groups(items: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for item in items:
+        groups[(item["model_id"], item["class_name"])].append(item)
+    return groups
+
+
+def test_inference_stats_match_an_independent_computation(
+    backend: RunningBackend, client: httpx.Client, dataset: dict[str, Any]
+) -> None:
+    response = client.get(
+        f"/{dataset['workspace']}/inference-stats", params={"api_key": dataset["key"], **RANGE}
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = _groups(dataset["sent"])
+    previous = _groups(dataset["prev"])
+    assert [(s["model_name"], s["predicted_class"]) for s in body["inference_stats"]] == sorted(
+        expected
+    )
+    for item in body["inference_stats"]:
+        group = expected[(item["model_name"], item["predicted_class"])]
+        confidences = [g["confidence"] for g in group]
+        predictions = sum(g["stats"]["count"] if "stats" in g else 1 for g in group)
+        total = sum(g["stats"]["sum"] if "stats" in g else g["confidence"] for g in group)
+        assert item["num_inferences"] == len(group)
+        assert item["avg_confidence"] == pytest.approx(statistics.fmean(confidences))
+        assert item["median_confidence"] == pytest.approx(statistics.median(confidences))
+        assert item["class_count"] == predictions
+        assert item["predictions_avg_confidence"] == pytest.approx(total / predictions)
+        prev = previous.get((item["model_name"], item["predicted_class"]), [])
+        assert item["prev_num_inferences"] == len(prev)
+        if prev:
+            assert item["prev_avg_confidence"] == pytest.approx(
+                statistics.fmean(p["confidence"] for p in prev)
+            )
+        assert item["num_errors"] is None and item["avg_response_time"] is None
+    assert body["num_inferences"] == len(dataset["sent"])
+    assert body["avg_confidence"] == pytest.approx(
+        statistics.fmean(s["confidence"] for s in dataset["sent"])
+    )
+    assert body["prev_num_inferences"] == len(dataset["prev"])
+    assert body["start_time"] == "2026-11-20T10:00:00+00:00"
+
+
+def test_model_names_filter_and_time_formats(client: httpx.Client, dataset: dict[str, Any]) -> None:
+    url = f"/{dataset['workspace']}/inference-stats"
+    only_gate = client.get(url, params={"api_key": dataset["key"], "modelNames": "gate/1", **RANGE})
+    assert {s["model_name"] for s in only_gate.json()["inference_stats"]} == {"gate/1"}
+    both = client.get(
+        url, params={"api_key": dataset["key"], "modelNames": "gate/1, yard/3", **RANGE}
+    ).json()
+    iso_range = {"startTime": "2026-11-20T10:00:00Z", "endTime": str(BASE.timestamp() + 3600)}
+    same = client.get(url, params={"api_key": dataset["key"], **iso_range}).json()
+    assert same["inference_stats"] == both["inference_stats"]
+    bad = client.get(url, params={"api_key": dataset["key"], "startTime": "last tuesday"})
+    assert bad.status_code == 422
+    assert bad.json()["detail"][0]["field"] == "query.startTime"
+    reversed_range = client.get(
+        url,
+        params={
+            "api_key": dataset["key"],
+            "startTime": RANGE["endTime"],
+            "endTime": RANGE["startTime"],
+        },  # noqa: E501
+    )
+    assert reversed_range.status_code == 422
+
+
+def _api(client: httpx.Client, dataset: dict[str, Any], path: str, **params: Any) -> Any:
+    response = client.get(
+        f"/{dataset['workspace']}/api/{path}",
+        params={"api_key": dataset["key"], **RANGE, **params},
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["workspace"] == dataset["workspace"]
+    return response.json()
+
+
+def test_models_endpoint(client: httpx.Client, dataset: dict[str, Any]) -> None:
+    models = {m["model_id"]: m for m in _api(client, dataset, "models")["models"]}
+    assert set(models) == {"yard/3", "gate/1"}
+    yard = models["yard/3"]
+    assert yard["report_count"] == 40
+    assert yard["devices"] == ["edge-01", "edge-02"]
+    assert yard["sources"] == ["cam-1", "cam-2"]
+    assert yard["estimated_interval_seconds"] == 30.0
+    assert yard["interval_source"] == "extension"
+    last = max(s["ts"] for s in dataset["sent"])
+    assert yard["last_report_at"] == datetime.fromtimestamp(last, timezone.utc).isoformat()
+    yard_sent = [s for s in dataset["sent"] if s["model_id"] == "yard/3"]
+    assert yard["result_count"] == len(yard_sent)
+    assert yard["prediction_count"] == sum(s["stats"]["count"] for s in yard_sent)
+    assert models["gate/1"]["sources"] == []
+
+
+def test_interval_from_median_gap_without_extension(
+    backend: RunningBackend, client: httpx.Client
+) -> None:
+    workspace, key = backend.new_workspace()
+    for i, gap in enumerate([0, 5, 10, 15, 20, 30]):
+        for device in ("a", "b"):
+            body = report(
+                [result("car", 0.5, "m/1")],
+                timestamp=BASE + timedelta(seconds=gap, milliseconds=i),
+                device_id=device,
+            )
+            _post(client, workspace, key, body)
+    models = client.get(f"/{workspace}/api/models", params={"api_key": key, **RANGE}).json()
+    (model,) = models["models"]
+    assert model["interval_source"] == "median_gap"
+    assert model["estimated_interval_seconds"] == pytest.approx(5.001)
+
+
+def test_classes_endpoint(client: httpx.Client, dataset: dict[str, Any]) -> None:
+    body = _api(client, dataset, "classes", model="yard/3")
+    expected = _groups(dataset["sent"])
+    assert [c["class_name"] for c in body["classes"]] == ["car", "helmet"]
+    for item in body["classes"]:
+        group = expected[("yard/3", item["class_name"])]
+        confidences = [g["confidence"] for g in group]
+        assert item["result_count"] == len(group)
+        assert item["max_confidence"] == pytest.approx(max(confidences))
+        assert item["avg_confidence"] == pytest.approx(statistics.fmean(confidences))
+        assert item["prediction_count"] == sum(g["stats"]["count"] for g in group)
+        assert item["results_with_stats"] == len(group)
+
+
+def test_devices_endpoint(client: httpx.Client, dataset: dict[str, Any]) -> None:
+    body = _api(client, dataset, "devices")
+    devices = {d["device_id"]: d for d in body["devices"]}
+    assert set(devices) == {"edge-01", "edge-02"}
+    assert devices["edge-01"]["report_count"] == 20
+    sources = [s["source_id"] for s in devices["edge-01"]["sources"]]
+    assert sources == ["cam-1", "cam-2", None]
+    gate_only = _api(client, dataset, "devices", model="gate/1")
+    assert all([s["source_id"] for s in d["sources"]] == [None] for d in gate_only["devices"])
+
+
+def test_timeseries_buckets(client: httpx.Client, dataset: dict[str, Any]) -> None:
+    bucket = 300
+    body = _api(client, dataset, "timeseries", model="yard/3", bucket_seconds=bucket)
+    expected: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
+    for item in dataset["sent"]:
+        if item["model_id"] == "yard/3":
+            expected[(item["class_name"], (item["ts"] // bucket) * bucket)].append(item)
+    points = {
+        (series["class_name"], point["t"]): point
+        for series in body["series"]
+        for point in series["points"]
+    }
+    assert set(points) == set(expected)
+    for where, point in points.items():
+        group = expected[where]
+        assert point["max_confidence"] == pytest.approx(max(g["confidence"] for g in group))
+        assert point["avg_confidence"] == pytest.approx(
+            statistics.fmean(g["confidence"] for g in group)
+        )
+        assert point["samples"] == len(group)
+        assert point["prediction_count"] == sum(g["stats"]["count"] for g in group)
+    # The drift written into the data is visible: helmet's best confidence drops.
+    helmet = next(s for s in body["series"] if s["class_name"] == "helmet")["points"]
+    assert helmet[0]["avg_confidence"] > helmet[-1]["avg_confidence"]
+    filtered = _api(
+        client,
+        dataset,
+        "timeseries",
+        model="yard/3",
+        bucket_seconds=bucket,
+        class_name="car",
+        source_id="cam-1",
+    )
+    assert [s["class_name"] for s in filtered["series"]] == ["car"]
+    too_fine = client.get(
+        f"/{dataset['workspace']}/api/timeseries",
+        params={"api_key": dataset["key"], "model": "yard/3", "bucket_seconds": 0.01, **RANGE},
+    )
+    assert too_fine.status_code == 422
+    assert too_fine.json()["detail"][0]["field"] == "query.bucket_seconds"
+
+
+def test_histogram_sums_stats_or_counts_samples(
+    client: httpx.Client, dataset: dict[str, Any]
+) -> None:
+    yard = _api(client, dataset, "histogram", model="yard/3", class_name="car")
+    (car,) = yard["classes"]
+    cars = [s for s in dataset["sent"] if (s["model_id"], s["class_name"]) == ("yard/3", "car")]
+    assert car["counts"] == [sum(s["stats"]["histogram"][i] for s in cars) for i in range(10)]
+    assert car["total"] == sum(s["stats"]["count"] for s in cars)
+    gate = _api(client, dataset, "histogram", model="gate/1")
+    persons = [s for s in dataset["sent"] if s["class_name"] == "person"]
+    person = next(c for c in gate["classes"] if c["class_name"] == "person")
+    assert person["results_with_stats"] == 0
+    assert person["counts"] == [
+        sum(1 for s in persons if min(int(s["confidence"] * 10), 9) == i) for i in range(10)
+    ]
+    assert len(gate["bin_edges"]) == 11
+
+
+def test_samples_newest_first(client: httpx.Client, dataset: dict[str, Any]) -> None:
+    body = _api(client, dataset, "samples", limit=5, model="gate/1")
+    assert len(body["samples"]) == 5
+    times = [s["t"] for s in body["samples"]]
+    assert times == sorted(times, reverse=True)
+    newest = max(s["ts"] for s in dataset["sent"] if s["model_id"] == "gate/1")
+    assert times[0] == pytest.approx(newest)
+    sent_ids = {s["inference_id"] for s in dataset["sent"]}
+    assert all(s["inference_id"] in sent_ids for s in body["samples"])
+    assert set(body["samples"][0]) >= {
+        "class_name",
+        "confidence",
+        "inference_id",
+        "model_type",
+        "device_id",
+        "source_id",
+        "time",
+    }
+
+
+def test_dashboard_session_round_trip(
+    backend: RunningBackend, client: httpx.Client, dataset: dict[str, Any]
+) -> None:
+    assert client.get("/dashboard/api/me").status_code == 401
+    bad = client.post("/dashboard/api/login", json={"api_key": "mmk_nope"})
+    assert bad.status_code == 401
+    assert "unknown or revoked" in bad.json()["detail"]
+    assert client.post("/dashboard/api/login", json={}).status_code == 422
+
+    login = client.post("/dashboard/api/login", json={"api_key": dataset["key"]})
+    assert login.status_code == 200
+    assert login.json() == {"workspace": dataset["workspace"]}
+    cookie = login.headers["set-cookie"]
+    assert cookie.startswith("mmagg_session=")
+    lowered = cookie.lower()
+    assert "httponly" in lowered and "samesite=strict" in lowered and "path=/" in lowered
+    token = client.cookies["mmagg_session"]
+    assert dataset["key"] not in cookie and len(token) >= 40
+
+    assert client.get("/dashboard/api/me").json() == {"workspace": dataset["workspace"]}
+    via_session = client.get("/dashboard/api/models", params=RANGE).json()
+    via_key = _api(client, dataset, "models")
+    assert via_session == via_key
+    stats_body = client.get("/dashboard/api/inference-stats", params=RANGE).json()
+    assert stats_body["num_inferences"] == len(dataset["sent"])
+
+    # The session never reaches another workspace: not via the URL, not via the keyed mount.
+    other, _other_key = backend.new_workspace()
+    assert client.get(f"/{other}/api/models").status_code == 401
+    scoped = client.get("/dashboard/api/models", params={"workspace": other, **RANGE})
+    assert scoped.json()["workspace"] == dataset["workspace"]
+
+    assert client.post("/dashboard/api/logout").status_code == 200
+    client.cookies.set("mmagg_session", token)  # a stolen copy must be dead too
+    assert client.get("/dashboard/api/me").status_code == 401
+    assert client.get("/dashboard/api/models").status_code == 401
+
+
+def test_dashboard_endpoints_need_a_session(client: httpx.Client) -> None:
+    for path in ("models", "devices", "samples", "inference-stats"):
+        response = client.get(f"/dashboard/api/{path}")
+        assert response.status_code == 401, path
+    client.cookies.set("mmagg_session", "forged")
+    assert client.get("/dashboard/api/models").status_code == 401
