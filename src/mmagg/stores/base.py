@@ -18,9 +18,12 @@ class Store(Protocol):
     from a synchronous report, where the caller waits anyway).
     """
 
-    #: ``True`` when several processes see the same state (the interval clock then lives
-    #: in the store, not in the per-process cache).
-    shared: bool
+    @property
+    def shared(self) -> bool:
+        """``True`` when several processes see the same state (the interval clock then
+        lives in the store, not in the per-process cache). Read-only: a class attribute
+        ``shared = False`` satisfies it."""
+        ...
 
     def window(self, key: str) -> Window:
         """The window this process collects into for ``key``.

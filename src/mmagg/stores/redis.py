@@ -1,0 +1,574 @@
+"""Shared state in Redis: one aggregation and one interval clock across processes and hosts.
+
+Each process collects into a local window (the caller thread never waits on Redis); a
+daemon thread pushes it every ``push_interval`` through a Lua script that keeps the best
+sample per key and sums the statistics atomically. The interval is claimed by another
+script on Redis's own clock (``TIME``), so of all processes that find it due, exactly one
+takes the merged window and reports. When Redis is unreachable the process keeps
+collecting and reports by itself on a local clock until Redis is back.
+
+Redis layout per aggregator key ``K`` (``{K}`` is a cluster hash tag: one slot per key)::
+
+    mmagg:{K}:best    hash  field [model_id, class_name, source_id] -> best sample
+    mmagg:{K}:stats   hash  same field -> [count, sum, min, max, 10 histogram buckets]
+    mmagg:{K}:meta    hash  rejected / dropped counters of the window
+    mmagg:{K}:clock   string  start of the current interval (Redis TIME, seconds)
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import math
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, overload
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from mmagg.stores._lua import CLAIM, MERGE, TAKE
+from mmagg.window import DEFAULT_MAX_CLASSES, ClassStats, Key, Sample, Window
+
+__all__ = ["RedisStore", "redact_url"]
+
+logger = logging.getLogger(__name__)
+
+#: Names of :meth:`RedisStore.counters`.
+COUNTERS = (
+    "round_trips",  # script calls that reached Redis
+    "pushes",  # round trips that carried a non-empty window
+    "push_failures",  # round trips that failed (their window stays local)
+    "outages",  # transitions healthy -> degraded
+    "claims_won",  # intervals this process won in Redis
+    "local_claims",  # intervals reported from the local clock while degraded
+    "given_back",  # failed reports merged back into Redis
+)
+
+
+class _LocalWindow(Window):
+    """The per-process window of one key: stays the same object, emptied by :meth:`drain`.
+
+    Never swapping the object means a caller holding it can never add to an orphan.
+    """
+
+    def drain(self) -> Window:
+        """Move everything collected so far into a new window (folded outside the lock)."""
+        out = Window(max_classes=self.max_classes)
+        with self._lock:
+            out._best, self._best = self._best, {}
+            out._stats, self._stats = self._stats, {}
+            out._chunks, self._chunks = self._chunks, []
+            out._buffered, self._buffered = self._buffered, 0
+            out.rejected_nonfinite, self.rejected_nonfinite = self.rejected_nonfinite, 0
+            out.dropped_max_classes, self.dropped_max_classes = self.dropped_max_classes, 0
+        return out
+
+
+class _SharedFlag:
+    """``store.shared`` is ``True``; ``RedisStore.shared(url)`` is the process-wide store."""
+
+    @overload
+    def __get__(self, obj: None, owner: type[RedisStore]) -> Callable[[str], RedisStore]: ...
+
+    @overload
+    def __get__(self, obj: RedisStore, owner: type[RedisStore] | None = None) -> bool: ...
+
+    def __get__(
+        self, obj: RedisStore | None, owner: type[RedisStore] | None = None
+    ) -> bool | Callable[[str], RedisStore]:
+        if obj is None:
+            assert owner is not None
+            return owner.for_url
+        return True
+
+
+class RedisStore:
+    """Windows and the interval clock shared through Redis (extra ``mmagg[redis]``).
+
+    ``window(key)`` is process-local and free of I/O; a background thread named
+    ``mmagg-redis-push`` pushes it to Redis every ``push_interval`` seconds, one round trip
+    at a time; :meth:`claim`, :meth:`take` and :meth:`give_back` push first, in the same
+    round trip. While Redis is unreachable (:attr:`healthy` is ``False``) nothing is
+    lost: pending windows stay local and :meth:`claim` runs on a local clock.
+
+    Args:
+        url: ``redis://[user:password@]host:port/db`` (any URL redis-py accepts).
+        prefix: first part of every Redis key.
+        push_interval: seconds between pushes of the local windows.
+        ttl: seconds after the last write before an abandoned key expires (at least three
+            reporting intervals are always kept).
+        max_classes: distinct keys a shared window accepts before refusing new ones.
+        socket_timeout: seconds a Redis round trip may take before the store degrades.
+        reconnect_interval: seconds between reconnection attempts while degraded.
+        clock: seconds; replaces Redis ``TIME`` and the local clock (tests). ``None``:
+            Redis ``TIME`` decides, one clock for every host.
+
+    Example:
+        >>> store = RedisStore("redis://localhost:6379/0")  # doctest: +SKIP
+        >>> store.window("line-1").add(batch, model_id="yard/3")  # doctest: +SKIP
+        >>> window = store.claim("line-1", frequency=5)  # None unless this process won
+        ...  # doctest: +SKIP
+    """
+
+    shared = _SharedFlag()
+
+    BEST_KEY: ClassVar[str] = "{prefix}:{{{key}}}:best"
+    STATS_KEY: ClassVar[str] = "{prefix}:{{{key}}}:stats"
+    META_KEY: ClassVar[str] = "{prefix}:{{{key}}}:meta"
+    CLOCK_KEY: ClassVar[str] = "{prefix}:{{{key}}}:clock"
+    THREAD_NAME: ClassVar[str] = "mmagg-redis-push"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "mmagg",
+        push_interval: float = 0.25,
+        ttl: float = 3600.0,
+        max_classes: int = DEFAULT_MAX_CLASSES,
+        socket_timeout: float = 1.0,
+        reconnect_interval: float = 1.0,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        if push_interval <= 0:
+            raise ValueError(f"push_interval: expected seconds > 0, got {push_interval!r}")
+        if max_classes < 1:
+            raise ValueError(f"max_classes: expected an integer >= 1, got {max_classes!r}")
+        self.url = url
+        self.safe_url = redact_url(url)
+        self.prefix = prefix
+        self.push_interval = push_interval
+        self.ttl = ttl
+        self.max_classes = max_classes
+        self.socket_timeout = socket_timeout
+        self.reconnect_interval = reconnect_interval
+        self._clock = clock
+        self._counters = dict.fromkeys(COUNTERS, 0)
+        self._reset_process_state()
+        _INSTANCES.add(self)
+
+    @classmethod
+    def for_url(cls, url: str) -> RedisStore:
+        """The process-wide store for ``url`` (what ``MMAGG_REDIS_URL`` resolves to).
+
+        Also reachable as ``RedisStore.shared(url)``.
+
+        Example:
+            >>> RedisStore.for_url("redis://localhost/0") is RedisStore.for_url(
+            ...     "redis://localhost/0"
+            ... )
+            True
+        """
+        store = _SHARED.get(url)
+        if store is None:
+            with _SHARED_LOCK:
+                store = _SHARED.get(url)
+                if store is None:
+                    store = _SHARED[url] = cls(url)
+        return store
+
+    def _reset_process_state(self) -> None:
+        self._pid = os.getpid()
+        self._client: redis.Redis | None = None
+        self._scripts: dict[str, Any] = {}
+        self._windows: dict[str, _LocalWindow] = {}
+        self._lock = threading.Lock()
+        # At most one round trip in flight: pushes, claims, takes and give-backs take turns.
+        self._io_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._healthy = True
+        self._retry_at = 0.0
+        self._last_round_trip = -math.inf
+        self._interval_start: dict[str, float] = {}
+        self._frequency: dict[str, float] = {}
+
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        """``False`` while Redis is unreachable and this process works on its own."""
+        return self._healthy
+
+    @property
+    def degraded(self) -> bool:
+        """The opposite of :attr:`healthy`."""
+        return not self._healthy
+
+    def counters(self) -> dict[str, int]:
+        """Round trips, pushes, failures, outages and claims since the store was created."""
+        return dict(self._counters)
+
+    def keys_for(self, key: str) -> list[str]:
+        """The Redis keys holding ``key``'s state: best, stats, meta, clock."""
+        return [
+            template.format(prefix=self.prefix, key=key)
+            for template in (self.BEST_KEY, self.STATS_KEY, self.META_KEY, self.CLOCK_KEY)
+        ]
+
+    # -- the Store protocol ------------------------------------------------------------------
+
+    def window(self, key: str) -> Window:
+        """This process's window for ``key`` (no I/O; the same object for every caller)."""
+        window = self._local(key)
+        if self._thread is None:
+            self._start_pusher()
+        return window
+
+    def claim(self, key: str, frequency: float) -> Window | None:
+        """Push, then claim ``key``'s interval on Redis's clock; the winner gets the window.
+
+        Skips the round trip while the interval cannot be due yet (another process
+        claiming it only restarts it later), so polling costs nothing.
+        """
+        self._frequency[key] = frequency
+        start = self._interval_start.get(key)
+        if start is not None and _whole(self._local_now() - start) < frequency:
+            return None
+        with self._io_lock:
+            if self._ready():
+                reply = self._exchange("claim", key, frequency=frequency)
+                if reply is not None:
+                    after = self._local_now()
+                    if int(reply[0]) != 1:
+                        self._interval_start[key] = after - float(reply[1])
+                        return None
+                    self._interval_start[key] = after
+                    self._counters["claims_won"] += 1
+                    return self._decode(reply)
+            # Degraded: report by ourselves on the local estimate of the interval.
+            now = self._local_now()
+            if start is None:
+                self._interval_start[key] = now
+                return None
+            if _whole(now - start) < frequency:
+                return None
+            self._interval_start[key] = now
+            self._counters["local_claims"] += 1
+            return self._local(key).drain()
+
+    def take(self, key: str) -> Window:
+        """Push, then take the whole shared window of ``key`` (flush / close)."""
+        with self._io_lock:
+            if self._ready():
+                reply = self._exchange("take", key)
+                if reply is not None:
+                    return self._decode(reply)
+            return self._local(key).drain()
+
+    def give_back(self, key: str, window: Window) -> None:
+        """Merge a window whose report failed into Redis (locally while degraded)."""
+        with self._io_lock:
+            if self._ready():
+                if self._exchange("merge", key, extra=window) is not None:
+                    self._counters["given_back"] += 1
+                    return
+                return  # _exchange kept it locally
+            self._local(key).merge_in(window)
+
+    def push(self) -> bool:
+        """Push every pending local window now; ``False`` if Redis could not be reached."""
+        with self._io_lock:
+            if not self._ready():
+                return False
+            for key in list(self._windows):
+                if self._windows[key].is_empty():
+                    continue
+                if self._exchange("merge", key) is None:
+                    return False
+            return True
+
+    def close(self) -> None:
+        """Stop the push thread, push what is pending, drop the connections.
+
+        The store stays usable: the thread and connections come back on the next use.
+        """
+        thread, self._thread = self._thread, None
+        self._stop.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=self.socket_timeout + self.push_interval + 1.0)
+        self._stop = threading.Event()
+        self.push()
+        client, self._client = self._client, None
+        self._scripts = {}
+        if client is not None:
+            client.close()
+
+    # -- round trips -------------------------------------------------------------------------
+
+    def _exchange(
+        self,
+        script: str,
+        key: str,
+        *,
+        frequency: float = 0.0,
+        extra: Window | None = None,
+    ) -> Sequence[Any] | None:
+        """Run ``script`` with ``key``'s pending window; ``None`` (and degraded) on failure.
+
+        Caller holds ``_io_lock``. A window that could not be pushed is merged back into
+        the local one, so nothing is lost and it is never pushed twice.
+        """
+        pending = self._local(key).drain()
+        if extra is not None:
+            pending.merge_in(extra)
+        args = self._arguments(key, pending, frequency)
+        try:
+            callable_script = self._script(script)
+            reply = callable_script(keys=self.keys_for(key), args=args)
+        except redis.RedisError as exc:
+            self._local(key).merge_in(pending)
+            self._degrade(exc)
+            return None
+        self._counters["round_trips"] += 1
+        if len(args) > 6 or args[2] or args[3]:
+            self._counters["pushes"] += 1
+        self._last_round_trip = time.monotonic()
+        self._recover()
+        return reply  # type: ignore[no-any-return]
+
+    def _arguments(self, key: str, window: Window, frequency: float) -> list[bytes | str | int]:
+        best, stats, rejected, dropped = window.snapshot()
+        longest = max(frequency, self._frequency.get(key, 0.0))
+        ttl_ms = max(1000, int(max(self.ttl, 3 * longest) * 1000))
+        now = "" if self._clock is None else repr(float(self._clock()))
+        args: list[bytes | str | int] = [
+            ttl_ms,
+            self.max_classes,
+            rejected,
+            dropped,
+            repr(float(frequency)),
+            now,
+        ]
+        for entry, sample in best.items():
+            args.append(_dumps(list(entry)))
+            args.append(
+                _dumps(
+                    [
+                        sample.confidence,
+                        sample.seen_at,
+                        sample.seq,
+                        sample.inference_id,
+                        sample.model_type,
+                    ]
+                )
+            )
+            item = stats.get(entry)
+            args.append(b"" if item is None else _encode_stats(item))
+        return args
+
+    def _decode(self, reply: Sequence[Any]) -> Window:
+        best_raw, stats_raw, meta = reply[2], reply[3], reply[4]
+        stats = {_decode_key(f): _decode_stats(v) for f, v in _pairs(stats_raw)}
+        samples: list[tuple[Key, Sample]] = []
+        for field, value in _pairs(best_raw):
+            entry = _decode_key(field)
+            confidence, seen_at, seq, inference_id, model_type = json.loads(_text(value))
+            sample = Sample(
+                class_name=entry[1],
+                confidence=float(confidence),
+                inference_id=inference_id,
+                model_type=model_type,
+                model_id=entry[0],
+                source_id=entry[2],
+                seen_at=float(seen_at),
+                seq=int(seq),
+            )
+            samples.append((entry, sample))
+        samples.sort(key=lambda item: (item[1].seen_at, item[1].seq))
+        window = Window(max_classes=max(self.max_classes, len(samples)))
+        window.merge_entries(dict(samples), stats)
+        window.rejected_nonfinite = int(meta[0])
+        window.dropped_max_classes = int(meta[1])
+        return window
+
+    def _script(self, name: str) -> Any:
+        script = self._scripts.get(name)
+        if script is None:
+            client = self._redis()
+            # register_script: EVALSHA, loading the source again after a Redis restart.
+            self._scripts = {
+                "merge": client.register_script(MERGE),
+                "take": client.register_script(TAKE),
+                "claim": client.register_script(CLAIM),
+            }
+            script = self._scripts[name]
+        return script
+
+    def _redis(self) -> redis.Redis:
+        if self._client is None:
+            self._client = redis.Redis.from_url(
+                self.url,
+                socket_timeout=self.socket_timeout,
+                socket_connect_timeout=self.socket_timeout,
+                # A retried script may already have run: never merge a window twice.
+                retry=Retry(NoBackoff(), 0),
+            )
+        return self._client
+
+    # -- health ------------------------------------------------------------------------------
+
+    def _ready(self) -> bool:
+        return self._healthy or time.monotonic() >= self._retry_at
+
+    def _degrade(self, exc: Exception) -> None:
+        self._counters["push_failures"] += 1
+        self._retry_at = time.monotonic() + self.reconnect_interval
+        if self._healthy:
+            self._healthy = False
+            self._counters["outages"] += 1
+            logger.warning(
+                "mmagg: Redis at %s unreachable (%s); aggregating locally and reporting "
+                "from this process until it is back",
+                self.safe_url,
+                self._redact(f"{type(exc).__name__}: {exc}"),
+            )
+
+    def _recover(self) -> None:
+        if not self._healthy:
+            self._healthy = True
+            logger.warning("mmagg: Redis at %s reachable again; sharing resumed", self.safe_url)
+
+    def _redact(self, text: str) -> str:
+        password = urlsplit(self.url).password
+        return text.replace(password, "***") if password else text
+
+    # -- local state -------------------------------------------------------------------------
+
+    def _local(self, key: str) -> _LocalWindow:
+        window = self._windows.get(key)
+        if window is None:
+            with self._lock:
+                window = self._windows.setdefault(key, _LocalWindow(max_classes=self.max_classes))
+        return window
+
+    def _local_now(self) -> float:
+        return time.monotonic() if self._clock is None else self._clock()
+
+    def _start_pusher(self) -> None:
+        with self._lock:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(
+                target=self._run, args=(self._stop,), name=self.THREAD_NAME, daemon=True
+            )
+            self._thread.start()
+
+    def _run(self, stop: threading.Event) -> None:
+        # Every cycle pushes at most one window per key: work per cycle stays bounded.
+        while not stop.wait(self._until_next_push()):
+            try:
+                if self._ready() and any(not w.is_empty() for w in list(self._windows.values())):
+                    self.push()
+            except Exception:  # the pusher must survive anything; data stays local
+                logger.exception("mmagg: unexpected error in the Redis push thread")
+
+    def _until_next_push(self) -> float:
+        # A claim or take pushed too: the next push waits a full interval after it.
+        since = time.monotonic() - self._last_round_trip
+        return min(self.push_interval, max(0.01, self.push_interval - since))
+
+    def _reset_after_fork(self) -> None:
+        # A forked child must not re-send its parent's windows nor share its sockets.
+        self._reset_process_state()
+
+
+def redact_url(url: str) -> str:
+    """``url`` without user, password or query: safe for logs.
+
+    Example:
+        >>> redact_url("redis://user:s3cret@cache.internal:6380/2?password=x")
+        'redis://***@cache.internal:6380/2'
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    netloc = host if port is None else f"{host}:{port}"
+    if parts.username or parts.password:
+        netloc = f"***@{netloc}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _whole(seconds: float) -> int:
+    return int(seconds)
+
+
+def _dumps(value: object) -> bytes:
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _text(raw: bytes | str) -> str:
+    return raw if isinstance(raw, str) else raw.decode("utf-8", "surrogatepass")
+
+
+def _number(value: float) -> str:
+    if math.isinf(value):
+        return "1e999" if value > 0 else "-1e999"
+    return repr(value)
+
+
+def _encode_stats(stats: ClassStats) -> bytes:
+    numbers = [str(stats.count), _number(stats.total), _number(stats.minimum)]
+    numbers.append(_number(stats.maximum))
+    numbers.extend(str(v) for v in stats.histogram)
+    return ("[" + ",".join(numbers) + "]").encode()
+
+
+def _decode_stats(raw: bytes | str) -> ClassStats:
+    values = json.loads(_text(raw))
+    return ClassStats(
+        int(values[0]),
+        float(values[1]),
+        float(values[2]),
+        float(values[3]),
+        [int(v) for v in values[4:]],
+    )
+
+
+def _decode_key(raw: bytes | str) -> Key:
+    model_id, class_name, source_id = json.loads(_text(raw))
+    return (model_id, class_name, source_id)
+
+
+def _pairs(flat: Sequence[Any]) -> list[tuple[Any, Any]]:
+    return list(zip(flat[::2], flat[1::2], strict=True))
+
+
+_SHARED: dict[str, RedisStore] = {}
+_SHARED_LOCK = threading.Lock()
+_INSTANCES: weakref.WeakSet[RedisStore] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    global _SHARED_LOCK
+    _SHARED_LOCK = threading.Lock()
+    for store in list(_INSTANCES):
+        store._reset_after_fork()
+
+
+def _close_all_at_exit() -> None:
+    # Push what is pending so the last report (by whichever process) carries it.
+    for store in list(_INSTANCES):
+        if store._pid == os.getpid():
+            try:
+                store.close()
+            except Exception:
+                logger.exception("mmagg: could not push to Redis at exit")
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_close_all_at_exit)
