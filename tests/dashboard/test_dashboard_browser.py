@@ -1,11 +1,312 @@
+"""The dashboard in real headless Chromium against the real backend (issue 5).
+
+Every test saves a screenshot under its tmp_path. Set MMAGG_DASHBOARD_SCREENSHOT=docs/dashboard.png
+to also copy the model view's screenshot there.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
 import pytest
+from dashboard_support import (
+    HTML_CLASS,
+    MODEL,
+    OLD_CLASS,
+    OTHER_DEVICE,
+    OTHER_MODEL,
+    OTHER_WORKSPACE,
+    QUIET_MODEL,
+    RECENT_CLASSES,
+    DashboardPage,
+)
 
 pytestmark = pytest.mark.browser
 
+# Okabe–Ito blue, the colour of the first class (dashboard.js PALETTE[0]).
+FIRST_SERIES_RGB = (0x00, 0x72, 0xB2)
 
-def test_smoke(dashboard):
+_CANVAS_PIXELS = """
+([selector, rgb, tolerance]) => {
+  const canvas = document.querySelector(selector + " canvas");
+  if (!canvas) return null;
+  const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+  let painted = 0, series = 0, digest = 0;
+  for (let i = 0; i < data.length; i += 4) {
+    if (data[i + 3] === 0) continue;
+    painted++;
+    digest = (digest * 31 + data[i] * 7 + data[i + 1] * 3 + data[i + 2] + i) % 1000000007;
+    if (data[i + 3] > 200 && Math.abs(data[i] - rgb[0]) <= tolerance
+        && Math.abs(data[i + 1] - rgb[1]) <= tolerance
+        && Math.abs(data[i + 2] - rgb[2]) <= tolerance) series++;
+  }
+  return {painted, series, digest, width: canvas.width, height: canvas.height};
+}
+"""
+
+
+def canvas_pixels(page: Any, selector: str, rgb: tuple[int, int, int] = FIRST_SERIES_RGB) -> Any:
+    return page.evaluate(_CANVAS_PIXELS, [selector, list(rgb), 40])
+
+
+def test_bad_key_is_refused_with_a_clear_message_then_good_key_logs_in(
+    dashboard: DashboardPage,
+) -> None:
+    page = dashboard.page
+    dashboard.goto()
+    page.fill("#api-key", "mmk_not-a-real-key")
+    page.click("#login-submit")
+    error = page.locator("#login-error")
+    error.wait_for(state="visible")
+    page.wait_for_function("() => document.querySelector('#login-error').textContent.length > 0")
+    assert "not accepted" in error.text_content()
+    assert page.is_hidden("#app-view")
+    dashboard.screenshot("bad-key")
+
     dashboard.login()
+    assert page.text_content("#workspace-name") == "acme"
+    rows = page.eval_on_selector_all(
+        "#models-body tr", "rows => rows.map(r => r.getAttribute('data-model-id'))"
+    )
+    assert sorted(rows) == sorted([MODEL, QUIET_MODEL])
+    cookies = {c["name"]: c for c in page.context.cookies()}
+    assert cookies["mmagg_session"]["httpOnly"] is True
+    assert cookies["mmagg_session"]["sameSite"] == "Strict"
+    assert page.evaluate("document.cookie") == ""  # HttpOnly: invisible to scripts
     dashboard.screenshot("overview")
-    dashboard.open_model("yard/3")
+
+    page.click("#logout-button")
+    page.wait_for_selector("#login-view:not([hidden])")
+    assert page.request.get(dashboard.backend.url + "/dashboard/api/me").status == 401
+
+
+def test_overview_marks_a_model_that_stopped_reporting(dashboard: DashboardPage) -> None:
+    dashboard.login()
+    page = dashboard.page
+    quiet = page.locator(f'#models-body tr[data-model-id="{QUIET_MODEL}"] .health')
+    live = page.locator(f'#models-body tr[data-model-id="{MODEL}"] .health')
+    assert "stale" in quiet.get_attribute("class")
+    assert "Stopped reporting" in quiet.text_content()
+    assert "ok" in live.get_attribute("class")
+    assert "ago" in page.text_content(f'#models-body tr[data-model-id="{MODEL}"]')
+    dashboard.screenshot("overview-health")
+
+
+def test_legend_lists_exactly_the_ingested_classes_and_charts_are_drawn(
+    dashboard: DashboardPage,
+) -> None:
+    dashboard.login()
+    dashboard.open_model(MODEL)
+    page = dashboard.page
+    assert set(dashboard.legend_classes()) == RECENT_CLASSES  # default range: last hour
+    confidence = canvas_pixels(page, "#confidence-chart")
+    assert confidence["painted"] > 0
+    assert confidence["series"] > 50, confidence  # the first class's line and markers
+    counts = canvas_pixels(page, "#counts-chart")
+    assert counts["series"] > 50, counts  # these reports carry stats
+    histograms = page.eval_on_selector_all(
+        "#histograms figure", "figs => figs.map(f => f.getAttribute('data-class'))"
+    )
+    assert set(histograms) == RECENT_CLASSES
+    sample_classes = set(
+        page.eval_on_selector_all(
+            "#samples-body td.class-name", "tds => tds.map(td => td.textContent)"
+        )
+    )
+    assert sample_classes <= RECENT_CLASSES and sample_classes
     dashboard.screenshot("model-view")
-    print(dashboard.shots)
+
+
+def test_switching_the_range_changes_what_is_plotted(dashboard: DashboardPage) -> None:
+    dashboard.login()
+    dashboard.open_model(MODEL)
+    page = dashboard.page
+
+    dashboard.select_range("900")
+    assert set(dashboard.legend_classes()) == RECENT_CLASSES
+    narrow_series = int(page.get_attribute("#confidence-chart", "data-series"))
+    narrow_start = int(page.get_attribute("#confidence-chart", "data-range-start"))
+    narrow = canvas_pixels(page, "#confidence-chart")
+    dashboard.screenshot("range-15min")
+
+    dashboard.select_range("86400")
+    assert set(dashboard.legend_classes()) == RECENT_CLASSES | {OLD_CLASS}
+    wide_series = int(page.get_attribute("#confidence-chart", "data-series"))
+    wide_start = int(page.get_attribute("#confidence-chart", "data-range-start"))
+    wide = canvas_pixels(page, "#confidence-chart")
+    dashboard.screenshot("range-24h")
+
+    assert (narrow_series, wide_series) == (len(RECENT_CLASSES), len(RECENT_CLASSES) + 1)
+    assert narrow_start - wide_start >= 86400 - 900 - 60  # the x axis spans the new range
+    assert wide["digest"] != narrow["digest"]
+
+
+def test_custom_range_and_source_filter(dashboard: DashboardPage) -> None:
+    dashboard.login()
+    dashboard.open_model(MODEL)
+    page = dashboard.page
+
+    page.select_option("#range-select", "custom")
+    page.wait_for_selector("#custom-range:not([hidden])")
+    start, end = page.evaluate(
+        """() => {
+          const pad = n => String(n).padStart(2, "0");
+          const local = d => `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}`
+            + `T${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+          const now = Date.now();
+          return [local(new Date(now - 200 * 60000)), local(new Date(now - 170 * 60000))];
+        }"""
+    )
+    page.fill("#custom-start", start)
+    page.fill("#custom-end", end)
+    before = dashboard.renders()
+    page.click("#custom-apply")
+    dashboard.wait_render(before)
+    assert set(dashboard.legend_classes()) == {OLD_CLASS, "car"}
+    dashboard.screenshot("custom-range")
+
+    dashboard.select_range("3600")
+    before = dashboard.renders()
+    page.select_option("#filter-select", "source:cam-2")
+    dashboard.wait_render(before)
+    assert dashboard.legend_classes() == ["person"]
+    dashboard.screenshot("filter-source")
+
+
+def test_pausing_auto_refresh(dashboard: DashboardPage) -> None:
+    dashboard.login()
+    page = dashboard.page
+    page.click("#refresh-toggle")
+    assert page.get_attribute("#refresh-toggle", "aria-pressed") == "true"
+    assert "paused" in page.text_content("#refresh-status")
+    before = dashboard.renders()
+    page.click("#refresh-toggle")
+    assert page.get_attribute("#refresh-toggle", "aria-pressed") == "false"
+    dashboard.wait_render(before)
+    dashboard.screenshot("refresh-resumed")
+
+
+def test_other_workspace_is_absent_from_page_and_api(dashboard: DashboardPage) -> None:
+    dashboard.login()
+    dashboard.select_range("604800")
+    page = dashboard.page
+    forbidden = [OTHER_MODEL, "zebra_secret", OTHER_DEVICE, "globex-cam", OTHER_WORKSPACE]
+    for view in ("overview", "model"):
+        if view == "model":
+            dashboard.open_model(MODEL)
+        html = page.content()
+        options = page.eval_on_selector_all("#filter-select option", "os => os.map(o => o.value)")
+        for word in forbidden:
+            assert word not in html
+            assert all(word not in option for option in options)
+    dashboard.screenshot("workspace-scoped")
+
+    base = dashboard.backend.url + "/dashboard/api/"
+    # A month back: everything seeded, and few enough daily buckets for the timeseries.
+    everything = {"startTime": str(int(time.time()) - 30 * 86400)}
+    listed = page.request.get(base + "models", params=everything).json()
+    assert {m["model_id"] for m in listed["models"]} == {MODEL, QUIET_MODEL}
+    # Asking by name for the other workspace's model finds nothing (the name is only echoed).
+    for path, key, params in [
+        ("timeseries", "series", {"bucket_seconds": "86400"}),
+        ("histogram", "classes", {}),
+        ("classes", "classes", {}),
+        ("samples", "samples", {"limit": "1000"}),
+    ]:
+        response = page.request.get(
+            base + path, params={"model": OTHER_MODEL, **params, **everything}
+        )
+        assert response.ok, (path, response.status)
+        assert response.json()[key] == [], path
+    for path, params in [("samples", {"limit": "1000"}), ("devices", {})]:
+        response = page.request.get(base + path, params={**params, **everything})
+        assert response.ok, (path, response.status)
+        for word in forbidden:
+            assert word not in response.text(), (path, word)
+    # The cookie is no key: the other workspace's key-authorised API stays shut.
+    response = page.request.get(f"{dashboard.backend.url}/{OTHER_WORKSPACE}/api/models")
+    assert response.status == 401
+
+
+def test_html_in_a_class_name_renders_as_inert_text(dashboard: DashboardPage) -> None:
+    dashboard.login()
+    dashboard.open_model(MODEL)
+    page = dashboard.page
+    assert HTML_CLASS in page.eval_on_selector_all(
+        "#legend .class-name", "els => els.map(e => e.textContent)"
+    )
+    assert HTML_CLASS in page.eval_on_selector_all(
+        "#samples-body td.class-name", "els => els.map(e => e.textContent)"
+    )
+    assert page.evaluate("document.querySelectorAll('img').length") == 0
+    assert page.evaluate("document.querySelectorAll('body script').length") == 0
+    assert page.evaluate("window.__pwned") is None
+    dashboard.screenshot("html-class-inert")
+
+
+def test_page_requests_only_its_own_backend(dashboard: DashboardPage) -> None:
+    response = dashboard.page.goto(dashboard.backend.url + "/dashboard")
+    assert response is not None
+    headers = response.headers
+    assert "default-src 'self'" in headers["content-security-policy"]
+    assert "script-src 'self'" in headers["content-security-policy"]
+    assert headers["x-content-type-options"] == "nosniff"
+    dashboard.login()
+    dashboard.open_model(MODEL)
+    dashboard.select_range("604800")
+    dashboard.page.click("#refresh-now")
+    dashboard.page.wait_for_function("() => document.body.dataset.busy === 'false'")
+    dashboard.screenshot("own-backend-only")
+
+    own = urlsplit(dashboard.backend.url)
+    assert dashboard.requests
+    for url in dashboard.requests:
+        parts = urlsplit(url)
+        assert (parts.scheme, parts.netloc) == (own.scheme, own.netloc), url
+    scripts = [u for u in dashboard.requests if u.endswith(".js")]
+    assert any(u.endswith("/dashboard/static/vendor/uplot/uPlot.iife.min.js") for u in scripts)
+
+
+def test_phone_viewport_has_no_horizontal_overflow(phone: DashboardPage) -> None:
+    phone.login()
+    page = phone.page
+    for view in ("overview", "model"):
+        if view == "model":
+            phone.open_model(MODEL)
+        overflow = page.evaluate(
+            "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+        )
+        assert overflow <= 0, f"{view}: {overflow}px of horizontal overflow"
+        phone.screenshot(f"phone-{view}")
+    assert canvas_pixels(page, "#confidence-chart")["series"] > 20
+
+
+def test_login_form_and_range_selector_are_reachable_with_tab(dashboard: DashboardPage) -> None:
+    dashboard.goto()
+    page = dashboard.page
+
+    def tab_to(element_id: str, limit: int = 20) -> None:
+        for _ in range(limit):
+            page.keyboard.press("Tab")
+            if page.evaluate("document.activeElement && document.activeElement.id") == element_id:
+                return
+        raise AssertionError(f"#{element_id} not reached with {limit} Tab presses")
+
+    tab_to("api-key")
+    page.keyboard.type(dashboard.backend.key)
+    tab_to("login-submit", limit=2)
+    before = dashboard.renders()
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#app-view:not([hidden])")
+    dashboard.wait_render(before)
+
+    tab_to("range-select")
+    outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
+    assert outline != "none"  # a visible focus ring
+    before = dashboard.renders()
+    page.keyboard.press("ArrowDown")
+    dashboard.wait_render(before)
+    assert page.input_value("#range-select") == "86400"
+    dashboard.screenshot("keyboard")
