@@ -1,0 +1,307 @@
+"""The `mmagg` command: `serve`, `keys create|list|revoke`, `demo`.
+
+Server dependencies are imported inside the commands, so `mmagg --help` (and commands that
+do not need the backend) stay fast and work without the `server` extra.
+
+Example:
+    $ mmagg keys create --workspace acme
+    $ mmagg serve --port 9090
+    $ mmagg demo --seconds 20
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+DEFAULT_DATABASE_URL = "sqlite:///mmagg.db"
+
+app = typer.Typer(
+    name="mmagg",
+    help="Model Monitoring Inference Aggregator: self-hosted backend, keys and demo.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+console = Console()
+err_console = Console(stderr=True)
+
+DatabaseUrl = Annotated[
+    str,
+    typer.Option(
+        "--database-url",
+        envvar="MMAGG_DATABASE_URL",
+        help="SQLAlchemy URL: sqlite:///path.db or postgresql://user@host/db.",
+    ),
+]
+
+
+def _database(url: str) -> Any:
+    from mmagg.server.db import Database, SchemaTooNewError
+
+    try:
+        return Database(url)
+    except SchemaTooNewError as error:
+        err_console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
+
+
+def _when(epoch: float | None) -> str:
+    if epoch is None:
+        return "-"
+    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 9090,
+    database_url: DatabaseUrl = DEFAULT_DATABASE_URL,
+    body_limit: Annotated[int, typer.Option(help="Largest request body, bytes.")] = 1 << 20,
+    secure_cookies: Annotated[
+        bool, typer.Option(help="Mark the dashboard session cookie Secure (behind HTTPS).")
+    ] = False,
+    access_log: Annotated[bool, typer.Option(help="Log every request.")] = False,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Run the self-hosted Model Monitoring backend (Roboflow-compatible API + dashboard)."""
+    import uvicorn
+
+    from mmagg.server import create_app
+
+    application = create_app(
+        db=_database(database_url), body_limit=body_limit, secure_cookies=secure_cookies
+    )
+    err_console.print(
+        f"mmagg backend on http://{host}:{port}  (dashboard: http://{host}:{port}/dashboard)"
+    )
+    uvicorn.run(application, host=host, port=port, access_log=access_log, log_level=log_level)
+
+
+@keys_app.command("create")
+def keys_create(
+    workspace: Annotated[str, typer.Option(help="Workspace the key belongs to (created if new).")],
+    database_url: DatabaseUrl = DEFAULT_DATABASE_URL,
+) -> None:
+    """Create an API key and print it once (only its hash is stored)."""
+    from mmagg.server.db import WorkspaceNameError
+
+    db = _database(database_url)
+    try:
+        key = db.create_key(workspace)
+    except WorkspaceNameError as error:
+        err_console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
+    finally:
+        db.close()
+    err_console.print(
+        f"Created a key for workspace [bold]{workspace}[/bold]. It is shown only this once:"
+    )
+    # The key alone on stdout, so `KEY=$(mmagg keys create ...)` works.
+    print(key)
+
+
+@keys_app.command("list")
+def keys_list(database_url: DatabaseUrl = DEFAULT_DATABASE_URL) -> None:
+    """List keys: id, prefix, workspace, created, revoked; never the keys themselves."""
+    db = _database(database_url)
+    try:
+        rows = db.list_keys()
+    finally:
+        db.close()
+    table = Table("ID", "Prefix", "Workspace", "Created", "Revoked")
+    for info in rows:
+        table.add_row(
+            str(info.id),
+            info.prefix + "…",
+            info.workspace,
+            _when(info.created_at),
+            _when(info.revoked_at),
+        )
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="Key id (from `mmagg keys list`) or prefix.")],
+    database_url: DatabaseUrl = DEFAULT_DATABASE_URL,
+) -> None:
+    """Revoke a key; requests with it get 401 from now on."""
+    db = _database(database_url)
+    try:
+        revoked = db.revoke_key(key_id)
+    finally:
+        db.close()
+    if not revoked:
+        err_console.print(f"[red]error:[/red] no active key with id or prefix {key_id!r}")
+        raise typer.Exit(1)
+    err_console.print(f"Revoked key {key_id}.")
+
+
+def _results_table(result: Any) -> Table:
+    halves = (
+        {
+            (i["model_name"], i["predicted_class"]): i
+            for i in result.first_half.get("inference_stats", [])
+        },
+        {
+            (i["model_name"], i["predicted_class"]): i
+            for i in result.second_half.get("inference_stats", [])
+        },
+    )
+    table = Table(
+        title=f"Read back from {result.url}/{result.workspace}/inference-stats",
+        caption="Samples: best prediction per class, source and report. Predictions: all of "
+        "them (stats extension). Avg: over all predictions; median: over the samples.",
+    )
+    for column in ("Model", "Class"):
+        table.add_column(column)
+    for column in ("Samples", "Predictions", "Avg", "Median", "1st half", "2nd half"):
+        table.add_column(column, justify="right")
+    for item in result.stats.get("inference_stats", []):
+        where = (item["model_name"], item["predicted_class"])
+        first, second = (h.get(where, {}).get("predictions_avg_confidence") for h in halves)
+        second_text = "-" if second is None else f"{second:.3f}"
+        if first is not None and second is not None and first - second > 0.15:
+            second_text = f"[bold red]{second_text} ▼[/bold red]"
+        table.add_row(
+            item["model_name"],
+            item["predicted_class"],
+            str(item["num_inferences"]),
+            str(item["class_count"]),
+            f"{item['predictions_avg_confidence']:.3f}",
+            f"{item['median_confidence']:.3f}",
+            "-" if first is None else f"{first:.3f}",
+            second_text,
+        )
+    return table
+
+
+@app.command()
+def demo(
+    seconds: Annotated[float, typer.Option(min=1, help="How long to stream.")] = 20.0,
+    frequency: Annotated[int, typer.Option(min=1, help="Reporting interval, seconds.")] = 2,
+    serve: Annotated[
+        bool, typer.Option("--serve/--no-serve", help="Keep serving afterwards (Ctrl-C stops).")
+    ] = False,
+    port: Annotated[int, typer.Option(help="Port for the backend; 0 picks a free one.")] = 0,
+    database_url: Annotated[
+        str | None,
+        typer.Option(help="Where the demo stores reports; default a SQLite file in a temp dir."),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed of the simulation.")] = None,
+) -> None:
+    """Run the backend in-process and report a SIMULATED 3-camera stream to it.
+
+    No camera, model, API key or internet is needed: detections are synthetic.
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from mmagg.server import create_app
+    from mmagg.server.demo import (
+        DRIFTING_CLASS,
+        FPS,
+        SOURCES,
+        WORKSPACE,
+        DemoResult,
+        read_back,
+        run_stream,
+    )
+    from mmagg.server.runner import BackgroundServer
+
+    if database_url is None:
+        directory = Path(tempfile.mkdtemp(prefix="mmagg-demo-"))
+        database_url = f"sqlite:///{directory / 'mmagg-demo.db'}"
+    db = _database(database_url)
+    api_key = db.create_key(WORKSPACE)
+    server = BackgroundServer(create_app(db=db), port=port).start()
+    console.print(
+        f"[bold yellow]SIMULATED STREAM[/bold yellow]: {len(SOURCES)} synthetic cameras "
+        f"({', '.join(s.source_id for s in SOURCES)}) at {FPS} fps with random boxes and "
+        f"beta-distributed confidences; '{DRIFTING_CLASS}' confidence drops half-way. "
+        "No camera, model or internet involved."
+    )
+    console.print(f"Backend: {server.url}  database: {database_url}")
+    try:
+        with Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        ) as progress:
+            task = progress.add_task("streaming", total=seconds, status="")
+
+            def on_tick(elapsed: float, frames: int, counters: Any) -> None:
+                status = (
+                    f"{frames * len(SOURCES)} frames · {counters.collected} predictions · "
+                    f"{counters.sent} reports sent"
+                )
+                if counters.failed:
+                    status += f" · {counters.failed} failed"
+                progress.update(task, completed=elapsed, status=status)
+
+            frames, started, middle, counters = run_stream(
+                server.url,
+                api_key,
+                seconds=seconds,
+                frequency=frequency,
+                seed=seed,
+                on_tick=on_tick,
+            )
+        ended = time.time() + 1
+        overall, first, second = read_back(
+            server.url, WORKSPACE, api_key, started - 1, middle, ended
+        )
+        result = DemoResult(
+            url=server.url,
+            workspace=WORKSPACE,
+            api_key=api_key,
+            database_url=database_url,
+            frames=frames,
+            started_at=started,
+            drift_at=middle,
+            ended_at=ended,
+            counters=counters,
+            stats=overall,
+            first_half=first,
+            second_half=second,
+        )
+        console.print(_results_table(result))
+        console.print(
+            f"Reports sent: {counters.sent}, failed: {counters.failed}, "
+            f"retried: {counters.retried}, dropped: {dict(counters.dropped) or 0}"
+        )
+        console.print(f"Dashboard: [bold]{server.url}/dashboard[/bold]  (log in with the key)")
+        console.print(f"API key (workspace '{WORKSPACE}'): [bold]{api_key}[/bold]")
+        if counters.sent == 0:
+            err_console.print("[red]error:[/red] no report reached the backend")
+            raise typer.Exit(1)
+        if serve:
+            console.print("Serving; press Ctrl-C to stop.")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                console.print("Stopping.")
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    """Entry point of the `mmagg` console script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
