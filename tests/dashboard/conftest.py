@@ -105,8 +105,18 @@ def _page(context: Any, backend: Backend, tmp_path: Path) -> Iterator[DashboardP
     page.on("request", lambda request: requests.append(request.url))
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
+    # A Content-Security-Policy violation (inline style or script, a foreign host) is logged
+    # to the console by Chromium: any of them fails the test.
+    page.on(
+        "console",
+        lambda message: (
+            errors.append(message.text)
+            if "Content Security Policy" in message.text or "Refused to" in message.text
+            else None
+        ),
+    )
     try:
         yield DashboardPage(page=page, backend=backend, requests=requests, shots=tmp_path)
     finally:
         context.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
+    assert not errors, f"JavaScript errors or CSP violations on the page: {errors}"

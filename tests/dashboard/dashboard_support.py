@@ -226,6 +226,6 @@ class DashboardPage:
         path = self.shots / f"{name}.png"
         self.page.screenshot(path=str(path), full_page=True)
         target = os.environ.get("MMAGG_DASHBOARD_SCREENSHOT")
-        if target and name == os.environ.get("MMAGG_DASHBOARD_SCREENSHOT_NAME", "model-view"):
+        if target and name == os.environ.get("MMAGG_DASHBOARD_SCREENSHOT_NAME", "range-15min"):
             shutil.copyfile(path, target)
         return path

@@ -1,7 +1,7 @@
 """The dashboard in real headless Chromium against the real backend (issue 5).
 
 Every test saves a screenshot under its tmp_path. Set MMAGG_DASHBOARD_SCREENSHOT=docs/dashboard.png
-to also copy the model view's screenshot there.
+to also copy the model view (last 15 minutes) there.
 """
 
 from __future__ import annotations

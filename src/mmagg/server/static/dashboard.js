@@ -398,17 +398,20 @@
         if (h.title) health.title = h.title;
         tr.appendChild(health);
         var last = el("td");
-        last.appendChild(el("span", formatTime(m.lastReport)));
+        var when = el("div");
+        when.appendChild(el("span", formatTime(m.lastReport), "nowrap"));
         if (m.lastReport) {
-          last.appendChild(el("br"));
-          last.appendChild(el("span", formatDuration((now - m.lastReport) / 1000) + " ago", "muted"));
+          when.appendChild(document.createTextNode(" "));
+          when.appendChild(el("span", formatDuration((now - m.lastReport) / 1000) + " ago", "muted nowrap"));
         }
+        last.appendChild(when);
         tr.appendChild(last);
         tr.appendChild(el("td", m.reports === null ? "—" : m.reports, "num"));
         var who = m.devices.concat(m.sources.map(function (s) { return "source " + s; }));
         tr.appendChild(el("td", who.length ? who.join(", ") : "—"));
         body.appendChild(tr);
       });
+      labelCells($("models-table"));
       show($("models-empty"), models.length === 0);
       if (state.model) {
         var current = models.filter(function (m) { return m.id === state.model; })[0];
@@ -484,6 +487,7 @@
       renderLineChart($("confidence-chart"), series, "confidence", range, bucket);
       var hasCounts = series.classes.some(function (c) { return c.counts.some(function (v) { return v !== null; }); });
       show($("counts-chart"), hasCounts);
+      show($("counts-figure").querySelector(".readout"), hasCounts);
       show($("counts-empty"), !hasCounts && series.classes.length > 0);
       if (hasCounts) renderLineChart($("counts-chart"), series, "counts", range, bucket);
       renderHistograms(hists);
@@ -505,9 +509,11 @@
         if (!t) return;
         var x = Math.floor(t.getTime() / 1000);
         xsSet[x] = true;
+        // A bucket whose results carried no stats has no real count (each sample counts 1).
+        var withStats = first(p, ["results_with_stats"]);
         points[x] = {
-          conf: first(p, ["best_confidence", "max_confidence", "confidence", "best"]),
-          count: first(p, ["prediction_count", "count"]),
+          conf: first(p, ["max_confidence", "best_confidence", "confidence"]),
+          count: withStats === 0 ? null : first(p, ["prediction_count", "count"]),
         };
       });
       return { name: name, points: points };
@@ -592,6 +598,36 @@
     return a;
   }
 
+  function timeTicks(range) {
+    var long = (range.end - range.start) / 1000 > 86400 * 1.01;
+    return function (u, splits) {
+      return splits.map(function (v) {
+        var d = new Date(v * 1000);
+        var hm = pad(d.getHours()) + ":" + pad(d.getMinutes());
+        return long ? pad(d.getMonth() + 1) + "-" + pad(d.getDate()) + "\n" + hm : hm;
+      });
+    };
+  }
+
+  function readoutFor(container, series, kind) {
+    var out = container.parentNode.querySelector(".readout");
+    var idle = "Point at the chart to read its values.";
+    if (out) out.textContent = idle;
+    return function (u) {
+      if (!out) return;
+      var i = u.cursor.idx;
+      if (i === null || i === undefined) { out.textContent = idle; return; }
+      var parts = [];
+      series.classes.forEach(function (c) {
+        var v = (kind === "confidence" ? c.confidence : c.counts)[i];
+        if (v !== null && v !== undefined) {
+          parts.push((c.name === "" ? "(no class name)" : c.name) + " " + (kind === "confidence" ? v.toFixed(3) : v));
+        }
+      });
+      out.textContent = formatTime(new Date(series.xs[i] * 1000)) + " · " + (parts.length ? parts.join(" · ") : "no data");
+    };
+  }
+
   function renderLineChart(container, series, kind, range, bucket) {
     clear(container);
     var data = [series.xs];
@@ -626,8 +662,9 @@
           ? { range: [0, 1] }
           : { range: function (u, min, max) { return [0, Math.max(1, Math.ceil((max || 0) * 1.1))]; } },
       },
-      axes: [axis(null), axis(kind === "confidence" ? "confidence" : "predictions / " + formatDuration(bucket))],
+      axes: [axis(null, timeTicks(range)), axis(kind === "confidence" ? "confidence" : "predictions / " + formatDuration(bucket))],
       series: uSeries,
+      hooks: { setCursor: [readoutFor(container, series, kind)] },
     };
     var plot = new uPlot(opts, data, container);
     state.charts.push({ plot: plot, container: container });
@@ -703,6 +740,18 @@
     show($("histograms-empty"), hists.length === 0);
   }
 
+  // Narrow screens show each row as a block of "label: value" lines (dashboard.css).
+  function labelCells(table) {
+    var labels = Array.prototype.map.call(table.querySelectorAll("thead th"), function (th) {
+      return th.textContent.trim();
+    });
+    Array.prototype.forEach.call(table.querySelectorAll("tbody tr"), function (tr) {
+      Array.prototype.forEach.call(tr.children, function (td, i) {
+        if (labels[i] && td.colSpan === 1) td.setAttribute("data-label", labels[i]);
+      });
+    });
+  }
+
   function renderSamples(samples) {
     var body = $("samples-body");
     clear(body);
@@ -717,7 +766,7 @@
       tr.appendChild(el("td", first(s, ["model_type"]) || "—", "nowrap"));
       var device = first(s, ["device_id", "device"]) || "—";
       var source = first(s, ["source_id", "source"]);
-      tr.appendChild(el("td", source ? device + " / " + source : device));
+      tr.appendChild(el("td", source ? device + " / " + source : device, "nowrap"));
       body.appendChild(tr);
     });
     if (!samples.length) {
@@ -727,6 +776,7 @@
       tr.appendChild(td);
       body.appendChild(tr);
     }
+    labelCells($("samples-table"));
   }
 
   function onResize() {
