@@ -62,7 +62,7 @@ def main() -> None:
                         "class_id": CLASSES.index(name),
                         "detection_id": f"det-{index:04d}-{k}",
                     }
-                    for k, (name, score) in enumerate(zip(names, scores))
+                    for k, (name, score) in enumerate(zip(names, scores, strict=True))
                 ]
                 line["inference_id"] = f"inf-{index:04d}"
                 line["prediction_type"] = "object-detection"

@@ -169,7 +169,9 @@ class MeteredStore:
                 mine = self._reported[key] = ClassStats()
             mine.count += sign * item.count
             mine.total += sign * item.total
-            mine.histogram = [a + sign * b for a, b in zip(mine.histogram, item.histogram)]
+            mine.histogram = [
+                a + sign * b for a, b in zip(mine.histogram, item.histogram, strict=True)
+            ]
 
 
 class AggregatorMetrics:
@@ -313,12 +315,12 @@ class AggregatorMetrics:
         family = HistogramMetricFamily(
             "mmagg_prediction_confidence",
             "Confidence of every prediction collected, per model, class and source "
-            "(buckets are half-open: le=\"0.5\" counts confidences below 0.5).",
+            '(buckets are half-open: le="0.5" counts confidences below 0.5).',
             labels=["model_id", "class_name", "source_id"],
         )
         for (model_id, class_name, source_id), stats in sorted(totals.items()):
             cumulative, buckets = 0, []
-            for bound, count in zip(BUCKET_BOUNDS, stats.histogram):
+            for bound, count in zip(BUCKET_BOUNDS, stats.histogram, strict=True):
                 cumulative += count
                 buckets.append((bound, cumulative))
             buckets.append(("+Inf", stats.count))

@@ -48,8 +48,15 @@ try:
 except ImportError:  # mmagg[cli] not installed: the engine works, the command does not
     typer = None  # type: ignore[assignment]
 
-__all__ = ["BadLine", "Frame", "ReplayResult", "SimulatedClock", "parse_line", "replay",
-           "replay_command"]
+__all__ = [
+    "BadLine",
+    "Frame",
+    "ReplayResult",
+    "SimulatedClock",
+    "parse_line",
+    "replay",
+    "replay_command",
+]
 
 DEFAULT_FPS = 30.0
 
@@ -166,9 +173,7 @@ def parse_line(text: str, lineno: int) -> Frame | None:
     has_predictions, has_detections = "predictions" in line, "detections" in line
     if has_predictions == has_detections:
         raise ValueError("expected exactly one of 'predictions' or 'detections'")
-    predictions = (
-        _predictions(line["predictions"], line) if has_predictions else _detections(line)
-    )
+    predictions = _predictions(line["predictions"], line) if has_predictions else _detections(line)
     if predictions is not None:
         try:
             to_batch(predictions)  # reject it here, with the line number, not in the aggregator
@@ -196,9 +201,7 @@ def _detections(line: dict[str, Any]) -> _DetectionColumns | None:
     if columns is None:
         return None
     if not isinstance(columns, dict):
-        raise ValueError(
-            f"detections: expected an object of columns, got {type(columns).__name__}"
-        )
+        raise ValueError(f"detections: expected an object of columns, got {type(columns).__name__}")
     names = columns.get("class_name")
     if not isinstance(names, list):
         raise ValueError("detections.class_name: expected a list of class names")
@@ -435,18 +438,14 @@ def replay_command(
         typer.Option(help="Backend URL (else API_BASE_URL, else https://api.roboflow.com)."),
     ] = None,
     frequency: Annotated[int, typer.Option(min=1, help="Reporting interval, seconds.")] = 5,
-    speed: Annotated[
-        float, typer.Option(min=0.0, min_open=True, help="Play N times faster than recorded.")
-    ] = 1.0,
+    speed: Annotated[float, typer.Option(help="Play N times faster than recorded (> 0).")] = 1.0,
     fast: Annotated[
         bool, typer.Option("--fast", help="No waiting: as fast as possible, simulated clock.")
     ] = False,
     fps: Annotated[
-        float, typer.Option(min=0.0, min_open=True, help="Frame rate of lines without timestamp.")
+        float, typer.Option(help="Frame rate of lines without a timestamp (> 0).")
     ] = DEFAULT_FPS,
-    per_source: Annotated[
-        bool, typer.Option(help="One window per source_id.")
-    ] = True,
+    per_source: Annotated[bool, typer.Option(help="One window per source_id.")] = True,
     extensions: Annotated[
         bool,
         typer.Option(help="Send mmagg's stats/source_id keys (for mmagg serve, not Roboflow)."),

@@ -172,7 +172,7 @@ class MonitoringSink:
                         "frames without a matching video frame are collected without source",
                     )
                     frames = (frames or []) + [None] * max(0, len(predictions) - len(frames or []))
-                for prediction, frame in zip(predictions, frames):
+                for prediction, frame in zip(predictions, frames, strict=True):
                     self._one(prediction, frame)
             else:
                 self._one(predictions, video_frame)
