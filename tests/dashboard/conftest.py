@@ -103,6 +103,8 @@ def _page(context: Any, backend: Backend, tmp_path: Path) -> Iterator[DashboardP
     requests: list[str] = []
     page = context.new_page()
     page.on("request", lambda request: requests.append(request.url))
+    responses: list[tuple[int, str]] = []
+    page.on("response", lambda response: responses.append((response.status, response.url)))
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
     # A Content-Security-Policy violation (inline style or script, a foreign host) is logged
@@ -116,7 +118,9 @@ def _page(context: Any, backend: Backend, tmp_path: Path) -> Iterator[DashboardP
         ),
     )
     try:
-        yield DashboardPage(page=page, backend=backend, requests=requests, shots=tmp_path)
+        yield DashboardPage(
+            page=page, backend=backend, requests=requests, shots=tmp_path, responses=responses
+        )
     finally:
         context.close()
     assert not errors, f"JavaScript errors or CSP violations on the page: {errors}"

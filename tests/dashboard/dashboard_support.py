@@ -181,6 +181,7 @@ class DashboardPage:
     backend: Backend
     requests: list[str]
     shots: Path
+    responses: list[tuple[int, str]] = field(default_factory=list)
 
     def goto(self) -> None:
         self.page.goto(self.backend.url + "/dashboard")

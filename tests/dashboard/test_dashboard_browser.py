@@ -90,8 +90,19 @@ def test_overview_marks_a_model_that_stopped_reporting(dashboard: DashboardPage)
     assert "stale" in quiet.get_attribute("class")
     assert "Stopped reporting" in quiet.text_content()
     assert "ok" in live.get_attribute("class")
-    assert "ago" in page.text_content(f'#models-body tr[data-model-id="{MODEL}"]')
+    assert "2 h ago" in page.text_content(f'#models-body tr[data-model-id="{QUIET_MODEL}"]')
     dashboard.screenshot("overview-health")
+
+    # Silent in the range: the model view says so instead of drawing nothing.
+    dashboard.open_model(QUIET_MODEL)
+    assert dashboard.legend_classes() == []
+    assert page.is_visible("#legend-empty")
+    assert page.evaluate("() => document.activeElement.id") == "model-title"
+    dashboard.screenshot("quiet-model")
+    before = dashboard.renders()
+    page.click("#back-button")
+    dashboard.wait_render(before)
+    assert page.evaluate("() => document.activeElement.textContent") == QUIET_MODEL
 
 
 def test_legend_lists_exactly_the_ingested_classes_and_charts_are_drawn(
@@ -265,6 +276,11 @@ def test_page_requests_only_its_own_backend(dashboard: DashboardPage) -> None:
     for url in dashboard.requests:
         parts = urlsplit(url)
         assert (parts.scheme, parts.netloc) == (own.scheme, own.netloc), url
+    failed = [(status, url) for status, url in dashboard.responses if status >= 400]
+    # Only the "am I logged in?" probe of a page load before the login may fail (401).
+    assert failed and {(status, urlsplit(url).path) for status, url in failed} == {
+        (401, "/dashboard/api/me")
+    }, failed
     scripts = [u for u in dashboard.requests if u.endswith(".js")]
     assert any(u.endswith("/dashboard/static/vendor/uplot/uPlot.iife.min.js") for u in scripts)
 

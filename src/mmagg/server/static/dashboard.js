@@ -77,10 +77,16 @@
   function formatDuration(seconds) {
     if (seconds === null || seconds === undefined || !isFinite(seconds)) return "—";
     var s = Math.max(0, Math.round(seconds));
-    if (s < 60) return s + " s";
-    if (s < 3600) return Math.floor(s / 60) + " min " + (s % 60 ? (s % 60) + " s" : "").trim();
-    if (s < 86400) return Math.floor(s / 3600) + " h " + (Math.floor((s % 3600) / 60) ? Math.floor((s % 3600) / 60) + " min" : "");
-    return Math.floor(s / 86400) + " d " + (Math.floor((s % 86400) / 3600) ? Math.floor((s % 86400) / 3600) + " h" : "");
+    // Two units at most: "45 s", "3 min 20 s", "2 h 5 min", "3 d 4 h".
+    var units = [[86400, "d"], [3600, "h"], [60, "min"], [1, "s"]];
+    for (var i = 0; i < units.length - 1; i++) {
+      if (s >= units[i][0]) {
+        var major = Math.floor(s / units[i][0]);
+        var minor = Math.floor((s % units[i][0]) / units[i + 1][0]);
+        return major + " " + units[i][1] + (minor ? " " + minor + " " + units[i + 1][1] : "");
+      }
+    }
+    return s + " s";
   }
 
   function formatConfidence(c) {
@@ -416,7 +422,7 @@
       if (state.model) {
         var current = models.filter(function (m) { return m.id === state.model; })[0];
         $("model-summary").textContent = current
-          ? "Last report " + formatTime(current.lastReport) + " (" + formatDuration((now - current.lastReport) / 1000) +
+          ? healthOf(current, now).text + " · last report " + formatTime(current.lastReport) + " (" + formatDuration((now - current.lastReport) / 1000) +
             " ago) · " + (current.reports === null ? "?" : current.reports) + " reports in range" +
             (current.interval ? " · about every " + formatDuration(current.interval) : "")
           : "No reports from this model in the range.";
@@ -441,8 +447,15 @@
     readHash();
     if (state.model !== before) {
       clear($("legend"));
+      // The link that was clicked is hidden now: move focus where the reader goes next.
+      if (state.model) $("model-title").focus();
       refresh().then(function () {
-        if (state.model) $("model-title").scrollIntoView({ block: "start" });
+        if (!state.model && before) {
+          var links = document.querySelectorAll("#models-body a.model-link");
+          for (var i = 0; i < links.length; i++) {
+            if (links[i].textContent === before) { links[i].focus(); break; }
+          }
+        }
       });
     }
   }
@@ -489,6 +502,7 @@
       show($("counts-chart"), hasCounts);
       show($("counts-figure").querySelector(".readout"), hasCounts);
       show($("counts-empty"), !hasCounts && series.classes.length > 0);
+      show($("counts-none"), series.classes.length === 0);
       if (hasCounts) renderLineChart($("counts-chart"), series, "counts", range, bucket);
       renderHistograms(hists);
       renderSamples(listOf(results[2], "samples"));
