@@ -55,9 +55,7 @@ class RedactingFilter(logging.Filter):
             record.msg, record.args = cleaned, None
         if record.exc_info and record.exc_info[1] is not None:
             # The formatted traceback would carry the exception text: keep it redacted.
-            record.exc_text = redact(
-                logging.Formatter().formatException(record.exc_info)
-            )
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
             record.exc_info = None
         return True
 

@@ -118,7 +118,7 @@ class ModelMonitoringClient:
         transport: httpx.BaseTransport | None = None,
         cancel: threading.Event | None = None,
         on_retry: Callable[[], None] | None = None,
-        rng: Callable[[], float] = random.random,
+        rng: Callable[[], float] | None = None,
     ) -> None:
         if not api_key:
             raise ValueError("api_key: expected a non-empty Roboflow API key, got nothing")
@@ -134,7 +134,8 @@ class ModelMonitoringClient:
         self._cache = cache
         self._cancel = cancel or threading.Event()
         self._on_retry = on_retry
-        self._rng = rng
+        # A private generator: jitter must not touch (or depend on) the global random state.
+        self._rng = rng or random.Random().random
         import httpx  # deferred: `import mmagg` stays light
 
         self._http = httpx.Client(

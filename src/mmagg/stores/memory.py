@@ -70,9 +70,10 @@ class MemoryStore:
         """Nothing to release: windows stay until taken."""
 
     def _swap(self, key: str) -> Window:
-        taken = self._windows.get(key) or Window(max_classes=self._max_classes)
+        taken = self._windows.get(key)
         self._windows[key] = Window(max_classes=self._max_classes)
-        return taken
+        # Not `or`: an empty window is falsy (len 0) yet may carry rejection counts.
+        return taken if taken is not None else Window(max_classes=self._max_classes)
 
     def _reset_after_fork(self) -> None:
         # A forked child must not re-send what its parent collected.

@@ -1,0 +1,152 @@
+"""The window equals the original's store-everything-then-sort, on any stream."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mmagg import Window
+from mmagg.predictions import PredictionBatch
+from mmagg.window import FOLD_THRESHOLD, HISTOGRAM_BUCKETS, naive_best
+
+CLASSES = ["", "car", "person", "helmet", "ünïcode", "a" * 300]
+MODELS = ["m/1", "m/2"]
+# A few fixed values make ties frequent; arbitrary floats cover the rest.
+CONFIDENCES = st.one_of(
+    st.sampled_from([0.0, 0.25, 0.5, 0.5, 1.0]),
+    st.floats(min_value=-1.0, max_value=2.0, allow_nan=False),
+)
+
+Prediction = tuple[str, float, str, str]  # class, confidence, inference id, model type
+frame_strategy = st.tuples(
+    st.sampled_from(MODELS),
+    st.lists(
+        st.tuples(
+            st.sampled_from(CLASSES),
+            CONFIDENCES,
+            st.sampled_from(["i1", "i2", "i3"]),
+            st.sampled_from(["object-detection", "classification"]),
+        ),
+        min_size=0,
+        max_size=12,
+    ),
+)
+
+
+def batch_of(preds: list[Prediction]) -> PredictionBatch:
+    return PredictionBatch(
+        class_names=np.array([p[0] for p in preds], dtype=np.str_),
+        confidences=np.array([p[1] for p in preds], dtype=np.float64),
+        inference_ids=np.array([p[2] for p in preds], dtype=np.str_),
+        model_types=np.array([p[3] for p in preds], dtype=np.str_),
+    )
+
+
+def fill(frames: list[tuple[str, list[Prediction]]], start: float = 0.0) -> Window:
+    window = Window()
+    for i, (model, preds) in enumerate(frames):
+        if preds:
+            window.add(batch_of(preds), model_id=model, seen_at=start + i)
+    return window
+
+
+def results_of(window: Window) -> dict[tuple[str, str], tuple[float, str, str]]:
+    return {
+        (r["model_id"], r["class_name"]): (r["confidence"], r["inference_id"], r["model_type"])
+        for r in window.to_results()
+    }
+
+
+def naive_stats(frames: list[tuple[str, list[Prediction]]]) -> dict[tuple[str, str], list[float]]:
+    values: dict[tuple[str, str], list[float]] = {}
+    for model, preds in frames:
+        for name, conf, _, _ in preds:
+            values.setdefault((model, name), []).append(conf)
+    return values
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(frame_strategy, max_size=40))
+def test_window_equals_store_all_then_sort(frames: list[tuple[str, list[Prediction]]]) -> None:
+    window = fill(frames)
+    stream = ((m, n, c, i, t) for m, preds in frames for n, c, i, t in preds)
+    assert results_of(window) == naive_best(stream)
+    stats = {(k[0], k[1]): v for k, v in window.stats().items()}
+    for key, values in naive_stats(frames).items():
+        s = stats[key]
+        assert s.count == len(values)
+        assert s.total == pytest.approx(math.fsum(values))
+        assert s.minimum == min(values) and s.maximum == max(values)
+        expected_hist = [0] * HISTOGRAM_BUCKETS
+        for v in values:
+            expected_hist[min(HISTOGRAM_BUCKETS - 1, max(0, math.floor(v * 10)))] += 1
+        assert s.histogram == expected_hist
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(frame_strategy, max_size=10),
+    st.lists(frame_strategy, max_size=10),
+    st.lists(frame_strategy, max_size=10),
+)
+def test_merge_is_associative_and_commutative(
+    a: list[tuple[str, list[Prediction]]],
+    b: list[tuple[str, list[Prediction]]],
+    c: list[tuple[str, list[Prediction]]],
+) -> None:
+    wa, wb, wc = fill(a, 0), fill(b, 100), fill(c, 200)
+
+    def view(w: Window) -> object:
+        stats = {k: (v.count, v.minimum, v.maximum, v.histogram) for k, v in w.stats().items()}
+        sums = {k: v.total for k, v in w.stats().items()}
+        return results_of(w), stats, sums
+
+    left, right = wa.merge(wb).merge(wc), wa.merge(wb.merge(wc))
+    assert view(left)[:2] == view(right)[:2]
+    assert view(left)[2] == pytest.approx(view(right)[2])
+    assert view(wa.merge(wb))[:2] == view(wb.merge(wa))[:2]
+    # Merging windows of consecutive parts equals one window over the whole stream.
+    assert results_of(left) == results_of(fill(a + b + c))
+
+
+def test_first_seen_wins_ties_across_folds() -> None:
+    window = Window()
+    n = FOLD_THRESHOLD + 10
+    first = batch_of([("car", 0.5, "first", "od")] * n)
+    window.add(first, model_id="m", seen_at=1.0)
+    window.add(batch_of([("car", 0.5, "second", "od")]), model_id="m", seen_at=2.0)
+    (sample,) = window.samples()
+    assert sample.inference_id == "first"
+    assert window.stats()[("m", "car", "")].count == n + 1
+
+
+def test_non_finite_confidences_are_rejected_and_counted() -> None:
+    window = Window()
+    window.add(
+        batch_of([("car", float("nan"), "", ""), ("car", math.inf, "", ""), ("car", 0.3, "", "")]),
+        model_id="m",
+    )
+    window.add(batch_of([("bus", -math.inf, "", "")]), model_id="m")
+    assert [(s.class_name, s.confidence) for s in window.samples()] == [("car", 0.3)]
+    assert window.rejected_nonfinite == 3
+
+
+def test_cardinality_guard_counts_what_it_refuses() -> None:
+    window = Window(max_classes=3)
+    window.add(batch_of([(f"c{i}", 0.5, "", "") for i in range(5)]), model_id="m")
+    window.add(batch_of([("c0", 0.9, "", ""), ("c9", 0.9, "", "")]), model_id="m")
+    assert len(window) == 3
+    assert window.dropped_max_classes == 3
+
+
+def test_memory_is_bounded_by_classes_not_frames() -> None:
+    window = Window()
+    preds = [(f"c{i % 20}", (i % 97) / 97, "x", "od") for i in range(50)]
+    for frame in range(3000):
+        window.add(batch_of(preds), model_id="m", seen_at=frame)
+    assert len(window) == 20
+    assert window._buffered < FOLD_THRESHOLD  # folded as it goes, never the whole stream
