@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import sys
 import threading
 import time
 import weakref
@@ -275,15 +276,28 @@ class RedisStore:
 
     def push(self) -> bool:
         """Push every pending local window now; ``False`` if Redis could not be reached."""
+        return self._push(lambda key: True)
+
+    def _push(self, wanted: Callable[[str], bool]) -> bool:
         with self._io_lock:
             if not self._ready():
                 return False
             for key in list(self._windows):
-                if self._windows[key].is_empty():
+                if self._windows[key].is_empty() or not wanted(key):
                     continue
                 if self._exchange("merge", key) is None:
                     return False
             return True
+
+    def _claim_imminent(self, key: str) -> bool:
+        # The claim pushes in the same round trip: skipping this push keeps a process at
+        # one round trip per push_interval, claims included.
+        start = self._interval_start.get(key)
+        frequency = self._frequency.get(key)
+        if start is None or frequency is None:
+            return False
+        due_in = math.ceil(frequency) - (self._local_now() - start)
+        return 0 < due_in <= self.push_interval
 
     def close(self) -> None:
         """Stop the push thread, push what is pending, drop the connections.
@@ -318,7 +332,11 @@ class RedisStore:
         """
         pending = self._local(key).drain()
         if extra is not None:
-            pending.merge_in(extra)
+            # Unbounded here: Redis applies max_classes against the shared window.
+            combined = Window(max_classes=sys.maxsize)
+            combined.merge_in(pending)
+            combined.merge_in(extra)
+            pending = combined
         args = self._arguments(key, pending, frequency)
         try:
             callable_script = self._script(script)
@@ -456,6 +474,8 @@ class RedisStore:
         with self._lock:
             if self._thread is not None:
                 return
+            # The first push too waits a full push_interval.
+            self._last_round_trip = max(self._last_round_trip, time.monotonic())
             self._thread = threading.Thread(
                 target=self._run, args=(self._stop,), name=self.THREAD_NAME, daemon=True
             )
@@ -466,7 +486,7 @@ class RedisStore:
         while not stop.wait(self._until_next_push()):
             try:
                 if self._ready() and any(not w.is_empty() for w in list(self._windows.values())):
-                    self.push()
+                    self._push(lambda key: not self._claim_imminent(key))
             except Exception:  # the pusher must survive anything; data stays local
                 logger.exception("mmagg: unexpected error in the Redis push thread")
 
