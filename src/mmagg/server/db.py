@@ -118,6 +118,16 @@ dashboard_sessions = sa.Table(
 )
 
 
+# Built once: constructing a statement per request costs more than executing it.
+_AUTH_QUERY = (
+    sa.select(api_keys.c.key_hash, workspaces.c.id, workspaces.c.name)
+    .join(workspaces, workspaces.c.id == api_keys.c.workspace_id)
+    .where(api_keys.c.key_hash == sa.bindparam("digest"), api_keys.c.revoked_at.is_(None))
+)
+_INSERT_REPORT = sa.insert(reports)
+_INSERT_RESULTS = sa.insert(results)
+
+
 class SchemaTooNewError(RuntimeError):
     """The database was written by a newer mmagg than this one."""
 
@@ -360,16 +370,12 @@ class Database:
     def authenticate(self, api_key: str, conn: Connection | None = None) -> Principal | None:
         """The workspace of an active key, or None for an unknown or revoked key."""
         digest = hash_secret(api_key)
-        query = (
-            sa.select(api_keys.c.key_hash, workspaces.c.id, workspaces.c.name)
-            .join(workspaces, workspaces.c.id == api_keys.c.workspace_id)
-            .where(api_keys.c.key_hash == digest, api_keys.c.revoked_at.is_(None))
-        )
+        params = {"digest": digest}
         if conn is None:
             with self.read() as own:
-                row = own.execute(query).first()
+                row = own.execute(_AUTH_QUERY, params).first()
         else:
-            row = conn.execute(query).first()
+            row = conn.execute(_AUTH_QUERY, params).first()
         # The index lookup already matched; comparing again in constant time keeps the
         # check independent of how the database compares strings.
         if row is None or not hmac.compare_digest(row[0], digest):
@@ -442,11 +448,10 @@ class Database:
         }
         try:
             with self.write() as conn:
-                report_id = _inserted_id(conn.execute(sa.insert(reports).values(row)))
+                report_id = _inserted_id(conn.execute(_INSERT_REPORT, row))
                 if report.inference_results:
                     conn.execute(
-                        sa.insert(results),
-                        _result_rows(report, report_id, principal.workspace_id, ts),
+                        _INSERT_RESULTS, _result_rows(report, report_id, principal.workspace_id, ts)
                     )
         except sa.exc.IntegrityError:
             if idempotency_key is None:

@@ -1,0 +1,326 @@
+"""Ingest throughput and latency of `mmagg serve` on SQLite, with an exactly-once check.
+
+N concurrent clients (asyncio + httpx over loopback) post realistic reports (8 classes,
+per-source results with the stats extension, an Idempotency-Key each) for a fixed time.
+Prints reports/s and p50/p99 latency, then checks that every report answered 2xx is stored
+exactly once and nothing else is.
+
+    python benchmarks/ingest.py                 # 20 s, 64 clients, open loop at 600 reports/s
+    python benchmarks/ingest.py --rate 0        # closed loop: as fast as the server goes
+    python benchmarks/ingest.py --smoke         # ~3 s, for CI
+
+Target on 2 cores: >= 500 reports/s with p99 <= 100 ms and none lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import sqlalchemy as sa
+
+from mmagg.server.db import Database, reports, workspaces
+
+CLASSES = ("person", "car", "truck", "helmet", "forklift", "bicycle", "dog", "pallet")
+
+
+def build_bodies(count: int, results_per_report: int, seed: int = 1) -> list[bytes]:
+    """Pre-serialised report bodies like an aggregator with extensions sends them."""
+    rng = random.Random(seed)
+    bodies = []
+    for i in range(count):
+        items = []
+        for j in range(results_per_report):
+            n = rng.randint(1, 400)
+            histogram = [0] * 10
+            for _ in range(min(n, 50)):
+                histogram[min(int(rng.betavariate(8, 2) * 10), 9)] += 1
+            histogram[8] += n - sum(histogram)
+            best = rng.uniform(0.85, 0.99)
+            items.append(
+                {
+                    "class_name": CLASSES[j % len(CLASSES)],
+                    "confidence": best,
+                    "inference_id": str(uuid.UUID(int=rng.getrandbits(128))),
+                    "model_type": "object-detection",
+                    "model_id": f"site-{i % 5}/3",
+                    "source_id": f"cam-{i % 50}",
+                    "stats": {
+                        "count": n,
+                        "sum": n * 0.8,
+                        "min": 0.3,
+                        "max": best,
+                        "histogram": histogram,
+                    },
+                }
+            )
+        bodies.append(
+            json.dumps(
+                {
+                    "timestamp": datetime.now(timezone.utc).isoformat(),
+                    "source": "workflow",
+                    "source_info": "ModelMonitoringInferenceAggregatorBlockV1",
+                    "device_id": f"edge-{i % 20:02d}",
+                    "inference_server_version": "0.1.0",
+                    "platform": "Linux",
+                    "platform_release": "6.1.0",
+                    "platform_version": "#1 SMP PREEMPT_DYNAMIC",
+                    "architecture": "x86_64",
+                    "hostname": f"edge-{i % 20:02d}",
+                    "ip_address": "10.0.0.5",
+                    "mac_address": "00:11:22:33:44:55",
+                    "processor": "x86_64",
+                    "inference_results": items,
+                    "mmagg": {"frequency": 5.0, "aggregator_key": f"agg-{i % 50}"},
+                }
+            ).encode()
+        )
+    return bodies
+
+
+@dataclass
+class Tally:
+    latencies: list[float] = field(default_factory=list)
+    statuses: collections.Counter[str] = field(default_factory=collections.Counter)
+    acknowledged: list[str] = field(default_factory=list)
+
+
+async def client_loop(
+    base_url: str,
+    workspace: str,
+    key: str,
+    bodies: list[bytes],
+    deadline: float,
+    interval: float,
+    offset: float,
+    tally: Tally,
+) -> None:
+    url = f"{base_url}/{workspace}/inference-stats"
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+        next_send = time.perf_counter() + offset
+        i = random.randrange(len(bodies))
+        while True:
+            if interval:
+                delay = next_send - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                next_send += interval
+            if time.perf_counter() >= deadline:
+                return
+            idempotency_key = uuid.uuid4().hex
+            started = time.perf_counter()
+            try:
+                response = await client.post(
+                    url,
+                    content=bodies[i % len(bodies)],
+                    headers={**headers, "Idempotency-Key": idempotency_key},
+                )
+                status = str(response.status_code)
+            except httpx.HTTPError as error:
+                status = type(error).__name__
+            tally.latencies.append(time.perf_counter() - started)
+            tally.statuses[status] += 1
+            if status.startswith("2"):
+                tally.acknowledged.append(idempotency_key)
+            i += 1
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def start_server(database_url: str, port: int) -> subprocess.Popen[bytes]:
+    command = [
+        sys.executable,
+        "-c",
+        "from mmagg.cli import main; main()",
+        "serve",
+        "--port",
+        str(port),
+        "--database-url",
+        database_url,
+        "--log-level",
+        "warning",
+    ]
+    process = subprocess.Popen(command)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return process
+        except httpx.TransportError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("mmagg serve did not start")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc), 0.0 where unavailable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    import os
+
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
+
+
+async def run_load(
+    base_url: str, workspace: str, key: str, args: argparse.Namespace, bodies: list[bytes]
+) -> tuple[Tally, float]:
+    tally = Tally()
+    interval = args.clients / args.rate if args.rate else 0.0
+    started = time.perf_counter()
+    deadline = started + args.duration
+    await asyncio.gather(
+        *(
+            client_loop(
+                base_url,
+                workspace,
+                key,
+                bodies,
+                deadline,
+                interval,
+                interval * n / args.clients,
+                tally,
+            )
+            for n in range(args.clients)
+        )
+    )
+    return tally, time.perf_counter() - started
+
+
+def check_stored(database_url: str, workspace: str, acknowledged: list[str]) -> list[str]:
+    """Problems found comparing acknowledged reports with stored ones (empty: all good)."""
+    db = Database(database_url)
+    try:
+        with db.read() as conn:
+            stored = collections.Counter(
+                conn.execute(
+                    sa.select(reports.c.idempotency_key)
+                    .join(workspaces, workspaces.c.id == reports.c.workspace_id)
+                    .where(workspaces.c.name == workspace)
+                ).scalars()
+            )
+    finally:
+        db.close()
+    problems = []
+    acked = collections.Counter(acknowledged)
+    missing = [k for k in acked if stored[k] == 0]
+    duplicated = [k for k, n in stored.items() if n > 1]
+    unacknowledged = [k for k in stored if k not in acked]
+    if missing:
+        problems.append(f"{len(missing)} acknowledged reports are not stored")
+    if duplicated:
+        problems.append(f"{len(duplicated)} reports are stored more than once")
+    if unacknowledged:
+        # A request that timed out client-side may still have been stored: report, don't fail.
+        print(f"note: {len(unacknowledged)} stored reports were never acknowledged (timeouts)")
+    return problems
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=64, help="concurrent clients")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of load")
+    parser.add_argument(
+        "--rate", type=float, default=600.0, help="offered reports/s in total; 0 = closed loop"
+    )
+    parser.add_argument("--results-per-report", type=int, default=8)
+    parser.add_argument("--smoke", action="store_true", help="~3 s run for CI")
+    parser.add_argument(
+        "--strict", action="store_true", help="exit 1 when the targets are missed too"
+    )
+    parser.add_argument("--target-rps", type=float, default=500.0)
+    parser.add_argument("--target-p99-ms", type=float, default=100.0)
+    args = parser.parse_args()
+    if args.smoke:
+        args.duration = 3.0
+        args.clients = min(args.clients, 16)
+        args.rate = min(args.rate, 200.0) if args.rate else 0.0
+
+    directory = Path(tempfile.mkdtemp(prefix="mmagg-bench-"))
+    database_url = f"sqlite:///{directory / 'bench.db'}"
+    db = Database(database_url)
+    workspace = "bench"
+    key = db.create_key(workspace)
+    db.close()
+    port = free_port()
+    server = start_server(database_url, port)
+    bodies = build_bodies(200, args.results_per_report)
+    cpu_before = cpu_seconds(server.pid)
+    client_before = time.process_time()
+    try:
+        tally, elapsed = asyncio.run(
+            run_load(f"http://127.0.0.1:{port}", workspace, key, args, bodies)
+        )
+        server_cpu = cpu_seconds(server.pid) - cpu_before
+        client_cpu = time.process_time() - client_before
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=30)
+
+    ok = len(tally.acknowledged)
+    rps = ok / elapsed
+    p50 = percentile(tally.latencies, 0.50) * 1000
+    p99 = percentile(tally.latencies, 0.99) * 1000
+    mode = f"open loop at {args.rate:.0f}/s offered" if args.rate else "closed loop"
+    print(
+        f"ingest: {args.clients} clients, {mode}, {args.duration:.0f} s, "
+        f"{args.results_per_report} results/report, body ~{statistics.mean(map(len, bodies)):.0f} B"
+    )
+    print(f"  requests: {sum(tally.statuses.values())}  statuses: {dict(tally.statuses)}")
+    print(f"  throughput: {rps:.0f} reports/s (2xx)")
+    print(
+        f"  latency: p50 {p50:.1f} ms  p99 {p99:.1f} ms  "
+        f"max {max(tally.latencies, default=0) * 1000:.1f} ms"
+    )
+    if ok:
+        print(
+            f"  server CPU: {server_cpu / elapsed * 100:.0f}% of one core, "
+            f"{server_cpu / ok * 1000:.2f} ms per report; load generator CPU: "
+            f"{client_cpu / elapsed * 100:.0f}% of one core"
+        )
+    problems = check_stored(database_url, workspace, tally.acknowledged)
+    print(f"  stored exactly once: {'yes' if not problems else '; '.join(problems)}")
+    met = rps >= args.target_rps and p99 <= args.target_p99_ms
+    print(
+        f"  target (>= {args.target_rps:.0f}/s, p99 <= {args.target_p99_ms:.0f} ms): "
+        f"{'met' if met else 'NOT met'}"
+    )
+    if problems or ok == 0:
+        return 1
+    if args.strict and not met:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
