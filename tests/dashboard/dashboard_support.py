@@ -36,7 +36,9 @@ QUIET_MODEL = "dock/1"
 OTHER_MODEL = "secret-model/9"
 # Rendered as text it is harmless; parsed as HTML it would set window.__pwned.
 HTML_CLASS = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'
-RECENT_CLASSES = {"car", "person", HTML_CLASS}
+# Object.prototype's names: a page keeping classes in a plain {} would mix them up.
+PROTO_CLASS = "__proto__"
+RECENT_CLASSES = {"car", "person", HTML_CLASS, PROTO_CLASS}
 OLD_CLASS = "hardhat"  # only in reports 3 hours old: visible in "24 h", not in "15 min"
 OTHER_CLASSES = {"zebra_secret"}
 OTHER_DEVICE = "globex-device"
@@ -129,6 +131,8 @@ def seed_reports(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str, An
         ]
         if i % 3 == 0:
             results.append(_result(MODEL, HTML_CLASS, 0.35 + wobble, stats=2, source="cam-1"))
+        if i % 4 == 1:
+            results.append(_result(MODEL, PROTO_CLASS, 0.20 + wobble, stats=1, source="cam-1"))
         ours.append(_report(when, "edge-01", results, 30.0))
     # yard/3, three hours ago: a class that only shows in wider ranges, without stats.
     for i in range(6):

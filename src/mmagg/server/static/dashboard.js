@@ -32,7 +32,8 @@
     generation: 0,
     renders: 0,
     charts: [],
-    classStyles: {},
+    // Keyed by class name: null-prototype maps, so "__proto__" or "constructor" is just a name.
+    classStyles: Object.create(null),
   };
 
   function $(id) { return document.getElementById(id); }
@@ -360,7 +361,7 @@
   }
 
   function mergeModels(inRange, allTime) {
-    var byId = {};
+    var byId = Object.create(null);
     inRange.forEach(function (m) { byId[m.id] = m; });
     allTime.forEach(function (m) {
       var r = byId[m.id];
@@ -434,7 +435,10 @@
 
   function readHash() {
     var m = /^#model=(.*)$/.exec(location.hash);
-    var id = m ? decodeURIComponent(m[1]) : null;
+    var id = null;
+    if (m) {
+      try { id = decodeURIComponent(m[1]); } catch (e) { id = null; }
+    }
     state.model = id;
     show($("model-view"), !!id);
     show($("overview"), !id);
@@ -460,14 +464,16 @@
     }
   }
 
-  function styleFor(className, index) {
-    // Keep a class's colour stable across refreshes and range changes.
+  function styleFor(className) {
+    // Keep a class's style stable across refreshes and range changes. Past 8 classes the
+    // colours repeat, but with another dash and marker fill, so 16 classes stay distinct.
     if (!state.classStyles[className]) {
       var n = Object.keys(state.classStyles).length;
+      var cycle = Math.floor(n / PALETTE.length);
       state.classStyles[className] = {
         color: PALETTE[n % PALETTE.length],
-        dash: DASHES[n % DASHES.length],
-        hollow: Math.floor(n / PALETTE.length) % 2 === 1 || n % 2 === 1,
+        dash: DASHES[(n + 3 * cycle) % DASHES.length],
+        hollow: (n + cycle) % 2 === 1,
       };
     }
     return state.classStyles[className];
@@ -490,7 +496,7 @@
       var hists = readHistograms(results[1], series);
       // Counts only mean something for classes whose reports carried stats; a result
       // without stats would otherwise show as "1 prediction".
-      var withStats = {};
+      var withStats = Object.create(null);
       hists.forEach(function (h) { if (!h.fromSamples) withStats[h.name] = true; });
       series.classes.forEach(function (c) {
         if (!withStats[c.name]) c.counts = c.counts.map(function () { return null; });
@@ -514,10 +520,10 @@
     // or {"classes": [...same...]}; aligns all classes on one x axis for uPlot.
     var raw = listOf(data, "series");
     if (!raw.length && data && Array.isArray(data.classes)) raw = data.classes;
-    var xsSet = {};
+    var xsSet = Object.create(null);
     var perClass = raw.map(function (s) {
       var name = String(first(s, ["class_name", "class", "name"]) || "");
-      var points = {};
+      var points = Object.create(null);
       listOf(first(s, ["points", "buckets", "data"]) || [], "points").forEach(function (p) {
         var t = toDate(first(p, ["t", "bucket_start", "time", "timestamp", "start"]));
         if (!t) return;
@@ -537,10 +543,10 @@
     return {
       xs: xs,
       bucket: first(data, ["bucket_seconds"]) || bucket,
-      classes: perClass.map(function (c, i) {
+      classes: perClass.map(function (c) {
         return {
           name: c.name,
-          style: styleFor(c.name, i),
+          style: styleFor(c.name),
           confidence: xs.map(function (x) { var p = c.points[x]; return p && typeof p.conf === "number" ? p.conf : null; }),
           counts: xs.map(function (x) { var p = c.points[x]; return p && typeof p.count === "number" ? p.count : null; }),
         };
@@ -715,8 +721,8 @@
     var box = $("histograms");
     clear(box);
     var bars = uPlot.paths && uPlot.paths.bars ? uPlot.paths.bars({ size: [0.9, 60] }) : null;
-    hists.forEach(function (h, i) {
-      var style = styleFor(h.name, i);
+    hists.forEach(function (h) {
+      var style = styleFor(h.name);
       var fig = el("figure", null, "histogram");
       fig.setAttribute("data-class", h.name);
       var cap = el("figcaption");
