@@ -14,7 +14,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -124,8 +124,39 @@ _AUTH_QUERY = (
     .join(workspaces, workspaces.c.id == api_keys.c.workspace_id)
     .where(api_keys.c.key_hash == sa.bindparam("digest"), api_keys.c.revoked_at.is_(None))
 )
-_INSERT_REPORT = sa.insert(reports)
-_INSERT_RESULTS = sa.insert(results)
+
+_REPORT_COLUMNS = tuple(c.name for c in reports.columns if c.name != "id")
+_RESULT_COLUMNS = tuple(c.name for c in results.columns if c.name != "id")
+
+
+def _insert_sql(table: sa.Table, columns: tuple[str, ...], placeholder: str) -> str:
+    values = ", ".join([placeholder] * len(columns))
+    return f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({values})"
+
+
+@dataclass(frozen=True)
+class _WriteSql:
+    """The ingest INSERTs in the driver's own paramstyle.
+
+    Ingest runs them on the DBAPI cursor directly: SQLAlchemy's per-execution bookkeeping
+    costs more than SQLite's insert itself, and this is the one path hit hundreds of
+    times a second.
+    """
+
+    insert_report: str
+    insert_results: str
+    returning: bool
+
+    @classmethod
+    def for_dialect(cls, dialect: str) -> _WriteSql:
+        placeholder = "?" if dialect == "sqlite" else "%s"
+        returning = dialect != "sqlite"
+        report_sql = _insert_sql(reports, _REPORT_COLUMNS, placeholder)
+        return cls(
+            insert_report=report_sql + (" RETURNING id" if returning else ""),
+            insert_results=_insert_sql(results, _RESULT_COLUMNS, placeholder),
+            returning=returning,
+        )
 
 
 class SchemaTooNewError(RuntimeError):
@@ -284,6 +315,8 @@ class Database:
         self._write_lock: threading.Lock | None = (
             threading.Lock() if self.dialect == "sqlite" else None
         )
+        self._sql = _WriteSql.for_dialect(self.dialect)
+        self._integrity_error: type[Exception] = self.engine.dialect.loaded_dbapi.IntegrityError
         if migrate_schema:
             migrate(self.engine)
 
@@ -432,28 +465,38 @@ class Database:
         now = time.time()
         ts = report.timestamp.timestamp()
         ext = report.mmagg
-        row = {
-            "workspace_id": principal.workspace_id,
-            "received_at": now,
-            "ts": ts,
-            "device_id": report.device_id,
-            "source": report.source,
-            "source_info": report.source_info,
-            "inference_server_version": report.inference_server_version,
-            "system_info": json.dumps(report.system_info()),
-            "idempotency_key": idempotency_key,
-            "frequency": ext.frequency if ext is not None else None,
-            "extension": ext.model_dump_json() if ext is not None else None,
-            "result_count": len(report.inference_results),
-        }
+        row = (
+            principal.workspace_id,
+            now,
+            ts,
+            report.device_id,
+            report.source,
+            report.source_info,
+            report.inference_server_version,
+            json.dumps(report.system_info()),
+            idempotency_key,
+            ext.frequency if ext is not None else None,
+            ext.model_dump_json() if ext is not None else None,
+            len(report.inference_results),
+        )
+        sql = self._sql
         try:
             with self.write() as conn:
-                report_id = _inserted_id(conn.execute(_INSERT_REPORT, row))
-                if report.inference_results:
-                    conn.execute(
-                        _INSERT_RESULTS, _result_rows(report, report_id, principal.workspace_id, ts)
-                    )
-        except sa.exc.IntegrityError:
+                cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+                try:
+                    cursor.execute(sql.insert_report, row)
+                    fetched = cursor.fetchone() if sql.returning else (cursor.lastrowid,)
+                    if fetched is None or fetched[0] is None:
+                        raise RuntimeError("the database returned no id for the report")
+                    report_id = int(fetched[0])
+                    if report.inference_results:
+                        cursor.executemany(
+                            sql.insert_results,
+                            _result_rows(report, report_id, principal.workspace_id, ts),
+                        )
+                finally:
+                    cursor.close()
+        except self._integrity_error:
             if idempotency_key is None:
                 raise
             existing = self._find_idempotent(principal.workspace_id, idempotency_key)
@@ -490,27 +533,28 @@ def _inserted_id(result: sa.CursorResult[Any]) -> int:
 
 def _result_rows(
     report: Report, report_id: int, workspace_id: int, ts: float
-) -> Sequence[dict[str, Any]]:
+) -> list[tuple[Any, ...]]:
+    """Rows for `results`, in `_RESULT_COLUMNS` order."""
     rows = []
     for item in report.inference_results:
         stats = item.stats
         rows.append(
-            {
-                "report_id": report_id,
-                "workspace_id": workspace_id,
-                "ts": ts,
-                "device_id": report.device_id,
-                "model_id": item.model_id,
-                "class_name": item.class_name,
-                "confidence": item.confidence,
-                "inference_id": item.inference_id,
-                "model_type": item.model_type,
-                "source_id": item.source_id,
-                "stats_count": stats.count if stats else None,
-                "stats_sum": stats.sum if stats else None,
-                "stats_min": stats.min if stats else None,
-                "stats_max": stats.max if stats else None,
-                "stats_histogram": json.dumps(stats.histogram) if stats else None,
-            }
+            (
+                report_id,
+                workspace_id,
+                ts,
+                report.device_id,
+                item.model_id,
+                item.class_name,
+                item.confidence,
+                item.inference_id,
+                item.model_type,
+                item.source_id,
+                stats.count if stats else None,
+                stats.sum if stats else None,
+                stats.min if stats else None,
+                stats.max if stats else None,
+                json.dumps(stats.histogram) if stats else None,
+            )
         )
     return rows
