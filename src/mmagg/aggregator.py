@@ -106,7 +106,8 @@ def get_reporter(
             flush_timeout=flush_timeout,
         )
         _REPORTERS[registry_key] = reporter
-        return reporter
+    reporter.prepare()
+    return reporter
 
 
 def _forget_reporters_in_child() -> None:

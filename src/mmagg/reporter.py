@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from mmagg._secrets import get_logger, redact
 from mmagg.client import ModelMonitoringClient, ReportError
-from mmagg.payload import build_payload
+from mmagg.payload import build_payload, inference_server_version, system_info
 from mmagg.stores.base import Store
 from mmagg.window import Window
 
@@ -172,6 +172,14 @@ class Reporter:
         if self._client is None:
             self._client = self._client_factory(lambda: self.tally.add("retried"))
         return self._client
+
+    def prepare(self) -> None:
+        """Do the one-off set-up now, on the calling thread: the HTTP client (httpx import,
+        TLS context) and the system info hold the GIL for tens of milliseconds, which the
+        video loop would feel if the sender did it at the first report."""
+        _ = self.client
+        system_info()
+        inference_server_version()
 
     def counters(self) -> Counters:
         return self.tally.snapshot()

@@ -1,0 +1,170 @@
+"""Helpers of the reliability suite: a restartable capture server, a transport that
+records what the client saw, frame generators, thread probes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+
+def _load_shared_conftest() -> Any:
+    # The shared tests/conftest.py is not importable by a unique name; load it by path.
+    path = Path(__file__).resolve().parents[1] / "conftest.py"
+    spec = importlib.util.spec_from_file_location("_mmagg_shared_conftest", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_shared = _load_shared_conftest()
+CaptureServer = _shared.CaptureServer
+Reply = _shared.Reply
+FakeClock = _shared.FakeClock
+
+SECRET_KEY = "mmk_SECRET_CANARY_7f3a9c1e5b2d4086"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class PortCaptureServer(CaptureServer):
+    """A :class:`CaptureServer` on a chosen port that listens only once started, so that a
+    client pointed at it first meets "connection refused"."""
+
+    def __init__(self, port: int, workspace: str = "test-ws") -> None:
+        super().__init__(workspace)
+        self._handler = self.httpd.RequestHandlerClass
+        self.httpd.server_close()
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.started = False
+
+    def start(self) -> PortCaptureServer:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler)
+        self.httpd.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, name="capture-server", daemon=True
+        )
+        self._thread.start()
+        self.started = True
+        return self
+
+    def stop(self) -> None:
+        if self.started:
+            super().stop()
+        self._release.set()
+
+
+@dataclass
+class Exchange:
+    """One request as the client saw it: its outcome and when."""
+
+    method: str
+    path: str
+    idempotency_key: str | None
+    body: bytes
+    started: float
+    status: int | None = None
+    error: str | None = None
+    response: bytes = b""
+
+    @property
+    def ok(self) -> bool:
+        """A 2xx answer, and for the workspace lookup one that names a workspace."""
+        if self.status is None or not 200 <= self.status < 300:
+            return False
+        if self.method == "GET":
+            try:
+                return isinstance(json.loads(self.response).get("workspace"), str)
+            except (ValueError, AttributeError):
+                return False
+        return True
+
+
+@dataclass
+class RecordingTransport(httpx.BaseTransport):
+    """Wraps a real transport and records every request and its outcome, client-side."""
+
+    inner: httpx.BaseTransport = field(default_factory=httpx.HTTPTransport)
+    exchanges: list[Exchange] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        exchange = Exchange(
+            request.method,
+            request.url.path,
+            request.headers.get("idempotency-key"),
+            request.read(),
+            time.monotonic(),
+        )
+        with self.lock:
+            self.exchanges.append(exchange)
+        try:
+            response = self.inner.handle_request(request)
+            exchange.response = response.read()
+        except Exception as error:
+            exchange.error = type(error).__name__
+            raise
+        exchange.status = response.status_code
+        return response
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def snapshot(self) -> list[Exchange]:
+        with self.lock:
+            return list(self.exchanges)
+
+
+def detections_frame(rng: np.random.Generator, n: int, classes: list[str]) -> Any:
+    """An ``sv.Detections`` of ``n`` boxes over ``classes``, as a detector returns it."""
+    import supervision as sv
+
+    xy = rng.uniform(0, 600, size=(n, 2))
+    ids = rng.integers(0, len(classes), size=n)
+    return sv.Detections(
+        xyxy=np.hstack([xy, xy + 20]).astype(np.float32),
+        confidence=rng.uniform(0.05, 1.0, size=n).astype(np.float32),
+        class_id=ids,
+        data={
+            "class_name": np.array(classes, dtype=object)[ids],
+            "inference_id": np.full(n, "inf-1", dtype=object),
+            "prediction_type": np.full(n, "object-detection", dtype=object),
+        },
+    )
+
+
+def own_threads() -> list[threading.Thread]:
+    """Live threads, minus the loopback servers' own request handlers."""
+    return [
+        t
+        for t in threading.enumerate()
+        if "process_request_thread" not in t.name
+        and not t.name.startswith("capture-server")
+        and not t.name.startswith("uvicorn")
+    ]
+
+
+def wait_until(predicate: Any, timeout: float, interval: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())

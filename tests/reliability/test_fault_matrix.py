@@ -1,0 +1,318 @@
+"""Fault matrix: every way a backend can misbehave, under a fire-and-forget 30 fps stream.
+
+For each fault the video loop must not notice (per-call latency), nothing may pile up
+(threads, memory), the counters must say exactly what happened (checked against what the
+client saw on the wire), and once the backend recovers every collected prediction is either
+delivered or counted as dropped, by reason.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import gc
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+from reliability_support import (
+    SECRET_KEY,
+    Exchange,
+    PortCaptureServer,
+    RecordingTransport,
+    Reply,
+    detections_frame,
+    own_threads,
+    wait_until,
+)
+
+import mmagg
+from mmagg import MemoryCache, MemoryStore, RetryPolicy
+
+FPS = 30
+FAULT_SECONDS = 2.1
+RECOVERY_SECONDS = 1.3
+DETECTIONS_PER_FRAME = 8
+CLASSES = [f"class-{i}" for i in range(24)]
+REQUEST_TIMEOUT = 0.5
+RETRY = RetryPolicy(deadline=2.5, base_delay=0.05, max_delay=0.2, max_attempts=5)
+WARMUP_FRAMES = 10
+#: Per-call budget of ``collect``: p99.9 over the whole matrix, and a hard ceiling per call.
+#: The ceiling is CPython's GIL switch interval (5 ms): a sender thread doing Python work
+#: (payload, JSON, httpx) can keep the video loop waiting that long, whatever mmagg does.
+#:
+#: This 2-core machine is shared: a process of another suite can take the CPU away from
+#: the loop for tens of milliseconds. So by default the work done on the caller's thread
+#: (thread CPU time) carries the 1 ms / 5 ms budget, the wall time its pooled p99, and any
+#: single wall time a ceiling far below the request timeout (a call that waited on the
+#: network or on the sender's lock would take >= 500 ms). MMAGG_STRICT_LATENCY=1 (a quiet
+#: machine) holds the wall time itself to p99.9 <= 1 ms and max <= 5 ms.
+P999_CALL_MS = 1.0
+MAX_CALL_MS = 5.0
+WALL_CEILING_MS = 100.0
+STRICT = os.environ.get("MMAGG_STRICT_LATENCY") == "1"
+LATENCIES_MS: list[tuple[float, float]] = []
+
+
+def _http_date(seconds_ahead: float) -> str:
+    return email.utils.formatdate(time.time() + seconds_ahead, usegmt=True)
+
+
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    #: POST reply during the fault (None: the default 200).
+    post: Callable[[], Reply] | None = None
+    #: lookup reply during the fault (None: the default workspace).
+    lookup: Callable[[], Reply] | None = None
+    #: nothing listens during the fault.
+    refused: bool = False
+    #: the HTTP status whose refusals drop data (None: every failed window is carried over).
+    drops: int | None = None
+    #: each report's attempts must be spaced by at least this (Retry-After honoured).
+    min_retry_gap: float = 0.0
+    #: retries expected within a report (False: refused at the first answer).
+    retries: bool = True
+
+
+FAULTS = [
+    Fault("connection_refused", refused=True),
+    Fault("reset_mid_response", post=lambda: Reply(action="reset")),
+    Fault("http_500", post=lambda: Reply(500, {"detail": "boom"}), retries=False),
+    Fault("http_502", post=lambda: Reply(502)),
+    Fault("http_503", post=lambda: Reply(503)),
+    Fault("http_504", post=lambda: Reply(504)),
+    Fault("http_429", post=lambda: Reply(429)),
+    Fault(
+        "http_429_retry_after_seconds",
+        post=lambda: Reply(429, headers={"Retry-After": "1"}),
+        min_retry_gap=0.95,
+    ),
+    Fault(
+        "http_503_retry_after_seconds",
+        post=lambda: Reply(503, headers={"Retry-After": "1"}),
+        min_retry_gap=0.95,
+    ),
+    Fault(
+        "http_429_retry_after_date",
+        post=lambda: Reply(429, headers={"Retry-After": _http_date(1.6)}),
+        # The date has a resolution of one second: at least 0.6 s are left of 1.6 s.
+        min_retry_gap=0.55,
+    ),
+    Fault("http_413", post=lambda: Reply(413, {"detail": "too large"}), drops=413, retries=False),
+    Fault("http_401", post=lambda: Reply(401, {"detail": "bad key"}), drops=401, retries=False),
+    Fault("http_403", post=lambda: Reply(403, {"detail": "forbidden"}), drops=403, retries=False),
+    Fault("lookup_401", lookup=lambda: Reply(401, {"detail": "bad key"}), drops=401, retries=False),
+    Fault("lookup_invalid_json", lookup=lambda: Reply(raw=b"<html>oops"), retries=False),
+    Fault("lookup_missing_workspace", lookup=lambda: Reply(body={"ws": "x"}), retries=False),
+    Fault("answers_after_30s", post=lambda: Reply(body={"status": "ok"}, delay=30.0)),
+    Fault("never_answers", post=lambda: Reply(action="hang")),
+]
+
+
+def _predictions_in(exchange: Exchange) -> int:
+    """Predictions a report carried (its ``stats`` counts; extensions are on)."""
+    import json
+
+    body = json.loads(exchange.body)
+    return sum(item["stats"]["count"] for item in body["inference_results"])
+
+
+def stream(
+    agg: mmagg.Aggregator,
+    frames: list[Any],
+    seconds: float,
+    on_frame: Callable[[int], None] | None = None,
+) -> list[tuple[int, int]]:
+    """Push frames at ``FPS`` for ``seconds`` like a camera loop; per ``collect`` the wall
+    and the thread-CPU durations (ns)."""
+    durations = []
+    start = time.perf_counter()
+    for i in range(int(seconds * FPS)):
+        frame = frames[i % len(frames)]
+        c0, t0 = time.thread_time_ns(), time.perf_counter_ns()
+        result = agg.collect(frame)
+        durations.append((time.perf_counter_ns() - t0, time.thread_time_ns() - c0))
+        assert result["error_status"] is False, result
+        if on_frame is not None:
+            on_frame(i)
+        # The next frame is due at start + (i + 1) / FPS.
+        pause = start + (i + 1) / FPS - time.perf_counter()
+        if pause > 0:
+            time.sleep(pause)
+    return durations
+
+
+def pairs(items: list[Exchange]) -> list[tuple[Exchange, Exchange]]:
+    return list(zip(items, items[1:], strict=False))
+
+
+def _install(server: PortCaptureServer, fault: Fault | None) -> None:
+    healthy_lookup = Reply(body={"workspace": server.workspace})
+    if fault is None:
+        server.on_lookup = lambda req: healthy_lookup
+        server.on_post = lambda req: Reply(body={"status": "ok"})
+        return
+    lookup, post = fault.lookup, fault.post
+    server.on_lookup = (lambda req: lookup()) if lookup else (lambda req: healthy_lookup)
+    server.on_post = (lambda req: post()) if post else (lambda req: Reply(body={"status": "ok"}))
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=[f.name for f in FAULTS])
+def test_fault_is_invisible_to_the_video_loop_and_nothing_is_lost(
+    fault: Fault,
+    restartable_server: PortCaptureServer,
+    recording_transport: RecordingTransport,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="mmagg")
+    server = restartable_server
+    _install(server, fault)
+    if not fault.refused:
+        server.start()
+    rng = np.random.default_rng(7)
+    frames = [detections_frame(rng, DETECTIONS_PER_FRAME, CLASSES) for _ in range(64)]
+    agg = mmagg.Aggregator(
+        "yard/3",
+        frequency=1,
+        api_key=SECRET_KEY,
+        api_base_url=server.url,
+        store=MemoryStore(),
+        cache=MemoryCache(),
+        extensions=True,
+        request_timeout=REQUEST_TIMEOUT,
+        flush_timeout=3.0,
+        retry=RETRY,
+        transport=recording_transport,
+    )
+    gc.collect()
+    threads_before = len(own_threads())
+    durations: list[tuple[int, int]] = []
+    thread_peak = 0
+
+    def on_frame(i: int) -> None:
+        nonlocal thread_peak
+        if i % 15 == 0:
+            thread_peak = max(thread_peak, len(own_threads()))
+
+    durations += stream(agg, frames, FAULT_SECONDS, on_frame)
+    fault_counters = agg.counters
+    _install(server, None)
+    if fault.refused:
+        server.start()
+    durations += stream(agg, frames, RECOVERY_SECONDS, on_frame)
+    assert agg.close(timeout=5.0) is True
+    counters = agg.counters
+
+    # -- the video loop did not notice (pooled percentiles are checked below) ----------------
+    timed = np.array(durations[WARMUP_FRAMES:]) / 1e6
+    LATENCIES_MS.extend(map(tuple, timed.tolist()))
+    wall, cpu = timed[:, 0], timed[:, 1]
+    assert wall.max() <= WALL_CEILING_MS, f"collect() waited {wall.max():.1f} ms: it blocked"
+    assert cpu.max() <= MAX_CALL_MS, f"collect() worked {cpu.max():.3f} ms on the caller"
+    if STRICT:
+        assert wall.max() <= MAX_CALL_MS, f"worst collect() = {wall.max():.3f} ms"
+
+    # -- nothing piles up: one sender thread at most ------------------------------------------
+    assert thread_peak <= threads_before + 1, [t.name for t in own_threads()]
+
+    # -- the counters say exactly what happened on the wire ----------------------------------
+    # In-flight requests to a hung or slow server end at the request timeout.
+    wait_until(lambda: all(e.status or e.error for e in recording_transport.snapshot()), 2.0)
+    exchanges = recording_transport.snapshot()
+    posts_ok = [e for e in exchanges if e.method == "POST" and e.ok]
+    lookups_ok = [e for e in exchanges if e.method == "GET" and e.ok]
+    failures = [e for e in exchanges if not e.ok]
+    collected = len(durations) * DETECTIONS_PER_FRAME
+    assert counters.collected == collected
+    assert counters.rejected == 0
+    assert counters.sent == len(posts_ok)
+    assert counters.retried + counters.failed == len(failures), (counters, len(failures))
+    assert any(not e.ok for e in exchanges) or fault.refused, "the fault was never met"
+    assert fault.refused is False or fault_counters.failed >= 1
+    delivered = sum(_predictions_in(e) for e in posts_ok)
+    assert delivered + counters.dropped_total == collected, (delivered, counters)
+    if fault.drops is None:
+        assert dict(counters.dropped) == {}
+        assert counters.failed == counters.merged_back
+    else:
+        refused = [e for e in failures if e.status == fault.drops]
+        assert counters.failed == len(refused)
+        assert counters.merged_back == 0
+        assert set(counters.dropped) == {f"http_{fault.drops}"}
+        if fault.post is not None:  # the refused reports' own counts
+            assert counters.dropped[f"http_{fault.drops}"] == sum(map(_predictions_in, refused))
+        refusals = [
+            r for r in caplog.records if r.levelno >= logging.WARNING and "refused" in r.message
+        ]
+        assert len(refusals) == len(refused), [r.message for r in refusals]
+        assert all(f"HTTP {fault.drops}" in r.message for r in refusals)
+    if not fault.retries:
+        assert counters.retried == 0
+    else:
+        assert counters.retried >= 1
+    if fault.min_retry_gap:
+        by_report: dict[str | None, list[Exchange]] = {}
+        for e in exchanges:
+            if e.method == "POST":
+                by_report.setdefault(e.idempotency_key, []).append(e)
+        gaps = [
+            b.started - a.started
+            for attempts in by_report.values()
+            for a, b in pairs(attempts)
+            if a.status in (429, 503)
+        ]
+        assert gaps, "no retry happened"
+        assert min(gaps) >= fault.min_retry_gap, gaps
+    # Lookups: at most one success (then the cache answers).
+    assert len(lookups_ok) == 1
+    # After recovery the last window arrived.
+    assert posts_ok, "nothing arrived after the backend recovered"
+    assert all(SECRET_KEY not in r.getMessage() for r in caplog.records)
+
+
+def test_retries_without_retry_after_are_fast(
+    capture_server: object, recording_transport: RecordingTransport
+) -> None:
+    """Backoff without Retry-After stays within the policy (the contrast to the cases above)."""
+    server = capture_server
+    server.replies.extend([Reply(503), Reply(503)])  # type: ignore[attr-defined]
+    client = mmagg.ModelMonitoringClient(
+        SECRET_KEY,
+        api_base_url=server.url,  # type: ignore[attr-defined]
+        retry=RETRY,
+        request_timeout=REQUEST_TIMEOUT,
+        transport=recording_transport,
+    )
+    try:
+        client.send({"inference_results": []})
+    finally:
+        client.close()
+    posts = [e for e in recording_transport.snapshot() if e.method == "POST"]
+    assert [e.status for e in posts] == [503, 503, 200]
+    gaps = [b.started - a.started for a, b in zip(posts, posts[1:], strict=False)]
+    assert max(gaps) < 0.5, gaps
+    assert len({e.idempotency_key for e in posts}) == 1, "retries must reuse the report's key"
+
+
+def test_pooled_collect_latency_over_the_matrix() -> None:
+    """p99.9 of every timed ``collect`` of the matrix above stays within 1 ms."""
+    if len(LATENCIES_MS) < 1000:
+        pytest.skip("needs the whole fault matrix to have run first in this session")
+    timed = np.array(LATENCIES_MS)
+    quantiles = {}
+    for column, name in enumerate(("wall", "cpu")):
+        p50, p99, p999 = np.quantile(timed[:, column], [0.5, 0.99, 0.999])
+        quantiles[name] = (p99, p999)
+        print(
+            f"collect() {name}: n={len(timed)} p50={p50:.3f} p99={p99:.3f} "
+            f"p99.9={p999:.3f} max={timed[:, column].max():.3f} ms"
+        )
+    assert quantiles["cpu"][1] <= P999_CALL_MS, f"cpu p99.9 = {quantiles['cpu'][1]:.3f} ms"
+    assert quantiles["wall"][0] <= P999_CALL_MS, f"wall p99 = {quantiles['wall'][0]:.3f} ms"
+    if STRICT:
+        assert quantiles["wall"][1] <= P999_CALL_MS, f"wall p99.9 = {quantiles['wall'][1]:.3f}"
