@@ -186,17 +186,28 @@ def test_custom_range_and_source_filter(dashboard: DashboardPage) -> None:
     dashboard.screenshot("filter-source")
 
 
-def test_pausing_auto_refresh(dashboard: DashboardPage) -> None:
+def test_auto_refresh_runs_and_pauses(dashboard: DashboardPage) -> None:
     dashboard.login()
     page = dashboard.page
+    page.goto(dashboard.backend.url + "/dashboard?refresh=2")  # the session cookie stays
+    page.wait_for_selector("#app-view:not([hidden])")
+    dashboard.wait_render(0)
+    assert "every 2 s" in page.text_content("#refresh-status")
+    dashboard.wait_render(dashboard.renders())  # a refresh nobody asked for
+
     page.click("#refresh-toggle")
     assert page.get_attribute("#refresh-toggle", "aria-pressed") == "true"
     assert "paused" in page.text_content("#refresh-status")
-    before = dashboard.renders()
+    # A refresh already under way may still land; none may start after it.
+    page.wait_for_function("() => document.body.dataset.busy === 'false'")
+    paused_at = dashboard.renders()
+    page.wait_for_timeout(3_000)
+    assert dashboard.renders() == paused_at
+    dashboard.screenshot("refresh-paused")
+
     page.click("#refresh-toggle")
     assert page.get_attribute("#refresh-toggle", "aria-pressed") == "false"
-    dashboard.wait_render(before)
-    dashboard.screenshot("refresh-resumed")
+    dashboard.wait_render(paused_at)
 
 
 def test_other_workspace_is_absent_from_page_and_api(dashboard: DashboardPage) -> None:

@@ -15,7 +15,11 @@
   var PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442"];
   var DASHES = [[], [8, 4], [2, 3], [12, 3, 2, 3], [4, 4], [16, 4], [1, 3], [8, 2, 2, 2, 2, 2]];
   var AXIS_FONT = "12px system-ui, sans-serif";
-  var REFRESH_MS = 10000;
+  // Auto-refresh period: 10 s, or /dashboard?refresh=SECONDS (2 to 3600).
+  var REFRESH_MS = (function () {
+    var asked = Number(new URLSearchParams(location.search).get("refresh"));
+    return asked >= 2 && asked <= 3600 ? Math.round(asked * 1000) : 10000;
+  })();
   var SAMPLE_ROWS = 20;
   var STALE_INTERVALS = 3;
   var NICE_BUCKETS = [5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400];
@@ -860,6 +864,10 @@
     $("refresh-now").addEventListener("click", function () { refresh(); });
     $("back-button").addEventListener("click", function () { location.hash = ""; });
     window.addEventListener("hashchange", onHashChange);
+    // Hidden tabs skip their refreshes; catch up as soon as the tab is looked at again.
+    document.addEventListener("visibilitychange", function () {
+      if (document.visibilityState === "visible" && state.workspace && !state.paused) refresh();
+    });
     var resizeTimer = null;
     window.addEventListener("resize", function () {
       clearTimeout(resizeTimer);
