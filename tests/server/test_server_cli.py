@@ -176,3 +176,25 @@ def test_demo_reports_every_simulated_source(tmp_path: Path) -> None:
         assert db.count_reports("demo") >= 3
     finally:
         db.close()
+
+
+def test_access_log_lines_never_carry_the_key() -> None:
+    import logging
+
+    from mmagg.server.app import RedactApiKeys, install_log_redaction
+
+    install_log_redaction()
+    assert any(isinstance(f, RedactApiKeys) for f in logging.getLogger("uvicorn.access").filters)
+    record = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5", "GET", "/?api_key=mmk_secret123&nocache=true", "1.1", 200),
+        None,
+    )
+    RedactApiKeys().filter(record)
+    line = record.getMessage()
+    assert "mmk_secret123" not in line
+    assert "api_key=***&nocache=true" in line

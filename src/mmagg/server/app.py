@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -86,6 +87,35 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, counting_receive, send)
+
+
+_KEY_IN_QUERY = re.compile(r"(api_key=)[^&\s\"]+", re.IGNORECASE)
+
+
+class RedactApiKeys(logging.Filter):
+    """Log filter replacing `api_key=...` in messages and their arguments with `***`.
+
+    uvicorn's access log prints the full path, query string included, and the Roboflow
+    dialect carries the key there.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                _KEY_IN_QUERY.sub(r"\1***", arg) if isinstance(arg, str) else arg
+                for arg in record.args
+            )
+        if isinstance(record.msg, str):
+            record.msg = _KEY_IN_QUERY.sub(r"\1***", record.msg)
+        return True
+
+
+def install_log_redaction() -> None:
+    """Attach `RedactApiKeys` to uvicorn's loggers once."""
+    for name in ("uvicorn.access", "uvicorn.error"):
+        target = logging.getLogger(name)
+        if not any(isinstance(f, RedactApiKeys) for f in target.filters):
+            target.addFilter(RedactApiKeys())
 
 
 def request_api_key(request: Request) -> str | None:
@@ -317,6 +347,7 @@ def create_app(
         db = Database(url)
     metrics = Metrics()
     owned_db = db
+    install_log_redaction()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
