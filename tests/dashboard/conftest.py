@@ -29,9 +29,12 @@ from dashboard_support import (
 )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
-    """uvicorn serving `create_app` on a SQLite file, seeded through the ingest API."""
+    """uvicorn serving `create_app` on a SQLite file, seeded through the ingest API.
+
+    Module-scoped so that its thread is gone before the rest of the suite runs.
+    """
     uvicorn = pytest.importorskip("uvicorn")
     from mmagg.server import create_app
 
@@ -64,9 +67,10 @@ def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
         thread.join(timeout=10)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """One headless Chromium for the whole session (each test gets its own context)."""
+    """One headless Chromium per test module, stopped before other modules run (each test
+    gets its own context)."""
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no Chromium at {CHROMIUM}")
     sync_api = pytest.importorskip("playwright.sync_api")
