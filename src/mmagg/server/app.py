@@ -31,8 +31,6 @@ from mmagg.server.errors import ApiError, BodyTooLargeError
 from mmagg.server.metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
 from mmagg.server.schemas import REPORT_ADAPTER, LoginRequest, error_details
 
-logger = logging.getLogger("mmagg.server")
-
 DEFAULT_DATABASE_URL = "sqlite:///mmagg.db"
 DEFAULT_BODY_LIMIT = 1 << 20
 SESSION_COOKIE = "mmagg_session"
