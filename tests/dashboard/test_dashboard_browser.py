@@ -132,6 +132,27 @@ def test_legend_lists_exactly_the_ingested_classes_and_charts_are_drawn(
     dashboard.screenshot("model-view")
 
 
+def test_legend_entries_hide_and_show_their_class(dashboard: DashboardPage) -> None:
+    dashboard.login()
+    dashboard.open_model(MODEL)
+    page = dashboard.page
+    first = sorted(RECENT_CLASSES)[0]  # the first class gets the first colour
+    toggle = page.locator("#legend li").first.locator("button")
+    assert page.get_attribute("#legend li >> nth=0", "data-class") == first
+    assert canvas_pixels(page, "#confidence-chart")["series"] > 0
+
+    toggle.click()
+    assert toggle.get_attribute("aria-pressed") == "false"
+    assert canvas_pixels(page, "#confidence-chart")["series"] == 0
+    assert page.locator("#histograms figure").first.is_hidden()
+    dashboard.screenshot("class-hidden")
+
+    toggle.press("Enter")  # a real button: the keyboard works too
+    assert toggle.get_attribute("aria-pressed") == "true"
+    assert canvas_pixels(page, "#confidence-chart")["series"] > 0
+    assert page.locator("#histograms figure").first.is_visible()
+
+
 def test_switching_the_range_changes_what_is_plotted(dashboard: DashboardPage) -> None:
     dashboard.login()
     dashboard.open_model(MODEL)

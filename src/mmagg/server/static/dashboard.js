@@ -38,6 +38,7 @@
     charts: [],
     // Keyed by class name: null-prototype maps, so "__proto__" or "constructor" is just a name.
     classStyles: Object.create(null),
+    hidden: Object.create(null), // classes switched off in the legend
   };
 
   function $(id) { return document.getElementById(id); }
@@ -586,19 +587,48 @@
     series.classes.forEach(function (c) {
       var li = el("li");
       li.setAttribute("data-class", c.name);
-      li.appendChild(swatch(c.style));
-      li.appendChild(el("span", c.name === "" ? "(no class name)" : c.name, "class-name"));
+      // Each entry is a toggle: it shows or hides the class in every chart of the view.
+      var button = el("button", null, "legend-toggle");
+      button.type = "button";
+      button.setAttribute("aria-pressed", state.hidden[c.name] ? "false" : "true");
+      button.title = "Show or hide this class in the charts";
+      button.appendChild(swatch(c.style));
+      button.appendChild(el("span", c.name === "" ? "(no class name)" : c.name, "class-name"));
       var best = Math.max.apply(null, c.confidence.filter(function (v) { return v !== null; }).concat([-1]));
       var total = c.counts.reduce(function (a, v) { return a + (v || 0); }, 0);
       var detail = best >= 0 ? "best " + best.toFixed(2) : "";
       if (total) detail += (detail ? " · " : "") + total + " predictions";
-      if (detail) li.appendChild(el("span", "(" + detail + ")", "muted"));
+      if (detail) button.appendChild(el("span", "(" + detail + ")", "muted"));
+      button.addEventListener("click", function () {
+        var hide = !state.hidden[c.name];
+        if (hide) state.hidden[c.name] = true;
+        else delete state.hidden[c.name];
+        button.setAttribute("aria-pressed", hide ? "false" : "true");
+        applyVisibility();
+      });
+      li.appendChild(button);
       legend.appendChild(li);
     });
     show($("legend-empty"), series.classes.length === 0);
   }
 
   // ---------------------------------------------------------------- charts (uPlot)
+
+  function applyVisibility() {
+    state.charts.forEach(function (c) {
+      if (c.names) {
+        c.names.forEach(function (name, i) {
+          var want = !state.hidden[name];
+          if (c.plot.series[i + 1].show !== want) c.plot.setSeries(i + 1, { show: want });
+        });
+      }
+      if (c.figure) {
+        var visible = !state.hidden[c.className];
+        show(c.figure, visible);
+        if (visible) c.plot.setSize({ width: chartWidth(c.container), height: c.plot.height });
+      }
+    });
+  }
 
   function destroyCharts() {
     state.charts.forEach(function (c) { c.plot.destroy(); });
@@ -664,6 +694,7 @@
         width: 2,
         dash: c.style.dash,
         spanGaps: false,
+        show: !state.hidden[c.name],
         points: { show: true, size: 7, width: 2, stroke: c.style.color, fill: c.style.hollow ? "#ffffff" : c.style.color },
       });
     });
@@ -691,7 +722,11 @@
       hooks: { setCursor: [readoutFor(container, series, kind)] },
     };
     var plot = new uPlot(opts, data, container);
-    state.charts.push({ plot: plot, container: container });
+    state.charts.push({
+      plot: plot,
+      container: container,
+      names: series.classes.map(function (c) { return c.name; }),
+    });
   }
 
   function readHistograms(data, series) {
@@ -729,6 +764,7 @@
       var style = styleFor(h.name);
       var fig = el("figure", null, "histogram");
       fig.setAttribute("data-class", h.name);
+      show(fig, !state.hidden[h.name]);
       var cap = el("figcaption");
       cap.appendChild(swatch(style));
       cap.appendChild(el("span", h.name === "" ? "(no class name)" : h.name, "class-name"));
@@ -759,7 +795,7 @@
           { label: h.name, stroke: style.color, fill: style.color + "B3", width: 1, paths: bars, points: { show: false } },
         ],
       }, [xs, h.counts], body);
-      state.charts.push({ plot: plot, container: body });
+      state.charts.push({ plot: plot, container: body, figure: fig, className: h.name });
     });
     show($("histograms-empty"), hists.length === 0);
   }
