@@ -460,8 +460,8 @@ def replay_command(
 ) -> None:
     """Replay recorded predictions through the aggregator to a backend.
 
-    Exit status: 0 when every prediction reached the backend, 1 when a report failed for
-    good, 2 on a usage error. Bad lines are reported with their line number and skipped.
+    Bad lines are reported with their line number and skipped.
+    Exit status: 0 all predictions reached the backend, 1 a report failed for good, 2 usage.
     """
     from rich.console import Console
     from rich.markup import escape

@@ -196,6 +196,8 @@ class MonitoringSink:
     def _extract(self, prediction: Any) -> Any:
         if _is_detections(prediction):
             return prediction
+        if not isinstance(prediction, Mapping) and hasattr(prediction, "model_dump"):
+            return prediction  # an inference response object: to_batch reads its model_dump()
         if isinstance(prediction, Mapping):
             value = prediction.get(self.output_name, _MISSING)
             if _is_detections(value) or (isinstance(value, Mapping) and "predictions" in value):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import supervision as sv
 from integrations_support import QUICK_RETRY, VideoFrame
+from pydantic import BaseModel
 
 from mmagg.sinks import MonitoringSink
 
@@ -104,12 +105,21 @@ def test_single_mode_workflow_outputs(capture_server: Any, output_name: str) -> 
     assert sink.errors == {}
 
 
+class _Response(BaseModel):
+    """Shaped like inference's pydantic responses (the sink reads ``model_dump()``)."""
+
+    predictions: list[dict[str, Any]]
+    inference_id: str = "resp"
+
+
 def test_plain_loop_without_video_frames(capture_server: Any) -> None:
     sink = _sink(capture_server)
     sink(_detections(("car", 0.5)))
     sink(_roboflow_json(("car", 0.7)))
+    sink(_Response(predictions=[{"class": "bus", "confidence": 0.3}]))
     assert sink.close(timeout=5)
-    assert _reported(capture_server) == {("yard/3", "car"): 0.7}
+    assert _reported(capture_server) == {("yard/3", "car"): 0.7, ("yard/3", "bus"): 0.3}
+    assert sink.errors == {}
     assert sink.sources() == {}
 
 
