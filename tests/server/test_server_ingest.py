@@ -250,6 +250,10 @@ def test_query_validation_422_does_not_echo_the_key(
     assert response.status_code == 422
     assert response.json()["detail"][0]["field"] == "query.limit"
     assert key not in response.text
+    for params in ({"startTime": key}, {"endTime": key}):
+        echoed = client.get(f"/{workspace}/inference-stats", params={"api_key": key, **params})
+        assert echoed.status_code == 422
+        assert key not in echoed.text
 
 
 def test_bad_idempotency_key_is_422(backend: RunningBackend, client: httpx.Client) -> None:

@@ -32,18 +32,17 @@ def parse_time(name: str, value: str | None) -> datetime | None:
         return None
     text = value.strip()
     try:
-        parsed = datetime.fromtimestamp(float(text), timezone.utc)
-    except ValueError:
         try:
-            parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            parsed = datetime.fromtimestamp(float(text), timezone.utc)
         except ValueError:
-            raise ApiError(
-                422,
-                f"{name}: expected 'YYYY-MM-DD HH:mm:ss', ISO-8601 or epoch seconds, "
-                f"got {text[:64]!r}",
-                reason="invalid",
-                field=f"query.{name}",
-            ) from None
+            parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except (ValueError, OverflowError, OSError):
+        raise ApiError(
+            422,
+            f"{name}: expected 'YYYY-MM-DD HH:mm:ss', ISO-8601 or epoch seconds, got {text[:64]!r}",
+            reason="invalid",
+            field=f"query.{name}",
+        ) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=timezone.utc)
     return parsed

@@ -298,6 +298,9 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         assert isinstance(error, ApiError)
         metrics.reject(error.reason)
         headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+        secret = request_api_key(request)
+        if secret and secret in error.detail:
+            error.detail = error.detail.replace(secret, "***")
         return error.response(headers)
 
     async def too_large(request: Request, error: Exception) -> JSONResponse:
