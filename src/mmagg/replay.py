@@ -54,6 +54,7 @@ __all__ = [
     "ReplayResult",
     "SimulatedClock",
     "parse_line",
+    "read_frames",
     "replay",
     "replay_command",
 ]
@@ -74,7 +75,12 @@ class Frame:
 
 @dataclass(frozen=True, slots=True)
 class BadLine:
-    """A line that was skipped, and why."""
+    """A line that was skipped, and why.
+
+    Example:
+        >>> str(BadLine(7, "not JSON: Expecting value at column 1"))
+        'line 7: not JSON: Expecting value at column 1'
+    """
 
     lineno: int
     reason: str
@@ -95,6 +101,11 @@ class ReplayResult:
         counters: the aggregator's counters at the end.
         flushed: the last partial window went out within the flush timeout.
         recorded_seconds: recorded time between the first and the last frame.
+
+    Example:
+        >>> result = ReplayResult(frames=3, bad_lines=[BadLine(2, "not JSON")])
+        >>> result.ok, result.exit_code  # bad lines alone do not fail a replay
+        (True, 0)
     """
 
     frames: int = 0
@@ -271,7 +282,12 @@ def _optional_name(line: dict[str, Any], key: str, allow_int: bool = True) -> st
 
 
 def read_frames(lines: Iterable[str]) -> Iterator[Frame | BadLine]:
-    """Good frames and bad lines of a recording, in order (blank lines are skipped)."""
+    """Good frames and bad lines of a recording, in order (blank lines are skipped).
+
+    Example:
+        >>> [type(item).__name__ for item in read_frames(['{"predictions": null}', "", "{"])]
+        ['Frame', 'BadLine']
+    """
     for lineno, text in enumerate(lines, start=1):
         try:
             frame = parse_line(text, lineno)
