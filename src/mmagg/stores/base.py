@@ -32,6 +32,16 @@ class Store(Protocol):
         """
         ...
 
+    def due(self, key: str, frequency: float) -> bool:
+        """Without I/O (safe on the caller thread): may a :meth:`claim` now win?
+
+        ``False`` only when ``key``'s interval cannot be due yet; ``True`` when it is or
+        may be due (unknown included; the first claim starts the interval). With a shared
+        store use this, not a per-process clock, to decide when to claim: a process whose
+        own clock says "due" a little before the shared interval ends would miss it.
+        """
+        ...
+
     def claim(self, key: str, frequency: float) -> Window | None:
         """Atomically decide whether ``key``'s interval is due and, if so, take its window.
 

@@ -47,6 +47,10 @@ class MemoryStore:
                 window = self._windows.setdefault(key, Window(max_classes=self._max_classes))
         return window
 
+    def due(self, key: str, frequency: float) -> bool:
+        last = self._last_report.get(key)
+        return last is None or int(self._clock() - last) >= frequency
+
     def claim(self, key: str, frequency: float) -> Window | None:
         now = self._clock()
         with self._lock:

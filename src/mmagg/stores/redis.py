@@ -108,6 +108,8 @@ class RedisStore:
         max_classes: distinct keys a shared window accepts before refusing new ones.
         socket_timeout: seconds a Redis round trip may take before the store degrades.
         reconnect_interval: seconds between reconnection attempts while degraded.
+        claim_grace: a claim at most this many seconds early waits for the interval's end
+            (not with an injected ``clock``).
         clock: seconds; replaces Redis ``TIME`` and the local clock (tests). ``None``:
             Redis ``TIME`` decides, one clock for every host.
 
@@ -136,6 +138,7 @@ class RedisStore:
         max_classes: int = DEFAULT_MAX_CLASSES,
         socket_timeout: float = 1.0,
         reconnect_interval: float = 1.0,
+        claim_grace: float = 0.5,
         clock: Callable[[], float] | None = None,
     ) -> None:
         if push_interval <= 0:
@@ -150,6 +153,7 @@ class RedisStore:
         self.max_classes = max_classes
         self.socket_timeout = socket_timeout
         self.reconnect_interval = reconnect_interval
+        self.claim_grace = claim_grace
         self._clock = clock
         self._counters = dict.fromkeys(COUNTERS, 0)
         self._reset_process_state()
@@ -223,37 +227,59 @@ class RedisStore:
             self._start_pusher()
         return window
 
+    def due(self, key: str, frequency: float) -> bool:
+        """No I/O: ``False`` while ``key``'s interval cannot be due yet on any process.
+
+        Estimated from the last claim's answer (another process claiming only restarts
+        the interval later); ``True`` when unknown.
+        """
+        start = self._interval_start.get(key)
+        return start is None or _whole(self._local_now() - start) >= frequency
+
     def claim(self, key: str, frequency: float) -> Window | None:
         """Push, then claim ``key``'s interval on Redis's clock; the winner gets the window.
 
         Skips the round trip while the interval cannot be due yet (another process
-        claiming it only restarts it later), so polling costs nothing.
+        claiming it only restarts it later), so polling costs nothing. A claim that
+        arrives at most ``claim_grace`` seconds before the interval ends waits for it and
+        tries once more: a caller pacing itself on its own clock would otherwise miss
+        the shared interval by a few milliseconds, again and again.
         """
         self._frequency[key] = frequency
-        start = self._interval_start.get(key)
-        if start is not None and _whole(self._local_now() - start) < frequency:
+        if not self.due(key, frequency):
             return None
+        window, early_by = self._claim_once(key, frequency)
+        if window is None and self._clock is None and 0 < early_by <= self.claim_grace:
+            time.sleep(early_by + 0.002)
+            window, _ = self._claim_once(key, frequency)
+        return window
+
+    def _claim_once(self, key: str, frequency: float) -> tuple[Window | None, float]:
+        """The claimed window, or ``None`` and how many seconds early the claim was."""
+        start = self._interval_start.get(key)
         with self._io_lock:
             if self._ready():
                 reply = self._exchange("claim", key, frequency=frequency)
                 if reply is not None:
                     after = self._local_now()
                     if int(reply[0]) != 1:
-                        self._interval_start[key] = after - float(reply[1])
-                        return None
+                        elapsed = float(reply[1])
+                        self._interval_start[key] = after - elapsed
+                        early_by = math.ceil(frequency) - elapsed if elapsed > 0 else 0.0
+                        return None, early_by
                     self._interval_start[key] = after
                     self._counters["claims_won"] += 1
-                    return self._decode(reply)
+                    return self._decode(reply), 0.0
             # Degraded: report by ourselves on the local estimate of the interval.
             now = self._local_now()
             if start is None:
                 self._interval_start[key] = now
-                return None
+                return None, 0.0
             if _whole(now - start) < frequency:
-                return None
+                return None, 0.0
             self._interval_start[key] = now
             self._counters["local_claims"] += 1
-            return self._local(key).drain()
+            return self._local(key).drain(), 0.0
 
     def take(self, key: str) -> Window:
         """Push, then take the whole shared window of ``key`` (flush / close)."""
