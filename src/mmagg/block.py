@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from mmagg._secrets import get_logger
 from mmagg.aggregator import MISSING_API_KEY_MESSAGE, get_reporter, validate_frequency
 from mmagg.cache import Cache
-from mmagg.client import resolve_api_base_url
+from mmagg.client import RetryPolicy, resolve_api_base_url
 from mmagg.predictions import to_batch
 from mmagg.reporter import MESSAGE_NOT_IN_RANGE, BackgroundTasksLike, ExecutorLike, Reporter
 from mmagg.stores import Store, resolve_store
@@ -136,6 +136,7 @@ class ModelMonitoringInferenceAggregatorBlockV1:
         disable_sinks: send nothing.
         api_base_url: else ``API_BASE_URL``, else ``https://api.roboflow.com``.
         store: where windows live (default ``MMAGG_REDIS_URL``, else process memory).
+        retry: backoff and overall deadline of one report (default 30 s).
 
     Example:
         >>> from mmagg import MemoryCache
@@ -161,6 +162,7 @@ class ModelMonitoringInferenceAggregatorBlockV1:
         extensions: bool = False,
         request_timeout: float | None = None,
         flush_timeout: float | None = None,
+        retry: RetryPolicy | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if not disable_sinks and not api_key:
@@ -176,6 +178,7 @@ class ModelMonitoringInferenceAggregatorBlockV1:
         self._extensions = extensions
         self._request_timeout = request_timeout
         self._flush_timeout = flush_timeout
+        self._retry = retry
         self._clock = clock
         self._reporters: dict[str, Reporter] = {}
 
@@ -204,6 +207,7 @@ class ModelMonitoringInferenceAggregatorBlockV1:
                 extensions=self._extensions,
                 request_timeout=self._request_timeout,
                 flush_timeout=self._flush_timeout,
+                retry=self._retry,
             )
             self._reporters[unique_aggregator_key] = reporter
         return reporter

@@ -48,6 +48,8 @@ class PredictionBatch:
     confidences: FloatArray
     inference_ids: StrArray
     model_types: StrArray
+    #: The model's class ids when known: a faster grouping key, always checked against names.
+    class_ids: npt.NDArray[np.int64] | None = None
 
     def __len__(self) -> int:
         return int(self.confidences.shape[0])
@@ -110,7 +112,17 @@ def _from_detections(detections: Any) -> PredictionBatch | None:
         confidences=confidences,
         inference_ids=_str_column(data, INFERENCE_ID_DATA_FIELD, n),
         model_types=_str_column(data, PREDICTION_TYPE_DATA_FIELD, n),
+        class_ids=_class_id_column(getattr(detections, "class_id", None), n),
     )
+
+
+def _class_id_column(raw: object, n: int) -> npt.NDArray[np.int64] | None:
+    if raw is None:
+        return None
+    array = np.asarray(raw)
+    if array.shape != (n,) or array.dtype.kind not in "iu":
+        return None  # only a hint: without usable ids the window groups by name
+    return array.astype(np.int64, copy=True)
 
 
 def _confidence_column(raw: object, n: int) -> FloatArray:

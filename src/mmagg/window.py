@@ -235,7 +235,7 @@ class Window:
             )
 
     def samples(self) -> list[Sample]:
-        """The best sample per key, in order of first arrival of the key."""
+        """The best sample per key."""
         best, _, _, _ = self.snapshot()
         return list(best.values())
 
@@ -289,17 +289,20 @@ class Window:
         conf = _concat([c.batch.confidences for c in group]).astype(np.float64, copy=False)
         lengths = np.fromiter((len(c.batch) for c in group), dtype=np.int64, count=len(group))
         chunk_of = np.repeat(np.arange(len(group)), lengths)
+        ids = None
+        if all(c.batch.class_ids is not None for c in group):
+            ids = _concat([c.batch.class_ids for c in group])  # type: ignore[misc]
         finite = np.isfinite(conf)
         if not finite.all():
             self.rejected_nonfinite += int((~finite).sum())
             names, conf, chunk_of = names[finite], conf[finite], chunk_of[finite]
+            ids = ids[finite] if ids is not None else None
             keep_rows = np.flatnonzero(finite)
         else:
             keep_rows = None
         if conf.size == 0:
             return
-        unique, inverse = np.unique(names, return_inverse=True)
-        inverse = inverse.reshape(-1)
+        unique, inverse = _group_names(names, ids)
         k = unique.size
         maxs = np.full(k, -np.inf)
         np.maximum.at(maxs, inverse, conf)
@@ -360,6 +363,21 @@ class Window:
             stats.histogram = [
                 a + b for a, b in zip(stats.histogram, hist[i].tolist(), strict=True)
             ]
+
+
+def _group_names(
+    names: npt.NDArray[np.str_], ids: npt.NDArray[np.int64] | None
+) -> tuple[npt.NDArray[np.str_], npt.NDArray[np.intp]]:
+    """Distinct names and each row's group. Grouping by integer class id is much cheaper
+    than sorting strings; it is used only when ids and names agree one to one."""
+    if ids is not None:
+        _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        unique = names[first]
+        if bool((names == unique[inverse]).all()) and len(set(unique.tolist())) == unique.size:
+            return unique, inverse
+    unique, inverse = np.unique(names, return_inverse=True)
+    return unique, inverse.reshape(-1)
 
 
 def _concat(arrays: list[npt.NDArray[Any]]) -> npt.NDArray[Any]:

@@ -17,7 +17,7 @@ import supervision as sv
 from fastapi import BackgroundTasks
 from pydantic import ValidationError
 
-from mmagg import MemoryCache
+from mmagg import MemoryCache, RetryPolicy
 from mmagg.block import (
     BlockManifest,
     ModelMonitoringInferenceAggregatorBlockV1,
@@ -245,10 +245,13 @@ def test_connection_refused_in_sync_mode_is_reported_not_raised(clock: FakeClock
         api_base_url="http://127.0.0.1:9",
         clock=clock,
         request_timeout=0.5,
+        retry=RetryPolicy(deadline=1.0, base_delay=0.05),
     )
+    started = time.monotonic()
     block.run(False, None, 1, "refused", "m/1")
     clock.advance(1)
     result = block.run(False, frames("classification")[0], 1, "refused", "m/1")
+    assert time.monotonic() - started < 3.0  # retried within the report's deadline only
     assert result["error_status"] is True and KEY not in result["message"]
     assert "connection" in result["message"]
 

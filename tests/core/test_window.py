@@ -37,20 +37,30 @@ frame_strategy = st.tuples(
 )
 
 
-def batch_of(preds: list[Prediction]) -> PredictionBatch:
+def batch_of(preds: list[Prediction], ids: str = "none") -> PredictionBatch:
+    """``ids``: "none" (group by name), "consistent" (one id per name, as models give),
+    or "scrambled" (ids that disagree with names: the window must not trust them)."""
+    class_ids = None
+    if ids == "consistent":
+        class_ids = np.array([CLASSES.index(p[0]) for p in preds], dtype=np.int64)
+    elif ids == "scrambled":
+        class_ids = np.array([len(p[2]) % 2 for p in preds], dtype=np.int64)
     return PredictionBatch(
         class_names=np.array([p[0] for p in preds], dtype=np.str_),
         confidences=np.array([p[1] for p in preds], dtype=np.float64),
         inference_ids=np.array([p[2] for p in preds], dtype=np.str_),
         model_types=np.array([p[3] for p in preds], dtype=np.str_),
+        class_ids=class_ids,
     )
 
 
-def fill(frames: list[tuple[str, list[Prediction]]], start: float = 0.0) -> Window:
+def fill(
+    frames: list[tuple[str, list[Prediction]]], start: float = 0.0, ids: str = "none"
+) -> Window:
     window = Window()
     for i, (model, preds) in enumerate(frames):
         if preds:
-            window.add(batch_of(preds), model_id=model, seen_at=start + i)
+            window.add(batch_of(preds, ids), model_id=model, seen_at=start + i)
     return window
 
 
@@ -70,9 +80,11 @@ def naive_stats(frames: list[tuple[str, list[Prediction]]]) -> dict[tuple[str, s
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(frame_strategy, max_size=40))
-def test_window_equals_store_all_then_sort(frames: list[tuple[str, list[Prediction]]]) -> None:
-    window = fill(frames)
+@given(st.lists(frame_strategy, max_size=40), st.sampled_from(["none", "consistent", "scrambled"]))
+def test_window_equals_store_all_then_sort(
+    frames: list[tuple[str, list[Prediction]]], ids: str
+) -> None:
+    window = fill(frames, ids=ids)
     stream = ((m, n, c, i, t) for m, preds in frames for n, c, i, t in preds)
     assert results_of(window) == naive_best(stream)
     stats = {(k[0], k[1]): v for k, v in window.stats().items()}
@@ -111,6 +123,21 @@ def test_merge_is_associative_and_commutative(
     assert view(wa.merge(wb))[:2] == view(wb.merge(wa))[:2]
     # Merging windows of consecutive parts equals one window over the whole stream.
     assert results_of(left) == results_of(fill(a + b + c))
+
+
+def test_ids_shared_by_two_names_are_not_trusted() -> None:
+    window = Window()
+    preds = [("car", 0.9, "a", "od"), ("bus", 0.8, "b", "od"), ("car", 0.7, "c", "od")]
+    batch = batch_of(preds)
+    batch.class_ids = np.array([3, 3, 3], dtype=np.int64)
+    window.add(batch, model_id="m")
+    assert {s.class_name: s.confidence for s in window.samples()} == {"car": 0.9, "bus": 0.8}
+    # Two ids for one name (classes merged upstream): still one key per name.
+    other = batch_of([("car", 0.95, "d", "od"), ("car", 0.1, "e", "od")])
+    other.class_ids = np.array([1, 2], dtype=np.int64)
+    window.add(other, model_id="m")
+    assert {s.class_name: s.confidence for s in window.samples()} == {"car": 0.95, "bus": 0.8}
+    assert window.stats()[("m", "car", "")].count == 4
 
 
 def test_first_seen_wins_ties_across_folds() -> None:
