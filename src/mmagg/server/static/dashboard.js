@@ -146,32 +146,23 @@
   }
 
   // ---------------------------------------------------------------- reading the API's shapes
-  // The backend's JSON (docs/server.md) is read through these small readers, in one place.
+  // The JSON of /dashboard/api/... is documented in docs/server.md; these readers are the only
+  // places that know its field names.
 
   function listOf(data, key) {
-    if (Array.isArray(data)) return data;
-    if (data && Array.isArray(data[key])) return data[key];
-    if (data && Array.isArray(data.items)) return data.items;
-    return [];
+    return data && Array.isArray(data[key]) ? data[key] : [];
   }
 
-  function first(obj, keys) {
-    for (var i = 0; i < keys.length; i++) {
-      if (obj && obj[keys[i]] !== undefined && obj[keys[i]] !== null) return obj[keys[i]];
-    }
-    return null;
-  }
+  function orNull(value) { return value === undefined ? null : value; }
 
   function readModel(m) {
-    var devices = first(m, ["devices", "device_ids"]) || [];
-    var sources = first(m, ["sources", "source_ids"]) || [];
     return {
-      id: String(first(m, ["model_id", "id", "name"])),
-      lastReport: toDate(first(m, ["last_report_at", "last_report_time", "last_report", "last_seen"])),
-      reports: first(m, ["report_count", "reports", "num_reports"]),
-      devices: devices.map(function (d) { return typeof d === "string" ? d : String(first(d, ["device_id", "id", "name"])); }),
-      sources: sources.map(function (d) { return typeof d === "string" ? d : String(first(d, ["source_id", "id", "name"])); }),
-      interval: first(m, ["interval_seconds", "estimated_interval_seconds", "estimated_interval", "interval"]),
+      id: String(m.model_id),
+      lastReport: toDate(m.last_report_at),
+      reports: orNull(m.report_count),
+      devices: (m.devices || []).map(String),
+      sources: (m.sources || []).map(String),
+      interval: orNull(m.estimated_interval_seconds),
     };
   }
 
@@ -237,7 +228,7 @@
       .then(function (data) {
         $("api-key").value = "";
         return request("GET", "me").then(function (me) {
-          showApp(first(me, ["workspace"]) || first(data, ["workspace"]));
+          showApp(me.workspace || data.workspace);
         });
       })
       .catch(function (err) {
@@ -321,10 +312,10 @@
         var devices = [];
         var sources = [];
         listOf(data, "devices").forEach(function (d) {
-          var id = typeof d === "string" ? d : first(d, ["device_id", "id", "name"]);
+          var id = orNull(d.device_id);
           if (id !== null && devices.indexOf(String(id)) < 0) devices.push(String(id));
           (d.sources || []).forEach(function (s) {
-            var sid = typeof s === "string" ? s : first(s, ["source_id", "id", "name"]);
+            var sid = orNull(s.source_id);
             if (sid !== null && sources.indexOf(String(sid)) < 0) sources.push(String(sid));
           });
         });
@@ -498,7 +489,7 @@
     ]).then(function (results) {
       if (gen !== state.generation || modelId !== state.model) return;
       var series = readSeries(results[0], range, bucket);
-      var hists = readHistograms(results[1], series);
+      var hists = readHistograms(results[1]);
       // Counts only mean something for classes whose reports carried stats; a result
       // without stats would otherwise show as "1 prediction".
       var withStats = Object.create(null);
@@ -521,24 +512,23 @@
   }
 
   function readSeries(data, range, bucket) {
-    // Accepts {"series": [{"class_name", "points": [{"t"|"bucket_start", "best_confidence"|"confidence", "count"}]}]}
-    // or {"classes": [...same...]}; aligns all classes on one x axis for uPlot.
+    // {"series": [{"class_name", "points": [{"t", "max_confidence", "prediction_count",
+    // "results_with_stats"}]}]}, aligned on one x axis for uPlot (null where a class has no
+    // point in a bucket).
     var raw = listOf(data, "series");
-    if (!raw.length && data && Array.isArray(data.classes)) raw = data.classes;
     var xsSet = Object.create(null);
     var perClass = raw.map(function (s) {
-      var name = String(first(s, ["class_name", "class", "name"]) || "");
+      var name = String(orNull(s.class_name) === null ? "" : s.class_name);
       var points = Object.create(null);
-      listOf(first(s, ["points", "buckets", "data"]) || [], "points").forEach(function (p) {
-        var t = toDate(first(p, ["t", "bucket_start", "time", "timestamp", "start"]));
+      listOf(s, "points").forEach(function (p) {
+        var t = toDate(p.t);
         if (!t) return;
         var x = Math.floor(t.getTime() / 1000);
         xsSet[x] = true;
         // A bucket whose results carried no stats has no real count (each sample counts 1).
-        var withStats = first(p, ["results_with_stats"]);
         points[x] = {
-          conf: first(p, ["max_confidence", "best_confidence", "confidence"]),
-          count: withStats === 0 ? null : first(p, ["prediction_count", "count"]),
+          conf: orNull(p.max_confidence),
+          count: p.results_with_stats === 0 ? null : orNull(p.prediction_count),
         };
       });
       return { name: name, points: points };
@@ -547,7 +537,7 @@
     perClass.sort(function (a, b) { return a.name < b.name ? -1 : a.name > b.name ? 1 : 0; });
     return {
       xs: xs,
-      bucket: first(data, ["bucket_seconds"]) || bucket,
+      bucket: (data && data.bucket_seconds) || bucket,
       classes: perClass.map(function (c) {
         return {
           name: c.name,
@@ -729,29 +719,18 @@
     });
   }
 
-  function readHistograms(data, series) {
-    // {"classes": [{"class_name", "histogram": [10 ints], "source": "stats"|"samples"}]}
+  function readHistograms(data) {
+    // {"classes": [{"class_name", "counts": [10 ints], "results_with_stats"}]}
     var out = [];
     listOf(data, "classes").forEach(function (h) {
-      var counts = first(h, ["histogram", "buckets", "counts"]);
+      var counts = h.counts;
       if (!Array.isArray(counts)) return;
       out.push({
-        name: String(first(h, ["class_name", "class", "name"]) || ""),
+        name: String(orNull(h.class_name) === null ? "" : h.class_name),
         counts: counts.map(Number),
-        fromSamples: !first(h, ["results_with_stats"]),
+        fromSamples: !h.results_with_stats,
       });
     });
-    // A class with samples but no histogram row: count its sampled confidences instead.
-    if (!out.length && series.classes.length) {
-      series.classes.forEach(function (c) {
-        var counts = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-        c.confidence.forEach(function (v) {
-          if (v === null) return;
-          counts[Math.min(9, Math.max(0, Math.floor(v * 10)))] += 1;
-        });
-        out.push({ name: c.name, counts: counts, fromSamples: true });
-      });
-    }
     out.sort(function (a, b) { return a.name < b.name ? -1 : a.name > b.name ? 1 : 0; });
     return out;
   }
@@ -759,7 +738,7 @@
   function renderHistograms(hists) {
     var box = $("histograms");
     clear(box);
-    var bars = uPlot.paths && uPlot.paths.bars ? uPlot.paths.bars({ size: [0.9, 60] }) : null;
+    var bars = uPlot.paths.bars({ size: [0.9, 60] });
     hists.forEach(function (h) {
       var style = styleFor(h.name);
       var fig = el("figure", null, "histogram");
@@ -817,15 +796,15 @@
     clear(body);
     samples.forEach(function (s) {
       var tr = el("tr");
-      tr.appendChild(el("td", formatTime(toDate(first(s, ["t", "time", "timestamp"]))), "nowrap"));
-      tr.appendChild(el("td", first(s, ["class_name", "class"]) || "", "class-name"));
-      tr.appendChild(el("td", formatConfidence(first(s, ["confidence"])), "num"));
+      tr.appendChild(el("td", formatTime(toDate(s.t)), "nowrap"));
+      tr.appendChild(el("td", orNull(s.class_name) === null ? "" : s.class_name, "class-name"));
+      tr.appendChild(el("td", formatConfidence(s.confidence), "num"));
       var id = el("td");
-      id.appendChild(el("code", first(s, ["inference_id"]) || "—"));
+      id.appendChild(el("code", s.inference_id || "—"));
       tr.appendChild(id);
-      tr.appendChild(el("td", first(s, ["model_type"]) || "—", "nowrap"));
-      var device = first(s, ["device_id", "device"]) || "—";
-      var source = first(s, ["source_id", "source"]);
+      tr.appendChild(el("td", s.model_type || "—", "nowrap"));
+      var device = s.device_id || "—";
+      var source = s.source_id;
       tr.appendChild(el("td", source ? device + " / " + source : device, "nowrap"));
       body.appendChild(tr);
     });
@@ -911,7 +890,7 @@
     });
     document.body.setAttribute("data-renders", "0");
     request("GET", "me")
-      .then(function (me) { showApp(first(me, ["workspace"])); })
+      .then(function (me) { showApp(me.workspace); })
       .catch(function (err) {
         showLogin(err.status === 401 || err.status === 403 ? "" : "Could not reach the server: " + err.message);
       });
