@@ -52,6 +52,8 @@ def validate_frequency(frequency: object) -> int:
         ...
         ValueError: frequency: expected a whole number of seconds >= 1, got 0
     """
+    if type(frequency) is int and frequency >= 1:  # the common case, first
+        return frequency
     value: Any = frequency
     if isinstance(value, str):
         text = value.strip()

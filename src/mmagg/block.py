@@ -181,6 +181,8 @@ class ModelMonitoringInferenceAggregatorBlockV1:
         self._retry = retry
         self._clock = clock
         self._reporters: dict[str, Reporter] = {}
+        self._last_raw: dict[str, object] = {}
+        self._last_epoch: dict[str, float] = {}
 
     def __repr__(self) -> str:  # never show the key
         return f"ModelMonitoringInferenceAggregatorBlockV1(api_base_url={self._api_base_url!r})"
@@ -269,13 +271,16 @@ class ModelMonitoringInferenceAggregatorBlockV1:
 
     def _is_in_reporting_range(self, key: str, frequency: int, now: float) -> bool:
         cache_key = last_report_time_cache_key(key)
-        current = datetime.fromtimestamp(now)
         raw = self._cache.get(cache_key)
-        last = _parse_time(raw)
-        if last is None:
-            self._cache.set(cache_key, current.isoformat())
-            return False
-        return int((current - last).total_seconds()) >= frequency
+        if raw is None or raw != self._last_raw.get(cache_key):
+            parsed = _parse_time(raw)
+            if parsed is None:
+                self._cache.set(cache_key, datetime.fromtimestamp(now).isoformat())
+                return False
+            # Parsed once per value written; elapsed time is then a float subtraction.
+            self._last_raw[cache_key] = raw
+            self._last_epoch[cache_key] = parsed.timestamp()
+        return int(now - self._last_epoch[cache_key]) >= frequency
 
 
 def _parse_time(raw: object) -> datetime | None:

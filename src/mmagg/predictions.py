@@ -110,8 +110,10 @@ def _from_detections(detections: Any) -> PredictionBatch | None:
     return PredictionBatch(
         class_names=_str_column(data, CLASS_NAME_DATA_FIELD, n),
         confidences=confidences,
-        inference_ids=_str_column(data, INFERENCE_ID_DATA_FIELD, n),
-        model_types=_str_column(data, PREDICTION_TYPE_DATA_FIELD, n),
+        # Read only for the winning rows at the next fold: no copy (a frame's columns are
+        # not rewritten by supervision once produced).
+        inference_ids=_str_column(data, INFERENCE_ID_DATA_FIELD, n, copy=False),
+        model_types=_str_column(data, PREDICTION_TYPE_DATA_FIELD, n, copy=False),
         class_ids=_class_id_column(getattr(detections, "class_id", None), n),
     )
 
@@ -122,7 +124,8 @@ def _class_id_column(raw: object, n: int) -> npt.NDArray[np.int64] | None:
     array = np.asarray(raw)
     if array.shape != (n,) or array.dtype.kind not in "iu":
         return None  # only a hint: without usable ids the window groups by name
-    return array.astype(np.int64, copy=True)
+    ids: npt.NDArray[np.int64] = array.astype(np.int64, copy=False)
+    return ids
 
 
 def _confidence_column(raw: object, n: int) -> FloatArray:
@@ -136,7 +139,7 @@ def _confidence_column(raw: object, n: int) -> FloatArray:
     return array.astype(np.float64, copy=True)
 
 
-def _str_column(data: Mapping[str, Any], field: str, n: int) -> StrArray:
+def _str_column(data: Mapping[str, Any], field: str, n: int, *, copy: bool = True) -> StrArray:
     raw = data.get(field)
     if raw is None:
         return _empty_strings(n)
@@ -148,8 +151,8 @@ def _str_column(data: Mapping[str, Any], field: str, n: int) -> StrArray:
             f"Detections.data[{field!r}]: expected shape ({n},), got {tuple(array.shape)}"
         )
     if array.dtype.kind == "U":
-        copied: StrArray = array.copy()
-        return copied
+        column: StrArray = array.copy() if copy else array
+        return column
     if array.dtype.kind == "O":
         # None in an object column means "missing", as in the original.
         array = np.where(np.equal(array, None), "", array)  # type: ignore[call-overload]
