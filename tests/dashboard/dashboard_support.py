@@ -33,6 +33,10 @@ WORKSPACE = "acme"
 OTHER_WORKSPACE = "globex"
 MODEL = "yard/3"
 QUIET_MODEL = "dock/1"
+# More classes than the page draws at first (TOP_CLASSES = 8 in dashboard.js).
+BUSY_MODEL = "coco/80"
+BUSY_CLASSES = [f"class-{k:02d}" for k in range(12)]
+OUR_MODELS = {MODEL, QUIET_MODEL, BUSY_MODEL}
 OTHER_MODEL = "secret-model/9"
 # Rendered as text it is harmless; parsed as HTML it would set window.__pwned.
 HTML_CLASS = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'
@@ -153,6 +157,15 @@ def seed_reports(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str, An
                 None,
             )
         )
+    # coco/80 on edge-03: 12 classes, class-k seen k + 1 times per report (so the 8 busiest are
+    # class-04 … class-11).
+    for i in range(4):
+        when = now - timedelta(seconds=60 * i + 7)
+        results = [
+            _result(BUSY_MODEL, name, 0.5 + k / 40, stats=k + 1, source=None)
+            for k, name in enumerate(BUSY_CLASSES)
+        ]
+        ours.append(_report(when, "edge-03", results, 60.0))
     theirs = [
         _report(
             now - timedelta(seconds=20 * i + 3),

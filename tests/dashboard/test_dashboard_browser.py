@@ -13,12 +13,15 @@ from urllib.parse import urlsplit
 
 import pytest
 from dashboard_support import (
+    BUSY_CLASSES,
+    BUSY_MODEL,
     HTML_CLASS,
     MODEL,
     OLD_CLASS,
     OTHER_DEVICE,
     OTHER_MODEL,
     OTHER_WORKSPACE,
+    OUR_MODELS,
     QUIET_MODEL,
     RECENT_CLASSES,
     DashboardPage,
@@ -71,7 +74,7 @@ def test_bad_key_is_refused_with_a_clear_message_then_good_key_logs_in(
     rows = page.eval_on_selector_all(
         "#models-body tr", "rows => rows.map(r => r.getAttribute('data-model-id'))"
     )
-    assert sorted(rows) == sorted([MODEL, QUIET_MODEL])
+    assert set(rows) == OUR_MODELS and len(rows) == len(OUR_MODELS)
     cookies = {c["name"]: c for c in page.context.cookies()}
     assert cookies["mmagg_session"]["httpOnly"] is True
     assert cookies["mmagg_session"]["sameSite"] == "Strict"
@@ -151,6 +154,28 @@ def test_legend_entries_hide_and_show_their_class(dashboard: DashboardPage) -> N
     assert toggle.get_attribute("aria-pressed") == "true"
     assert canvas_pixels(page, "#confidence-chart")["series"] > 0
     assert page.locator("#histograms figure").first.is_visible()
+
+
+def test_a_model_with_many_classes_draws_its_busiest_and_lists_all(
+    dashboard: DashboardPage,
+) -> None:
+    dashboard.login()
+    dashboard.open_model(BUSY_MODEL)
+    page = dashboard.page
+    assert dashboard.legend_classes() == BUSY_CLASSES  # every class stays listed
+    drawn = page.eval_on_selector_all(
+        "#legend li button[aria-pressed='true'] .class-name", "els => els.map(e => e.textContent)"
+    )
+    assert drawn == BUSY_CLASSES[4:]
+    assert page.text_content("#legend-count") == "Drawing 8 of 12 classes."
+    assert len(page.locator("#histograms figure:visible").all()) == 8
+    dashboard.screenshot("many-classes")
+
+    page.click("#show-all")
+    assert page.text_content("#legend-count") == "Drawing 12 of 12 classes."
+    assert len(page.locator("#histograms figure:visible").all()) == 12
+    page.click("#show-top")
+    assert page.text_content("#legend-count") == "Drawing 8 of 12 classes."
 
 
 def test_switching_the_range_changes_what_is_plotted(dashboard: DashboardPage) -> None:
@@ -252,7 +277,7 @@ def test_other_workspace_is_absent_from_page_and_api(dashboard: DashboardPage) -
     # A month back: everything seeded, and few enough daily buckets for the timeseries.
     everything = {"startTime": str(int(time.time()) - 30 * 86400)}
     listed = page.request.get(base + "models", params=everything).json()
-    assert {m["model_id"] for m in listed["models"]} == {MODEL, QUIET_MODEL}
+    assert {m["model_id"] for m in listed["models"]} == OUR_MODELS
     # Asking by name for the other workspace's model finds nothing (the name is only echoed).
     for path, key, params in [
         ("timeseries", "series", {"bucket_seconds": "86400"}),

@@ -21,6 +21,8 @@
     return asked >= 2 && asked <= 3600 ? Math.round(asked * 1000) : 10000;
   })();
   var SAMPLE_ROWS = 20;
+  // A model with more classes than this opens with only its busiest ones drawn.
+  var TOP_CLASSES = 8;
   var STALE_INTERVALS = 3;
   var NICE_BUCKETS = [5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400];
   var HIST_EDGES = [0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
@@ -38,7 +40,9 @@
     charts: [],
     // Keyed by class name: null-prototype maps, so "__proto__" or "constructor" is just a name.
     classStyles: Object.create(null),
-    hidden: Object.create(null), // classes switched off in the legend
+    // Per model: the classes switched off in the legend.
+    hiddenByModel: Object.create(null),
+    defaultsApplied: Object.create(null),
   };
 
   function $(id) { return document.getElementById(id); }
@@ -490,6 +494,8 @@
       if (gen !== state.generation || modelId !== state.model) return;
       var series = readSeries(results[0], range, bucket);
       var hists = readHistograms(results[1]);
+      state.lastHists = hists;
+      defaultVisibility(modelId, hists);
       // Counts only mean something for classes whose reports carried stats; a result
       // without stats would otherwise show as "1 prediction".
       var withStats = Object.create(null);
@@ -580,19 +586,19 @@
       // Each entry is a toggle: it shows or hides the class in every chart of the view.
       var button = el("button", null, "legend-toggle");
       button.type = "button";
-      button.setAttribute("aria-pressed", state.hidden[c.name] ? "false" : "true");
+      button.setAttribute("aria-pressed", hidden()[c.name] ? "false" : "true");
       button.title = "Show or hide this class in the charts";
       button.appendChild(swatch(c.style));
       button.appendChild(el("span", c.name === "" ? "(no class name)" : c.name, "class-name"));
       var best = Math.max.apply(null, c.confidence.filter(function (v) { return v !== null; }).concat([-1]));
-      var total = c.counts.reduce(function (a, v) { return a + (v || 0); }, 0);
+      var predictions = total(c.counts);
       var detail = best >= 0 ? "best " + best.toFixed(2) : "";
-      if (total) detail += (detail ? " · " : "") + total + " predictions";
+      if (predictions) detail += (detail ? " · " : "") + predictions + " predictions";
       if (detail) button.appendChild(el("span", "(" + detail + ")", "muted"));
       button.addEventListener("click", function () {
-        var hide = !state.hidden[c.name];
-        if (hide) state.hidden[c.name] = true;
-        else delete state.hidden[c.name];
+        var hide = !hidden()[c.name];
+        if (hide) hidden()[c.name] = true;
+        else delete hidden()[c.name];
         button.setAttribute("aria-pressed", hide ? "false" : "true");
         applyVisibility();
       });
@@ -600,20 +606,63 @@
       legend.appendChild(li);
     });
     show($("legend-empty"), series.classes.length === 0);
+    updateLegendTools(series.classes.length);
   }
 
   // ---------------------------------------------------------------- charts (uPlot)
 
+  function hidden() {
+    var key = state.model || "";
+    if (!state.hiddenByModel[key]) state.hiddenByModel[key] = Object.create(null);
+    return state.hiddenByModel[key];
+  }
+
+  // First look at a model with many classes: draw its TOP_CLASSES busiest, list all.
+  function defaultVisibility(modelId, hists) {
+    if (state.defaultsApplied[modelId] || !hists.length) return;
+    state.defaultsApplied[modelId] = true;
+    if (hists.length <= TOP_CLASSES) return;
+    var map = hidden();
+    hists.slice().sort(function (a, b) { return total(b.counts) - total(a.counts); })
+      .slice(TOP_CLASSES).forEach(function (h) { map[h.name] = true; });
+  }
+
+  function total(values) {
+    return values.reduce(function (a, v) { return a + (v || 0); }, 0);
+  }
+
+  function setAllVisible(onlyTop) {
+    var map = hidden();
+    Object.keys(map).forEach(function (k) { delete map[k]; });
+    if (onlyTop) {
+      delete state.defaultsApplied[state.model];
+      defaultVisibility(state.model, state.lastHists || []);
+    }
+    Array.prototype.forEach.call(document.querySelectorAll("#legend li"), function (li) {
+      var name = li.getAttribute("data-class");
+      li.querySelector("button").setAttribute("aria-pressed", hidden()[name] ? "false" : "true");
+    });
+    applyVisibility();
+  }
+
+  function updateLegendTools(count) {
+    show($("legend-tools"), count > TOP_CLASSES);
+    $("legend").classList.toggle("many", count > TOP_CLASSES);
+    var off = Object.keys(hidden()).length;
+    $("legend-count").textContent = "Drawing " + Math.max(0, count - off) + " of " + count + " classes.";
+  }
+
   function applyVisibility() {
+    updateLegendTools(document.querySelectorAll("#legend li").length);
     state.charts.forEach(function (c) {
       if (c.names) {
         c.names.forEach(function (name, i) {
-          var want = !state.hidden[name];
+          var want = !hidden()[name];
           if (c.plot.series[i + 1].show !== want) c.plot.setSeries(i + 1, { show: want });
         });
       }
       if (c.figure) {
-        var visible = !state.hidden[c.className];
+        var visible = !hidden()[c.className];
         show(c.figure, visible);
         if (visible) c.plot.setSize({ width: chartWidth(c.container), height: c.plot.height });
       }
@@ -684,7 +733,7 @@
         width: 2,
         dash: c.style.dash,
         spanGaps: false,
-        show: !state.hidden[c.name],
+        show: !hidden()[c.name],
         points: { show: true, size: 7, width: 2, stroke: c.style.color, fill: c.style.hollow ? "#ffffff" : c.style.color },
       });
     });
@@ -743,13 +792,13 @@
       var style = styleFor(h.name);
       var fig = el("figure", null, "histogram");
       fig.setAttribute("data-class", h.name);
-      show(fig, !state.hidden[h.name]);
+      show(fig, !hidden()[h.name]);
       var cap = el("figcaption");
       cap.appendChild(swatch(style));
       cap.appendChild(el("span", h.name === "" ? "(no class name)" : h.name, "class-name"));
-      var total = h.counts.reduce(function (a, b) { return a + b; }, 0);
+      var sum = total(h.counts);
       fig.appendChild(cap);
-      fig.appendChild(el("p", total + (h.fromSamples ? " sampled confidences (no stats)" : " predictions"), "hist-note"));
+      fig.appendChild(el("p", sum + (h.fromSamples ? " sampled confidences (no stats)" : " predictions"), "hist-note"));
       var body = el("div", null, "chart-body");
       body.setAttribute("role", "img");
       body.setAttribute("aria-label", "Histogram of confidence for class " + h.name + ": " + h.counts.join(", "));
@@ -878,6 +927,8 @@
     $("refresh-toggle").addEventListener("click", onTogglePause);
     $("refresh-now").addEventListener("click", function () { refresh(); });
     $("back-button").addEventListener("click", function () { location.hash = ""; });
+    $("show-all").addEventListener("click", function () { setAllVisible(false); });
+    $("show-top").addEventListener("click", function () { setAllVisible(true); });
     window.addEventListener("hashchange", onHashChange);
     // Hidden tabs skip their refreshes; catch up as soon as the tab is looked at again.
     document.addEventListener("visibilitychange", function () {
