@@ -132,6 +132,17 @@ def test_legend_lists_exactly_the_ingested_classes_and_charts_are_drawn(
         )
     )
     assert sample_classes <= RECENT_CLASSES and sample_classes
+
+    over = page.locator("#confidence-chart .u-over")
+    box = over.bounding_box()
+    assert box is not None
+    over.hover(position={"x": box["width"] * 0.95, "y": box["height"] / 2})
+    readout = page.locator("#confidence-figure .readout")
+    page.wait_for_function(
+        "() => /\\d\\d:\\d\\d:\\d\\d · /.test("
+        "document.querySelector('#confidence-figure .readout').textContent)"
+    )
+    assert "car 0." in readout.text_content()
     dashboard.screenshot("model-view")
 
 

@@ -24,7 +24,8 @@
   // A model with more classes than this opens with only its busiest ones drawn.
   var TOP_CLASSES = 8;
   var STALE_INTERVALS = 3;
-  var NICE_BUCKETS = [5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400];
+  var NICE_BUCKETS = [5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400,
+    604800, 2592000];
   var HIST_EDGES = [0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
 
   var state = {
