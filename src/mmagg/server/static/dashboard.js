@@ -245,6 +245,7 @@
           error.textContent = "Could not sign in: " + (err.message || "the server did not answer") + ".";
         }
         $("api-key").focus();
+        $("api-key").select(); // typing replaces the wrong key
       })
       .then(function () { $("login-submit").disabled = false; });
   }
