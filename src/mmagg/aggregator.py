@@ -85,6 +85,10 @@ def get_reporter(
         reporter = _REPORTERS.get(registry_key)
         if reporter is not None and not reporter._closing and reporter._pid == os.getpid():
             return reporter
+        # Forget closed reporters: an application that makes (and closes) an aggregator per
+        # video file must not keep every reporter and its HTTP client for the process's life.
+        for stale in [k for k, r in _REPORTERS.items() if r._closing]:
+            del _REPORTERS[stale]
         base_url = resolve_api_base_url(api_base_url)
         workspace_cache = cache if cache is not None else _PROCESS_CACHE
 

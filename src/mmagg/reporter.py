@@ -390,8 +390,16 @@ class Reporter:
             self._closing = True
             leftover, self._pending = self._pending, None
             self._cond.notify_all()
-        if leftover is not None:
-            self.tally.drop("shutdown", sum(s.count for s in leftover.stats().values()))
+        not_sent = sum(s.count for s in leftover.stats().values()) if leftover is not None else 0
+        self.tally.drop("shutdown", not_sent)
+        if not done:
+            # At interpreter exit nobody reads the counters: say it where it can be seen.
+            logger.warning(
+                "mmagg: flush timeout passed at close (%s): %d pending predictions dropped, %s",
+                self.key,
+                not_sent,
+                "a report still in flight" if self._in_flight else "nothing in flight",
+            )
         if self._client is not None:
             self._client.cancel()
             if done:

@@ -9,6 +9,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from pathlib import Path
@@ -159,6 +160,32 @@ def own_threads() -> list[threading.Thread]:
         and not t.name.startswith("capture-server")
         and not t.name.startswith("uvicorn")
     ]
+
+
+def stream(
+    agg: Any,
+    frames: list[Any],
+    seconds: float,
+    on_frame: Callable[[int], None] | None = None,
+    fps: int = 30,
+) -> list[tuple[int, int]]:
+    """Push frames at ``fps`` for ``seconds`` like a camera loop; per ``collect`` the wall
+    and the thread-CPU durations (ns)."""
+    durations = []
+    start = time.perf_counter()
+    for i in range(int(seconds * fps)):
+        frame = frames[i % len(frames)]
+        c0, t0 = time.thread_time_ns(), time.perf_counter_ns()
+        result = agg.collect(frame)
+        durations.append((time.perf_counter_ns() - t0, time.thread_time_ns() - c0))
+        assert result["error_status"] is False, result
+        if on_frame is not None:
+            on_frame(i)
+        # The next frame is due at start + (i + 1) / fps.
+        pause = start + (i + 1) / fps - time.perf_counter()
+        if pause > 0:
+            time.sleep(pause)
+    return durations
 
 
 def wait_until(predicate: Any, timeout: float, interval: float = 0.01) -> bool:

@@ -1,0 +1,115 @@
+"""Nothing accumulates: memory under a long fault, reporters of closed aggregators,
+sender threads."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import tracemalloc
+import weakref
+from typing import Any
+
+import numpy as np
+import pytest
+from reliability_support import (
+    SECRET_KEY,
+    Reply,
+    detections_frame,
+    own_threads,
+    stream,
+)
+
+import mmagg
+from mmagg import MemoryCache, MemoryStore, RetryPolicy
+from mmagg.aggregator import _REPORTERS
+
+RETRY = RetryPolicy(deadline=2.0, base_delay=0.05, max_delay=0.2, max_attempts=4)
+
+
+#: Where the loopback server's own allocations happen (a hung request keeps its handler
+#: thread, socket and buffers alive, server-side).
+SERVER_SIDE = (
+    "*/socketserver.py",
+    "*/http/server.py",
+    "*/http/client.py",
+    "*/email/*",
+    "*/socket.py",
+    "*/threading.py",
+    "*/tests/conftest.py",
+    "*/json/*",
+)
+
+
+def client_side_memory() -> int:
+    """Traced bytes, minus those allocated by the loopback server's code."""
+    snapshot = tracemalloc.take_snapshot().filter_traces(
+        [tracemalloc.Filter(False, pattern) for pattern in SERVER_SIDE]
+    )
+    return sum(stat.size for stat in snapshot.statistics("filename"))
+
+
+@pytest.mark.parametrize("reply", [Reply(action="hang"), Reply(503)], ids=["hang", "http_503"])
+def test_memory_is_flat_during_a_long_fault(capture_server: Any, reply: Reply) -> None:
+    """30 fps, a report due every second, the backend failing for 6 s: traced memory after
+    the first reports stays flat (failed windows merge, they do not queue)."""
+    capture_server.on_post = lambda req: reply
+    rng = np.random.default_rng(3)
+    frames = [detections_frame(rng, 8, [f"c{i}" for i in range(40)]) for _ in range(64)]
+    agg = mmagg.Aggregator(
+        "m/1",
+        frequency=1,
+        api_key=SECRET_KEY,
+        api_base_url=capture_server.url,
+        store=MemoryStore(),
+        cache=MemoryCache(),
+        request_timeout=0.5,
+        retry=RETRY,
+    )
+    samples: list[int] = []
+
+    def probe(i: int) -> None:
+        if i % 30 == 15:  # mid-interval, once a second
+            # The loopback server keeps every request it saw: not ours to count.
+            capture_server.requests.clear()
+            gc.collect()
+            samples.append(client_side_memory())
+
+    tracemalloc.start()
+    try:
+        stream(agg, frames, 7.0, probe)
+    finally:
+        tracemalloc.stop()
+        agg.close(timeout=0.2)
+    assert agg.counters.failed >= 3
+    # In-flight payloads make single samples jump by ~100 KB: compare peaks, seconds 1-3
+    # (the first failed reports) against seconds 4-6.
+    growth = max(samples[4:]) - max(samples[1:4])
+    print(f"client-side traced memory, once a second: {samples}")
+    assert growth < 64_000, f"grew {growth} bytes: {samples}"
+
+
+def test_closed_aggregators_are_forgotten(capture_server: Any) -> None:
+    """An application that makes one aggregator per video file and closes it must not
+    keep every reporter (and its HTTP client) alive for the life of the process."""
+    gc.collect()
+    threads_before = len(own_threads())
+    refs = []
+    for i in range(12):
+        agg = mmagg.Aggregator(
+            "m/1",
+            frequency=60,
+            api_key=SECRET_KEY,
+            api_base_url=capture_server.url,
+            store=MemoryStore(),
+            cache=MemoryCache(),
+        )
+        agg.collect({"predictions": [{"class": f"file-{i}", "confidence": 0.5}]})
+        assert agg.close(timeout=2) is True
+        refs.append(weakref.ref(agg._reporter))
+        del agg
+    gc.collect()
+    alive = sum(ref() is not None for ref in refs)
+    assert alive <= 1, f"{alive} closed reporters still referenced ({len(_REPORTERS)} registered)"
+    assert len(own_threads()) <= threads_before
+    assert len(capture_server.posts) == 12
+    assert not [t for t in threading.enumerate() if t.name.startswith("mmagg-sender-aggregator")]
