@@ -115,6 +115,7 @@ WORKFLOW = {
 def test_a_workflow_runs_the_plugin_block_in_inference(
     capture_server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    pytest.importorskip("inference")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # inference's own deprecations are not ours
         from inference.core.workflows.execution_engine.core import ExecutionEngine
