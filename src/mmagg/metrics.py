@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from collections.abc import Iterable, Iterator
@@ -100,9 +101,17 @@ class MeteredStore:
         self._lock = threading.Lock()
         self._reported: dict[Key, ClassStats] = {}
         self._keys: dict[str, None] = {}
+        _METERED.add(self)
 
     def __repr__(self) -> str:
         return f"MeteredStore({self.inner!r})"
+
+    def _reset_after_fork(self) -> None:
+        # A forked child starts with empty windows (the stores reset theirs): its totals
+        # must not repeat what the parent collected.
+        self._lock = threading.Lock()
+        self._reported = {}
+        self._keys = {}
 
     # -- the Store protocol -------------------------------------------------------------------
 
@@ -172,6 +181,18 @@ class MeteredStore:
             mine.histogram = [
                 a + sign * b for a, b in zip(mine.histogram, item.histogram, strict=True)
             ]
+
+
+_METERED: weakref.WeakSet[MeteredStore] = weakref.WeakSet()
+
+
+def _reset_metered_after_fork() -> None:
+    for store in list(_METERED):
+        store._reset_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_metered_after_fork)
 
 
 class AggregatorMetrics:

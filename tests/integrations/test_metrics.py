@@ -3,8 +3,11 @@ collected."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
+import warnings
 from collections import defaultdict
 from typing import Any
 
@@ -190,3 +193,29 @@ def test_sink_errors_and_frame_gaps(capture_server: Any) -> None:
     assert samples["mmagg_sink_last_frame_timestamp_seconds"][(("source_id", "0"),)] == 101.5
     assert samples["mmagg_sink_errors_total"][(("kind", "invalid_predictions"),)] == 1
     sink.close(timeout=5)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_does_not_repeat_the_parents_totals(capture_server: Any) -> None:
+    metrics = AggregatorMetrics(registry=CollectorRegistry())
+    store = metrics.store()
+    agg = Aggregator("yard/3", api_key="k", api_base_url=capture_server.url, store=store)
+    agg.collect({"predictions": [{"class": "car", "confidence": 0.5}] * 4})
+    agg.flush(timeout=5)
+    assert store.totals()[("yard/3", "car", "")].count == 4
+    read, write = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork in a threaded process
+        pid = os.fork()
+    if pid == 0:  # the child: report what it sees, then leave without cleanup
+        try:
+            os.write(write, json.dumps(len(store.totals())).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child_series = json.loads(pipe.read())
+    os.waitpid(pid, 0)
+    assert child_series == 0
+    assert store.totals()[("yard/3", "car", "")].count == 4  # the parent keeps its own
+    agg.close(timeout=5)
