@@ -171,7 +171,8 @@ class MonitoringSink:
                         f"batch mode: {len(predictions)} predictions but {got}; "
                         "frames without a matching video frame are collected without source",
                     )
-                    frames = (frames or []) + [None] * max(0, len(predictions) - len(frames or []))
+                    frames = (frames or [])[: len(predictions)]
+                    frames = frames + [None] * (len(predictions) - len(frames))
                 for prediction, frame in zip(predictions, frames, strict=True):
                     self._one(prediction, frame)
             else:

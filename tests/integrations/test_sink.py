@@ -178,12 +178,13 @@ def test_errors_never_escape_and_are_counted_and_logged_once(
             sink({"other_output": 1}, VideoFrame(0, 1))  # no predictions output
             sink(["not a dict"], [VideoFrame(0, 1)])  # batch item of a wrong type
             sink([_roboflow_json(("car", 0.5))], VideoFrame(0, 1))  # batch without frame list
+            sink([None], [VideoFrame(0, 1), VideoFrame(1, 1)])  # more frames than predictions
             sink(_roboflow_json(("car", 0.5)), _ExplodingFrame())
             sink({"predictions": [{"class": "car", "confidence": "high"}]})
     assert dict(sink.errors) == {
         "invalid_predictions": 6,
         "unsupported_output": 6,
-        "batch_length_mismatch": 3,
+        "batch_length_mismatch": 6,
         "internal_error": 3,
     }
     sink_records = [r for r in caplog.records if r.name == "mmagg.sinks"]
