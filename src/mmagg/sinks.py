@@ -124,6 +124,7 @@ class MonitoringSink:
         source_names: Sequence[str] | Mapping[Any, str] | None = None,
         metrics: AggregatorMetrics | None = None,
         metrics_port: int | None = None,
+        metrics_addr: str = "127.0.0.1",
         metrics_registry: CollectorRegistry | None = None,
         **aggregator_options: Any,
     ) -> MonitoringSink:
@@ -131,8 +132,9 @@ class MonitoringSink:
 
         ``aggregator_options`` go to ``Aggregator`` (``frequency``, ``api_key``,
         ``api_base_url``, ``extensions``, ...). ``metrics_port`` serves Prometheus metrics on
-        that port; ``metrics_registry`` registers them into a ``CollectorRegistry``; or pass
-        an :class:`~mmagg.metrics.AggregatorMetrics` shared by several sinks.
+        that port of ``metrics_addr`` (``"0.0.0.0"`` for a remote Prometheus);
+        ``metrics_registry`` registers them into a ``CollectorRegistry``; or pass an
+        :class:`~mmagg.metrics.AggregatorMetrics` shared by several sinks.
 
         Example:
             >>> sink = MonitoringSink.for_model("yard/3", api_key="k", frequency=10,
@@ -145,7 +147,9 @@ class MonitoringSink:
         if metrics is None and (metrics_port is not None or metrics_registry is not None):
             from mmagg.metrics import AggregatorMetrics
 
-            metrics = AggregatorMetrics(registry=metrics_registry, port=metrics_port)
+            metrics = AggregatorMetrics(
+                registry=metrics_registry, port=metrics_port, addr=metrics_addr
+            )
         if metrics is not None:
             aggregator_options["store"] = metrics.store(aggregator_options.get("store"))
         aggregator = Aggregator(model_id, per_source=per_source, **aggregator_options)
