@@ -37,6 +37,15 @@ from redis.retry import Retry
 from mmagg.stores._lua import CLAIM, MERGE, TAKE
 from mmagg.window import DEFAULT_MAX_CLASSES, ClassStats, Key, Sample, Window
 
+try:  # redis-py >= 8 probes every new connection for maintenance push notifications
+    from redis.maint_notifications import MaintNotificationsConfig
+
+    _CONNECTION_OPTIONS: dict[str, Any] = {
+        "maint_notifications_config": MaintNotificationsConfig(enabled=False)
+    }
+except ImportError:  # pragma: no cover - redis-py 5..7
+    _CONNECTION_OPTIONS = {}
+
 __all__ = ["RedisStore", "redact_url"]
 
 logger = logging.getLogger(__name__)
@@ -191,7 +200,7 @@ class RedisStore:
         self._stop = threading.Event()
         self._healthy = True
         self._retry_at = 0.0
-        self._last_round_trip = -math.inf
+        self._pushed_at = -math.inf  # last round trip or push cycle (monotonic)
         self._interval_start: dict[str, float] = {}
         self._frequency: dict[str, float] = {}
 
@@ -233,26 +242,43 @@ class RedisStore:
         Estimated from the last claim's answer (another process claiming only restarts
         the interval later); ``True`` when unknown.
         """
-        start = self._interval_start.get(key)
-        return start is None or _whole(self._local_now() - start) >= frequency
+        return self._early_by(key, frequency) <= 0
 
     def claim(self, key: str, frequency: float) -> Window | None:
         """Push, then claim ``key``'s interval on Redis's clock; the winner gets the window.
 
         Skips the round trip while the interval cannot be due yet (another process
-        claiming it only restarts it later), so polling costs nothing. A claim that
-        arrives at most ``claim_grace`` seconds before the interval ends waits for it and
-        tries once more: a caller pacing itself on its own clock would otherwise miss
-        the shared interval by a few milliseconds, again and again.
+        claiming it only restarts it later), so polling costs nothing. A claim at most
+        ``claim_grace`` seconds early waits for the interval's end: a caller pacing
+        itself on its own clock would otherwise miss the shared interval by a few
+        milliseconds, again and again.
         """
         self._frequency[key] = frequency
-        if not self.due(key, frequency):
-            return None
+        early_by = self._early_by(key, frequency)
+        if early_by > 0:
+            if self._clock is not None or early_by > self.claim_grace:
+                return None
+            time.sleep(early_by + 0.002)
         window, early_by = self._claim_once(key, frequency)
         if window is None and self._clock is None and 0 < early_by <= self.claim_grace:
             time.sleep(early_by + 0.002)
             window, _ = self._claim_once(key, frequency)
         return window
+
+    def _early_by(self, key: str, frequency: float) -> float:
+        """Seconds until ``key``'s interval may be due (0 when it may be, or unknown)."""
+        until_due = self._until_due(key, frequency)
+        return 0.0 if until_due is None or until_due <= 0 else until_due
+
+    def _until_due(self, key: str, frequency: float) -> float | None:
+        """Estimated seconds until ``key``'s interval is due (negative: overdue)."""
+        start = self._interval_start.get(key)
+        if start is None:
+            return None
+        elapsed = self._local_now() - start
+        if _whole(elapsed) >= frequency:
+            return min(0.0, math.ceil(frequency) - elapsed)
+        return max(math.ceil(frequency) - elapsed, 1e-6)
 
     def _claim_once(self, key: str, frequency: float) -> tuple[Window | None, float]:
         """The claimed window, or ``None`` and how many seconds early the claim was."""
@@ -317,13 +343,15 @@ class RedisStore:
 
     def _claim_imminent(self, key: str) -> bool:
         # The claim pushes in the same round trip: skipping this push keeps a process at
-        # one round trip per push_interval, claims included.
-        start = self._interval_start.get(key)
+        # one round trip per push_interval, claims included. The claim comes from the
+        # caller's own pacing, a little before or after the estimate; once it is overdue
+        # by a full push_interval (no caller claims any more), pushes resume. Data waits
+        # at most 2.5 push intervals for its push.
         frequency = self._frequency.get(key)
-        if start is None or frequency is None:
+        if frequency is None:
             return False
-        due_in = math.ceil(frequency) - (self._local_now() - start)
-        return 0 < due_in <= self.push_interval
+        until_due = self._until_due(key, frequency)
+        return until_due is not None and -self.push_interval < until_due <= 1.5 * self.push_interval
 
     def close(self) -> None:
         """Stop the push thread, push what is pending, drop the connections.
@@ -357,24 +385,26 @@ class RedisStore:
         the local one, so nothing is lost and it is never pushed twice.
         """
         pending = self._local(key).drain()
-        if extra is not None:
-            # Unbounded here: Redis applies max_classes against the shared window.
-            combined = Window(max_classes=sys.maxsize)
-            combined.merge_in(pending)
-            combined.merge_in(extra)
-            pending = combined
-        args = self._arguments(key, pending, frequency)
         try:
-            callable_script = self._script(script)
-            reply = callable_script(keys=self.keys_for(key), args=args)
+            if extra is not None:
+                # Unbounded here: Redis applies max_classes against the shared window.
+                combined = Window(max_classes=sys.maxsize)
+                combined.merge_in(pending)
+                combined.merge_in(extra)
+                pending = combined
+            args = self._arguments(key, pending, frequency)
+            reply = self._script(script)(keys=self.keys_for(key), args=args)
         except redis.RedisError as exc:
             self._local(key).merge_in(pending)
             self._degrade(exc)
             return None
+        except BaseException:
+            self._local(key).merge_in(pending)
+            raise
         self._counters["round_trips"] += 1
         if len(args) > 6 or args[2] or args[3]:
             self._counters["pushes"] += 1
-        self._last_round_trip = time.monotonic()
+        self._pushed_at = time.monotonic()
         self._recover()
         return reply  # type: ignore[no-any-return]
 
@@ -454,6 +484,7 @@ class RedisStore:
                 socket_connect_timeout=self.socket_timeout,
                 # A retried script may already have run: never merge a window twice.
                 retry=Retry(NoBackoff(), 0),
+                **_CONNECTION_OPTIONS,
             )
         return self._client
 
@@ -501,7 +532,7 @@ class RedisStore:
             if self._thread is not None:
                 return
             # The first push too waits a full push_interval.
-            self._last_round_trip = max(self._last_round_trip, time.monotonic())
+            self._pushed_at = max(self._pushed_at, time.monotonic())
             self._thread = threading.Thread(
                 target=self._run, args=(self._stop,), name=self.THREAD_NAME, daemon=True
             )
@@ -510,15 +541,18 @@ class RedisStore:
     def _run(self, stop: threading.Event) -> None:
         # Every cycle pushes at most one window per key: work per cycle stays bounded.
         while not stop.wait(self._until_next_push()):
+            if time.monotonic() - self._pushed_at < 0.9 * self.push_interval:
+                continue  # a claim pushed while we slept
             try:
                 if self._ready() and any(not w.is_empty() for w in list(self._windows.values())):
                     self._push(lambda key: not self._claim_imminent(key))
             except Exception:  # the pusher must survive anything; data stays local
                 logger.exception("mmagg: unexpected error in the Redis push thread")
+            self._pushed_at = max(self._pushed_at, time.monotonic())
 
     def _until_next_push(self) -> float:
         # A claim or take pushed too: the next push waits a full interval after it.
-        since = time.monotonic() - self._last_round_trip
+        since = time.monotonic() - self._pushed_at
         return min(self.push_interval, max(0.01, self.push_interval - since))
 
     def _reset_after_fork(self) -> None:
