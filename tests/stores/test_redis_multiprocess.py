@@ -10,6 +10,7 @@ import json
 import multiprocessing
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,12 @@ def test_four_processes_share_one_aggregation(
 
     posts = capture_server.posts
     assert all(p.path == "/w/inference-stats" for p in posts)
-    reports = [(p.at, p.json()["inference_results"]) for p in posts]
+    # When each report was sent: its own timestamp, taken right after the claim (arrival
+    # times add the loopback's variable delay on a busy machine).
+    reports = sorted(
+        ((_sent_at(p.json()), p.json()["inference_results"]) for p in posts),
+        key=lambda report: report[0],
+    )
     first_stop = min(s["stopped"] for s in summaries)
     print("reports at", [round(at - started, 2) for at, _ in reports])
     print("killed", round(killed - started, 2), "restarted", round(restarted - started, 2))
@@ -94,7 +100,7 @@ def test_four_processes_share_one_aggregation(
         times = [at for at, _ in reports if lo <= at < hi]
         assert len(times) >= 2, (lo, hi, times)
         gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
-        assert min(gaps) >= FREQUENCY - 0.05, gaps  # loopback jitter on arrival only
+        assert min(gaps) >= FREQUENCY - 0.02, gaps  # claims are >= 1 s apart on Redis TIME
 
     # Nothing reported twice and nothing reported that no process saw.
     seen: dict[tuple[str, str], set[float]] = {}
@@ -146,3 +152,8 @@ def test_four_processes_share_one_aggregation(
     reported_ids = {(r["inference_id"], r["class_name"]) for _, rs in reports for r in rs}
     for name, p in best.items():
         assert (p["inference_id"], name) in reported_ids, name
+
+
+def _sent_at(body: dict[str, Any]) -> float:
+    sent = datetime.fromisoformat(body["timestamp"])
+    return (sent if sent.tzinfo is not None else sent.astimezone()).timestamp()

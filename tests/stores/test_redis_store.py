@@ -181,6 +181,21 @@ def test_processes_polling_win_one_interval_each(redis_url: str) -> None:
     assert end - times[-1] < 1.15
 
 
+def test_a_caller_pacing_itself_wins_every_interval(
+    redis_url: str, stores: list[RedisStore]
+) -> None:
+    # Its own clock says "due" a little before the shared interval ends (the interval
+    # started when Redis answered); the claim waits out the difference instead of missing.
+    store = new_store(stores, redis_url)
+    store.window("k").add(frame(("cat", 0.5)), model_id="m")
+    own_start = time.monotonic()
+    assert store.claim("k", 1) is None
+    for n in (1, 2):
+        time.sleep(max(0.0, own_start + n - time.monotonic()))
+        assert store.claim("k", 1) is not None, n
+    assert store.counters()["claims_won"] == 2
+
+
 # -- outages -----------------------------------------------------------------------------------
 
 
