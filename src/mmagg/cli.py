@@ -1,4 +1,4 @@
-"""The `mmagg` command: `serve`, `keys create|list|revoke`, `demo`.
+"""The `mmagg` command: `serve`, `keys create|list|revoke`, `demo`, `replay`.
 
 Server dependencies are imported inside the commands, so `mmagg --help` (and commands that
 do not need the backend) stay fast and work without the `server` extra.
@@ -296,6 +296,15 @@ def demo(
                 console.print("Stopping.")
     finally:
         server.stop()
+
+
+def _register_replay() -> None:
+    from mmagg.replay import replay_command
+
+    app.command("replay")(replay_command)
+
+
+_register_replay()
 
 
 def main() -> None:
