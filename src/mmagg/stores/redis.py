@@ -358,14 +358,16 @@ class RedisStore:
 
         The store stays usable: the thread and connections come back on the next use.
         """
-        thread, self._thread = self._thread, None
-        self._stop.set()
+        with self._lock:  # a window() meanwhile starts a new thread on the new event
+            thread, self._thread = self._thread, None
+            stop, self._stop = self._stop, threading.Event()
+        stop.set()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=self.socket_timeout + self.push_interval + 1.0)
-        self._stop = threading.Event()
         self.push()
-        client, self._client = self._client, None
-        self._scripts = {}
+        with self._io_lock:
+            client, self._client = self._client, None
+            self._scripts = {}
         if client is not None:
             client.close()
 
