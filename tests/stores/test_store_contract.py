@@ -89,6 +89,21 @@ def test_first_claim_starts_the_interval_then_whole_seconds_decide(
     assert again is not None and again.is_empty()
 
 
+def test_due_says_when_a_claim_may_win_without_taking_anything(
+    make_store: StoreFactory, clock: Any
+) -> None:
+    store = make_store()
+    store.window("k").add(frame(("cat", 0.5)), model_id="m")
+    assert store.due("k", 1)  # unknown: the first claim starts the interval
+    assert store.claim("k", 1) is None
+    assert not store.due("k", 1)
+    clock.advance(1.0)
+    assert store.due("k", 1) and store.due("k", 1)
+    won = store.claim("k", 1)
+    assert won is not None and best_of(won) == {"cat": 0.5}
+    assert not store.due("k", 1)
+
+
 def test_exactly_one_instance_wins_a_due_interval(make_store: StoreFactory, clock: Any) -> None:
     stores = [make_store() for _ in range(3)]
     for i, store in enumerate(stores):
