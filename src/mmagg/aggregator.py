@@ -78,6 +78,7 @@ def get_reporter(
     flush_timeout: float | None = None,
     retry: RetryPolicy | None = None,
     transport: httpx.BaseTransport | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> Reporter:
     """The process's one reporter for an aggregator key (created on first use)."""
     registry_key = (id(store), key)
@@ -110,6 +111,7 @@ def get_reporter(
             device=device,
             extensions=extensions,
             flush_timeout=flush_timeout,
+            clock=clock,
         )
         _REPORTERS[registry_key] = reporter
     reporter.prepare()
@@ -199,6 +201,7 @@ class Aggregator:
             flush_timeout=flush_timeout,
             retry=retry,
             transport=transport,
+            clock=clock,
         )
         self._reporter.frequency = self.frequency
         self._last_report = clock()

@@ -210,6 +210,7 @@ class ModelMonitoringInferenceAggregatorBlockV1:
                 request_timeout=self._request_timeout,
                 flush_timeout=self._flush_timeout,
                 retry=self._retry,
+                clock=self._clock,
             )
             self._reporters[unique_aggregator_key] = reporter
         return reporter

@@ -137,8 +137,10 @@ class Reporter:
         device: str | None = None,
         extensions: bool = False,
         flush_timeout: float | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.key = key
+        self._clock = clock
         self.store = store
         self.device = device
         self.extensions = extensions
@@ -155,11 +157,14 @@ class Reporter:
         self._pending: Window | None = None
         self._in_flight = False
         self._closing = False
+        # Set for the final flush of close(): a failure then cannot be carried to a later
+        # report, so it is counted as dropped instead of given back to the store.
+        self._final = False
         self._cond = threading.Condition()
         self._send_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._last_outcome: Outcome | None = None
-        self._window_started = time.time()
+        self._window_started = self._clock()
         self._claim_requested: float | None = None
 
     def _check_fork(self) -> None:
@@ -269,7 +274,7 @@ class Reporter:
         self.tally.add("rejected", rejected)
         window.rejected_nonfinite = window.dropped_max_classes = 0  # counted once
         predictions = sum(s.count for s in stats.values())
-        now = datetime.now(timezone.utc)
+        now = datetime.fromtimestamp(self._clock(), timezone.utc)
         extension = None
         if self.extensions:
             extension = {
@@ -310,7 +315,7 @@ class Reporter:
                 status,
                 text,
             )
-        elif self._closing:
+        elif self._closing or self._final:
             self.tally.drop("shutdown", predictions)
             logger.warning(
                 "mmagg: report failed at shutdown, %d predictions dropped: %s", predictions, text
@@ -385,6 +390,8 @@ class Reporter:
         """Flush within ``timeout`` then stop; what could not be sent is counted as dropped."""
         if self._closing:
             return True
+        self._final = True
+        dropped_before = self.tally.dropped["shutdown"]
         done = self.flush(timeout)
         with self._cond:
             self._closing = True
@@ -405,7 +412,7 @@ class Reporter:
             if done:
                 self._client.close()
         _LIVE.discard(self)
-        return done and leftover is None
+        return done and self.tally.dropped["shutdown"] == dropped_before
 
 
 _LIVE: weakref.WeakSet[Reporter] = weakref.WeakSet()

@@ -11,7 +11,7 @@ import pytest
 import supervision as sv
 
 import mmagg
-from mmagg import Aggregator
+from mmagg import Aggregator, RetryPolicy
 from mmagg.payload import SYSTEM_INFO_KEYS
 from tests.conftest import CaptureServer, FakeClock, Reply
 
@@ -208,3 +208,27 @@ def test_api_key_from_the_environment(
 def test_repr_never_shows_the_key(capture_server: CaptureServer, clock: FakeClock) -> None:
     agg = make(capture_server, clock)
     assert KEY not in repr(agg) and KEY not in repr(agg._reporter.client)
+
+
+def test_a_failed_final_report_is_counted_as_dropped_not_lost(
+    capture_server: CaptureServer, clock: FakeClock
+) -> None:
+    capture_server.on_post = lambda req: Reply(status=503)
+    agg = make(capture_server, clock, retry=RetryPolicy(deadline=0.5, base_delay=0.05))
+    agg.collect(det(["car", "bus", "bus"], [0.2, 0.3, 0.4]))
+    assert agg.close(timeout=5) is False
+    counters = agg.counters
+    assert dict(counters.dropped) == {"shutdown": 3}
+    assert (counters.sent, counters.failed, counters.merged_back) == (0, 1, 0)
+
+
+def test_reports_are_stamped_with_the_injected_clock(
+    capture_server: CaptureServer, clock: FakeClock
+) -> None:
+    agg = make(capture_server, clock, fire_and_forget=False)
+    clock.advance(2)
+    agg.collect(det(["car"], [0.5]))
+    from datetime import datetime
+
+    stamp = datetime.fromisoformat(capture_server.posts[0].json()["timestamp"])
+    assert stamp.timestamp() == clock()
