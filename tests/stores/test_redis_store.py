@@ -196,6 +196,30 @@ def test_a_caller_pacing_itself_wins_every_interval(
     assert store.counters()["claims_won"] == 2
 
 
+def test_nothing_is_lost_while_pushes_and_takes_race_the_caller(
+    redis_url: str, stores: list[RedisStore]
+) -> None:
+    store = new_store(stores, redis_url, push_interval=0.005)
+    held = store.window("k")  # the caller may keep the object: it is never swapped out
+    batch = frame(("cat", 0.5), ("dog", 0.25))
+    frames = 3000
+
+    def caller() -> None:
+        for _ in range(frames):
+            held.add(batch, model_id="m")
+
+    thread = threading.Thread(target=caller)
+    thread.start()
+    counted = 0
+    while thread.is_alive():
+        counted += sum(s.count for s in store.take("k").stats().values())
+        time.sleep(0.002)
+    thread.join()
+    counted += sum(s.count for s in store.take("k").stats().values())
+    assert counted == 2 * frames
+    assert store.counters()["pushes"] > 1
+
+
 # -- outages -----------------------------------------------------------------------------------
 
 
@@ -297,6 +321,7 @@ def test_log_never_shows_the_password(
     caplog.set_level(logging.WARNING, logger="mmagg.stores.redis")
     assert store.push() is False
     assert caplog.records and all("s3cret" not in r.getMessage() for r in caplog.records)
+    assert "s3cret" not in repr(store) and "degraded" in repr(store)
     assert store.safe_url == f"redis://***@127.0.0.1:{closed.split(':')[3].split('/')[0]}/0"
     assert redact_url("rediss://:pw@[::1]:6380/1") == "rediss://***@[::1]:6380/1"
 
@@ -392,7 +417,7 @@ def test_shared_instance_and_resolution(redis_url: str, monkeypatch: pytest.Monk
 
 def test_import_mmagg_does_not_import_redis() -> None:
     code = (
-        "import sys, mmagg, mmagg.stores, mmagg.window\n"
+        "import sys, mmagg, mmagg.stores, mmagg.window, mmagg.block, mmagg.aggregator\n"
         "assert 'redis' not in sys.modules, 'redis imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -168,6 +168,10 @@ class RedisStore:
         self._reset_process_state()
         _INSTANCES.add(self)
 
+    def __repr__(self) -> str:  # never the password
+        state = "healthy" if self._healthy else "degraded"
+        return f"RedisStore({self.safe_url!r}, prefix={self.prefix!r}, {state})"
+
     @classmethod
     def for_url(cls, url: str) -> RedisStore:
         """The process-wide store for ``url`` (what ``MMAGG_REDIS_URL`` resolves to).
