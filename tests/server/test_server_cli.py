@@ -73,7 +73,7 @@ def test_keys_create_rejects_a_reserved_or_malformed_workspace(tmp_path: Path) -
     for name in ("dashboard", "has space", "a/b"):
         result = CliRunner().invoke(
             app, ["keys", "create", "--workspace", name, "--database-url", url]
-        )  # noqa: E501
+        )
         assert result.exit_code == 2, (name, result.output)
         assert "workspace" in result.output
 

@@ -86,7 +86,7 @@ def test_auth_matrix_for_ingest_read_and_json_endpoints(
                 f"/{workspace}/api/classes",
                 params={"model": "m", **auth.get("params", {})},
                 headers=auth.get("headers"),
-            ),  # noqa: E501
+            ),
         ]
         for response in requests:
             assert response.status_code == expected, (auth, response.request.url, response.text)
@@ -177,7 +177,7 @@ BAD_BODIES: list[tuple[str, bytes | dict[str, Any], str]] = [
         "missing model_id",
         report([{"class_name": "car", "confidence": 0.5}]),
         "inference_results.0.model_id",
-    ),  # noqa: E501
+    ),
     ("class_name as number", report([result(7, 0.5)]), "inference_results.0.class_name"),  # type: ignore[arg-type]
     ("missing timestamp", {"inference_results": []}, "timestamp"),
     ("bad timestamp", report([]) | {"timestamp": "yesterday"}, "timestamp"),
@@ -186,17 +186,17 @@ BAD_BODIES: list[tuple[str, bytes | dict[str, Any], str]] = [
         "too many results",
         report([{"model_id": "m", "confidence": 0.5}] * 10_001),
         "inference_results",
-    ),  # noqa: E501
+    ),
     (
         "histogram sum",
         report([result("car", 0.5, stats=stats([0.5]) | {"count": 2})]),
         "inference_results.0.stats.histogram",
-    ),  # noqa: E501
+    ),
     (
         "histogram length",
         report([result("car", 0.5, stats=stats([0.5]) | {"histogram": [1]})]),
         "inference_results.0.stats.histogram",
-    ),  # noqa: E501
+    ),
     ("frequency", report([]) | {"mmagg": {"frequency": -1}}, "mmagg.frequency"),
     ("not an object", b"[1, 2]", "body"),
     ("not json", b"{", "body"),
@@ -394,7 +394,7 @@ def test_health_and_metrics(backend: RunningBackend, client: httpx.Client) -> No
     workspace, key = backend.new_workspace()
     client.post(
         f"/{workspace}/inference-stats", params={"api_key": key}, json=report([result("a", 0.5)])
-    )  # noqa: E501
+    )
     client.get("/", params={"api_key": "nope"})
     assert client.get("/healthz").json()["status"] == "ok"
     text = client.get("/metrics").text

@@ -129,7 +129,7 @@ def test_model_names_filter_and_time_formats(client: httpx.Client, dataset: dict
             "api_key": dataset["key"],
             "startTime": RANGE["endTime"],
             "endTime": RANGE["startTime"],
-        },  # noqa: E501
+        },
     )
     assert reversed_range.status_code == 422
 

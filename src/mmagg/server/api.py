@@ -71,6 +71,7 @@ def _db(request: Request) -> Database:
 StartTime = Annotated[str | None, Query(alias="startTime")]
 EndTime = Annotated[str | None, Query(alias="endTime")]
 ClassNames = Annotated[list[str] | None, Query(alias="class_name")]
+ModelNames = Annotated[str | None, Query(alias="modelNames")]
 
 
 def build_api_router(principal_dependency: PrincipalDependency) -> APIRouter:
@@ -88,7 +89,7 @@ def build_api_router(principal_dependency: PrincipalDependency) -> APIRouter:
         principal: Auth,
         start_time: StartTime = None,
         end_time: EndTime = None,
-        model_names: Annotated[str | None, Query(alias="modelNames")] = None,
+        model_names: ModelNames = None,
     ) -> JSONResponse:
         return inference_stats_response(request, principal, start_time, end_time, model_names)
 

@@ -25,7 +25,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from mmagg import __version__
-from mmagg.server.api import build_api_router, inference_stats_response
+from mmagg.server.api import (
+    EndTime,
+    ModelNames,
+    StartTime,
+    build_api_router,
+    inference_stats_response,
+)
 from mmagg.server.db import SESSION_TTL_SECONDS, Database, Principal
 from mmagg.server.errors import ApiError, BodyTooLargeError
 from mmagg.server.metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
@@ -282,11 +288,11 @@ def _routes(session_ttl: float, secure_cookies: bool) -> tuple[APIRouter, APIRou
     def read_stats(
         request: Request,
         principal: Annotated[Principal, Depends(key_principal)],
-        startTime: str | None = None,  # noqa: N803 - Roboflow's query parameter names
-        endTime: str | None = None,  # noqa: N803
-        modelNames: str | None = None,  # noqa: N803
+        start_time: StartTime = None,
+        end_time: EndTime = None,
+        model_names: ModelNames = None,
     ) -> JSONResponse:
-        return inference_stats_response(request, principal, startTime, endTime, modelNames)
+        return inference_stats_response(request, principal, start_time, end_time, model_names)
 
     keyed = APIRouter(prefix="/{workspace}/api")
     keyed.include_router(build_api_router(key_principal))

@@ -517,21 +517,21 @@ def samples(
         .order_by(results.c.ts.desc(), results.c.id.desc())
         .limit(limit)
     )
-    return {
-        "samples": [
+    found = []
+    for row in rows:
+        found.append(
             {
-                "time": iso(ts),
-                "t": ts,
-                "model_id": model,
-                "class_name": name,
-                "confidence": confidence,
-                "inference_id": inference_id,
-                "model_type": model_type,
-                "device_id": device,
-                "source_id": source,
-                "prediction_count": 1 if count is None else int(count),
-                "report_id": int(report_id),
+                "time": iso(row.ts),
+                "t": row.ts,
+                "model_id": row.model_id,
+                "class_name": row.class_name,
+                "confidence": row.confidence,
+                "inference_id": row.inference_id,
+                "model_type": row.model_type,
+                "device_id": row.device_id,
+                "source_id": row.source_id,
+                "prediction_count": 1 if row.stats_count is None else int(row.stats_count),
+                "report_id": int(row.report_id),
             }
-            for ts, model, name, confidence, inference_id, model_type, device, source, count, report_id in rows  # noqa: E501
-        ]
-    }
+        )
+    return {"samples": found}
