@@ -195,3 +195,133 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.01) -> bool:
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+@dataclass
+class ServedApp:
+    """An ASGI app served by uvicorn in a daemon thread on a free loopback port."""
+
+    server: Any
+    thread: threading.Thread
+    url: str
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def serve_app(app: Any, *, log_level: str = "warning", access_log: bool = False) -> ServedApp:
+    """Serve ``app`` with uvicorn and wait until it listens."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app, log_level=log_level, access_log=access_log, lifespan="on", log_config=None
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="uvicorn-reliability", daemon=True
+    )
+    thread.start()
+    if not wait_until(lambda: server.started or not thread.is_alive(), 10):
+        raise RuntimeError("uvicorn did not start")
+    return ServedApp(server, thread, f"http://127.0.0.1:{port}")
+
+
+def add_known_key(db: Any, workspace: str, key: str) -> None:
+    """Register ``key`` (a recognisable canary) for ``workspace``, as ``keys create`` would."""
+    import sqlalchemy as sa
+
+    from mmagg.server.db import KEY_DISPLAY_CHARS, api_keys, hash_secret
+
+    workspace_id = db.ensure_workspace(workspace)
+    with db.write() as conn:
+        conn.execute(
+            sa.insert(api_keys).values(
+                workspace_id=workspace_id,
+                key_hash=hash_secret(key),
+                prefix=key[:KEY_DISPLAY_CHARS],
+                created_at=time.time(),
+            )
+        )
+
+
+def dump_sqlite(path: str) -> str:
+    """Every row of every table of a SQLite file, as text."""
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    try:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        lines = []
+        for table in tables:
+            for row in conn.execute(f'SELECT * FROM "{table}"'):
+                lines.append(f"{table}: {row!r}")
+        return "\n".join(lines)
+    finally:
+        conn.close()
+
+
+@dataclass
+class ServeProcess:
+    """``mmagg serve`` running as a subprocess; its output goes to ``log_path``."""
+
+    proc: Any
+    url: str
+    log_path: Path
+
+    def stop(self) -> str:
+        """Stop the server; its whole output."""
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=10)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        return self.log_path.read_text(errors="replace")
+
+
+def start_mmagg_serve(database_url: str, log_path: Path, *extra: str) -> ServeProcess:
+    """Start ``mmagg serve`` on a free port and wait for ``/healthz``."""
+    import os
+    import subprocess
+
+    port = free_port()
+    log = open(log_path, "wb")  # noqa: SIM115 - closed when the process ends
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from mmagg.cli import main; main()",
+            "serve",
+            "--port",
+            str(port),
+            "--database-url",
+            database_url,
+            *extra,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    log.close()
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mmagg serve exited: {log_path.read_text()}")
+        try:
+            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    if not wait_until(healthy, 30, interval=0.1):
+        proc.kill()
+        raise RuntimeError(f"mmagg serve did not start: {log_path.read_text()}")
+    return ServeProcess(proc, url, log_path)
