@@ -190,7 +190,7 @@ def commands(url: str) -> tuple[int, int]:
             sent += int(value["calls"])
         else:
             inside += int(value["calls"])
-    return sent, inside
+    return max(0, sent - 1), inside  # minus the HELLO of this very connection
 
 
 def reset_stats(url: str) -> None:
