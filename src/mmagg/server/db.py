@@ -345,15 +345,19 @@ class Database:
     def ensure_workspace(self, name: str) -> int:
         """The id of workspace `name`, created if missing."""
         validate_workspace_name(name)
-        with self.write() as conn:
-            found = conn.execute(
-                sa.select(workspaces.c.id).where(workspaces.c.name == name)
-            ).scalar()
-            if found is not None:
-                return int(found)
-            return _inserted_id(
-                conn.execute(sa.insert(workspaces).values(name=name, created_at=time.time()))
-            )
+        find = sa.select(workspaces.c.id).where(workspaces.c.name == name)
+        try:
+            with self.write() as conn:
+                found = conn.execute(find).scalar()
+                if found is not None:
+                    return int(found)
+                return _inserted_id(
+                    conn.execute(sa.insert(workspaces).values(name=name, created_at=time.time()))
+                )
+        except sa.exc.IntegrityError:
+            # Another process created it between our select and insert.
+            with self.read() as conn:
+                return int(conn.execute(find).scalar_one())
 
     def create_key(self, workspace: str) -> str:
         """Create a key for `workspace` (created if missing) and return it; shown only once."""
