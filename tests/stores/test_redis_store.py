@@ -426,3 +426,12 @@ def test_import_mmagg_does_not_import_redis() -> None:
 def test_histogram_bucket_count_matches_lua() -> None:
     # The Lua scripts sum whatever length they get; the wire format says 10.
     assert HISTOGRAM_BUCKETS == 10
+
+
+@pytest.mark.parametrize("name", ["mmagg.stores", "mmagg.stores.memory", "mmagg.stores.redis"])
+def test_docstring_examples_run(name: str) -> None:
+    import doctest
+    import importlib
+
+    failures, tried = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert tried > 0 and failures == 0

@@ -123,10 +123,15 @@ class RedisStore:
             Redis ``TIME`` decides, one clock for every host.
 
     Example:
-        >>> store = RedisStore("redis://localhost:6379/0")  # doctest: +SKIP
-        >>> store.window("line-1").add(batch, model_id="yard/3")  # doctest: +SKIP
-        >>> window = store.claim("line-1", frequency=5)  # None unless this process won
-        ...  # doctest: +SKIP
+        >>> store = RedisStore("redis://:s3cret@localhost:6379/0")  # connects on first use
+        >>> store.shared, store.safe_url
+        (True, 'redis://***@localhost:6379/0')
+        >>> store.keys_for("line-1")[0]
+        'mmagg:{line-1}:best'
+
+        Per frame ``store.window("line-1").add(batch, model_id="yard/3")``; in the
+        reporter, ``store.claim("line-1", frequency=5)`` returns the merged window of
+        every process to the one that wins the interval, ``None`` to the others.
     """
 
     shared = _SharedFlag()
