@@ -37,7 +37,8 @@ from pathlib import Path
 import httpx
 import sqlalchemy as sa
 
-from mmagg.server.db import Database, reports, workspaces
+from mmagg.server.db import Database
+from mmagg.server.tables import reports, workspaces
 
 CLASSES = ("person", "car", "truck", "helmet", "forklift", "bicycle", "dog", "pallet")
 

@@ -46,7 +46,8 @@ DatabaseUrl = Annotated[
 
 
 def _database(url: str) -> Any:
-    from mmagg.server.db import Database, SchemaTooNewError
+    from mmagg.server.db import Database
+    from mmagg.server.tables import SchemaTooNewError
 
     try:
         return Database(url)

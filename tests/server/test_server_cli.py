@@ -18,8 +18,7 @@ from server_support import free_socket
 from typer.testing import CliRunner
 
 from mmagg.cli import app
-from mmagg.server import Database, SchemaTooNewError, migrate
-from mmagg.server import db as tables
+from mmagg.server import Database, SchemaTooNewError, migrate, tables
 
 KEY_RE = re.compile(r"^mmk_[A-Za-z0-9_-]{32}$")
 

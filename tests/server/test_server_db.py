@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from mmagg.server import db as tables
-from mmagg.server.db import Database, WorkspaceNameError, normalize_url
+from mmagg.server import tables
+from mmagg.server.db import KEY_DISPLAY_CHARS, Database, WorkspaceNameError, hash_secret
+from mmagg.server.tables import normalize_url
 
 
 @pytest.mark.parametrize(
@@ -48,7 +49,7 @@ def test_sessions_expire_and_store_only_a_hash(tmp_path: Path) -> None:
         with db.read() as conn:
             stored = conn.execute(sa.select(tables.dashboard_sessions)).all()
         assert all(live not in repr(tuple(row)) for row in stored)
-        assert tables.hash_secret(live) in {row.token_hash for row in stored}
+        assert hash_secret(live) in {row.token_hash for row in stored}
         db.delete_session(live)
         assert db.session_principal(live) is None
     finally:
@@ -70,8 +71,8 @@ def test_revoke_by_prefix_and_unknown_id(tmp_path: Path) -> None:
     try:
         key = db.create_key("acme")
         assert not db.revoke_key(999)
-        assert db.revoke_key(key[: tables.KEY_DISPLAY_CHARS])
+        assert db.revoke_key(key[:KEY_DISPLAY_CHARS])
         assert db.authenticate(key) is None
-        assert not db.revoke_key(key[: tables.KEY_DISPLAY_CHARS])
+        assert not db.revoke_key(key[:KEY_DISPLAY_CHARS])
     finally:
         db.close()

@@ -16,7 +16,8 @@ import sqlalchemy as sa
 from server_payloads import report, result, stats
 from server_support import RunningBackend
 
-from mmagg.server import db as tables
+from mmagg.server import tables
+from mmagg.server.db import KEY_DISPLAY_CHARS
 
 
 def _auth(how: str, key: str) -> dict[str, Any]:
@@ -59,7 +60,7 @@ def _auth_cases(backend: RunningBackend) -> Iterator[tuple[str, dict[str, Any], 
     workspace, key = backend.new_workspace()
     _other, other_key = backend.new_workspace()
     _revoked_ws, revoked_key = backend.new_workspace()
-    assert backend.db.revoke_key(revoked_key[: tables.KEY_DISPLAY_CHARS])
+    assert backend.db.revoke_key(revoked_key[:KEY_DISPLAY_CHARS])
     yield workspace, {}, 401
     yield workspace, {"params": {"api_key": "mmk_" + "x" * 32}}, 401
     yield workspace, {"headers": {"Authorization": "Bearer mmk_wrong"}}, 401
@@ -105,7 +106,7 @@ def test_revoking_a_key_takes_effect_immediately(
 ) -> None:
     workspace, key = backend.new_workspace()
     assert client.get("/", params={"api_key": key}).status_code == 200
-    assert backend.db.revoke_key(key[: tables.KEY_DISPLAY_CHARS])
+    assert backend.db.revoke_key(key[:KEY_DISPLAY_CHARS])
     assert client.get("/", params={"api_key": key}).status_code == 401
     response = client.post(
         f"/{workspace}/inference-stats", params={"api_key": key}, json=report([])

@@ -6,6 +6,7 @@ Example:
 """
 
 from mmagg.server.app import create_app
-from mmagg.server.db import Database, SchemaTooNewError, migrate
+from mmagg.server.db import Database
+from mmagg.server.tables import SchemaTooNewError, migrate
 
 __all__ = ["Database", "SchemaTooNewError", "create_app", "migrate"]

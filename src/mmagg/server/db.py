@@ -1,8 +1,6 @@
-"""Storage for the backend: SQLAlchemy Core tables, the schema version, keys and sessions.
+"""The backend's storage operations: workspaces, API keys, dashboard sessions, reports.
 
-SQLite (a file, WAL) is the default; `postgresql://` URLs use the psycopg 3 driver. Every
-timestamp is stored as float seconds since the epoch (UTC) so that time bucketing is plain
-arithmetic on both engines.
+Tables, migrations and engine set-up live in `mmagg.server.tables`.
 """
 
 from __future__ import annotations
@@ -14,18 +12,25 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.engine import Connection
 
 from mmagg.server.schemas import Report
+from mmagg.server.tables import (
+    api_keys,
+    create_db_engine,
+    dashboard_sessions,
+    migrate,
+    reports,
+    results,
+    workspaces,
+)
 
-SCHEMA_VERSION = 1
 KEY_PREFIX = "mmk_"
 KEY_DISPLAY_CHARS = 8
 SESSION_TTL_SECONDS = 12 * 3600
@@ -33,90 +38,6 @@ SESSION_TTL_SECONDS = 12 * 3600
 # Names the backend routes under; a workspace called like this would be unreachable.
 RESERVED_WORKSPACES = frozenset({"dashboard", "metrics", "healthz", "api", "static", "docs"})
 _WORKSPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-metadata = sa.MetaData()
-
-schema_version = sa.Table(
-    "schema_version",
-    metadata,
-    sa.Column("version", sa.Integer, nullable=False),
-)
-
-workspaces = sa.Table(
-    "workspaces",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("name", sa.String(64), nullable=False, unique=True),
-    sa.Column("created_at", sa.Float(53), nullable=False),
-)
-
-api_keys = sa.Table(
-    "api_keys",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("workspace_id", sa.ForeignKey("workspaces.id"), nullable=False),
-    sa.Column("key_hash", sa.String(64), nullable=False, unique=True),
-    sa.Column("prefix", sa.String(16), nullable=False),
-    sa.Column("created_at", sa.Float(53), nullable=False),
-    sa.Column("revoked_at", sa.Float(53), nullable=True),
-)
-
-reports = sa.Table(
-    "reports",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("workspace_id", sa.ForeignKey("workspaces.id"), nullable=False),
-    sa.Column("received_at", sa.Float(53), nullable=False),
-    sa.Column("ts", sa.Float(53), nullable=False),
-    sa.Column("device_id", sa.String(1024), nullable=True),
-    sa.Column("source", sa.String(1024), nullable=True),
-    sa.Column("source_info", sa.String(1024), nullable=True),
-    sa.Column("inference_server_version", sa.String(1024), nullable=True),
-    sa.Column("system_info", sa.Text, nullable=False),
-    sa.Column("idempotency_key", sa.String(255), nullable=True),
-    sa.Column("frequency", sa.Float(53), nullable=True),
-    sa.Column("extension", sa.Text, nullable=True),
-    sa.Column("result_count", sa.Integer, nullable=False),
-    sa.UniqueConstraint("workspace_id", "idempotency_key", name="uq_reports_idempotency"),
-    sa.Index("ix_reports_workspace_ts", "workspace_id", "ts"),
-)
-
-# workspace_id, ts and device_id are copied from the report so that every read query is a
-# single-table range scan on (workspace_id, model_id, ts).
-results = sa.Table(
-    "results",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column(
-        "report_id", sa.ForeignKey("reports.id", ondelete="CASCADE"), nullable=False, index=True
-    ),
-    sa.Column("workspace_id", sa.Integer, nullable=False),
-    sa.Column("ts", sa.Float(53), nullable=False),
-    sa.Column("device_id", sa.String(1024), nullable=True),
-    sa.Column("model_id", sa.String(1024), nullable=False),
-    sa.Column("class_name", sa.String(1024), nullable=False),
-    sa.Column("confidence", sa.Float(53), nullable=False),
-    sa.Column("inference_id", sa.String(1024), nullable=True),
-    sa.Column("model_type", sa.String(1024), nullable=True),
-    sa.Column("source_id", sa.String(1024), nullable=True),
-    sa.Column("stats_count", sa.Integer, nullable=True),
-    sa.Column("stats_sum", sa.Float(53), nullable=True),
-    sa.Column("stats_min", sa.Float(53), nullable=True),
-    sa.Column("stats_max", sa.Float(53), nullable=True),
-    sa.Column("stats_histogram", sa.Text, nullable=True),
-    sa.Index("ix_results_ws_model_ts", "workspace_id", "model_id", "ts"),
-    sa.Index("ix_results_ws_ts", "workspace_id", "ts"),
-)
-
-dashboard_sessions = sa.Table(
-    "dashboard_sessions",
-    metadata,
-    sa.Column("token_hash", sa.String(64), primary_key=True),
-    sa.Column("workspace_id", sa.ForeignKey("workspaces.id"), nullable=False),
-    sa.Column("created_at", sa.Float(53), nullable=False),
-    sa.Column("expires_at", sa.Float(53), nullable=False),
-)
-
 
 # Built once: constructing a statement per request costs more than executing it.
 _AUTH_QUERY = (
@@ -159,93 +80,8 @@ class _WriteSql:
         )
 
 
-class SchemaTooNewError(RuntimeError):
-    """The database was written by a newer mmagg than this one."""
-
-
 class WorkspaceNameError(ValueError):
     """A workspace name that cannot be used in a URL path."""
-
-
-def normalize_url(database_url: str) -> str:
-    """Map plain `postgresql://` / `postgres://` URLs to the psycopg 3 driver."""
-    for scheme in ("postgresql://", "postgres://"):
-        if database_url.startswith(scheme):
-            return "postgresql+psycopg://" + database_url[len(scheme) :]
-    return database_url
-
-
-def create_db_engine(database_url: str) -> Engine:
-    """An engine for `database_url`, with SQLite tuned for one writer and many readers.
-
-    Example:
-        >>> engine = create_db_engine("sqlite://")
-        >>> engine.dialect.name
-        'sqlite'
-    """
-    url = sa.make_url(normalize_url(database_url))
-    if url.get_backend_name() != "sqlite":
-        return sa.create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
-    in_memory = url.database in (None, "", ":memory:")
-    engine = sa.create_engine(
-        url,
-        connect_args={"check_same_thread": False, "timeout": 30},
-        poolclass=StaticPool if in_memory else None,
-    )
-
-    @sa.event.listens_for(engine, "connect")
-    def _pragmas(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        if not in_memory:
-            cursor.execute("PRAGMA journal_mode=WAL")
-        # NORMAL is durable across application crashes in WAL mode; only an OS crash can
-        # lose the last commits, which the client's retry + idempotency key then covers.
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.close()
-
-    return engine
-
-
-def _step_1(conn: Connection) -> None:
-    metadata.create_all(conn)
-
-
-# Step n upgrades a database at version n - 1 to version n; append, never edit.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _step_1}
-
-
-def current_version(conn: Connection) -> int:
-    """The schema version stored in the database, 0 for an empty database."""
-    if not sa.inspect(conn).has_table("schema_version"):
-        return 0
-    version = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
-    return int(version or 0)
-
-
-def migrate(engine: Engine) -> int:
-    """Upgrade the database step by step to `SCHEMA_VERSION` and return the version.
-
-    Raises `SchemaTooNewError` for a database written by a newer release, so that an old
-    binary never writes into a schema it does not know.
-
-    Example:
-        >>> migrate(create_db_engine("sqlite://"))
-        1
-    """
-    with engine.begin() as conn:
-        version = current_version(conn)
-        if version > SCHEMA_VERSION:
-            raise SchemaTooNewError(
-                f"database schema version is {version}, this mmagg supports up to "
-                f"{SCHEMA_VERSION}; upgrade mmagg"
-            )
-        for step in range(version + 1, SCHEMA_VERSION + 1):
-            MIGRATIONS[step](conn)
-            conn.execute(sa.delete(schema_version))
-            conn.execute(sa.insert(schema_version).values(version=step))
-    return SCHEMA_VERSION
 
 
 def hash_secret(secret: str) -> str:

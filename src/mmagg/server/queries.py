@@ -22,8 +22,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from mmagg.server.db import reports, results
 from mmagg.server.schemas import HISTOGRAM_BUCKETS
+from mmagg.server.tables import reports, results
 
 MAX_SERIES_POINTS = 20_000
 
