@@ -2,7 +2,7 @@
 
 Example:
     >>> from mmagg.server import create_app
-    >>> app = create_app("sqlite:///mmagg.db")  # serve with: mmagg serve
+    >>> app = create_app("sqlite://")  # in memory; `mmagg serve` uses sqlite:///mmagg.db
 """
 
 from mmagg.server.app import create_app

@@ -1,0 +1,24 @@
+"""The examples in the backend's docstrings run."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = [
+    "mmagg.server",
+    "mmagg.server.app",
+    "mmagg.server.db",
+    "mmagg.server.demo",
+    "mmagg.server.runner",
+    "mmagg.server.tables",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name: str) -> None:
+    module = importlib.import_module(name)
+    failed, _attempted = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert failed == 0
