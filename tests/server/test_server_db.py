@@ -52,6 +52,9 @@ def test_sessions_expire_and_store_only_a_hash(tmp_path: Path) -> None:
         assert hash_secret(live) in {row.token_hash for row in stored}
         db.delete_session(live)
         assert db.session_principal(live) is None
+        again = db.create_session(principal)
+        assert db.revoke_key(principal.key_id)
+        assert db.session_principal(again) is None, "revoking the key ends its sessions"
     finally:
         db.close()
 

@@ -328,3 +328,14 @@ def test_dashboard_endpoints_need_a_session(client: httpx.Client) -> None:
         assert response.status_code == 401, path
     client.cookies.set("mmagg_session", "forged")
     assert client.get("/dashboard/api/models").status_code == 401
+
+
+def test_revoking_the_key_ends_its_dashboard_sessions(
+    backend: RunningBackend, client: httpx.Client
+) -> None:
+    _workspace, key = backend.new_workspace()
+    assert client.post("/dashboard/api/login", json={"api_key": key}).status_code == 200
+    assert client.get("/dashboard/api/me").status_code == 200
+    assert backend.db.revoke_key(key[:8])
+    assert client.get("/dashboard/api/me").status_code == 401
+    assert client.post("/dashboard/api/login", json={"api_key": key}).status_code == 401

@@ -41,7 +41,7 @@ _WORKSPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 # Built once: constructing a statement per request costs more than executing it.
 _AUTH_QUERY = (
-    sa.select(api_keys.c.key_hash, workspaces.c.id, workspaces.c.name)
+    sa.select(api_keys.c.key_hash, workspaces.c.id, workspaces.c.name, api_keys.c.id)
     .join(workspaces, workspaces.c.id == api_keys.c.workspace_id)
     .where(api_keys.c.key_hash == sa.bindparam("digest"), api_keys.c.revoked_at.is_(None))
 )
@@ -117,10 +117,11 @@ class KeyInfo:
 
 @dataclass(frozen=True)
 class Principal:
-    """Who a key or session belongs to."""
+    """Who a key or session belongs to, and through which key."""
 
     workspace_id: int
     workspace: str
+    key_id: int
 
 
 @dataclass(frozen=True)
@@ -253,7 +254,7 @@ class Database:
         # check independent of how the database compares strings.
         if row is None or not hmac.compare_digest(row[0], digest):
             return None
-        return Principal(workspace_id=int(row[1]), workspace=str(row[2]))
+        return Principal(workspace_id=int(row[1]), workspace=str(row[2]), key_id=int(row[3]))
 
     # sessions
 
@@ -267,6 +268,7 @@ class Database:
                 sa.insert(dashboard_sessions).values(
                     token_hash=hash_secret(token),
                     workspace_id=principal.workspace_id,
+                    api_key_id=principal.key_id,
                     created_at=now,
                     expires_at=now + ttl,
                 )
@@ -274,18 +276,20 @@ class Database:
         return token
 
     def session_principal(self, token: str) -> Principal | None:
-        """The workspace of a live session token, or None."""
+        """The principal of a live session token: not expired, its key not revoked."""
         query = (
-            sa.select(workspaces.c.id, workspaces.c.name)
+            sa.select(workspaces.c.id, workspaces.c.name, api_keys.c.id)
             .join(dashboard_sessions, dashboard_sessions.c.workspace_id == workspaces.c.id)
+            .join(api_keys, api_keys.c.id == dashboard_sessions.c.api_key_id)
             .where(
                 dashboard_sessions.c.token_hash == hash_secret(token),
                 dashboard_sessions.c.expires_at > time.time(),
+                api_keys.c.revoked_at.is_(None),
             )
         )
         with self.read() as conn:
             row = conn.execute(query).first()
-        return None if row is None else Principal(int(row[0]), str(row[1]))
+        return None if row is None else Principal(int(row[0]), str(row[1]), int(row[2]))
 
     def delete_session(self, token: str) -> None:
         """End a session (logout)."""

@@ -95,6 +95,8 @@ dashboard_sessions = sa.Table(
     metadata,
     sa.Column("token_hash", sa.String(64), primary_key=True),
     sa.Column("workspace_id", sa.ForeignKey("workspaces.id"), nullable=False),
+    # The key the session was opened with: revoking it ends the session too.
+    sa.Column("api_key_id", sa.ForeignKey("api_keys.id"), nullable=False),
     sa.Column("created_at", sa.Float(53), nullable=False),
     sa.Column("expires_at", sa.Float(53), nullable=False),
 )
