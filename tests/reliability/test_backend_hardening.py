@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import strategies as st
 from reliability_support import SECRET_KEY, ServedApp, add_known_key, serve_app
 
 OTHER_KEY = "mmk_SECRET_CANARY_other_111111111111"
@@ -277,3 +278,104 @@ def test_schemathesis_no_server_errors_and_schema_conformance(tmp_path: Path) ->
         run()
     db.close()
     assert not failures, "\n".join(failures[:10])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="server: the OpenAPI omits POST /{workspace}/inference-stats (the ingest reads "
+    "the raw body) and documents no 200 schema for the JSON API (JSONResponse without a "
+    "response_model) nor its 401/403/413 answers, so schemathesis can neither reach ingest "
+    "nor check response shapes (a /models answering {'unexpected': 1} passes)",
+)
+def test_openapi_documents_ingest_and_response_schemas() -> None:
+    from mmagg.server import create_app
+
+    spec = create_app("sqlite://").openapi()
+    assert "post" in spec["paths"]["/{workspace}/inference-stats"]
+    models = spec["paths"]["/{workspace}/api/models"]["get"]["responses"]
+    assert models["200"]["content"]["application/json"]["schema"] not in ({}, None)
+    assert {"401", "403"} <= set(models)
+
+
+SCALAR = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**80), 2**80),
+    st.floats(),
+    st.text(max_size=30),
+    st.sampled_from(INJECTIONS),
+)
+VALUE = st.recursive(
+    SCALAR,
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+    max_leaves=8,
+)
+FIELDS = [
+    "class_name",
+    "confidence",
+    "inference_id",
+    "model_type",
+    "model_id",
+    "source_id",
+    "stats",
+]
+TOP = ["timestamp", "device_id", "inference_results", "mmagg", "source", "platform"]
+
+
+@st.composite
+def mutated_reports(draw: st.DrawFn) -> Any:
+    body: Any = report([result("car"), result("person", stats=None)])
+    body["inference_results"][1].pop("stats")
+    for _ in range(draw(st.integers(0, 4))):
+        where = draw(st.sampled_from(["top", "result", "whole"]))
+        if not isinstance(body, dict):
+            break
+        if where == "top":
+            body[draw(st.sampled_from(TOP))] = draw(VALUE)
+        elif where == "result" and isinstance(body.get("inference_results"), list):
+            items = body["inference_results"]
+            if items and isinstance(items[0], dict):
+                items[0][draw(st.sampled_from(FIELDS))] = draw(VALUE)
+        else:
+            body = draw(VALUE)
+    return body
+
+
+def test_ingest_fuzz_never_answers_5xx(tmp_path: Path) -> None:
+    """The ingest is missing from the OpenAPI, so schemathesis cannot reach it: hypothesis
+    mutates valid reports instead. Any answer but a 5xx is fine; a 200 must be readable."""
+    from hypothesis import HealthCheck, given, settings
+
+    from mmagg.server import Database, create_app
+
+    db = Database(f"sqlite:///{tmp_path / 'fuzz.db'}")
+    add_known_key(db, "acme", SECRET_KEY)
+    seen: dict[int, int] = {}
+    served = serve_app(create_app(db=db))
+    with httpx.Client(base_url=served.url, timeout=10) as http:
+
+        @settings(
+            max_examples=120,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(body=mutated_reports())
+        def run(body: Any) -> None:
+            try:
+                content = json.dumps(body, allow_nan=True).encode()
+            except (ValueError, OverflowError):
+                return
+            response = http.post(
+                "/acme/inference-stats", params={"api_key": SECRET_KEY}, content=content
+            )
+            seen[response.status_code] = seen.get(response.status_code, 0) + 1
+            assert response.status_code < 500, (content[:300], response.text[:300])
+
+        run()
+        read = http.get("/acme/api/samples", params={"api_key": SECRET_KEY, "limit": 1000})
+        assert read.status_code == 200
+    served.stop()
+    db.close()
+    assert seen.get(200) and seen.get(422), seen
