@@ -249,7 +249,11 @@ class Aggregator:
                     seen_at=now,
                 )
                 self._reporter.tally.add("collected", taken)
-            if int(now - self._last_report) < self.frequency:
+            if self._store.shared:
+                in_range = self._reporter.should_claim(self.frequency)
+            else:
+                in_range = int(now - self._last_report) >= self.frequency
+            if not in_range:
                 return {"error_status": False, "message": MESSAGE_NOT_IN_RANGE}
             self._last_report = now
             if not self._store.shared:

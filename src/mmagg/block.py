@@ -246,7 +246,12 @@ class ModelMonitoringInferenceAggregatorBlockV1:
                     batch, model_id=model_id, seen_at=now
                 )
                 reporter.tally.add("collected", taken)
-            if not self._is_in_reporting_range(unique_aggregator_key, interval, now):
+            if self._store.shared:
+                # One interval for all processes: the store's clock decides (no I/O here).
+                in_range = reporter.should_claim(interval)
+            else:
+                in_range = self._is_in_reporting_range(unique_aggregator_key, interval, now)
+            if not in_range:
                 return {"error_status": False, "message": MESSAGE_NOT_IN_RANGE}
             if not self._store.shared:
                 reporter.submit(self._store.take(unique_aggregator_key))

@@ -166,6 +166,7 @@ class Reporter:
         self._last_outcome: Outcome | None = None
         self._window_started = self._clock()
         self._claim_requested: float | None = None
+        self._claim_in_progress = False
 
     def _check_fork(self) -> None:
         if os.getpid() != self._pid:
@@ -185,6 +186,10 @@ class Reporter:
         _ = self.client
         system_info()
         inference_server_version()
+
+    def should_claim(self, frequency: float) -> bool:
+        """Without I/O: whether a caller should ask for a claim of the shared interval now."""
+        return not self._claim_in_progress and self.store.due(self.key, frequency)
 
     def counters(self) -> Counters:
         return self.tally.snapshot()
@@ -222,6 +227,9 @@ class Reporter:
         if not fire_and_forget:
             outcome = task() if self.store.shared else self.drain(blocking=True)
             return outcome or (False, MESSAGE_NOT_IN_RANGE)
+        if self.store.shared:
+            # One claim queued at a time: callers see "not in range" until it has run.
+            self._claim_in_progress = True
         if background_tasks is not None:
             background_tasks.add_task(task)
         elif executor is not None:
@@ -239,6 +247,8 @@ class Reporter:
         except Exception as exc:  # the store reports its own outages; never raise here
             logger.warning("mmagg: interval claim failed: %s", redact(str(exc)))
             return None
+        finally:
+            self._claim_in_progress = False
         if window is None:
             return None
         self.submit(window)

@@ -221,6 +221,30 @@ class Window:
             else:
                 mine.merge_in(item)
 
+    def drain(self) -> Window:
+        """Move everything collected so far into a new window and leave this one empty.
+
+        The object stays the same, so a caller holding it never adds to a taken window.
+
+        Example:
+            >>> from mmagg.predictions import to_batch
+            >>> w = Window()
+            >>> batch = to_batch({"predictions": [{"class": "x", "confidence": 0.5}]})
+            >>> _ = w.add(batch, model_id="m")
+            >>> taken = w.drain()
+            >>> len(taken), len(w)
+            (1, 0)
+        """
+        out = Window(max_classes=self.max_classes)
+        with self._lock:
+            out._best, self._best = self._best, {}
+            out._stats, self._stats = self._stats, {}
+            out._chunks, self._chunks = self._chunks, []
+            out._buffered, self._buffered = self._buffered, 0
+            out.rejected_nonfinite, self.rejected_nonfinite = self.rejected_nonfinite, 0
+            out.dropped_max_classes, self.dropped_max_classes = self.dropped_max_classes, 0
+        return out
+
     # -- reading -----------------------------------------------------------------------------
 
     def snapshot(self) -> tuple[dict[Key, Sample], dict[Key, ClassStats], int, int]:

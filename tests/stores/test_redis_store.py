@@ -405,8 +405,9 @@ def test_keys_carry_prefix_and_ttl(redis_url: str, stores: list[RedisStore]) -> 
 
 
 def test_shared_instance_and_resolution(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = RedisStore.shared(redis_url)
-    assert store is RedisStore.shared(redis_url) is RedisStore.for_url(redis_url)
+    store = RedisStore.for_url(redis_url)
+    assert store is RedisStore.for_url(redis_url)
+    assert store.shared is True
     assert store.shared is True
     assert isinstance(store, Store)
     assert resolve_store(redis_url) is store

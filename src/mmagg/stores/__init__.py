@@ -26,4 +26,4 @@ def resolve_store(store: Store | str | None = None) -> Store:
         return default_store()
     from mmagg.stores.redis import RedisStore  # optional extra: mmagg[redis]
 
-    return RedisStore.shared(url)
+    return RedisStore.for_url(url)

@@ -74,10 +74,12 @@ class MemoryStore:
         """Nothing to release: windows stay until taken."""
 
     def _swap(self, key: str) -> Window:
-        taken = self._windows.get(key)
-        self._windows[key] = Window(max_classes=self._max_classes)
-        # Not `or`: an empty window is falsy (len 0) yet may carry rejection counts.
-        return taken if taken is not None else Window(max_classes=self._max_classes)
+        window = self._windows.get(key)
+        if window is None:
+            return Window(max_classes=self._max_classes)
+        # Drained in place, never replaced: a caller that fetched the window just before
+        # the take keeps adding to the live one.
+        return window.drain()
 
     def _reset_after_fork(self) -> None:
         # A forked child must not re-send what its parent collected.

@@ -27,7 +27,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, overload
+from typing import Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -60,43 +60,6 @@ COUNTERS = (
     "local_claims",  # intervals reported from the local clock while degraded
     "given_back",  # failed reports merged back into Redis
 )
-
-
-class _LocalWindow(Window):
-    """The per-process window of one key: stays the same object, emptied by :meth:`drain`.
-
-    Never swapping the object means a caller holding it can never add to an orphan.
-    """
-
-    def drain(self) -> Window:
-        """Move everything collected so far into a new window (folded outside the lock)."""
-        out = Window(max_classes=self.max_classes)
-        with self._lock:
-            out._best, self._best = self._best, {}
-            out._stats, self._stats = self._stats, {}
-            out._chunks, self._chunks = self._chunks, []
-            out._buffered, self._buffered = self._buffered, 0
-            out.rejected_nonfinite, self.rejected_nonfinite = self.rejected_nonfinite, 0
-            out.dropped_max_classes, self.dropped_max_classes = self.dropped_max_classes, 0
-        return out
-
-
-class _SharedFlag:
-    """``store.shared`` is ``True``; ``RedisStore.shared(url)`` is the process-wide store."""
-
-    @overload
-    def __get__(self, obj: None, owner: type[RedisStore]) -> Callable[[str], RedisStore]: ...
-
-    @overload
-    def __get__(self, obj: RedisStore, owner: type[RedisStore] | None = None) -> bool: ...
-
-    def __get__(
-        self, obj: RedisStore | None, owner: type[RedisStore] | None = None
-    ) -> bool | Callable[[str], RedisStore]:
-        if obj is None:
-            assert owner is not None
-            return owner.for_url
-        return True
 
 
 class RedisStore:
@@ -134,7 +97,7 @@ class RedisStore:
         every process to the one that wins the interval, ``None`` to the others.
     """
 
-    shared = _SharedFlag()
+    shared = True
 
     BEST_KEY: ClassVar[str] = "{prefix}:{{{key}}}:best"
     STATS_KEY: ClassVar[str] = "{prefix}:{{{key}}}:stats"
@@ -181,7 +144,6 @@ class RedisStore:
     def for_url(cls, url: str) -> RedisStore:
         """The process-wide store for ``url`` (what ``MMAGG_REDIS_URL`` resolves to).
 
-        Also reachable as ``RedisStore.shared(url)``.
 
         Example:
             >>> RedisStore.for_url("redis://localhost/0") is RedisStore.for_url(
@@ -201,7 +163,7 @@ class RedisStore:
         self._pid = os.getpid()
         self._client: redis.Redis | None = None
         self._scripts: dict[str, Any] = {}
-        self._windows: dict[str, _LocalWindow] = {}
+        self._windows: dict[str, Window] = {}
         self._lock = threading.Lock()
         # At most one round trip in flight: pushes, claims, takes and give-backs take turns.
         self._io_lock = threading.Lock()
@@ -528,11 +490,11 @@ class RedisStore:
 
     # -- local state -------------------------------------------------------------------------
 
-    def _local(self, key: str) -> _LocalWindow:
+    def _local(self, key: str) -> Window:
         window = self._windows.get(key)
         if window is None:
             with self._lock:
-                window = self._windows.setdefault(key, _LocalWindow(max_classes=self.max_classes))
+                window = self._windows.setdefault(key, Window(max_classes=self.max_classes))
         return window
 
     def _local_now(self) -> float:
