@@ -370,7 +370,7 @@ def test_extensions_and_system_info_are_stored(backend: RunningBackend) -> None:
     assert (row.model_id, row.class_name, row.source_id) == ("yard/3", "car", "cam-2")
     assert (row.stats_count, row.stats_min, row.stats_max) == (3, 0.31, 0.97)
     assert row.stats_sum == pytest.approx(sum(confidences))
-    assert json.loads(row.stats_histogram) == stats(confidences)["histogram"]
+    assert [row._mapping[f"hist_{i}"] for i in range(10)] == stats(confidences)["histogram"]
 
 
 def test_api_key_is_stored_only_as_its_hash(backend: RunningBackend, client: httpx.Client) -> None:

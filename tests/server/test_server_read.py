@@ -339,3 +339,36 @@ def test_revoking_the_key_ends_its_dashboard_sessions(
     assert backend.db.revoke_key(key[:8])
     assert client.get("/dashboard/api/me").status_code == 401
     assert client.post("/dashboard/api/login", json={"api_key": key}).status_code == 401
+
+
+def test_sql_buckets_agree_with_the_wire_format_at_the_edges(
+    backend: RunningBackend, client: httpx.Client
+) -> None:
+    from mmagg.server.queries import confidence_bucket
+
+    workspace, key = backend.new_workspace()
+    edges = [-0.5, -0.0, 0.0, 0.1, 0.19999999999999998, 0.3, 0.7, 0.9, 0.9999999, 1.0, 1.7]
+    edges += [i / 10 for i in range(11)] + [0.29999999999999993, 0.6000000000000001]
+    body = report([result(f"c{i}", c, "edge/1") for i, c in enumerate(edges)], timestamp=BASE)
+    _post(client, workspace, key, body)
+    answer = client.get(
+        f"/{workspace}/api/histogram", params={"api_key": key, "model": "edge/1", **RANGE}
+    ).json()
+    got = {c["class_name"]: c["counts"].index(1) for c in answer["classes"]}
+    assert got == {f"c{i}": confidence_bucket(c) for i, c in enumerate(edges)}
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 5, 8, 11])
+def test_median_for_odd_and_even_counts(
+    backend: RunningBackend, client: httpx.Client, count: int
+) -> None:
+    rng = random.Random(count)
+    workspace, key = backend.new_workspace()
+    values = [round(rng.random(), 6) for _ in range(count)]
+    for i, value in enumerate(values):
+        body = report([result("x", value, "med/1")], timestamp=BASE + timedelta(seconds=i))
+        _post(client, workspace, key, body)
+    answer = client.get(f"/{workspace}/inference-stats", params={"api_key": key, **RANGE}).json()
+    (item,) = answer["inference_stats"]
+    assert item["median_confidence"] == pytest.approx(statistics.median(values))
+    assert item["num_inferences"] == count

@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from mmagg.server.schemas import Report
+from mmagg.server.schemas import HISTOGRAM_BUCKETS, Report
 from mmagg.server.tables import (
     api_keys,
     create_db_engine,
@@ -375,6 +375,9 @@ def _inserted_id(result: sa.CursorResult[Any]) -> int:
     return int(key[0])
 
 
+_NO_HISTOGRAM = (None,) * HISTOGRAM_BUCKETS
+
+
 def _result_rows(
     report: Report, report_id: int, workspace_id: int, ts: float
 ) -> list[tuple[Any, ...]]:
@@ -398,7 +401,7 @@ def _result_rows(
                 stats.sum if stats else None,
                 stats.min if stats else None,
                 stats.max if stats else None,
-                json.dumps(stats.histogram) if stats else None,
+                *(stats.histogram if stats else _NO_HISTOGRAM),
             )
         )
     return rows

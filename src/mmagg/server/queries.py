@@ -11,7 +11,6 @@ extension also stands for `stats.count` predictions; one without stands for itse
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -75,34 +74,79 @@ def histogram_median(histogram: Sequence[int]) -> float | None:
     return 1.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Group:
-    confidences: list[float]
-    predictions: int = 0
-    prediction_sum: float = 0.0
+    results: int
+    confidence_sum: float
+    predictions: int
+    prediction_sum: float
+    median: float | None = None
 
 
 def _groups(
-    conn: Connection, workspace_id: int, span: TimeRange, model_names: Sequence[str]
+    conn: Connection,
+    workspace_id: int,
+    span: TimeRange,
+    model_names: Sequence[str],
+    with_median: bool,
 ) -> dict[tuple[str, str], _Group]:
-    query = sa.select(
-        results.c.model_id,
-        results.c.class_name,
-        results.c.confidence,
-        results.c.stats_count,
-        results.c.stats_sum,
-    ).where(*_in_range(workspace_id, span))
+    where = _in_range(workspace_id, span)
     if model_names:
-        query = query.where(results.c.model_id.in_(model_names))
-    groups: dict[tuple[str, str], _Group] = {}
-    for model_id, class_name, confidence, count, total in conn.execute(query):
-        group = groups.get((model_id, class_name))
-        if group is None:
-            group = groups[(model_id, class_name)] = _Group([])
-        group.confidences.append(confidence)
-        group.predictions += 1 if count is None else count
-        group.prediction_sum += confidence if total is None else total
-    return groups
+        where.append(results.c.model_id.in_(model_names))
+    rows = conn.execute(
+        sa.select(
+            results.c.model_id,
+            results.c.class_name,
+            sa.func.count(),
+            sa.func.sum(results.c.confidence),
+            sa.func.sum(sa.func.coalesce(results.c.stats_count, 1)),
+            sa.func.sum(sa.func.coalesce(results.c.stats_sum, results.c.confidence)),
+        )
+        .where(*where)
+        .group_by(results.c.model_id, results.c.class_name)
+    )
+    medians = _medians(conn, where) if with_median else {}
+    return {
+        (model_id, class_name): _Group(
+            int(count),
+            float(total),
+            int(predictions),
+            float(prediction_sum),
+            medians.get((model_id, class_name)),
+        )
+        for model_id, class_name, count, total, predictions, prediction_sum in rows
+    }
+
+
+def _medians(conn: Connection, where: list[sa.ColumnElement[bool]]) -> dict[tuple[str, str], float]:
+    """Exact median confidence per (model, class), in one sorted pass in the database.
+
+    Neither engine shares a median aggregate, but both rank rows with window functions:
+    the median is the mean of the middle one (odd count) or two (even count) ranks.
+    """
+    group = (results.c.model_id, results.c.class_name)
+    ranked = (
+        sa.select(
+            results.c.model_id,
+            results.c.class_name,
+            results.c.confidence,
+            sa.func.row_number()
+            .over(partition_by=group, order_by=results.c.confidence)
+            .label("rank"),
+            sa.func.count().over(partition_by=group).label("n"),
+        )
+        .where(*where)
+        .subquery()
+    )
+    rows = conn.execute(
+        sa.select(ranked.c.model_id, ranked.c.class_name, sa.func.avg(ranked.c.confidence))
+        .where(
+            ranked.c["rank"] >= (ranked.c.n + 1) // 2,
+            ranked.c["rank"] <= (ranked.c.n + 2) // 2,
+        )
+        .group_by(ranked.c.model_id, ranked.c.class_name)
+    )
+    return {(model_id, class_name): float(median) for model_id, class_name, median in rows}
 
 
 def inference_stats(
@@ -113,10 +157,10 @@ def inference_stats(
     `num_inferences`, `avg_confidence`, `median_confidence` are over the sampled results;
     `class_count` counts predictions (stats when present); `prev_*` are the same numbers for
     the period of equal length just before. Fields mmagg cannot know (errors, response
-    times) are null.
+    times) are null. Every aggregate runs in the database.
     """
-    current = _groups(conn, workspace_id, span, model_names)
-    previous = _groups(conn, workspace_id, span.previous(), model_names)
+    current = _groups(conn, workspace_id, span, model_names, with_median=True)
+    previous = _groups(conn, workspace_id, span.previous(), model_names, with_median=False)
     items = []
     for model_id, class_name in sorted(current):
         group = current[(model_id, class_name)]
@@ -125,13 +169,13 @@ def inference_stats(
             {
                 "model_name": model_id,
                 "predicted_class": class_name,
-                "num_inferences": len(group.confidences),
-                "prev_num_inferences": len(prev.confidences) if prev else 0,
+                "num_inferences": group.results,
+                "prev_num_inferences": prev.results if prev else 0,
                 "num_errors": None,
                 "prev_num_errors": None,
-                "avg_confidence": statistics.fmean(group.confidences),
-                "prev_avg_confidence": statistics.fmean(prev.confidences) if prev else None,
-                "median_confidence": statistics.median(group.confidences),
+                "avg_confidence": group.confidence_sum / group.results,
+                "prev_avg_confidence": prev.confidence_sum / prev.results if prev else None,
+                "median_confidence": group.median,
                 "avg_response_time": None,
                 "prev_avg_response_time": None,
                 "class_count": group.predictions,
@@ -142,8 +186,9 @@ def inference_stats(
         )
 
     def overall(groups: dict[tuple[str, str], _Group]) -> tuple[int, float | None]:
-        values = [c for g in groups.values() for c in g.confidences]
-        return len(values), (statistics.fmean(values) if values else None)
+        count = sum(g.results for g in groups.values())
+        total = sum(g.confidence_sum for g in groups.values())
+        return count, (total / count if count else None)
 
     num, avg = overall(current)
     prev_num, prev_avg = overall(previous)
@@ -426,6 +471,19 @@ def timeseries(
     }
 
 
+def _sample_bucket(conn: Connection) -> sa.ColumnElement[Any]:
+    """`confidence_bucket` in SQL: [i/10, (i+1)/10), clamped to 0..9."""
+    scaled = results.c.confidence * HISTOGRAM_BUCKETS
+    floor = (
+        sa.func.floor(scaled) if conn.dialect.name == "postgresql" else sa.cast(scaled, sa.Integer)
+    )
+    return sa.case(
+        (results.c.confidence < 0, 0),
+        (scaled >= HISTOGRAM_BUCKETS - 1, HISTOGRAM_BUCKETS - 1),
+        else_=floor,
+    )
+
+
 def histogram(
     conn: Connection,
     workspace_id: int,
@@ -440,42 +498,46 @@ def histogram(
     A result with `stats` contributes its whole `stats.histogram`; one without contributes
     its sampled confidence once.
     """
+    bucket = _sample_bucket(conn)
+    sampled = results.c.stats_count.is_(None)
+    sums = [
+        sa.func.sum(
+            sa.func.coalesce(
+                results.c[f"hist_{i}"], sa.case((sa.and_(sampled, bucket == i), 1), else_=0)
+            )
+        )
+        for i in range(HISTOGRAM_BUCKETS)
+    ]
     rows = conn.execute(
-        sa.select(results.c.class_name, results.c.confidence, results.c.stats_histogram)
+        sa.select(
+            results.c.class_name, sa.func.count(), sa.func.count(results.c.stats_count), *sums
+        )
         .where(
             *_in_range(workspace_id, span),
             *_filters(model_id, class_names, source_id, device_id),
         )
+        .group_by(results.c.class_name)
         .order_by(results.c.class_name)
     )
-    counts: dict[str, list[int]] = {}
-    from_stats: dict[str, int] = defaultdict(int)
-    result_counts: dict[str, int] = defaultdict(int)
-    for name, confidence, stored in rows:
-        buckets = counts.setdefault(name, [0] * HISTOGRAM_BUCKETS)
-        result_counts[name] += 1
-        if stored is None:
-            buckets[confidence_bucket(confidence)] += 1
-            continue
-        from_stats[name] += 1
-        for index, value in enumerate(json.loads(stored)):
-            buckets[index] += value
-    return {
-        "model_id": model_id,
-        "start_time": iso(span.start),
-        "end_time": iso(span.end),
-        "bin_edges": [i / HISTOGRAM_BUCKETS for i in range(HISTOGRAM_BUCKETS + 1)],
-        "classes": [
+    items = []
+    for name, result_count, with_stats, *counts in rows:
+        buckets = [int(c) for c in counts]
+        items.append(
             {
                 "class_name": name,
                 "counts": buckets,
                 "total": sum(buckets),
                 "median_estimate": histogram_median(buckets),
-                "result_count": result_counts[name],
-                "results_with_stats": from_stats[name],
+                "result_count": int(result_count),
+                "results_with_stats": int(with_stats),
             }
-            for name, buckets in counts.items()
-        ],
+        )
+    return {
+        "model_id": model_id,
+        "start_time": iso(span.start),
+        "end_time": iso(span.end),
+        "bin_edges": [i / HISTOGRAM_BUCKETS for i in range(HISTOGRAM_BUCKETS + 1)],
+        "classes": items,
     }
 
 

@@ -14,6 +14,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import StaticPool
 
+from mmagg.server.schemas import HISTOGRAM_BUCKETS
+
 SCHEMA_VERSION = 1
 
 metadata = sa.MetaData()
@@ -85,7 +87,8 @@ results = sa.Table(
     sa.Column("stats_sum", sa.Float(53), nullable=True),
     sa.Column("stats_min", sa.Float(53), nullable=True),
     sa.Column("stats_max", sa.Float(53), nullable=True),
-    sa.Column("stats_histogram", sa.Text, nullable=True),
+    # stats.histogram as ten columns, so that reads sum them in SQL.
+    *(sa.Column(f"hist_{i}", sa.Integer, nullable=True) for i in range(HISTOGRAM_BUCKETS)),
     sa.Index("ix_results_ws_model_ts", "workspace_id", "model_id", "ts"),
     sa.Index("ix_results_ws_ts", "workspace_id", "ts"),
 )
