@@ -268,8 +268,12 @@ def main() -> int:
     if args.smoke:
         args.duration = 3.0
         args.clients = min(args.clients, 8)
+    with tempfile.TemporaryDirectory(prefix="mmagg-bench-") as tmp:
+        return run(args, Path(tmp))
 
-    directory = Path(tempfile.mkdtemp(prefix="mmagg-bench-"))
+
+def run(args: argparse.Namespace, directory: Path) -> int:
+    """One benchmark run with its database in `directory`; the exit status."""
     database_url = f"sqlite:///{directory / 'bench.db'}"
     db = Database(database_url)
     workspace = "bench"
