@@ -9,8 +9,9 @@ exactly once and nothing else is.
     python benchmarks/ingest.py --rate 500      # open loop: 500 reports/s offered in total
     python benchmarks/ingest.py --smoke         # ~3 s, for CI
 
-On a VM whose vCPUs idle between requests, the open loop's latencies include the wake-up
-of idle vCPUs; the closed loop keeps them busy and measures the server itself.
+On the 2-vCPU development VM the open loop showed higher latency at lower throughput than
+the closed loop (cause not established; idle-vCPU wake-ups are the suspect), so targets are
+judged on the closed loop.
 
 Target on 2 cores: >= 500 reports/s with p99 <= 100 ms and none lost.
 """
