@@ -18,6 +18,7 @@ from server_support import RunningBackend
 
 from mmagg.server import tables
 from mmagg.server.db import KEY_DISPLAY_CHARS
+from mmagg.server.responses import ErrorResponse, IngestResponse
 
 
 def _auth(how: str, key: str) -> dict[str, Any]:
@@ -91,7 +92,7 @@ def test_auth_matrix_for_ingest_read_and_json_endpoints(
         ]
         for response in requests:
             assert response.status_code == expected, (auth, response.request.url, response.text)
-            assert "detail" in response.json()
+            ErrorResponse.model_validate(response.json())
             for key in keys:
                 assert key not in response.text
         assert _count_reports(backend, workspace) == 0
@@ -225,6 +226,7 @@ def test_bad_schema_is_422_naming_the_field_and_never_the_key(
         headers={"Content-Type": "application/json"},
     )
     assert response.status_code == 422, response.text
+    ErrorResponse.model_validate(response.json())
     fields = [error["field"] for error in response.json()["detail"]]
     assert any(f == field or f.startswith(field) for f in fields), fields
     assert key not in response.text
@@ -283,6 +285,7 @@ def test_idempotent_retry_is_stored_once_with_the_same_answer(
     )
     assert first.status_code == second.status_code == 200
     assert first.json() == second.json()
+    IngestResponse.model_validate(first.json())
     assert second.headers["idempotent-replayed"] == "true"
     assert _count_reports(backend, workspace) == 1
     other = client.post(

@@ -10,8 +10,11 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import BaseModel
 from server_payloads import report, result, stats
 from server_support import RunningBackend
+
+from mmagg.server import responses
 
 BASE = datetime(2026, 11, 20, 10, 0, 0, tzinfo=timezone.utc)
 RANGE = {"startTime": "2026-11-20 10:00:00", "endTime": "2026-11-20 11:00:00"}
@@ -134,6 +137,17 @@ def test_model_names_filter_and_time_formats(client: httpx.Client, dataset: dict
     assert reversed_range.status_code == 422
 
 
+RESPONSE_MODELS: dict[str, type[BaseModel]] = {
+    "models": responses.ModelsResponse,
+    "classes": responses.ClassesResponse,
+    "devices": responses.DevicesResponse,
+    "timeseries": responses.TimeseriesResponse,
+    "histogram": responses.HistogramResponse,
+    "samples": responses.SamplesResponse,
+    "inference-stats": responses.InferenceStatsResponse,
+}
+
+
 def _api(client: httpx.Client, dataset: dict[str, Any], path: str, **params: Any) -> Any:
     response = client.get(
         f"/{dataset['workspace']}/api/{path}",
@@ -141,6 +155,8 @@ def _api(client: httpx.Client, dataset: dict[str, Any], path: str, **params: Any
     )
     assert response.status_code == 200, response.text
     assert response.json()["workspace"] == dataset["workspace"]
+    # The documented model (extra="forbid") must describe the real answer exactly.
+    RESPONSE_MODELS[path].model_validate(response.json())
     return response.json()
 
 
@@ -372,3 +388,27 @@ def test_median_for_odd_and_even_counts(
     (item,) = answer["inference_stats"]
     assert item["median_confidence"] == pytest.approx(statistics.median(values))
     assert item["num_inferences"] == count
+
+
+def test_inference_stats_answer_matches_its_documented_model(
+    client: httpx.Client, dataset: dict[str, Any]
+) -> None:
+    _api(client, dataset, "inference-stats")
+    answer = client.get(
+        f"/{dataset['workspace']}/inference-stats", params={"api_key": dataset["key"], **RANGE}
+    )
+    responses.InferenceStatsResponse.model_validate(answer.json())
+
+
+def test_openapi_documents_ingest_and_every_json_answer(client: httpx.Client) -> None:
+    document = client.get("/openapi.json").json()
+    ingest = document["paths"]["/{workspace}/inference-stats"]["post"]
+    assert set(ingest["responses"]) == {"200", "401", "403", "413", "422"}
+    assert ingest["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/Report"
+    )
+    for path in RESPONSE_MODELS:
+        for mount in ("/{workspace}/api/", "/dashboard/api/"):
+            ok = document["paths"][mount + path]["get"]["responses"]["200"]
+            schema = ok["content"]["application/json"]["schema"]["$ref"]
+            assert schema.endswith("/" + RESPONSE_MODELS[path].__name__)

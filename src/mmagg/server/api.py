@@ -16,10 +16,21 @@ from fastapi.responses import JSONResponse
 from mmagg.server import queries
 from mmagg.server.db import Database, Principal
 from mmagg.server.errors import ApiError
+from mmagg.server.responses import (
+    ClassesResponse,
+    DevicesResponse,
+    HistogramResponse,
+    InferenceStatsResponse,
+    ModelsResponse,
+    SamplesResponse,
+    TimeseriesResponse,
+    documented,
+)
 
 PrincipalDependency = Callable[..., Principal]
 
 DEFAULT_RANGE = timedelta(hours=24)
+AUTH_ERRORS = (401, 403, 422)
 MAX_SAMPLES = 1_000
 
 
@@ -83,7 +94,7 @@ def build_api_router(principal_dependency: PrincipalDependency) -> APIRouter:
         payload = {"workspace": principal.workspace, **payload}
         return JSONResponse(payload)
 
-    @router.get("/inference-stats")
+    @router.get("/inference-stats", responses=documented(InferenceStatsResponse, *AUTH_ERRORS))
     def read_inference_stats(
         request: Request,
         principal: Auth,
@@ -93,7 +104,7 @@ def build_api_router(principal_dependency: PrincipalDependency) -> APIRouter:
     ) -> JSONResponse:
         return inference_stats_response(request, principal, start_time, end_time, model_names)
 
-    @router.get("/models")
+    @router.get("/models", responses=documented(ModelsResponse, *AUTH_ERRORS))
     def read_models(
         request: Request, principal: Auth, start_time: StartTime = None, end_time: EndTime = None
     ) -> JSONResponse:
@@ -101,7 +112,7 @@ def build_api_router(principal_dependency: PrincipalDependency) -> APIRouter:
         with _db(request).read() as conn:
             return respond(queries.models(conn, principal.workspace_id, span), principal)
 
-    @router.get("/classes")
+    @router.get("/classes", responses=documented(ClassesResponse, *AUTH_ERRORS))
     def read_classes(
         request: Request,
         principal: Auth,
@@ -113,7 +124,7 @@ def build_api_router(principal_dependency: PrincipalDependency) -> APIRouter:
         with _db(request).read() as conn:
             return respond(queries.classes(conn, principal.workspace_id, model, span), principal)
 
-    @router.get("/devices")
+    @router.get("/devices", responses=documented(DevicesResponse, *AUTH_ERRORS))
     def read_devices(
         request: Request,
         principal: Auth,
@@ -125,7 +136,7 @@ def build_api_router(principal_dependency: PrincipalDependency) -> APIRouter:
         with _db(request).read() as conn:
             return respond(queries.devices(conn, principal.workspace_id, span, model), principal)
 
-    @router.get("/timeseries")
+    @router.get("/timeseries", responses=documented(TimeseriesResponse, *AUTH_ERRORS))
     def read_timeseries(
         request: Request,
         principal: Auth,
@@ -160,7 +171,7 @@ def build_api_router(principal_dependency: PrincipalDependency) -> APIRouter:
             )
         return respond(payload, principal)
 
-    @router.get("/histogram")
+    @router.get("/histogram", responses=documented(HistogramResponse, *AUTH_ERRORS))
     def read_histogram(
         request: Request,
         principal: Auth,
@@ -178,7 +189,7 @@ def build_api_router(principal_dependency: PrincipalDependency) -> APIRouter:
             )
         return respond(payload, principal)
 
-    @router.get("/samples")
+    @router.get("/samples", responses=documented(SamplesResponse, *AUTH_ERRORS))
     def read_samples(
         request: Request,
         principal: Auth,

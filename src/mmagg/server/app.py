@@ -22,7 +22,8 @@ import anyio.to_thread
 import pydantic
 from fastapi import APIRouter, Cookie, Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from mmagg import __version__
 from mmagg.server.api import (
@@ -35,6 +36,15 @@ from mmagg.server.api import (
 from mmagg.server.db import SESSION_TTL_SECONDS, Database, Principal
 from mmagg.server.errors import ApiError, BodyTooLargeError
 from mmagg.server.metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
+from mmagg.server.responses import (
+    ErrorResponse,
+    HealthResponse,
+    InferenceStatsResponse,
+    IngestResponse,
+    LogoutResponse,
+    WorkspaceResponse,
+    documented,
+)
 from mmagg.server.schemas import REPORT_ADAPTER, LoginRequest, error_details
 
 DEFAULT_DATABASE_URL = "sqlite:///mmagg.db"
@@ -230,7 +240,7 @@ async def ingest(request: Request) -> JSONResponse:
 def _routes(session_ttl: float, secure_cookies: bool) -> tuple[APIRouter, APIRouter]:
     dashboard = APIRouter(prefix="/dashboard/api")
 
-    @dashboard.post("/login")
+    @dashboard.post("/login", responses=documented(WorkspaceResponse, 401, 413, 422))
     def login(request: Request, credentials: LoginRequest) -> JSONResponse:
         db: Database = request.app.state.db
         principal = db.authenticate(credentials.api_key)
@@ -249,7 +259,7 @@ def _routes(session_ttl: float, secure_cookies: bool) -> tuple[APIRouter, APIRou
         )
         return response
 
-    @dashboard.post("/logout")
+    @dashboard.post("/logout", responses=documented(LogoutResponse, 422))
     def logout(
         request: Request, mmagg_session: Annotated[str | None, Cookie()] = None
     ) -> JSONResponse:
@@ -261,7 +271,7 @@ def _routes(session_ttl: float, secure_cookies: bool) -> tuple[APIRouter, APIRou
         )
         return response
 
-    @dashboard.get("/me")
+    @dashboard.get("/me", responses=documented(WorkspaceResponse, 401))
     def me(principal: Annotated[Principal, Depends(session_principal)]) -> dict[str, str]:
         return {"workspace": principal.workspace}
 
@@ -269,22 +279,25 @@ def _routes(session_ttl: float, secure_cookies: bool) -> tuple[APIRouter, APIRou
 
     public = APIRouter()
 
-    @public.get("/healthz")
+    @public.get("/healthz", responses=documented(HealthResponse))
     def healthz(request: Request) -> dict[str, str]:
         with request.app.state.db.read() as conn:
             conn.exec_driver_sql("SELECT 1")
         return {"status": "ok", "version": __version__}
 
-    @public.get("/metrics")
+    @public.get("/metrics", response_class=PlainTextResponse)
     def metrics_endpoint(request: Request) -> Response:
         return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @public.get("/")
+    @public.get("/", responses=documented(WorkspaceResponse, 401))
     def lookup(request: Request) -> dict[str, str]:
         principal = _principal_for_key(request.app.state.db, request_api_key(request), None)
         return {"workspace": principal.workspace}
 
-    @public.get("/{workspace}/inference-stats")
+    @public.get(
+        "/{workspace}/inference-stats",
+        responses=documented(InferenceStatsResponse, 401, 403, 422),
+    )
     def read_stats(
         request: Request,
         principal: Annotated[Principal, Depends(key_principal)],
@@ -298,6 +311,65 @@ def _routes(session_ttl: float, secure_cookies: bool) -> tuple[APIRouter, APIRou
     keyed.include_router(build_api_router(key_principal))
     public.include_router(keyed)
     return dashboard, public
+
+
+_SCHEMA_REF = "#/components/schemas/{model}"
+
+
+def _ingest_operation(components: dict[str, Any]) -> dict[str, Any]:
+    """OpenAPI for the ingest route, which is a plain route FastAPI does not describe."""
+    for model in (IngestResponse, ErrorResponse):
+        model_schema = model.model_json_schema(ref_template=_SCHEMA_REF)
+        components.update(model_schema.pop("$defs", {}))
+        components[model.__name__] = model_schema
+    report_schema = REPORT_ADAPTER.json_schema(ref_template=_SCHEMA_REF)
+    components.update(report_schema.pop("$defs", {}))
+    components["Report"] = report_schema
+
+    def answer(description: str, model: str) -> dict[str, Any]:
+        content = {"application/json": {"schema": {"$ref": _SCHEMA_REF.format(model=model)}}}
+        return {"description": description, "content": content}
+
+    return {
+        "summary": "Store one report (docs/wire-format.md)",
+        "operationId": "ingest_report",
+        "parameters": [
+            {"name": "workspace", "in": "path", "required": True, "schema": {"type": "string"}},
+            {"name": "api_key", "in": "query", "required": False, "schema": {"type": "string"}},
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY},
+            },
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Report"}}},
+        },
+        "responses": {
+            "200": answer("Stored, or a replay of an earlier Idempotency-Key", "IngestResponse"),
+            "401": answer("No key, or an unknown or revoked key", "ErrorResponse"),
+            "403": answer("A key of another workspace", "ErrorResponse"),
+            "413": answer("Body over the limit", "ErrorResponse"),
+            "422": answer("Schema error, naming the field", "ErrorResponse"),
+        },
+    }
+
+
+def _install_openapi(app: FastAPI) -> None:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, summary=app.summary, routes=app.routes
+            )
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            path = schema["paths"].setdefault("/{workspace}/inference-stats", {})
+            path["post"] = _ingest_operation(components)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
@@ -385,6 +457,7 @@ def create_app(
         app.include_router(page)
     app.include_router(public)
 
+    _install_openapi(app)
     app.add_middleware(BodyLimitMiddleware, limit=body_limit, metrics=metrics)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
