@@ -125,8 +125,15 @@ def test_client_errors_of_every_kind(capture_server: Any, debug_logs: Any) -> No
 @pytest.mark.parametrize("fire_and_forget", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("outcome", ["ok", "401", "500", "refused", "bad_lookup", "hang"])
 def test_block_messages_and_logs(
-    capture_server: Any, debug_logs: Any, fire_and_forget: bool, outcome: str
+    capture_server: Any,
+    debug_logs: Any,
+    fire_and_forget: bool,
+    outcome: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The block has no retry option: a synchronous run against a dead backend would retry
+    # for the default 30 s deadline. Same code path, shorter deadline.
+    monkeypatch.setattr("mmagg.client.RetryPolicy", lambda: FAST)
     url = capture_server.url
     if outcome == "refused":
         url = f"http://127.0.0.1:{free_port()}"
