@@ -71,6 +71,10 @@ def serve(
     secure_cookies: Annotated[
         bool, typer.Option(help="Mark the dashboard session cookie Secure (behind HTTPS).")
     ] = False,
+    retention_days: Annotated[
+        float | None,
+        typer.Option(min=0, help="Delete reports older than this many days (checked hourly)."),
+    ] = None,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = False,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
@@ -80,7 +84,10 @@ def serve(
     from mmagg.server import create_app
 
     application = create_app(
-        db=_database(database_url), body_limit=body_limit, secure_cookies=secure_cookies
+        db=_database(database_url),
+        body_limit=body_limit,
+        secure_cookies=secure_cookies,
+        retention_days=retention_days,
     )
     err_console.print(
         f"mmagg backend on http://{host}:{port}  (dashboard: http://{host}:{port}/dashboard)"
@@ -146,6 +153,22 @@ def keys_revoke(
         err_console.print(f"[red]error:[/red] no active key with id or prefix {key_id!r}")
         raise typer.Exit(1)
     err_console.print(f"Revoked key {key_id}.")
+
+
+@app.command()
+def prune(
+    older_than: Annotated[
+        float, typer.Option(min=0, help="Delete reports older than this many days.")
+    ],
+    database_url: DatabaseUrl = DEFAULT_DATABASE_URL,
+) -> None:
+    """Delete old reports and their results (and expired dashboard sessions)."""
+    db = _database(database_url)
+    try:
+        removed = db.prune(before=time.time() - older_than * 86400)
+    finally:
+        db.close()
+    err_console.print(f"Deleted {removed} reports older than {older_than:g} days.")
 
 
 def _results_table(result: Any) -> Table:

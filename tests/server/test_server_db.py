@@ -79,3 +79,82 @@ def test_revoke_by_prefix_and_unknown_id(tmp_path: Path) -> None:
         assert not db.revoke_key(key[:KEY_DISPLAY_CHARS])
     finally:
         db.close()
+
+
+def _old_and_new_reports(db: Database) -> tuple[int, int]:
+    from datetime import datetime, timedelta, timezone
+
+    from mmagg.server.schemas import REPORT_ADAPTER
+
+    key = db.create_key("acme")
+    principal = db.authenticate(key)
+    assert principal is not None
+    now = datetime.now(timezone.utc)
+    for age_days in (40, 35, 1, 0):
+        body = {
+            "timestamp": (now - timedelta(days=age_days)).isoformat(),
+            "inference_results": [
+                {"class_name": "car", "confidence": 0.5, "model_id": "m/1"},
+                {"class_name": "dog", "confidence": 0.4, "model_id": "m/1"},
+            ],
+        }
+        db.store_report(principal, REPORT_ADAPTER.validate_python(body), None)
+    return 2, 2
+
+
+def _counts(db: Database) -> tuple[int, int]:
+    with db.read() as conn:
+        reports = conn.execute(sa.select(sa.func.count()).select_from(tables.reports)).scalar()
+        results = conn.execute(sa.select(sa.func.count()).select_from(tables.results)).scalar()
+    return int(reports or 0), int(results or 0)
+
+
+def test_prune_deletes_old_reports_with_their_results_in_batches(tmp_path: Path) -> None:
+    import time
+
+    db = Database(f"sqlite:///{tmp_path / 'p.db'}")
+    try:
+        old, new = _old_and_new_reports(db)
+        assert db.prune(before=time.time() - 30 * 86400, batch=1) == old
+        assert _counts(db) == (new, 2 * new)
+        assert db.prune(before=time.time() - 30 * 86400) == 0
+    finally:
+        db.close()
+
+
+def test_prune_command(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mmagg.cli import app
+
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    db = Database(url)
+    _old_and_new_reports(db)
+    db.close()
+    result = CliRunner().invoke(app, ["prune", "--older-than", "30", "--database-url", url])
+    assert result.exit_code == 0, result.output
+    assert "Deleted 2 reports" in result.output
+    db = Database(url)
+    try:
+        assert _counts(db) == (2, 4)
+    finally:
+        db.close()
+
+
+def test_served_app_with_retention_prunes_at_start(tmp_path: Path) -> None:
+    import time
+
+    from server_support import start_server
+
+    from mmagg.server import create_app
+
+    db = Database(f"sqlite:///{tmp_path / 'r.db'}")
+    _old_and_new_reports(db)
+    running = start_server(create_app(db=db, retention_days=30))
+    try:
+        deadline = time.monotonic() + 10
+        while _counts(db) != (2, 4) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _counts(db) == (2, 4)
+    finally:
+        running.stop()

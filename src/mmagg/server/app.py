@@ -14,10 +14,12 @@ import importlib
 import logging
 import os
 import re
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+import anyio
 import anyio.to_thread
 import pydantic
 from fastapi import APIRouter, Cookie, Depends, FastAPI, Request, Response
@@ -46,6 +48,8 @@ from mmagg.server.responses import (
     documented,
 )
 from mmagg.server.schemas import REPORT_ADAPTER, LoginRequest, error_details
+
+logger = logging.getLogger("mmagg.server")
 
 DEFAULT_DATABASE_URL = "sqlite:///mmagg.db"
 DEFAULT_BODY_LIMIT = 1 << 20
@@ -404,6 +408,22 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     app.add_exception_handler(RequestValidationError, invalid_request)
 
 
+PRUNE_INTERVAL_SECONDS = 3600.0
+
+
+async def _prune_forever(db: Database, retention_days: float) -> None:
+    while True:
+        cutoff = time.time() - retention_days * 86400
+        try:
+            removed = await anyio.to_thread.run_sync(db.prune, cutoff)
+        except Exception:  # a failed prune must not take the server down; retried next hour
+            logger.exception("mmagg: pruning reports older than %s days failed", retention_days)
+        else:
+            if removed:
+                logger.info("mmagg: pruned %d reports older than %s days", removed, retention_days)
+        await anyio.sleep(PRUNE_INTERVAL_SECONDS)
+
+
 def create_app(
     database_url: str | None = None,
     *,
@@ -411,11 +431,13 @@ def create_app(
     body_limit: int = DEFAULT_BODY_LIMIT,
     session_ttl: float = SESSION_TTL_SECONDS,
     secure_cookies: bool = False,
+    retention_days: float | None = None,
 ) -> FastAPI:
     """Build the backend app on `database_url` (or an open `db`), migrating its schema.
 
     `database_url` defaults to `$MMAGG_DATABASE_URL`, else `sqlite:///mmagg.db`. Set
-    `secure_cookies` when the dashboard is served over HTTPS.
+    `secure_cookies` when the dashboard is served over HTTPS. With `retention_days`, reports
+    older than that are deleted at start-up and then every hour.
 
     Example:
         >>> app = create_app("sqlite://")
@@ -431,7 +453,11 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        yield
+        async with anyio.create_task_group() as tasks:
+            if retention_days is not None:
+                tasks.start_soon(_prune_forever, owned_db, retention_days)
+            yield
+            tasks.cancel_scope.cancel()
         owned_db.close()
 
     app = FastAPI(

@@ -357,6 +357,42 @@ class Database:
             row = conn.execute(query).first()
         return None if row is None else StoredReport(int(row[0]), int(row[1]), duplicate=True)
 
+    def prune(self, before: float, batch: int = 1_000) -> int:
+        """Delete reports (and their results) timestamped before `before`; return how many.
+
+        Works in batches of `batch` reports, each its own short transaction, so that ingest
+        (which shares the SQLite write lock) waits for one batch at most. Expired dashboard
+        sessions go too.
+
+        Example:
+            >>> Database("sqlite://").prune(before=0.0)
+            0
+        """
+        removed = 0
+        while True:
+            with self.write() as conn:
+                ids = (
+                    conn.execute(
+                        sa.select(reports.c.id)
+                        .where(reports.c.ts < before)
+                        .order_by(reports.c.id)
+                        .limit(batch)
+                    )
+                    .scalars()
+                    .all()
+                )
+                if ids:
+                    conn.execute(sa.delete(results).where(results.c.report_id.in_(ids)))
+                    conn.execute(sa.delete(reports).where(reports.c.id.in_(ids)))
+            removed += len(ids)
+            if len(ids) < batch:
+                break
+        with self.write() as conn:
+            conn.execute(
+                sa.delete(dashboard_sessions).where(dashboard_sessions.c.expires_at < time.time())
+            )
+        return removed
+
     def count_reports(self, workspace: str | None = None) -> int:
         """Number of stored reports, in one workspace or overall."""
         query = sa.select(sa.func.count()).select_from(reports)
