@@ -39,6 +39,9 @@ WORKSPACE_CACHE_KEY_TEMPLATE = "workflows:api_key_to_workspace:{digest}"
 WORKSPACE_CACHE_EXPIRE = 15 * 60
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 DEFAULT_REQUEST_TIMEOUT = 10.0
+#: Longest ``Retry-After`` honoured across reports: a wrong header must not silence
+#: monitoring for days.
+MAX_RETRY_AFTER = 900.0
 
 logger = get_logger("mmagg.client")
 
@@ -69,7 +72,8 @@ class ReportError(Exception):
     """A lookup or send that did not succeed; its text never contains the API key.
 
     Attributes:
-        kind: ``"connection"``, ``"timeout"``, ``"http"``, ``"bad_response"`` or ``"cancelled"``.
+        kind: ``"connection"``, ``"timeout"``, ``"http"``, ``"bad_response"``, ``"cancelled"``
+            or ``"deferred"`` (the backend's ``Retry-After`` has not passed yet: no request).
         status: the HTTP status, when there was one.
         retryable: whether a later report may succeed with the same data (the window is
             merged back); ``False`` means the backend refused the data (4xx).
@@ -136,6 +140,8 @@ class ModelMonitoringClient:
         self._on_retry = on_retry
         # A private generator: jitter must not touch (or depend on) the global random state.
         self._rng = rng or random.Random().random
+        # Monotonic time before which the backend asked not to be called (Retry-After).
+        self._not_before = 0.0
         import httpx  # deferred: `import mmagg` stays light
 
         self._http = httpx.Client(
@@ -220,6 +226,16 @@ class ModelMonitoringClient:
                 raise ReportError(
                     f"{where}: gave up, deadline of the report passed", kind="timeout"
                 )
+            # A Retry-After longer than one report's deadline holds for the next reports too:
+            # they fail fast (their data is merged back) instead of calling the backend.
+            hold = self._not_before - time.monotonic()
+            if hold >= remaining:
+                raise ReportError(
+                    f"{where}: not sent, the backend asked to retry after {hold:.0f}s more",
+                    kind="deferred",
+                )
+            if hold > 0 and self._cancel.wait(hold):
+                raise ReportError(f"{where}: cancelled at shutdown", kind="cancelled")
             outcome, retry_now, wait = self._attempt(
                 method, url, params, json, headers, min(self.request_timeout, remaining)
             )
@@ -280,6 +296,8 @@ class ModelMonitoringClient:
             retryable=retry_now or status >= 500,
         )
         wait = _retry_after(response.headers.get("Retry-After")) if retry_now else None
+        if wait:
+            self._not_before = time.monotonic() + min(wait, MAX_RETRY_AFTER)
         return error, retry_now, wait
 
 

@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pytest
@@ -292,3 +293,36 @@ def test_pooled_collect_latency_over_the_matrix() -> None:
     assert quantiles["wall"][0] <= WALL_P99_MS, f"wall p99 = {quantiles['wall'][0]:.3f} ms"
     if STRICT:
         assert quantiles["wall"][1] <= P999_CALL_MS, f"wall p99.9 = {quantiles['wall'][1]:.3f}"
+
+
+def test_retry_after_longer_than_a_report_holds_across_reports(
+    capture_server: Any, recording_transport: RecordingTransport
+) -> None:
+    """A 429 asking for 4 s (more than one report's 2.5 s deadline): a report due while more
+    than a deadline of it is left fails fast without calling the backend (data merged
+    back); the next waits for it; the first POST after it carries everything."""
+    capture_server.replies.append(Reply(429, headers={"Retry-After": "4"}))
+    rng = np.random.default_rng(11)
+    frames = [detections_frame(rng, DETECTIONS_PER_FRAME, CLASSES) for _ in range(32)]
+    agg = mmagg.Aggregator(
+        "yard/3",
+        frequency=1,
+        api_key=SECRET_KEY,
+        api_base_url=capture_server.url,
+        store=MemoryStore(),
+        cache=MemoryCache(),
+        extensions=True,
+        request_timeout=REQUEST_TIMEOUT,
+        retry=RETRY,
+        transport=recording_transport,
+    )
+    durations = stream(agg, frames, 6.0)
+    assert agg.close(timeout=5) is True
+    posts = [e for e in recording_transport.snapshot() if e.method == "POST"]
+    assert [e.status for e in posts][:2] == [429, 200], [e.status for e in posts]
+    assert posts[1].started - posts[0].started >= 3.9
+    counters = agg.counters
+    assert counters.failed >= 2 and counters.failed == counters.merged_back
+    assert counters.retried == 0
+    delivered = sum(_predictions_in(e) for e in posts if e.ok)
+    assert delivered == counters.collected == len(durations) * DETECTIONS_PER_FRAME
