@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib.util
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -22,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 DEFAULT_DATABASE_URL = "sqlite:///mmagg.db"
+SERVER_MODULES = ("fastapi", "sqlalchemy", "uvicorn")
 
 app = typer.Typer(
     name="mmagg",
@@ -45,7 +47,19 @@ DatabaseUrl = Annotated[
 ]
 
 
+def _require(modules: tuple[str, ...], extra: str) -> None:
+    """Exit with the install command when an optional dependency is missing."""
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        err_console.print(
+            f"[red]error:[/red] this command needs {', '.join(missing)}: "
+            f"pip install 'mmagg[{extra}]'"
+        )
+        raise typer.Exit(2)
+
+
 def _database(url: str) -> Any:
+    _require(SERVER_MODULES, "server")
     from mmagg.server.db import Database
     from mmagg.server.tables import SchemaTooNewError
 
@@ -79,6 +93,7 @@ def serve(
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Run the self-hosted Model Monitoring backend (Roboflow-compatible API + dashboard)."""
+    _require(SERVER_MODULES, "server")
     import uvicorn
 
     from mmagg.server import create_app
@@ -228,6 +243,8 @@ def demo(
 
     No camera, model, API key or internet is needed: detections are synthetic.
     """
+    _require(SERVER_MODULES, "server")
+    _require(("supervision",), "supervision")
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from mmagg.server import create_app
