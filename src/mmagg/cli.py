@@ -20,6 +20,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 DEFAULT_DATABASE_URL = "sqlite:///mmagg.db"
@@ -53,7 +54,7 @@ def _require(modules: tuple[str, ...], extra: str) -> None:
     if missing:
         err_console.print(
             f"[red]error:[/red] this command needs {', '.join(missing)}: "
-            f"pip install 'mmagg[{extra}]'"
+            + escape(f"pip install 'mmagg[{extra}]'")
         )
         raise typer.Exit(2)
 
@@ -66,7 +67,7 @@ def _database(url: str) -> Any:
     try:
         return Database(url)
     except SchemaTooNewError as error:
-        err_console.print(f"[red]error:[/red] {error}")
+        err_console.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(2) from None
 
 
@@ -122,7 +123,7 @@ def keys_create(
     try:
         key = db.create_key(workspace)
     except WorkspaceNameError as error:
-        err_console.print(f"[red]error:[/red] {error}")
+        err_console.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(2) from None
     finally:
         db.close()
@@ -165,7 +166,9 @@ def keys_revoke(
     finally:
         db.close()
     if not revoked:
-        err_console.print(f"[red]error:[/red] no active key with id or prefix {key_id!r}")
+        err_console.print(
+            f"[red]error:[/red] no active key with id or prefix {escape(repr(key_id))}"
+        )
         raise typer.Exit(1)
     err_console.print(f"Revoked key {key_id}.")
 

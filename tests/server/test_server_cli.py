@@ -197,3 +197,17 @@ def test_access_log_lines_never_carry_the_key() -> None:
     line = record.getMessage()
     assert "mmk_secret123" not in line
     assert "api_key=***&nocache=true" in line
+
+
+def test_missing_optional_dependency_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+
+    def without_supervision(name: str, *args: object) -> object:
+        return None if name == "supervision" else real_find_spec(name, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(importlib.util, "find_spec", without_supervision)
+    result = CliRunner().invoke(app, ["demo", "--seconds", "1"])
+    assert result.exit_code == 2
+    assert "pip install 'mmagg[supervision]'" in result.output
