@@ -471,12 +471,11 @@ def create_app(
     _install_error_handlers(app, metrics)
 
     dashboard_api, public = _routes(session_ttl, secure_cookies)
-    # The ingest route comes first: it takes nearly all the traffic, and routes are tried
-    # in order.
-    # A plain Starlette route: no dependency solving on the hottest path; the body is
-    # parsed by the pydantic adapter in `_ingest`.
+    # Routes are tried in order. Ingest takes nearly all the traffic, so it comes first, as
+    # a plain Starlette route: no dependency solving on the hottest path (the body is parsed
+    # by the pydantic adapter in `_ingest`). Then the fixed /dashboard routes, which the
+    # /{workspace}/... routes would otherwise capture.
     app.router.add_route("/{workspace}/inference-stats", ingest, methods=["POST"])
-    # Fixed /dashboard routes go first: they would otherwise match /{workspace}/... routes.
     app.include_router(dashboard_api)
     page = _dashboard_page_router()
     if page is not None:
