@@ -115,6 +115,56 @@ class _Chunk:
     seen_at: float
     seq: int
     batch: PredictionBatch
+    size: int
+
+
+class _StatsTable:
+    """Per-key statistics as parallel numpy arrays, one row per key, so that a fold
+    updates every class of a batch in a few vectorised operations."""
+
+    __slots__ = ("best", "count", "hist", "maximum", "minimum", "slots", "total")
+
+    def __init__(self, capacity: int = 32) -> None:
+        self.slots: dict[Key, int] = {}
+        self.count = np.zeros(capacity, dtype=np.int64)
+        self.total = np.zeros(capacity, dtype=np.float64)
+        self.minimum = np.full(capacity, np.inf)
+        self.maximum = np.full(capacity, -np.inf)
+        self.hist = np.zeros((capacity, HISTOGRAM_BUCKETS), dtype=np.int64)
+        #: Confidence of the sample kept for the key (mirrors ``Window._best``).
+        self.best = np.full(capacity, -np.inf)
+
+    def new_slot(self, key: Key) -> int:
+        slot = len(self.slots)
+        if slot >= self.count.shape[0]:
+            self._grow()
+        self.slots[key] = slot
+        return slot
+
+    def _grow(self) -> None:
+        extra = self.count.shape[0]
+        self.count = np.concatenate([self.count, np.zeros(extra, dtype=np.int64)])
+        self.total = np.concatenate([self.total, np.zeros(extra)])
+        self.minimum = np.concatenate([self.minimum, np.full(extra, np.inf)])
+        self.maximum = np.concatenate([self.maximum, np.full(extra, -np.inf)])
+        self.hist = np.concatenate([self.hist, np.zeros((extra, HISTOGRAM_BUCKETS), np.int64)])
+        self.best = np.concatenate([self.best, np.full(extra, -np.inf)])
+
+    def stats(self, slot: int) -> ClassStats:
+        return ClassStats(
+            int(self.count[slot]),
+            float(self.total[slot]),
+            float(self.minimum[slot]),
+            float(self.maximum[slot]),
+            self.hist[slot].tolist(),
+        )
+
+    def merge_stats(self, slot: int, item: ClassStats) -> None:
+        self.count[slot] += item.count
+        self.total[slot] += item.total
+        self.minimum[slot] = min(self.minimum[slot], item.minimum)
+        self.maximum[slot] = max(self.maximum[slot], item.maximum)
+        self.hist[slot] += np.asarray(item.histogram, dtype=np.int64)
 
 
 class Window:
@@ -138,7 +188,7 @@ class Window:
     def __init__(self, *, max_classes: int = DEFAULT_MAX_CLASSES) -> None:
         self.max_classes = max_classes
         self._best: dict[Key, Sample] = {}
-        self._stats: dict[Key, ClassStats] = {}
+        self._table = _StatsTable()
         self._chunks: list[_Chunk] = []
         self._buffered = 0
         #: Predictions refused because their confidence was NaN or infinite.
@@ -160,13 +210,14 @@ class Window:
         """Collect one frame's predictions; returns how many were taken in."""
         if batch is None or len(batch) == 0:
             return 0
-        chunk = _Chunk(model_id, source_id, seen_at, next(_arrivals), batch)
+        size = len(batch)
+        chunk = _Chunk(model_id, source_id, seen_at, next(_arrivals), batch, size)
         with self._lock:
             self._chunks.append(chunk)
-            self._buffered += len(batch)
+            self._buffered += size
             if self._buffered >= FOLD_THRESHOLD:
                 self._fold()
-        return len(batch)
+        return size
 
     def merge_in(self, other: Window) -> None:
         """Merge ``other`` into this window (max per key, statistics summed)."""
@@ -203,23 +254,24 @@ class Window:
             self._merge_entries(best, stats)
 
     def _merge_entries(self, best: Mapping[Key, Sample], stats: Mapping[Key, ClassStats]) -> None:
+        table = self._table
         for key, sample in best.items():
             current = self._best.get(key)
             if current is None:
                 if len(self._best) >= self.max_classes:
                     self.dropped_max_classes += stats[key].count if key in stats else 1
                     continue
-                self._best[key] = sample
+                slot = table.new_slot(key)
             elif sample.rank() < current.rank():
-                self._best[key] = sample
-        for key, item in stats.items():
-            if key not in self._best:
-                continue
-            mine = self._stats.get(key)
-            if mine is None:
-                self._stats[key] = item.copy()
+                slot = table.slots[key]
             else:
-                mine.merge_in(item)
+                continue
+            self._best[key] = sample
+            table.best[slot] = sample.confidence
+        for key, item in stats.items():
+            slot_or_none = table.slots.get(key)
+            if slot_or_none is not None:
+                table.merge_stats(slot_or_none, item)
 
     def drain(self) -> Window:
         """Move everything collected so far into a new window and leave this one empty.
@@ -238,7 +290,7 @@ class Window:
         out = Window(max_classes=self.max_classes)
         with self._lock:
             out._best, self._best = self._best, {}
-            out._stats, self._stats = self._stats, {}
+            out._table, self._table = self._table, _StatsTable()
             out._chunks, self._chunks = self._chunks, []
             out._buffered, self._buffered = self._buffered, 0
             out.rejected_nonfinite, self.rejected_nonfinite = self.rejected_nonfinite, 0
@@ -251,9 +303,10 @@ class Window:
         """Copies of ``(best, stats, rejected_nonfinite, dropped_max_classes)``."""
         with self._lock:
             self._fold()
+            table = self._table
             return (
                 dict(self._best),
-                {k: v.copy() for k, v in self._stats.items()},
+                {key: table.stats(slot) for key, slot in table.slots.items()},
                 self.rejected_nonfinite,
                 self.dropped_max_classes,
             )
@@ -311,7 +364,7 @@ class Window:
     def _fold_group(self, model_id: str, source_id: str, group: list[_Chunk]) -> None:
         names = _concat([c.batch.class_names for c in group])
         conf = _concat([c.batch.confidences for c in group]).astype(np.float64, copy=False)
-        lengths = np.fromiter((len(c.batch) for c in group), dtype=np.int64, count=len(group))
+        lengths = np.fromiter((c.size for c in group), dtype=np.int64, count=len(group))
         chunk_of = np.repeat(np.arange(len(group)), lengths)
         ids = None
         if all(c.batch.class_ids is not None for c in group):
@@ -345,48 +398,61 @@ class Window:
             inverse * HISTOGRAM_BUCKETS + buckets, minlength=k * HISTOGRAM_BUCKETS
         ).reshape(k, HISTOGRAM_BUCKETS)
         rows = winners if keep_rows is None else keep_rows[winners]
-        ids = _concat([c.batch.inference_ids for c in group])[rows]
-        types = _concat([c.batch.model_types for c in group])[rows]
+        winner_chunks = chunk_of[winners]
+        # Only the winners' ids and types are needed: read them from their own chunk.
+        offsets = rows - (np.cumsum(lengths) - lengths)[winner_chunks]
+
+        table = self._table
         names_list = unique.tolist()
-        conf_list = conf[winners].tolist()
-        chunk_list = chunk_of[winners].tolist()
-        for i, name in enumerate(names_list):
+        slots = np.empty(k, dtype=np.int64)
+        accepted = np.ones(k, dtype=bool)
+        for i, name in enumerate(names_list):  # once per class, not per prediction
             key = (model_id, name, source_id)
-            chunk = group[chunk_list[i]]
-            candidate = Sample(
+            slot = table.slots.get(key)
+            if slot is None:
+                if len(table.slots) >= self.max_classes:
+                    accepted[i] = False
+                    continue
+                slot = table.new_slot(key)
+            slots[i] = slot
+        if not accepted.all():
+            self.dropped_max_classes += int(counts[~accepted].sum())
+            keep = np.flatnonzero(accepted)
+            slots, counts, sums, mins, maxs, hist = (
+                slots[keep],
+                counts[keep],
+                sums[keep],
+                mins[keep],
+                maxs[keep],
+                hist[keep],
+            )
+            winners, winner_chunks, offsets = winners[keep], winner_chunks[keep], offsets[keep]
+            names_list = [names_list[i] for i in keep.tolist()]
+        # Slots are distinct within a fold, so plain fancy-index updates are exact.
+        table.count[slots] += counts
+        table.total[slots] += sums
+        table.minimum[slots] = np.minimum(table.minimum[slots], mins)
+        table.maximum[slots] = np.maximum(table.maximum[slots], maxs)
+        table.hist[slots] += hist
+        # Strictly better only: what is already kept arrived first and wins ties.
+        improved = np.flatnonzero(maxs > table.best[slots])
+        if improved.size == 0:
+            return
+        table.best[slots[improved]] = maxs[improved]
+        for i in improved.tolist():
+            chunk = group[int(winner_chunks[i])]
+            offset = int(offsets[i])
+            name = names_list[i]
+            self._best[(model_id, name, source_id)] = Sample(
                 class_name=name,
-                confidence=conf_list[i],
-                inference_id=str(ids[i]),
-                model_type=str(types[i]),
+                confidence=float(maxs[i]),
+                inference_id=str(chunk.batch.inference_ids[offset]),
+                model_type=str(chunk.batch.model_types[offset]),
                 model_id=model_id,
                 source_id=source_id,
                 seen_at=chunk.seen_at,
                 seq=chunk.seq,
             )
-            current = self._best.get(key)
-            if current is None:
-                if len(self._best) >= self.max_classes:
-                    self.dropped_max_classes += int(counts[i])
-                    continue
-                self._best[key] = candidate
-                self._stats[key] = ClassStats(
-                    int(counts[i]),
-                    float(sums[i]),
-                    float(mins[i]),
-                    conf_list[i],
-                    hist[i].tolist(),
-                )
-                continue
-            if candidate.rank() < current.rank():
-                self._best[key] = candidate
-            stats = self._stats[key]
-            stats.count += int(counts[i])
-            stats.total += float(sums[i])
-            stats.minimum = min(stats.minimum, float(mins[i]))
-            stats.maximum = max(stats.maximum, conf_list[i])
-            stats.histogram = [
-                a + b for a, b in zip(stats.histogram, hist[i].tolist(), strict=True)
-            ]
 
 
 def _group_names(
