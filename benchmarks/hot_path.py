@@ -218,8 +218,11 @@ def main() -> int:
     mm_run(frames[0])  # warm-up (imports, first interval)
     mm = summary(*timed_stream(mm_run, frames, mm_clock))
     base = summary(*timed_stream(base_run, frames, base_clock))
-    assert block.reporter(key).flush(10), "mmagg reports did not drain"
-    counters = block.reporter(key).counters()
+    reporter = block.reporter(key)
+    drained = reporter.close(10)
+    counters = reporter.counters()
+
+    closers: list[Callable[[], object]] = []
 
     def mm_runner(clock: Clock) -> Callable[[sv.Detections], Any]:
         b = ModelMonitoringInferenceAggregatorBlockV1(
@@ -232,6 +235,8 @@ def main() -> int:
             disable_sinks=False,
         )
         k = f"mem-{time.time_ns()}"
+        # The measured window is discarded afterwards, not reported.
+        closers.append(lambda: b.reporter(k).store.take(k))
         return lambda frame: b.run(True, frame, 3600, k, "bench/1")
 
     def base_runner(clock: Clock) -> Callable[[sv.Detections], Any]:
@@ -241,6 +246,8 @@ def main() -> int:
     window_seconds = 2 if args.smoke else FREQUENCY
     mm_mem = held_memory(mm_runner, window_seconds)
     base_mem = held_memory(base_runner, window_seconds)
+    for close in closers:
+        close()
     server.shutdown()
 
     print(
@@ -253,8 +260,13 @@ def main() -> int:
         f"{'held_MB':18}{mm_mem / 2**20:12.3f}{base_mem / 2**20:12.1f}"
         f"{base_mem / max(mm_mem, 1):8.0f}x   ({window_seconds} s window of 10×480×640 masks)"
     )
-    print(f"mmagg reports sent: {counters.sent}, failed: {counters.failed}")
-    ok = counters.failed == 0 and counters.sent >= seconds // FREQUENCY
+    # The simulated stream runs far faster than real time, so reports due while one is in
+    # flight are merged into the next: fewer reports than intervals, nothing lost.
+    print(
+        f"mmagg reports sent: {counters.sent}, failed: {counters.failed}, "
+        f"dropped: {counters.dropped_total}; cpu = caller thread only"
+    )
+    ok = drained and counters.failed == 0 and counters.sent >= 1 and not counters.dropped_total
     targets = mm["max_us"] <= 1000 and mm["cpu_per_frame_us"] <= 20 and mm_mem <= 2**20
     print(
         f"targets (max <= 1 ms, cpu <= 20 us/frame, held <= 1 MB): {'met' if targets else 'MISSED'}"
