@@ -407,3 +407,45 @@ def test_health_and_metrics(backend: RunningBackend, client: httpx.Client) -> No
     assert 'mmagg_rejections_total{reason="unauthorized"}' in text
     assert 'route="/{workspace}/inference-stats"' in text
     assert "mmagg_request_duration_seconds_bucket" in text
+
+
+def _metric(text: str, name: str) -> float:
+    """The value of one sample line (`name` with its labels) of a Prometheus text page."""
+    for line in text.splitlines():
+        sample, _, value = line.rpartition(" ")
+        if sample == name:
+            return float(value)
+    return 0.0
+
+
+def test_metrics_count_what_happened(backend: RunningBackend, client: httpx.Client) -> None:
+    workspace, key = backend.new_workspace()
+    names = (
+        "mmagg_reports_received_total",
+        "mmagg_results_stored_total",
+        "mmagg_reports_duplicate_total",
+        'mmagg_rejections_total{reason="invalid"}',
+        'mmagg_rejections_total{reason="forbidden"}',
+        'mmagg_rejections_total{reason="too_large"}',
+    )
+    before = {n: _metric(client.get("/metrics").text, n) for n in names}
+    url = f"/{workspace}/inference-stats"
+    headers = {"Idempotency-Key": uuid.uuid4().hex}
+    body = report([result("a", 0.5), result("b", 0.6), result("c", 0.7)])
+    for _ in range(2):  # the second is a replay
+        client.post(url, params={"api_key": key}, json=body, headers=headers)
+    client.post(url, params={"api_key": key}, json=report([result("a", 0.5)]))
+    client.post(url, params={"api_key": key}, json={"timestamp": "never"})
+    _other, other_key = backend.new_workspace()
+    client.post(url, params={"api_key": other_key}, json=body)
+    client.post(url, params={"api_key": key}, content=b"x" * (2 << 20))
+    after = {n: _metric(client.get("/metrics").text, n) for n in names}
+    delta = {n: after[n] - before[n] for n in names}
+    assert delta == {
+        "mmagg_reports_received_total": 2,
+        "mmagg_results_stored_total": 4,
+        "mmagg_reports_duplicate_total": 1,
+        'mmagg_rejections_total{reason="invalid"}': 1,
+        'mmagg_rejections_total{reason="forbidden"}': 1,
+        'mmagg_rejections_total{reason="too_large"}': 1,
+    }
