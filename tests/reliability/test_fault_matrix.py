@@ -326,3 +326,75 @@ def test_retry_after_longer_than_a_report_holds_across_reports(
     assert counters.retried == 0
     delivered = sum(_predictions_in(e) for e in posts if e.ok)
     assert delivered == counters.collected == len(durations) * DETECTIONS_PER_FRAME
+
+
+class _BlockLoop:
+    """The Workflows block driven like ``Aggregator.collect`` (one ``run`` per frame)."""
+
+    def __init__(self, block: Any, key: str) -> None:
+        self.block, self.key = block, key
+
+    def collect(self, frame: Any) -> dict[str, Any]:
+        result: dict[str, Any] = self.block.run(
+            fire_and_forget=True,
+            predictions=frame,
+            frequency=1,
+            unique_aggregator_key=self.key,
+            model_id="yard/3",
+        )
+        return result
+
+
+@pytest.mark.parametrize("fault", ["never_answers", "http_503", "http_401"])
+def test_block_fire_and_forget_under_faults(
+    fault: str, restartable_server: PortCaptureServer, recording_transport: RecordingTransport
+) -> None:
+    """The Workflows block shares the reporter: same promises through ``run()``."""
+    from mmagg.block import ModelMonitoringInferenceAggregatorBlockV1
+
+    spec = next(f for f in FAULTS if f.name == fault)
+    server = restartable_server
+    _install(server, spec)
+    server.start()
+    block = ModelMonitoringInferenceAggregatorBlockV1(
+        cache=MemoryCache(),
+        api_key=SECRET_KEY,
+        background_tasks=None,
+        thread_pool_executor=None,
+        api_base_url=server.url,
+        store=MemoryStore(),
+        extensions=True,
+        request_timeout=REQUEST_TIMEOUT,
+        flush_timeout=3.0,
+    )
+    key = f"block-{fault}"
+    reporter = block.reporter(key)
+    reporter._client = None  # rebuild it with the recording transport and the test's policy
+    reporter._client_factory = lambda on_retry: mmagg.ModelMonitoringClient(
+        SECRET_KEY,
+        api_base_url=server.url,
+        request_timeout=REQUEST_TIMEOUT,
+        retry=RETRY,
+        cache=MemoryCache(),
+        transport=recording_transport,
+        on_retry=on_retry,
+    )
+    reporter.prepare()
+    rng = np.random.default_rng(5)
+    frames = [detections_frame(rng, DETECTIONS_PER_FRAME, CLASSES) for _ in range(64)]
+    loop = _BlockLoop(block, key)
+    timed = np.array(stream(loop, frames, FAULT_SECONDS)[WARMUP_FRAMES:]) / 1e6
+    _install(server, None)
+    stream(loop, frames, RECOVERY_SECONDS)
+    assert reporter.close(timeout=5.0) is True
+    assert timed[:, 0].max() <= WALL_CEILING_MS
+    assert timed[:, 1].max() <= MAX_CALL_MS
+    counters = reporter.counters()
+    exchanges = recording_transport.snapshot()
+    delivered = sum(_predictions_in(e) for e in exchanges if e.method == "POST" and e.ok)
+    assert delivered + counters.dropped_total == counters.collected
+    assert counters.failed + counters.retried >= 1 and counters.sent >= 1
+    if spec.drops:
+        assert set(counters.dropped) == {f"http_{spec.drops}"}
+    else:
+        assert not counters.dropped and counters.failed == counters.merged_back
