@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 import tracemalloc
 import weakref
 from typing import Any
@@ -113,3 +114,53 @@ def test_closed_aggregators_are_forgotten(capture_server: Any) -> None:
     assert len(own_threads()) <= threads_before
     assert len(capture_server.posts) == 12
     assert not [t for t in threading.enumerate() if t.name.startswith("mmagg-sender-aggregator")]
+
+
+def test_collector_preempted_between_window_and_add_loses_nothing(capture_server: Any) -> None:
+    """Two aggregators share a key (two camera threads). A is preempted right after it got
+    the window; B's frame is due to report: the window is taken and sent; A resumes and
+    adds to the object it holds. (Guards ``Window.drain``: the store's window object
+    stays, its contents move, so a late add lands in the next report.)"""
+    import json
+
+    store = MemoryStore()
+
+    def make() -> mmagg.Aggregator:
+        return mmagg.Aggregator(
+            "m/1",
+            frequency=1,
+            api_key=SECRET_KEY,
+            api_base_url=capture_server.url,
+            store=store,
+            cache=MemoryCache(),
+            extensions=True,
+            unique_aggregator_key="shared-camera-key",
+        )
+
+    a, b = make(), make()
+    frame = {"predictions": [{"class": "car", "confidence": 0.5}]}
+    original = store.window
+    preempted = {"done": False}
+
+    def window_then_preempted(key: str) -> Any:
+        window = original(key)
+        if not preempted["done"]:
+            preempted["done"] = True
+            b._last_report -= 2  # B's report is due: it takes the window and sends it
+            b.collect(frame)
+            capture_server.wait_for_posts(1)
+            time.sleep(0.2)  # the send has read the window
+        return window
+
+    store.window = window_then_preempted  # type: ignore[method-assign]
+    a.collect(frame)
+    store.window = original  # type: ignore[method-assign]
+    assert a.close(timeout=5) and b.close(timeout=5)
+    delivered = sum(
+        r["stats"]["count"] for p in capture_server.posts for r in p.json()["inference_results"]
+    )
+    counters = a.counters
+    assert counters.collected == 2
+    assert delivered + counters.dropped_total == counters.collected, json.dumps(
+        [p.json()["inference_results"] for p in capture_server.posts]
+    )
