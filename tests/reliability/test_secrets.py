@@ -129,11 +129,7 @@ def test_block_messages_and_logs(
     debug_logs: Any,
     fire_and_forget: bool,
     outcome: str,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The block has no retry option: a synchronous run against a dead backend would retry
-    # for the default 30 s deadline. Same code path, shorter deadline.
-    monkeypatch.setattr("mmagg.client.RetryPolicy", lambda: FAST)
     url = capture_server.url
     if outcome == "refused":
         url = f"http://127.0.0.1:{free_port()}"
@@ -154,6 +150,7 @@ def test_block_messages_and_logs(
         request_timeout=0.3,
         flush_timeout=0.5,
         clock=clock,
+        retry=FAST,  # a synchronous run against a dead backend waits for the retry deadline
     )
     key = f"secrets-{outcome}-{fire_and_forget}"
     messages = []
