@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import re
 import time
+from datetime import datetime, timedelta, timezone
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from dashboard_support import (
@@ -108,6 +109,85 @@ def test_overview_marks_a_model_that_stopped_reporting(dashboard: DashboardPage)
     page.click("#back-button")
     dashboard.wait_render(before)
     assert page.evaluate("() => document.activeElement.textContent") == QUIET_MODEL
+
+
+def _overview_rows(page: Any) -> dict[str, tuple[str, int]]:
+    """Model id -> (health class, reports in range), as the overview table shows them."""
+    rows = page.eval_on_selector_all(
+        "#models-body tr",
+        """rows => rows.map(r => [r.getAttribute('data-model-id'),
+                                 r.querySelector('.health').className,
+                                 r.children[3].textContent])""",
+    )
+    return {model: (health.split()[-1], int(count)) for model, health, count in rows}
+
+
+def _expected_overview(
+    reports: list[dict[str, Any]], seconds: float, device: str | None, source: str | None
+) -> dict[str, int]:
+    """Per model seen on `device` / `source` ever: its reports among the last `seconds`."""
+    now = datetime.now(timezone.utc)
+    counts: dict[str, int] = {}
+    for body in reports:
+        if device is not None and body["device_id"] != device:
+            continue
+        recent = datetime.fromisoformat(body["timestamp"]) >= now - timedelta(seconds=seconds)
+        models = {
+            r["model_id"]
+            for r in body["inference_results"]
+            if source is None or r.get("source_id") == source
+        }
+        for model in models:
+            counts[model] = counts.get(model, 0) + int(recent)
+    return counts
+
+
+def test_overview_is_one_request_and_follows_the_device_or_source_filter(
+    dashboard: DashboardPage,
+) -> None:
+    dashboard.login()
+    page = dashboard.page
+    seeded = dashboard.backend.reports
+
+    def models_requests() -> list[str]:
+        return [u for u in dashboard.requests if urlsplit(u).path == "/dashboard/api/models"]
+
+    dashboard.select_range("86400")
+    rows = _overview_rows(page)
+    assert {m: n for m, (_h, n) in rows.items()} == _expected_overview(seeded, 86400, None, None)
+    assert rows[QUIET_MODEL][0] == "stale" and rows[MODEL][0] == "ok"
+
+    for choice, device, source in [
+        ("device:edge-02", "edge-02", None),
+        ("source:cam-2", None, "cam-2"),
+        ("device:edge-01", "edge-01", None),
+    ]:
+        before = dashboard.renders()
+        page.select_option("#filter-select", choice)
+        dashboard.wait_render(before)
+        rows = _overview_rows(page)
+        expected = _expected_overview(seeded, 86400, device, source)
+        assert {m: n for m, (_h, n) in rows.items()} == expected, choice
+        dashboard.screenshot("overview-" + choice.replace(":", "-"))
+    # On edge-02 only the model that went silent two hours ago, still marked as such.
+    before = dashboard.renders()
+    page.select_option("#filter-select", "device:edge-02")
+    dashboard.wait_render(before)
+
+    # One /models call per refresh, for the chosen range: no all-time second call.
+    calls_before = len(models_requests())
+    before = dashboard.renders()
+    page.click("#refresh-now")
+    dashboard.wait_render(before)
+    calls = models_requests()
+    assert len(calls) == calls_before + 1
+    query = parse_qs(urlsplit(calls[-1]).query)
+    assert query["device_id"] == ["edge-02"]
+    start = datetime.fromisoformat(query["startTime"][0].replace("Z", "+00:00"))
+    assert abs((datetime.now(timezone.utc) - start).total_seconds() - 86400) < 120
+    assert all(parse_qs(urlsplit(u).query).get("startTime") != ["0"] for u in calls)
+    rows = _overview_rows(page)
+    assert list(rows) == [QUIET_MODEL] and rows[QUIET_MODEL][0] == "stale"
 
 
 def test_legend_lists_exactly_the_ingested_classes_and_charts_are_drawn(

@@ -53,6 +53,7 @@ def dataset(backend: RunningBackend) -> dict[str, Any]:
             else report(items, timestamp=when, device_id=device)
         )
         sent.extend({**item, "ts": when.timestamp(), "device_id": device} for item in items)
+    everything = list(sent)  # every result ever sent, with its report time and device
     # Previous hour: a few reports that only feed prev_*.
     prev: list[dict[str, Any]] = []
     for i in range(5):
@@ -60,12 +61,24 @@ def dataset(backend: RunningBackend) -> dict[str, Any]:
         items = [result("person", 0.5 + i / 20, "gate/1")]
         bodies.append(report(items, timestamp=when, device_id="edge-01"))
         prev.extend(items)
+        everything.extend(
+            {**item, "ts": when.timestamp(), "device_id": "edge-01"} for item in items
+        )
     # After the range: must not count.
-    bodies.append(report([result("person", 0.01, "gate/1")], timestamp=BASE + timedelta(hours=2)))
+    late = BASE + timedelta(hours=2)
+    items = [result("person", 0.01, "gate/1")]
+    bodies.append(report(items, timestamp=late))
+    everything.extend({**item, "ts": late.timestamp(), "device_id": "edge-01"} for item in items)
     with httpx.Client(base_url=backend.base_url, timeout=10) as client:
         for body in bodies:
             _post(client, workspace, key, body)
-    return {"workspace": workspace, "key": key, "sent": sent, "prev": prev}
+    return {
+        "workspace": workspace,
+        "key": key,
+        "sent": sent,
+        "prev": prev,
+        "everything": everything,
+    }
 
 
 def _groups(items: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
@@ -160,21 +173,141 @@ def _api(client: httpx.Client, dataset: dict[str, Any], path: str, **params: Any
     return response.json()
 
 
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat()
+
+
+def _expected_models(dataset: dict[str, Any], **only: str) -> dict[str, dict[str, Any]]:
+    """`/models` recomputed from what was sent; `only` keeps results whose fields match."""
+
+    def keep(item: dict[str, Any]) -> bool:
+        return all(item.get(name) == value for name, value in only.items())
+
+    in_range = [s for s in dataset["sent"] if keep(s)]
+    ever = [s for s in dataset["everything"] if keep(s)]
+    expected = {}
+    for model in sorted({s["model_id"] for s in ever}):
+        mine = [s for s in in_range if s["model_id"] == model]
+        expected[model] = {
+            # A report's time identifies it here: every report of the dataset has its own.
+            "report_count": len({s["ts"] for s in mine}),
+            "result_count": len(mine),
+            "prediction_count": sum(s["stats"]["count"] if "stats" in s else 1 for s in mine),
+            "class_count": len({s["class_name"] for s in mine}),
+            "devices": sorted({s["device_id"] for s in mine}),
+            "sources": sorted({s["source_id"] for s in mine if "source_id" in s}),
+            "last_report_at": _iso(max(s["ts"] for s in mine)) if mine else None,
+            "last_report_at_all_time": _iso(max(s["ts"] for s in ever if s["model_id"] == model)),
+        }
+    return expected
+
+
+def _observed(body: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    fields = (
+        "report_count",
+        "result_count",
+        "prediction_count",
+        "class_count",
+        "devices",
+        "sources",
+        "last_report_at",
+        "last_report_at_all_time",
+    )
+    return {m["model_id"]: {f: m[f] for f in fields} for m in body["models"]}
+
+
 def test_models_endpoint(client: httpx.Client, dataset: dict[str, Any]) -> None:
-    models = {m["model_id"]: m for m in _api(client, dataset, "models")["models"]}
-    assert set(models) == {"yard/3", "gate/1"}
-    yard = models["yard/3"]
-    assert yard["report_count"] == 40
-    assert yard["devices"] == ["edge-01", "edge-02"]
-    assert yard["sources"] == ["cam-1", "cam-2"]
-    assert yard["estimated_interval_seconds"] == 30.0
-    assert yard["interval_source"] == "extension"
-    last = max(s["ts"] for s in dataset["sent"])
-    assert yard["last_report_at"] == datetime.fromtimestamp(last, timezone.utc).isoformat()
-    yard_sent = [s for s in dataset["sent"] if s["model_id"] == "yard/3"]
-    assert yard["result_count"] == len(yard_sent)
-    assert yard["prediction_count"] == sum(s["stats"]["count"] for s in yard_sent)
-    assert models["gate/1"]["sources"] == []
+    body = _api(client, dataset, "models")
+    assert [m["model_id"] for m in body["models"]] == ["gate/1", "yard/3"]
+    assert _observed(body) == _expected_models(dataset)
+    models = {m["model_id"]: m for m in body["models"]}
+    # gate/1 reported after the range too: its last report over all time is that one.
+    assert models["gate/1"]["last_report_at_all_time"] == _iso(
+        (BASE + timedelta(hours=2)).timestamp()
+    )
+    assert models["gate/1"]["last_report_at"] != models["gate/1"]["last_report_at_all_time"]
+    # edge-01 declares 30 s; the newest report of yard/3 (edge-02) declares nothing.
+    assert models["yard/3"]["estimated_interval_seconds"] == 30.0
+    assert models["yard/3"]["interval_source"] == "extension"
+
+
+@pytest.mark.parametrize(
+    "only",
+    [
+        {"device_id": "edge-01"},
+        {"device_id": "edge-02"},
+        {"source_id": "cam-1"},
+        {"source_id": "cam-2"},
+        {"device_id": "edge-02", "source_id": "cam-2"},
+        {"device_id": "nowhere"},
+    ],
+)
+def test_models_filtered_by_device_or_source(
+    client: httpx.Client, dataset: dict[str, Any], only: dict[str, str]
+) -> None:
+    body = _api(client, dataset, "models", **only)
+    assert _observed(body) == _expected_models(dataset, **only)
+    via_session = client.post("/dashboard/api/login", json={"api_key": dataset["key"]})
+    assert via_session.status_code == 200
+    session_body = client.get("/dashboard/api/models", params={**RANGE, **only}).json()
+    assert session_body == body
+
+
+def test_models_interval_follows_the_filter(client: httpx.Client, dataset: dict[str, Any]) -> None:
+    by_device = {
+        device: {
+            m["model_id"]: m for m in _api(client, dataset, "models", device_id=device)["models"]
+        }
+        for device in ("edge-01", "edge-02")
+    }
+    yard_01, yard_02 = by_device["edge-01"]["yard/3"], by_device["edge-02"]["yard/3"]
+    assert (yard_01["estimated_interval_seconds"], yard_01["interval_source"]) == (
+        30.0,
+        "extension",
+    )
+    # edge-02 declares no frequency and reports every other 30 s slot.
+    assert yard_02["interval_source"] == "median_gap"
+    assert yard_02["estimated_interval_seconds"] == pytest.approx(60.0)
+
+
+def test_models_lists_a_model_silent_before_the_range(
+    backend: RunningBackend, client: httpx.Client
+) -> None:
+    workspace, key = backend.new_workspace()
+    old_times = [BASE - timedelta(days=2, seconds=10 * i) for i in range(4)]
+    for when in old_times:
+        _post(
+            client,
+            workspace,
+            key,
+            report([result("car", 0.5, "old/1")], timestamp=when, device_id="a"),
+        )
+    _post(
+        client,
+        workspace,
+        key,
+        report(
+            [result("car", 0.9, "live/1")],
+            timestamp=BASE + timedelta(minutes=5),
+            device_id="b",
+            mmagg={"frequency": 5.0},
+        ),
+    )
+    params = {"api_key": key, **RANGE}
+    body = client.get(f"/{workspace}/api/models", params=params).json()
+    responses.ModelsResponse.model_validate(body)
+    old = body["models"][1]
+    assert [m["model_id"] for m in body["models"]] == ["live/1", "old/1"]
+    assert old["report_count"] == old["result_count"] == 0
+    assert old["last_report_at"] is None and old["devices"] == []
+    assert old["last_report_at_all_time"] == _iso(max(old_times).timestamp())
+    assert old["estimated_interval_seconds"] == pytest.approx(10.0)
+    assert old["interval_source"] == "median_gap"
+    live = body["models"][0]
+    assert (live["report_count"], live["estimated_interval_seconds"]) == (1, 5.0)
+    assert live["last_report_at"] == live["last_report_at_all_time"]
+    on_b = client.get(f"/{workspace}/api/models", params={**params, "device_id": "b"}).json()
+    assert [m["model_id"] for m in on_b["models"]] == ["live/1"]
 
 
 def test_interval_from_median_gap_without_extension(

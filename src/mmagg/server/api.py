@@ -106,11 +106,17 @@ def build_api_router(principal_dependency: PrincipalDependency) -> APIRouter:
 
     @router.get("/models", responses=documented(ModelsResponse, *AUTH_ERRORS))
     def read_models(
-        request: Request, principal: Auth, start_time: StartTime = None, end_time: EndTime = None
+        request: Request,
+        principal: Auth,
+        device_id: str | None = None,
+        source_id: str | None = None,
+        start_time: StartTime = None,
+        end_time: EndTime = None,
     ) -> JSONResponse:
         span = time_range(start_time, end_time)
         with _db(request).read() as conn:
-            return respond(queries.models(conn, principal.workspace_id, span), principal)
+            payload = queries.models(conn, principal.workspace_id, span, device_id, source_id)
+        return respond(payload, principal)
 
     @router.get("/classes", responses=documented(ClassesResponse, *AUTH_ERRORS))
     def read_classes(

@@ -25,6 +25,8 @@ from mmagg.server.schemas import HISTOGRAM_BUCKETS
 from mmagg.server.tables import reports, results
 
 MAX_SERIES_POINTS = 20_000
+# Results read to estimate a model's reporting interval (a few hundred reports).
+INTERVAL_RESULTS = 2_000
 
 
 @dataclass(frozen=True)
@@ -216,39 +218,39 @@ def _median_gap(times_by_device: dict[str | None, list[float]]) -> float | None:
 
 
 def _reporting_interval(
-    conn: Connection, workspace_id: int, model_id: str, span: TimeRange
+    conn: Connection, where: list[sa.ColumnElement[bool]], model_id: str
 ) -> tuple[float | None, str | None]:
-    declared = conn.execute(
-        sa.select(reports.c.frequency)
-        .join(results, results.c.report_id == reports.c.id)
-        .where(*_in_range(workspace_id, span), results.c.model_id == model_id)
-        .where(reports.c.frequency.is_not(None))
-        .order_by(results.c.ts.desc())
-        .limit(1)
-    ).scalar()
-    if declared is not None:
-        return float(declared), "extension"
-    recent = conn.execute(
-        sa.select(results.c.report_id, results.c.device_id, results.c.ts)
-        .where(*_in_range(workspace_id, span), results.c.model_id == model_id)
-        .distinct()
-        .order_by(results.c.ts.desc())
-        .limit(1_000)
-    )
+    """A model's reporting interval from its latest results, over all time.
+
+    The `mmagg.frequency` of the newest report that declared one, else the median gap
+    between consecutive reports of each device. Only the newest `INTERVAL_RESULTS` results
+    are read (an index range scan from the end), whatever the age of the data.
+    """
+    rows = conn.execute(
+        sa.select(results.c.report_id, results.c.device_id, results.c.ts, reports.c.frequency)
+        .join(reports, reports.c.id == results.c.report_id)
+        .where(*where, results.c.model_id == model_id)
+        .order_by(results.c.ts.desc(), results.c.id.desc())
+        .limit(INTERVAL_RESULTS)
+    ).all()
+    for row in rows:
+        if row.frequency is not None:
+            return float(row.frequency), "extension"
+    seen: set[int] = set()
     by_device: dict[str | None, list[float]] = defaultdict(list)
-    for _report_id, device_id, ts in recent:
-        by_device[device_id].append(ts)
+    for row in rows:
+        if row.report_id not in seen:
+            seen.add(row.report_id)
+            by_device[row.device_id].append(row.ts)
     gap = _median_gap(by_device)
     return (gap, "median_gap") if gap is not None else (None, None)
 
 
 def _distinct_by_model(
-    conn: Connection, workspace_id: int, span: TimeRange, column: sa.Column[Any]
+    conn: Connection, where: list[sa.ColumnElement[bool]], column: sa.Column[Any]
 ) -> dict[str, list[str]]:
     rows = conn.execute(
-        sa.select(results.c.model_id, column)
-        .where(*_in_range(workspace_id, span), column.is_not(None))
-        .distinct()
+        sa.select(results.c.model_id, column).where(*where, column.is_not(None)).distinct()
     )
     found: dict[str, list[str]] = defaultdict(list)
     for model_id, value in rows:
@@ -256,8 +258,67 @@ def _distinct_by_model(
     return {model: sorted(values) for model, values in found.items()}
 
 
-def models(conn: Connection, workspace_id: int, span: TimeRange) -> dict[str, Any]:
-    """Every model with results in the range, with its activity and reporting interval."""
+def _matching(device_id: str | None, source_id: str | None) -> list[sa.ColumnElement[bool]]:
+    where = []
+    if device_id is not None:
+        where.append(results.c.device_id == device_id)
+    if source_id is not None:
+        where.append(results.c.source_id == source_id)
+    return where
+
+
+def _last_reports(
+    conn: Connection, workspace_id: int, matching: list[sa.ColumnElement[bool]]
+) -> dict[str, float]:
+    """The time of the latest result matching `matching` of every model, over all time.
+
+    A loose index scan on `(workspace_id, model_id, ts)`: a recursive query steps from one
+    model id to the next (`MIN(model_id) > previous`, one index seek each) and reads each
+    model's newest matching result walking the index backwards from its end. Unfiltered
+    that is one seek per model, whatever the history; a plain `GROUP BY model_id` would read
+    every result of the workspace. With a device / source filter the backward walk stops at
+    the first match: quick for a device that reports, a scan of the model's results for a
+    model the device never ran (no extra index: it would slow every ingest down).
+    """
+    workspace = results.c.workspace_id == workspace_id
+    walk = (
+        sa.select(sa.func.min(results.c.model_id).label("model_id"))
+        .where(workspace)
+        .cte("model_walk", recursive=True)
+    )
+    following = (
+        sa.select(sa.func.min(results.c.model_id))
+        .where(workspace, results.c.model_id > walk.c.model_id)
+        .scalar_subquery()
+    )
+    walk = walk.union_all(sa.select(following).where(walk.c.model_id.is_not(None)))
+    latest = (
+        sa.select(results.c.ts)
+        .where(workspace, results.c.model_id == walk.c.model_id, *matching)
+        .order_by(results.c.ts.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    rows = conn.execute(sa.select(walk.c.model_id, latest).where(walk.c.model_id.is_not(None)))
+    return {model_id: float(ts) for model_id, ts in rows if ts is not None}
+
+
+def models(
+    conn: Connection,
+    workspace_id: int,
+    span: TimeRange,
+    device_id: str | None = None,
+    source_id: str | None = None,
+) -> dict[str, Any]:
+    """Every model that ever reported, with its activity in the range and its health inputs.
+
+    Counts, devices and sources are over the range; `last_report_at_all_time` and the
+    reporting interval are over all time, so a model that went silent before the range is
+    still listed (with zero counts). `device_id` / `source_id` restrict every number,
+    the all-time ones included, to the results of that device / video source.
+    """
+    matching = _matching(device_id, source_id)
+    in_range = [*_in_range(workspace_id, span), *matching]
     rows = conn.execute(
         sa.select(
             results.c.model_id,
@@ -267,19 +328,26 @@ def models(conn: Connection, workspace_id: int, span: TimeRange) -> dict[str, An
             sa.func.sum(sa.func.coalesce(results.c.stats_count, 1)),
             sa.func.count(sa.distinct(results.c.class_name)),
         )
-        .where(*_in_range(workspace_id, span))
+        .where(*in_range)
         .group_by(results.c.model_id)
-        .order_by(results.c.model_id)
     ).all()
-    devices = _distinct_by_model(conn, workspace_id, span, results.c.device_id)
-    sources = _distinct_by_model(conn, workspace_id, span, results.c.source_id)
+    activity = {row[0]: row[1:] for row in rows}
+    devices = _distinct_by_model(conn, in_range, results.c.device_id)
+    sources = _distinct_by_model(conn, in_range, results.c.source_id)
+    last_ever = _last_reports(conn, workspace_id, matching)
     items = []
-    for model_id, last, report_count, result_count, predictions, class_count in rows:
-        interval, interval_source = _reporting_interval(conn, workspace_id, model_id, span)
+    for model_id in sorted(last_ever.keys() | activity.keys()):
+        last, report_count, result_count, predictions, class_count = activity.get(
+            model_id, (None, 0, 0, 0, 0)
+        )
+        interval, interval_source = _reporting_interval(
+            conn, [results.c.workspace_id == workspace_id, *matching], model_id
+        )
         items.append(
             {
                 "model_id": model_id,
                 "last_report_at": iso(last),
+                "last_report_at_all_time": iso(last_ever.get(model_id, last)),
                 "report_count": int(report_count),
                 "result_count": int(result_count),
                 "prediction_count": int(predictions),

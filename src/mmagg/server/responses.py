@@ -102,10 +102,11 @@ class _Ranged(_Response):
 
 
 class ModelItem(_Response):
-    """One model's activity in the range."""
+    """One model: its activity in the range, its last report and interval over all time."""
 
     model_id: str
     last_report_at: str | None
+    last_report_at_all_time: str | None
     report_count: int
     result_count: int
     prediction_count: int

@@ -163,7 +163,8 @@
   function readModel(m) {
     return {
       id: String(m.model_id),
-      lastReport: toDate(m.last_report_at),
+      // Over all time, so a model that went silent before the range still shows its age.
+      lastReport: toDate(orNull(m.last_report_at_all_time) || m.last_report_at),
       reports: orNull(m.report_count),
       devices: (m.devices || []).map(String),
       sources: (m.sources || []).map(String),
@@ -362,34 +363,13 @@
     return { cls: "ok", text: "\u2713 Reporting", title: title };
   }
 
-  function mergeModels(inRange, allTime) {
-    var byId = Object.create(null);
-    inRange.forEach(function (m) { byId[m.id] = m; });
-    allTime.forEach(function (m) {
-      var r = byId[m.id];
-      if (!r) {
-        byId[m.id] = { id: m.id, lastReport: m.lastReport, reports: 0, devices: [], sources: [], interval: m.interval };
-      } else {
-        r.lastReport = m.lastReport || r.lastReport;
-        r.interval = m.interval || r.interval;
-      }
-    });
-    var list = Object.keys(byId).sort().map(function (k) { return byId[k]; });
-    if (!state.filter) return list;
-    // The models endpoint has no device/source filter: keep the models seen on it.
-    var kind = state.filter.indexOf("device:") === 0 ? "devices" : "sources";
-    var value = state.filter.slice(7);
-    return list.filter(function (m) { return m[kind].indexOf(value) >= 0; });
-  }
-
   function loadOverview(range, gen) {
-    // Two reads: the range gives reports and devices in it; all time gives the last report
-    // and the interval, so a model that went silent before the range still shows, as stale.
-    var inRange = { startTime: range.start.toISOString(), endTime: range.end.toISOString() };
-    var allTime = { startTime: "0", endTime: new Date(Math.max(Date.now(), range.end.getTime()) + 1000).toISOString() };
-    return Promise.all([request("GET", "models", inRange), request("GET", "models", allTime)]).then(function (both) {
+    // One read: counts, devices and sources over the range; the last report and the interval
+    // over all time, so a model that went silent before the range still shows, as stale. The
+    // device/source filter is applied by the server, to every number.
+    return request("GET", "models", rangeParams(range)).then(function (data) {
       if (gen !== state.generation) return;
-      var models = mergeModels(listOf(both[0], "models").map(readModel), listOf(both[1], "models").map(readModel));
+      var models = listOf(data, "models").map(readModel);
       var body = $("models-body");
       clear(body);
       var now = new Date();
@@ -424,11 +404,11 @@
       show($("models-empty"), models.length === 0);
       if (state.model) {
         var current = models.filter(function (m) { return m.id === state.model; })[0];
-        $("model-summary").textContent = current
+        $("model-summary").textContent = current && current.lastReport
           ? healthOf(current, now).text + " · last report " + formatTime(current.lastReport) + " (" + formatDuration((now - current.lastReport) / 1000) +
             " ago) · " + (current.reports === null ? "?" : current.reports) + " reports in range" +
             (current.interval ? " · about every " + formatDuration(current.interval) : "")
-          : "No reports from this model in the range.";
+          : "No reports from this model" + (state.filter ? " on " + state.filter.replace(":", " ") : "") + ".";
       }
     });
   }
