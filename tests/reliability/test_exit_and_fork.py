@@ -53,8 +53,12 @@ def _stats_count(body: dict[str, Any]) -> int:
     return sum(item["stats"]["count"] for item in body["inference_results"])
 
 
+@pytest.mark.parametrize("aggregators", [1, 6])
 @pytest.mark.parametrize("where", ["lookup", "post"])
-def test_hung_backend_exit_within_flush_timeout(capture_server: Any, where: str) -> None:
+def test_hung_backend_exit_within_flush_timeout(
+    capture_server: Any, where: str, aggregators: int
+) -> None:
+    """One flush deadline for the whole exit, however many aggregators are stuck."""
     if where == "lookup":
         capture_server.on_lookup = lambda req: Reply(action="hang")
     else:
@@ -63,12 +67,17 @@ def test_hung_backend_exit_within_flush_timeout(capture_server: Any, where: str)
     # for it, with a report in flight and more data pending.
     seconds, proc = run_script(
         f"""
-        agg = mmagg.Aggregator("m/1", frequency=1, api_key={SECRET_KEY!r}, api_base_url=URL,
-                               store=MemoryStore(), cache=MemoryCache())
+        aggs = [
+            mmagg.Aggregator("m/1", frequency=1, api_key={SECRET_KEY!r}, api_base_url=URL,
+                             store=MemoryStore(), cache=MemoryCache())
+            for _ in range({aggregators})
+        ]
         for i in range(45):
-            agg.collect(frame(["a", "b"]))
+            for agg in aggs:
+                agg.collect(frame(["a", "b"]))
             time.sleep(1 / 30)
-        agg.collect(frame(["c"]))
+        for agg in aggs:
+            agg.collect(frame(["c"]))
         """,
         capture_server.url,
         "hung",
