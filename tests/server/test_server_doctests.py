@@ -12,6 +12,7 @@ MODULES = [
     "mmagg.server.app",
     "mmagg.server.db",
     "mmagg.server.demo",
+    "mmagg.server.ratelimit",
     "mmagg.server.runner",
     "mmagg.server.tables",
 ]

@@ -38,6 +38,7 @@ from mmagg.server.api import (
 from mmagg.server.db import SESSION_TTL_SECONDS, Database, Principal
 from mmagg.server.errors import ApiError, BodyTooLargeError
 from mmagg.server.metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
+from mmagg.server.ratelimit import FailureLimiter
 from mmagg.server.responses import (
     ErrorResponse,
     HealthResponse,
@@ -55,6 +56,7 @@ DEFAULT_DATABASE_URL = "sqlite:///mmagg.db"
 DEFAULT_BODY_LIMIT = 1 << 20
 SESSION_COOKIE = "mmagg_session"
 MAX_IDEMPOTENCY_KEY = 255
+DEFAULT_LOGIN_FAILURES_PER_MINUTE = 10
 
 
 class BodyLimitMiddleware:
@@ -164,6 +166,31 @@ def _principal_for_key(db: Database, key: str | None, workspace: str | None) -> 
     return principal
 
 
+def _client_address(request: Request) -> str:
+    # uvicorn puts the X-Forwarded-For address here for proxies it trusts
+    # (--forwarded-allow-ips, 127.0.0.1 by default).
+    return request.client.host if request.client else "unknown"
+
+
+def _guarded_principal(request: Request, key: str | None) -> Principal:
+    """`_principal_for_key` behind the per-client limit on failed attempts (429)."""
+    limiter: FailureLimiter = request.app.state.login_limiter
+    client = _client_address(request)
+    wait = limiter.retry_after(client)
+    if wait:
+        raise ApiError(
+            429,
+            f"too many failed API key attempts from this address: retry in {wait} s",
+            reason="rate_limited",
+            headers={"Retry-After": str(wait)},
+        )
+    try:
+        return _principal_for_key(request.app.state.db, key, None)
+    except ApiError:
+        limiter.failed(client)
+        raise
+
+
 def key_principal(request: Request, workspace: str) -> Principal:
     """Dependency: the workspace's principal from an API key; 401/403 otherwise."""
     return _principal_for_key(request.app.state.db, request_api_key(request), workspace)
@@ -244,12 +271,10 @@ async def ingest(request: Request) -> JSONResponse:
 def _routes(session_ttl: float, secure_cookies: bool) -> tuple[APIRouter, APIRouter]:
     dashboard = APIRouter(prefix="/dashboard/api")
 
-    @dashboard.post("/login", responses=documented(WorkspaceResponse, 401, 413, 422))
+    @dashboard.post("/login", responses=documented(WorkspaceResponse, 401, 413, 422, 429))
     def login(request: Request, credentials: LoginRequest) -> JSONResponse:
         db: Database = request.app.state.db
-        principal = db.authenticate(credentials.api_key)
-        if principal is None:
-            raise ApiError(401, _BAD_KEY, reason="unauthorized")
+        principal = _guarded_principal(request, credentials.api_key)
         token = db.create_session(principal, ttl=session_ttl)
         response = JSONResponse({"workspace": principal.workspace})
         response.set_cookie(
@@ -293,9 +318,9 @@ def _routes(session_ttl: float, secure_cookies: bool) -> tuple[APIRouter, APIRou
     def metrics_endpoint(request: Request) -> Response:
         return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @public.get("/", responses=documented(WorkspaceResponse, 401))
+    @public.get("/", responses=documented(WorkspaceResponse, 401, 429))
     def lookup(request: Request) -> dict[str, str]:
-        principal = _principal_for_key(request.app.state.db, request_api_key(request), None)
+        principal = _guarded_principal(request, request_api_key(request))
         return {"workspace": principal.workspace}
 
     @public.get(
@@ -432,12 +457,15 @@ def create_app(
     session_ttl: float = SESSION_TTL_SECONDS,
     secure_cookies: bool = False,
     retention_days: float | None = None,
+    login_failures_per_minute: int = DEFAULT_LOGIN_FAILURES_PER_MINUTE,
 ) -> FastAPI:
     """Build the backend app on `database_url` (or an open `db`), migrating its schema.
 
     `database_url` defaults to `$MMAGG_DATABASE_URL`, else `sqlite:///mmagg.db`. Set
     `secure_cookies` when the dashboard is served over HTTPS. With `retention_days`, reports
-    older than that are deleted at start-up and then every hour.
+    older than that are deleted at start-up and then every hour. A client (IP address) gets
+    `login_failures_per_minute` failed attempts at `POST /dashboard/api/login` and
+    `GET /?api_key=` per minute, in bursts of as many; past that, 429 with `Retry-After`.
 
     Example:
         >>> app = create_app("sqlite://")
@@ -468,6 +496,7 @@ def create_app(
     )
     app.state.db = db
     app.state.metrics = metrics
+    app.state.login_limiter = FailureLimiter(failures=login_failures_per_minute, period=60.0)
     _install_error_handlers(app, metrics)
 
     dashboard_api, public = _routes(session_ttl, secure_cookies)

@@ -13,12 +13,21 @@ class ApiError(Exception):
     A 422 carries the offending `field` so its body has the same shape as a pydantic one.
     """
 
-    def __init__(self, status: int, detail: str, *, reason: str, field: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        *,
+        reason: str,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.reason = reason
         self.field = field
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         """The JSON body of the response."""
@@ -39,7 +48,9 @@ class ApiError(Exception):
 
     def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
         """The error as a response."""
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        return JSONResponse(
+            self.body(), status_code=self.status, headers={**self.headers, **(headers or {})}
+        )
 
 
 class BodyTooLargeError(Exception):
