@@ -111,6 +111,7 @@ def cases(
 ) -> dict[str, Callable[[Any], Any]]:
     """Query name -> a call taking a connection, for the queries of `module`."""
     day = module.TimeRange(now - 86400, now + 1)
+    half = module.TimeRange(now - 43200, now + 1)
     hour = module.TimeRange(now - 3600, now + 1)
     every = module.TimeRange(0, now + 1)
     model = "site-0/3"
@@ -128,6 +129,9 @@ def cases(
 
     return {
         "inference-stats 24 h": lambda c: module.inference_stats(c, workspace_id, day),
+        "inference-stats 12 h (+ 12 h before)": lambda c: module.inference_stats(
+            c, workspace_id, half
+        ),
         "inference-stats 1 h": lambda c: module.inference_stats(c, workspace_id, hour),
         "inference-stats 24 h, 1 model": lambda c: module.inference_stats(
             c, workspace_id, day, [model]
@@ -177,14 +181,14 @@ def main() -> int:
             if args.compare
             else {}
         )
-        header = f"{'query':36} {'now':>9}"
+        header = f"{'query':40} {'now':>9}"
         if before:
             header += f" {'before':>9} {'before/now':>10}"
         print(header)
         with db.read() as conn:
             for name, call in after.items():
                 seconds, _ = timed(call, conn, args.repeat)
-                line = f"{name:36} {seconds * 1000:7.1f}ms"
+                line = f"{name:40} {seconds * 1000:7.1f}ms"
                 if name in before:
                     base, _ = timed(before[name], conn, args.repeat)
                     line += f" {base * 1000:7.1f}ms {base / seconds:9.1f}x"

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from mmagg.server.schemas import HISTOGRAM_BUCKETS
-from mmagg.server.tables import reports, results
+from mmagg.server.tables import MEDIAN_FUNCTION, reports, results
 
 MAX_SERIES_POINTS = 20_000
 # Results read to estimate a model's reporting interval (a few hundred reports).
@@ -85,6 +85,14 @@ class _Group:
     median: float | None = None
 
 
+def _median(conn: Connection, column: sa.ColumnElement[float]) -> sa.ColumnElement[Any]:
+    """The exact median of `column` as an aggregate: mean of the middle two for even counts."""
+    if conn.dialect.name == "postgresql":
+        return sa.func.percentile_cont(0.5).within_group(column)
+    # A user-defined aggregate, registered on every SQLite connection by create_db_engine.
+    return sa.Function(MEDIAN_FUNCTION, column)
+
+
 def _groups(
     conn: Connection,
     workspace_id: int,
@@ -95,6 +103,7 @@ def _groups(
     where = _in_range(workspace_id, span)
     if model_names:
         where.append(results.c.model_id.in_(model_names))
+    median = _median(conn, results.c.confidence) if with_median else sa.null()
     rows = conn.execute(
         sa.select(
             results.c.model_id,
@@ -103,52 +112,21 @@ def _groups(
             sa.func.sum(results.c.confidence),
             sa.func.sum(sa.func.coalesce(results.c.stats_count, 1)),
             sa.func.sum(sa.func.coalesce(results.c.stats_sum, results.c.confidence)),
+            median,
         )
         .where(*where)
         .group_by(results.c.model_id, results.c.class_name)
     )
-    medians = _medians(conn, where) if with_median else {}
     return {
         (model_id, class_name): _Group(
             int(count),
             float(total),
             int(predictions),
             float(prediction_sum),
-            medians.get((model_id, class_name)),
+            None if middle is None else float(middle),
         )
-        for model_id, class_name, count, total, predictions, prediction_sum in rows
+        for model_id, class_name, count, total, predictions, prediction_sum, middle in rows
     }
-
-
-def _medians(conn: Connection, where: list[sa.ColumnElement[bool]]) -> dict[tuple[str, str], float]:
-    """Exact median confidence per (model, class), in one sorted pass in the database.
-
-    Neither engine shares a median aggregate, but both rank rows with window functions:
-    the median is the mean of the middle one (odd count) or two (even count) ranks.
-    """
-    group = (results.c.model_id, results.c.class_name)
-    ranked = (
-        sa.select(
-            results.c.model_id,
-            results.c.class_name,
-            results.c.confidence,
-            sa.func.row_number()
-            .over(partition_by=group, order_by=results.c.confidence)
-            .label("rank"),
-            sa.func.count().over(partition_by=group).label("n"),
-        )
-        .where(*where)
-        .subquery()
-    )
-    rows = conn.execute(
-        sa.select(ranked.c.model_id, ranked.c.class_name, sa.func.avg(ranked.c.confidence))
-        .where(
-            ranked.c["rank"] >= (ranked.c.n + 1) // 2,
-            ranked.c["rank"] <= (ranked.c.n + 2) // 2,
-        )
-        .group_by(ranked.c.model_id, ranked.c.class_name)
-    )
-    return {(model_id, class_name): float(median) for model_id, class_name, median in rows}
 
 
 def inference_stats(
@@ -159,7 +137,7 @@ def inference_stats(
     `num_inferences`, `avg_confidence`, `median_confidence` are over the sampled results;
     `class_count` counts predictions (stats when present); `prev_*` are the same numbers for
     the period of equal length just before. Fields mmagg cannot know (errors, response
-    times) are null. Every aggregate runs in the database.
+    times) are null. Every aggregate runs in the database, in one `GROUP BY` pass per period.
     """
     current = _groups(conn, workspace_id, span, model_names, with_median=True)
     previous = _groups(conn, workspace_id, span.previous(), model_names, with_median=False)

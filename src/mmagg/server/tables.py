@@ -105,6 +105,36 @@ dashboard_sessions = sa.Table(
 )
 
 
+MEDIAN_FUNCTION = "mmagg_median"
+
+
+class _Median:
+    """SQLite aggregate `mmagg_median(x)`: the exact median of the non-null values.
+
+    SQLite has no median (PostgreSQL's `percentile_cont(0.5)` serves there). Collecting the
+    group's values and sorting them once costs about a third of ranking every row with
+    window functions inside SQLite, and keeps the median in the same `GROUP BY` pass as the
+    other aggregates.
+    """
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def step(self, value: float | None) -> None:
+        if value is not None:
+            self.values.append(value)
+
+    def finalize(self) -> float | None:
+        values = self.values
+        if not values:
+            return None
+        values.sort()
+        middle = len(values) // 2
+        if len(values) % 2:
+            return values[middle]
+        return (values[middle - 1] + values[middle]) / 2
+
+
 class SchemaTooNewError(RuntimeError):
     """The database was written by a newer mmagg than this one."""
 
@@ -137,6 +167,7 @@ def create_db_engine(database_url: str) -> Engine:
 
     @sa.event.listens_for(engine, "connect")
     def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.create_aggregate(MEDIAN_FUNCTION, 1, _Median)
         cursor = dbapi_connection.cursor()
         if not in_memory:
             cursor.execute("PRAGMA journal_mode=WAL")
