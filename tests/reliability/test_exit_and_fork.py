@@ -110,17 +110,7 @@ def test_healthy_backend_gets_the_last_window_at_exit(capture_server: Any) -> No
     assert seconds <= FLUSH_TIMEOUT + 1.0
 
 
-EXPLICIT_STORE_FORK_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="stores/memory.py resets only the process-default MemoryStore after fork "
-    "(_after_fork_in_child); a MemoryStore the user passed keeps the parent's windows, and "
-    "the child's first report re-sends them. Fix: reset every instance (a WeakSet).",
-)
-
-
-@pytest.mark.parametrize(
-    "store", ["default", pytest.param("explicit", marks=EXPLICIT_STORE_FORK_BUG)]
-)
+@pytest.mark.parametrize("store", ["default", "explicit"])
 @pytest.mark.parametrize("in_flight", [False, True], ids=["idle", "send_in_flight"])
 def test_fork_child_does_not_resend_parent_data(
     capture_server: Any, store: str, in_flight: bool

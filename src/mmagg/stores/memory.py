@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 from mmagg.window import DEFAULT_MAX_CLASSES, Window
@@ -39,6 +40,7 @@ class MemoryStore:
         self._windows: dict[str, Window] = {}
         self._last_report: dict[str, float] = {}
         self._lock = threading.Lock()
+        _INSTANCES.add(self)
 
     def window(self, key: str) -> Window:
         window = self._windows.get(key)
@@ -88,6 +90,7 @@ class MemoryStore:
         self._lock = threading.Lock()
 
 
+_INSTANCES: weakref.WeakSet[MemoryStore] = weakref.WeakSet()
 _DEFAULT: MemoryStore | None = None
 _DEFAULT_LOCK = threading.Lock()
 
@@ -103,8 +106,10 @@ def default_store() -> MemoryStore:
 
 
 def _after_fork_in_child() -> None:
-    if _DEFAULT is not None:
-        _DEFAULT._reset_after_fork()
+    # Every instance, not only the default: a store the user passed must not make the
+    # child re-send its parent's windows either.
+    for store in list(_INSTANCES):
+        store._reset_after_fork()
 
 
 if hasattr(os, "register_at_fork"):
