@@ -61,7 +61,7 @@ def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
     post_all(base, WORKSPACE, key, ours)
     post_all(base, OTHER_WORKSPACE, other_key, theirs)
     try:
-        yield Backend(url=base, key=key, other_key=other_key, reports=ours)
+        yield Backend(url=base, key=key, other_key=other_key, reports=ours, app=app)
     finally:
         server.should_exit = True
         thread.join(timeout=10)

@@ -62,6 +62,7 @@ class Backend:
     key: str
     other_key: str
     reports: list[dict[str, Any]] = field(default_factory=list)
+    app: Any = None
 
 
 def _histogram(confidences: list[float]) -> list[int]:

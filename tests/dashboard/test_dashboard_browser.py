@@ -87,6 +87,35 @@ def test_bad_key_is_refused_with_a_clear_message_then_good_key_logs_in(
     assert page.request.get(dashboard.backend.url + "/dashboard/api/me").status == 401
 
 
+def test_too_many_wrong_keys_are_refused_with_a_message(dashboard: DashboardPage) -> None:
+    from mmagg.server.ratelimit import FailureLimiter
+
+    app = dashboard.backend.app
+    shared = app.state.login_limiter
+    # A limiter of its own (two failures a minute), so the other tests' logins are unaffected.
+    app.state.login_limiter = FailureLimiter(failures=2, period=60.0)
+    try:
+        dashboard.goto()
+        page = dashboard.page
+        messages = []
+        for key in ("mmk_wrong-1", "mmk_wrong-2", "mmk_wrong-3", dashboard.backend.key):
+            page.fill("#api-key", key)
+            with page.expect_response(lambda r: r.url.endswith("/dashboard/api/login")) as info:
+                page.click("#login-submit")
+            page.wait_for_function("() => !document.querySelector('#login-submit').disabled")
+            messages.append((info.value.status, page.text_content("#login-error")))
+        assert [status for status, _ in messages] == [401, 401, 429, 429]
+        assert all("not accepted" in text for _, text in messages[:2])
+        # Even the right key is refused while the client waits: the page says why.
+        assert all("Too many attempts" in text for _, text in messages[2:])
+        assert page.is_hidden("#app-view")
+        dashboard.screenshot("too-many-attempts")
+    finally:
+        app.state.login_limiter = shared
+    dashboard.login()
+    assert page.text_content("#workspace-name") == "acme"
+
+
 def test_overview_marks_a_model_that_stopped_reporting(dashboard: DashboardPage) -> None:
     dashboard.login()
     page = dashboard.page
