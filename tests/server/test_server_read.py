@@ -64,6 +64,8 @@ def dataset(backend: RunningBackend) -> dict[str, Any]:
         everything.extend(
             {**item, "ts": when.timestamp(), "device_id": "edge-01"} for item in items
         )
+    # An empty report (nothing detected) in the range: no results, so no activity anywhere.
+    bodies.append(report([], timestamp=BASE + timedelta(minutes=5, seconds=7)))
     # After the range: must not count.
     late = BASE + timedelta(hours=2)
     items = [result("person", 0.01, "gate/1")]
@@ -347,6 +349,12 @@ def test_devices_endpoint(client: httpx.Client, dataset: dict[str, Any]) -> None
     devices = {d["device_id"]: d for d in body["devices"]}
     assert set(devices) == {"edge-01", "edge-02"}
     assert devices["edge-01"]["report_count"] == 20
+    for device_id, device in devices.items():
+        mine = [s for s in dataset["sent"] if s["device_id"] == device_id]
+        # A report's time identifies it here: every report of the dataset has its own.
+        assert device["report_count"] == len({s["ts"] for s in mine})
+        assert device["result_count"] == len(mine)
+        assert device["last_report_at"] == _iso(max(s["ts"] for s in mine))
     sources = [s["source_id"] for s in devices["edge-01"]["sources"]]
     assert sources == ["cam-1", "cam-2", None]
     gate_only = _api(client, dataset, "devices", model="gate/1")
