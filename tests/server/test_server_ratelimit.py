@@ -63,6 +63,15 @@ def test_failed_logins_past_the_limit_get_429_with_retry_after(
         assert http.get("/healthz").status_code == 200
 
 
+def test_requests_without_a_key_take_no_tokens(served: tuple[ServerThread, str]) -> None:
+    running, key = served
+    with httpx.Client(base_url=running.base_url, timeout=10) as http:
+        # A load balancer probing `GET /` must not lock out the logins behind its address.
+        for _ in range(4 * FAILURES):
+            assert http.get("/").status_code == 401
+        assert _login(http, key).status_code == 200
+
+
 def test_successful_logins_take_no_tokens(served: tuple[ServerThread, str]) -> None:
     running, key = served
     with httpx.Client(base_url=running.base_url, timeout=10) as http:

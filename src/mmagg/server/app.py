@@ -174,6 +174,10 @@ def _client_address(request: Request) -> str:
 
 def _guarded_principal(request: Request, key: str | None) -> Principal:
     """`_principal_for_key` behind the per-client limit on failed attempts (429)."""
+    if key is None:
+        # Nothing was guessed (a health check probing `GET /`, say): no token taken, so
+        # such probes cannot lock out the logins of clients sharing their address.
+        raise ApiError(401, _MISSING_KEY, reason="unauthorized")
     limiter: FailureLimiter = request.app.state.login_limiter
     client = _client_address(request)
     wait = limiter.retry_after(client)
