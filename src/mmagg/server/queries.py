@@ -204,12 +204,19 @@ def _reporting_interval(
     between consecutive reports of each device. Only the newest `INTERVAL_RESULTS` results
     are read (an index range scan from the end), whatever the age of the data.
     """
-    rows = conn.execute(
-        sa.select(results.c.report_id, results.c.device_id, results.c.ts, reports.c.frequency)
-        .join(reports, reports.c.id == results.c.report_id)
+    # The limit sits in a subquery so that the join only ever sees the newest results: left
+    # to itself, PostgreSQL may hash-join the whole reports table first.
+    recent = (
+        sa.select(results.c.id, results.c.report_id, results.c.device_id, results.c.ts)
         .where(*where, results.c.model_id == model_id)
         .order_by(results.c.ts.desc(), results.c.id.desc())
         .limit(INTERVAL_RESULTS)
+        .subquery()
+    )
+    rows = conn.execute(
+        sa.select(recent.c.report_id, recent.c.device_id, recent.c.ts, reports.c.frequency)
+        .join(reports, reports.c.id == recent.c.report_id)
+        .order_by(recent.c.ts.desc(), recent.c.id.desc())
     ).all()
     for row in rows:
         if row.frequency is not None:
