@@ -92,6 +92,10 @@ def serve(
     ] = None,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = False,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    login_failures_per_minute: Annotated[
+        int,
+        typer.Option(min=1, help="Failed key checks per client address and minute before 429."),
+    ] = 10,
 ) -> None:
     """Run the self-hosted Model Monitoring backend (Roboflow-compatible API + dashboard)."""
     _require(SERVER_MODULES, "server")
@@ -104,6 +108,7 @@ def serve(
         body_limit=body_limit,
         secure_cookies=secure_cookies,
         retention_days=retention_days,
+        login_failures_per_minute=login_failures_per_minute,
     )
     err_console.print(
         f"mmagg backend on http://{host}:{port}  (dashboard: http://{host}:{port}/dashboard)"
