@@ -250,7 +250,7 @@ def _replica(
     url: str, api_base_url: str, key: str, seed: int, seconds: float, ready: Any, go: Any
 ) -> None:
     frames = make_frames(16, seed=seed)
-    block = make_block(RedisStore.shared(url), api_base_url)
+    block = make_block(RedisStore.for_url(url), api_base_url)
     block.run(True, None, 1, key, "bench/1")  # warm up
     ready.put(seed)
     go.wait(120)
