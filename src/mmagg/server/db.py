@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from mmagg.server.schemas import HISTOGRAM_BUCKETS, Report
+from mmagg.server.schemas import Report
 from mmagg.server.tables import (
     api_keys,
     create_db_engine,
@@ -30,6 +30,7 @@ from mmagg.server.tables import (
     results,
     workspaces,
 )
+from mmagg.window import HISTOGRAM_BUCKETS
 
 KEY_PREFIX = "mmk_"
 KEY_DISPLAY_CHARS = 8

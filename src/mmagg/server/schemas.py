@@ -11,20 +11,14 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
+from mmagg.payload import SYSTEM_INFO_KEYS
+from mmagg.window import HISTOGRAM_BUCKETS
+
 MAX_RESULTS = 10_000
 MAX_STRING = 1_024
-HISTOGRAM_BUCKETS = 10
 
-SYSTEM_INFO_FIELDS = (
-    "platform",
-    "platform_release",
-    "platform_version",
-    "architecture",
-    "hostname",
-    "ip_address",
-    "mac_address",
-    "processor",
-)
+# The client and the backend speak one wire format: the same lists on both sides.
+SYSTEM_INFO_FIELDS = SYSTEM_INFO_KEYS
 
 ShortStr = Annotated[str, Field(max_length=MAX_STRING)]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
