@@ -396,6 +396,17 @@ class Reporter:
                 self._cond.wait(remaining)
         return True
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until nothing is pending or in flight (collected data stays collected)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._pending is not None or self._in_flight:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
     def close(self, timeout: float | None = None) -> bool:
         """Flush within ``timeout`` then stop; what could not be sent is counted as dropped."""
         if self._closing:

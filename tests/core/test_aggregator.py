@@ -232,3 +232,21 @@ def test_reports_are_stamped_with_the_injected_clock(
 
     stamp = datetime.fromisoformat(capture_server.posts[0].json()["timestamp"])
     assert stamp.timestamp() == clock()
+
+
+def test_wait_idle_waits_for_the_send_without_taking_new_data(
+    capture_server: CaptureServer, clock: FakeClock
+) -> None:
+    capture_server.replies = [Reply(delay=0.3)]
+    agg = make(capture_server, clock)
+    agg.collect(det(["car"], [0.5]))
+    clock.advance(2)
+    assert agg.collect(det(["bus"], [0.5]))["message"].endswith("in the background task")
+    agg.collect(det(["late"], [0.5]))  # collected after the report: stays for the next one
+    assert agg._reporter.wait_idle(5)
+    (post,) = capture_server.posts
+    assert {r["class_name"] for r in post.json()["inference_results"]} == {"car", "bus"}
+    assert agg.close(5)
+    assert [r["class_name"] for r in capture_server.posts[-1].json()["inference_results"]] == [
+        "late"
+    ]
