@@ -18,13 +18,11 @@ import argparse
 import gc
 import statistics
 import sys
-import threading
 import time
 import tracemalloc
 import warnings
 from collections.abc import Callable
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import numpy as np
@@ -32,6 +30,7 @@ import numpy as np
 warnings.filterwarnings("ignore", message="OpenCV")
 import supervision as sv  # noqa: E402
 
+from _support import start_capture  # noqa: E402
 from mmagg import MemoryCache  # noqa: E402
 from mmagg.block import ModelMonitoringInferenceAggregatorBlockV1  # noqa: E402
 
@@ -46,33 +45,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        self._reply(b'{"workspace": "bench"}')
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self._reply(b"{}")
-
-    def _reply(self, body: bytes) -> None:
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
-def start_server() -> tuple[ThreadingHTTPServer, str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
 def make_frames(n: int, per_frame: int, seed: int = 0) -> list[sv.Detections]:
@@ -213,7 +185,7 @@ def main() -> int:
     args = parser.parse_args()
     seconds = 10 if args.smoke else args.seconds
     frames = make_frames(seconds * FPS, 50)
-    server, url = start_server()
+    server, url = start_capture()
 
     mm_clock = Clock()
     block = ModelMonitoringInferenceAggregatorBlockV1(

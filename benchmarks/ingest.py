@@ -38,6 +38,7 @@ from pathlib import Path
 import httpx
 import sqlalchemy as sa
 
+from _support import random_result
 from mmagg.server.db import Database
 from mmagg.server.tables import reports, workspaces
 
@@ -49,31 +50,10 @@ def build_bodies(count: int, results_per_report: int, seed: int = 1) -> list[byt
     rng = random.Random(seed)
     bodies = []
     for i in range(count):
-        items = []
-        for j in range(results_per_report):
-            n = rng.randint(1, 400)
-            histogram = [0] * 10
-            for _ in range(min(n, 50)):
-                histogram[min(int(rng.betavariate(8, 2) * 10), 9)] += 1
-            histogram[8] += n - sum(histogram)
-            best = rng.uniform(0.85, 0.99)
-            items.append(
-                {
-                    "class_name": CLASSES[j % len(CLASSES)],
-                    "confidence": best,
-                    "inference_id": str(uuid.UUID(int=rng.getrandbits(128))),
-                    "model_type": "object-detection",
-                    "model_id": f"site-{i % 5}/3",
-                    "source_id": f"cam-{i % 50}",
-                    "stats": {
-                        "count": n,
-                        "sum": n * 0.8,
-                        "min": 0.3,
-                        "max": best,
-                        "histogram": histogram,
-                    },
-                }
-            )
+        items = [
+            random_result(rng, CLASSES[j % len(CLASSES)], f"site-{i % 5}/3", f"cam-{i % 50}", 0.85)
+            for j in range(results_per_report)
+        ]
         bodies.append(
             json.dumps(
                 {

@@ -26,13 +26,13 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from _support import random_result
 from mmagg.server import queries
 from mmagg.server.db import Database
 from mmagg.server.schemas import REPORT_ADAPTER
@@ -50,31 +50,9 @@ def seed(db: Database, count: int, now: float, seed: int = 1) -> None:
     step = 86400 / count
     for i in range(count):
         model = f"site-{i % MODELS}/3"
-        items = []
-        for class_name in CLASSES:
-            n = rng.randint(1, 400)
-            histogram = [0] * 10
-            for _ in range(min(n, 50)):
-                histogram[min(int(rng.betavariate(8, 2) * 10), 9)] += 1
-            histogram[8] += n - sum(histogram)
-            best = rng.uniform(0.5, 0.99)
-            items.append(
-                {
-                    "class_name": class_name,
-                    "confidence": best,
-                    "inference_id": str(uuid.UUID(int=rng.getrandbits(128))),
-                    "model_type": "object-detection",
-                    "model_id": model,
-                    "source_id": f"cam-{i % 50}",
-                    "stats": {
-                        "count": n,
-                        "sum": n * 0.8,
-                        "min": 0.3,
-                        "max": best,
-                        "histogram": histogram,
-                    },
-                }
-            )
+        items = [
+            random_result(rng, class_name, model, f"cam-{i % 50}", 0.5) for class_name in CLASSES
+        ]
         body: dict[str, Any] = {
             "timestamp": datetime.fromtimestamp(now - 86400 + i * step, timezone.utc).isoformat(),
             "device_id": f"edge-{i % 20:02d}",

@@ -18,7 +18,6 @@ produce exactly one report per interval.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import shutil
 import socket
@@ -30,7 +29,6 @@ import time
 import uuid
 import warnings
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import numpy as np
@@ -42,6 +40,7 @@ try:
 except ImportError:  # pragma: no cover - dict frames instead
     sv = None
 
+from _support import start_capture  # noqa: E402
 from mmagg import MemoryCache  # noqa: E402
 from mmagg.block import ModelMonitoringInferenceAggregatorBlockV1  # noqa: E402
 from mmagg.stores import MemoryStore, Store  # noqa: E402
@@ -52,40 +51,18 @@ PER_FRAME = 30
 FPS = 60
 
 
-class _Capture(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    reports: list[float] = []
-    lock = threading.Lock()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        self._reply(b'{"workspace": "bench"}')
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
-        # The report's own timestamp (taken right after the claim) rather than the arrival
-        # time, which a busy machine delays by a variable amount.
-        sent = datetime.fromisoformat(body["timestamp"])
-        if sent.tzinfo is None:
-            sent = sent.astimezone()
-        with self.lock:
-            self.reports.append(sent.timestamp())
-        self._reply(b"{}")
-
-    def _reply(self, body: bytes) -> None:
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+#: Send times of the reports the capture server received (the reports' own timestamps,
+#: taken right after the claim: arrival times are delayed by a variable amount when busy).
+REPORTS: list[float] = []
+REPORTS_LOCK = threading.Lock()
 
 
-def start_capture() -> tuple[ThreadingHTTPServer, str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Capture)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}"
+def _record(body: dict[str, Any]) -> None:
+    sent = datetime.fromisoformat(body["timestamp"])
+    if sent.tzinfo is None:
+        sent = sent.astimezone()
+    with REPORTS_LOCK:
+        REPORTS.append(sent.timestamp())
 
 
 def start_redis() -> tuple[subprocess.Popen[bytes], str]:
@@ -269,16 +246,16 @@ def end_to_end(url: str, api_base_url: str, processes: int, seconds: float) -> d
         proc.start()
     for _ in procs:
         ready.get(timeout=120)
-    with _Capture.lock:
-        _Capture.reports.clear()
+    with REPORTS_LOCK:
+        REPORTS.clear()
     reset_stats(url)
     started = time.time()
     go.set()
     time.sleep(seconds)
     stopped = time.time()
     calls, _ = commands(url)
-    with _Capture.lock:
-        during = sorted(t for t in _Capture.reports if started <= t < stopped - 0.2)
+    with REPORTS_LOCK:
+        during = sorted(t for t in REPORTS if started <= t < stopped - 0.2)
     for proc in procs:
         proc.join(timeout=30)
     gaps = [b - a for a, b in zip(during, during[1:], strict=False)]
@@ -309,7 +286,7 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=8)
     args = parser.parse_args()
     seconds = 3.0 if args.smoke else 10.0
-    server, api_base_url = start_capture()
+    server, api_base_url = start_capture(_record)
     proc = None
     if args.redis_url:
         url = args.redis_url
