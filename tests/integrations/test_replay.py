@@ -78,9 +78,15 @@ def expected_windows(path: Path, frequency: int, model_id: str) -> tuple[list[Wi
     return windows, reports
 
 
+# The sample is a recording with its own dates: read it back over its own span (plus a day each
+# side), never over the server's default "last 24 hours", so the test holds on any date.
+_SPAN = [_epoch(json.loads(text)["timestamp"]) for text in SAMPLE.read_text().splitlines()]
+SAMPLE_RANGE = {"startTime": str(min(_SPAN) - 86400), "endTime": str(max(_SPAN) + 86400)}
+
+
 def stored_windows(backend: Backend, workspace: str, key: str) -> list[Window]:
     """What the backend stored, one window per report, in the order reports arrived."""
-    samples = backend.get(workspace, key, "samples", limit=1000)["samples"]
+    samples = backend.get(workspace, key, "samples", limit=1000, **SAMPLE_RANGE)["samples"]
     by_report: dict[int, Window] = defaultdict(dict)
     for s in samples:
         by_report[s["report_id"]][(s["model_id"], s["class_name"], s["source_id"] or "")] = (
