@@ -69,3 +69,29 @@ def random_result(
         "source_id": source_id,
         "stats": {"count": n, "sum": n * 0.8, "min": 0.3, "max": best, "histogram": histogram},
     }
+
+
+def verdict(targets: list[tuple[str, bool]], *, smoke: bool) -> bool:
+    """Print one line per target and the overall verdict; True when the run may exit 0.
+
+    A smoke run is too short and too noisy to judge speed, so it says so instead of "met"
+    or "MISSED" and never fails on a target; a full run prints MISSED beside every missed
+    target and returns False, so the script exits non-zero.
+
+    >>> verdict([("p99 <= 1 ms", True), ("cpu <= 20 us", False)], smoke=False)
+      target p99 <= 1 ms: met
+      target cpu <= 20 us: MISSED
+    targets MISSED: 1 of 2
+    False
+    >>> verdict([("cpu <= 20 us", False)], smoke=True)
+    smoke: targets not judged (cpu <= 20 us)
+    True
+    """
+    if smoke:
+        print(f"smoke: targets not judged ({'; '.join(name for name, _ in targets)})")
+        return True
+    for name, met in targets:
+        print(f"  target {name}: {'met' if met else 'MISSED'}")
+    missed = sum(1 for _, met in targets if not met)
+    print(f"targets MISSED: {missed} of {len(targets)}" if missed else "targets met")
+    return missed == 0

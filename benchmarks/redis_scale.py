@@ -40,7 +40,7 @@ try:
 except ImportError:  # pragma: no cover - dict frames instead
     sv = None
 
-from _support import start_capture  # noqa: E402
+from _support import start_capture, verdict  # noqa: E402
 from mmagg import MemoryCache  # noqa: E402
 from mmagg.block import ModelMonitoringInferenceAggregatorBlockV1  # noqa: E402
 from mmagg.stores import MemoryStore, Store  # noqa: E402
@@ -326,14 +326,21 @@ def main() -> int:
         f"{e2e['min_gap_s']:.3f}..{e2e['max_gap_s']:.3f} s; "
         f"{e2e['commands_per_s_per_process']:.2f} commands/s per process"
     )
-    ok = (
-        cost["ratio_mean"] <= 1.2
-        and paced["commands_per_s"] <= 4.0
-        and flat_out["commands_per_s"] <= 4.0
-        and e2e["per_interval_min"] == e2e["per_interval_max"] == 1
+    # Exactly one report per interval is correctness, judged in smoke mode too; the rest
+    # are speed targets, judged only in a full run.
+    correct = e2e["per_interval_min"] == e2e["per_interval_max"] == 1
+    judged = verdict(
+        [
+            ("redis/memory mean <= 1.2x", cost["ratio_mean"] <= 1.2),
+            ("redis/memory median <= 1.2x", cost["ratio_median"] <= 1.2),
+            ("paced <= 4 commands/s", paced["commands_per_s"] <= 4.0),
+            ("flat out <= 4 commands/s", flat_out["commands_per_s"] <= 4.0),
+        ],
+        smoke=args.smoke,
     )
-    print("targets met" if ok else "TARGETS MISSED")
-    return 0 if ok or args.smoke else 1
+    if not correct:
+        print("FAILED: not exactly one report per interval")
+    return 0 if correct and judged else 1
 
 
 if __name__ == "__main__":
