@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import uvicorn
 
 from mmagg.server import Database
+from mmagg.server.auth import ALL_SCOPES
 
 
 @dataclass
@@ -21,10 +22,14 @@ class RunningBackend:
     db: Database
     kind: str
 
-    def new_workspace(self) -> tuple[str, str]:
-        """A fresh workspace and a key for it, so tests sharing the server stay independent."""
+    def new_workspace(self, scopes: frozenset[str] = ALL_SCOPES) -> tuple[str, str]:
+        """A fresh workspace and a key for it, so tests sharing the server stay independent.
+
+        The key has every scope unless `scopes` says otherwise: these tests read back what
+        they wrote (a real deployment gives devices ingest-only keys).
+        """
         workspace = f"ws-{uuid.uuid4().hex[:12]}"
-        return workspace, self.db.create_key(workspace)
+        return workspace, self.db.create_key(workspace, scopes)
 
 
 def free_socket() -> socket.socket:

@@ -112,7 +112,7 @@ def _run_mmagg(*args: str) -> list[str]:
 def served(tmp_path: Path) -> Iterator[tuple[str, str]]:
     url = f"sqlite:///{tmp_path / 'serve.db'}"
     db = Database(url)
-    key = db.create_key("served")
+    key = db.create_key("served")  # ingest only, the default: enough for the lookup
     db.close()
     sock = free_socket()
     port = sock.getsockname()[1]
