@@ -32,6 +32,28 @@ class RunningBackend:
         return workspace, self.db.create_key(workspace, scopes)
 
 
+class ManualClock:
+    """A clock for `Database(clock=...)`: real time (or `frozen`) plus an offset tests move.
+
+    Example:
+        >>> clock = ManualClock(frozen=1000.0)
+        >>> clock.advance(61)
+        >>> clock()
+        1061.0
+    """
+
+    def __init__(self, frozen: float | None = None) -> None:
+        self.frozen = frozen
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        base = time.time() if self.frozen is None else self.frozen
+        return base + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
 def free_socket() -> socket.socket:
     """A listening-ready loopback socket on a port the OS picked."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
