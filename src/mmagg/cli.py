@@ -171,16 +171,19 @@ def keys_create(
         raise typer.Exit(2) from None
     finally:
         db.close()
-    expiry = "" if info.expires_at is None else f", expires {_when(info.expires_at)}"
+    expiry = "" if info.expires_at is None else f", expiring {_when(info.expires_at)}"
     err_console.print(
         f"Created a key for workspace [bold]{escape(workspace)}[/bold] with scope "
-        f"[bold]{', '.join(sorted(scopes))}[/bold]{expiry}. It is shown only this once:"
+        f"[bold]{', '.join(sorted(scopes))}[/bold]{expiry}.",
+        soft_wrap=True,
     )
     if "read" not in scopes:
         err_console.print(
-            "It cannot read data or open the dashboard; for that create a read key: "
-            + escape(f"mmagg keys create --workspace {workspace} --scope read")
+            "It cannot read data or open the dashboard; for that, create a read key: "
+            + escape(f"mmagg keys create --workspace {workspace} --scope read"),
+            soft_wrap=True,
         )
+    err_console.print("The key is shown only this once:")
     # The key alone on stdout, so `KEY=$(mmagg keys create ...)` works.
     print(key)
 
@@ -226,7 +229,7 @@ def keys_revoke(
     try:
         revoked = db.revoke_key(key_id)
     except AmbiguousKeyError as error:
-        err_console.print(f"[red]error:[/red] {escape(str(error))}")
+        err_console.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)
         table = _keys_table("Scopes", "Created", "Last used")
         for info in error.matches:
             table.add_row(
