@@ -189,12 +189,17 @@ def keys_create(
 
 
 @keys_app.command("list")
-def keys_list(database_url: DatabaseUrl = DEFAULT_DATABASE_URL) -> None:
+def keys_list(
+    workspace: Annotated[
+        str | None, typer.Option(help="Only this workspace's keys (default: all).")
+    ] = None,
+    database_url: DatabaseUrl = DEFAULT_DATABASE_URL,
+) -> None:
     """List keys: id, prefix, workspace, scopes, status, created, last used, expiry,
     revocation; never the keys themselves."""
     db = _database(database_url)
     try:
-        rows = db.list_keys()
+        rows = db.list_keys(workspace)
         now = db.clock()
     finally:
         db.close()
@@ -244,12 +249,14 @@ def keys_revoke(
         raise typer.Exit(1) from None
     finally:
         db.close()
+    # A whole key given on the command line is not echoed back: only its public prefix.
+    shown = key_id if len(key_id) <= 8 else key_id[:8] + "…"
     if not revoked:
         err_console.print(
-            f"[red]error:[/red] no active key with id or prefix {escape(repr(key_id))}"
+            f"[red]error:[/red] no active key with id or prefix {escape(repr(shown))}"
         )
         raise typer.Exit(1)
-    err_console.print(f"Revoked key {key_id}.")
+    err_console.print(f"Revoked key {escape(shown)}.")
 
 
 @app.command()

@@ -35,6 +35,9 @@ DEFAULT_SCOPES: frozenset[str] = frozenset({INGEST})
 # `last_used_at` is written at most this often per key (not a write per request).
 LAST_USED_RESOLUTION_SECONDS = 60.0
 
+# Longer than this is "never": leave --expires-in out instead.
+MAX_LIFETIME_SECONDS = 100 * 365 * 86400.0
+
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
 _UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
 
@@ -105,6 +108,11 @@ def parse_duration(text: str, field: str = "expires-in") -> float:
     if not match or seconds <= 0:
         raise ScopeError(
             f"{field}: expected a duration like 90d, 12h, 30m, 45s or 2w, got {text!r}"
+        )
+    if seconds > MAX_LIFETIME_SECONDS:
+        raise ScopeError(
+            f"{field}: expected at most {MAX_LIFETIME_SECONDS / 86400:.0f}d "
+            f"(leave it out for a key that never expires), got {text!r}"
         )
     return seconds
 
