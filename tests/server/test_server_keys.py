@@ -464,3 +464,30 @@ def test_workflows_block_reports_with_an_ingest_only_key(
     assert second == {"error_status": False, "message": "Data sent successfully"}
     assert backend.db.count_reports(workspace) == 1
     assert _read_classes(backend, workspace, read_key) == {"helmet", "vest"}
+
+
+def test_a_failing_last_used_write_does_not_fail_the_request(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = ManualClock(frozen=2_200_000_000.0)
+    db = Database(f"sqlite:///{tmp_path / 'k.db'}", clock=clock)
+    try:
+        key, info = db.create_key_record("acme")
+        with db.write() as conn:
+            conn.exec_driver_sql(
+                "CREATE TRIGGER no_touch BEFORE UPDATE OF last_used_at ON api_keys "
+                "BEGIN SELECT RAISE(ABORT, 'last_used_at is read-only here'); END"
+            )
+        principal = db.authenticate(key)
+        assert principal is not None and principal.key_id == info.id
+        assert _last_used(db, info.id) is None
+        assert "could not record the last use of key id" in caplog.text
+        assert key not in caplog.text
+        with db.write() as conn:
+            conn.exec_driver_sql("DROP TRIGGER no_touch")
+        # The failed write is not remembered as done: the next use records it.
+        clock.advance(1)
+        assert db.authenticate(key) is not None
+        assert _last_used(db, info.id) == 2_200_000_001.0
+    finally:
+        db.close()

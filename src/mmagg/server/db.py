@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import re
 import secrets
 import threading
@@ -38,6 +39,8 @@ from mmagg.server.tables import (
     workspaces,
 )
 from mmagg.window import HISTOGRAM_BUCKETS
+
+logger = logging.getLogger("mmagg.server")
 
 KEY_PREFIX = "mmk_"
 KEY_DISPLAY_CHARS = 8
@@ -417,17 +420,26 @@ class Database:
         if last is not None and now - last < LAST_USED_RESOLUTION_SECONDS:
             return
         self._last_used_written[key_id] = now
-        with self.write() as conn:
-            conn.execute(
-                sa.update(api_keys)
-                .where(
-                    api_keys.c.id == key_id,
-                    sa.or_(
-                        api_keys.c.last_used_at.is_(None),
-                        api_keys.c.last_used_at <= now - LAST_USED_RESOLUTION_SECONDS,
-                    ),
+        try:
+            with self.write() as conn:
+                conn.execute(
+                    sa.update(api_keys)
+                    .where(
+                        api_keys.c.id == key_id,
+                        sa.or_(
+                            api_keys.c.last_used_at.is_(None),
+                            api_keys.c.last_used_at <= now - LAST_USED_RESOLUTION_SECONDS,
+                        ),
+                    )
+                    .values(last_used_at=now)
                 )
-                .values(last_used_at=now)
+        except sa.exc.SQLAlchemyError as error:
+            # Bookkeeping must not fail the request it describes; the next use retries.
+            self._last_used_written.pop(key_id, None)
+            logger.warning(
+                "mmagg: could not record the last use of key id %d: %s",
+                key_id,
+                type(error).__name__,
             )
 
     # sessions
