@@ -491,3 +491,27 @@ def test_a_failing_last_used_write_does_not_fail_the_request(
         assert _last_used(db, info.id) == 2_200_000_001.0
     finally:
         db.close()
+
+
+def test_out_of_scope_attempts_are_not_failed_guesses(tmp_path: Path) -> None:
+    from server_support import start_server
+
+    from mmagg.server import create_app
+
+    db = Database(f"sqlite:///{tmp_path / 'k.db'}")
+    running = start_server(create_app(db=db, login_failures_per_minute=2))
+    try:
+        device = db.create_key("acme")  # ingest only
+        person = db.create_key("acme", {"read"})
+        with httpx.Client(base_url=running.base_url, timeout=10) as http:
+            for _ in range(5):
+                assert (
+                    http.post("/dashboard/api/login", json={"api_key": device}).status_code == 403
+                )
+                assert http.get("/", params={"api_key": person}).status_code == 403
+            # The valid keys were never guesses: the address is not locked out.
+            assert http.post("/dashboard/api/login", json={"api_key": person}).status_code == 200
+            assert http.get("/", params={"api_key": device}).json() == {"workspace": "acme"}
+    finally:
+        running.stop()
+        db.close()
