@@ -13,7 +13,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -252,14 +252,15 @@ class Database:
     def create_key(
         self,
         workspace: str,
-        scopes: frozenset[str] | set[str] = DEFAULT_SCOPES,
+        scopes: str | Iterable[str] = DEFAULT_SCOPES,
         *,
         expires_in: float | None = None,
     ) -> str:
         """Create a key for `workspace` (created if missing) and return it; shown only once.
 
         The default scopes are `ingest` only: what a device needs, and nothing more. Pass
-        `scopes={"read"}` for a person's dashboard key. With `expires_in` (seconds) the key
+        `scopes={"read"}` (or `"read"`, `"ingest,read"`) for a person's dashboard key; an
+        unknown scope raises `mmagg.server.auth.ScopeError`. With `expires_in` (seconds) the key
         dies on its own that long after creation.
 
         Example:
@@ -268,18 +269,20 @@ class Database:
             ['ingest']
             >>> sorted(db.authenticate(db.create_key("acme", {"read", "admin"})).scopes)
             ['admin', 'read']
+            >>> sorted(db.authenticate(db.create_key("acme", "ingest,read")).scopes)
+            ['ingest', 'read']
         """
         return self.create_key_record(workspace, scopes, expires_in=expires_in)[0]
 
     def create_key_record(
         self,
         workspace: str,
-        scopes: frozenset[str] | set[str] = DEFAULT_SCOPES,
+        scopes: str | Iterable[str] = DEFAULT_SCOPES,
         *,
         expires_in: float | None = None,
     ) -> tuple[str, KeyInfo]:
         """`create_key`, also returning the new key's listing row (id, prefix, expiry)."""
-        chosen = parse_scopes(scopes)
+        chosen = parse_scopes([scopes] if isinstance(scopes, str) else scopes)
         if expires_in is not None and not expires_in > 0:
             raise ValueError(f"expires_in: expected a positive number of seconds, got {expires_in}")
         workspace_id = self.ensure_workspace(workspace)
