@@ -105,7 +105,7 @@ def main() -> int:
             copy = Path(directory) / f"{name}.db"
             shutil.copyfile(args.database, copy)
             db = Database(f"sqlite:///{copy}")
-            key = db.create_key("bench")
+            key = db.create_key("bench", {"ingest", "read"})
             db.close()
             process, base = serve(copy, source)
             try:

@@ -29,7 +29,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, str]]:
-    """``mmagg keys create`` then ``mmagg serve`` on port 9090 (as the README says)."""
+    """``mmagg keys create`` (an ingest key, and a read key) then ``mmagg serve`` on port
+    9090 (as the README says): (url, ingest key, read key)."""
     tmp = tmp_path_factory.mktemp("readme")
     db_url = f"sqlite:///{tmp / 'mmagg.db'}"
     created = subprocess.run(
@@ -50,6 +51,26 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str,
         timeout=60,
     )
     key = created.stdout.strip().splitlines()[-1]
+    # The README's second step: a read key for the person looking at the numbers.
+    read_key = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mmagg.cli",
+            "keys",
+            "create",
+            "--workspace",
+            "demo",
+            "--scope",
+            "read",
+            "--database-url",
+            db_url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.strip()
     try:
         with socket.create_connection(("127.0.0.1", 9090), timeout=0.2):
             pytest.skip("port 9090 is taken on this machine; the README uses it")
@@ -70,7 +91,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str,
                 time.sleep(0.1)
         else:
             raise AssertionError("mmagg serve did not come up")
-        yield "http://127.0.0.1:9090", key, db_url
+        yield "http://127.0.0.1:9090", key, read_key
     finally:
         server.terminate()
         server.wait(timeout=10)
@@ -86,7 +107,7 @@ def test_readme_has_the_three_ways() -> None:
 
 @pytest.mark.parametrize("index", [0, 1, 2])
 def test_readme_python_block_runs(served: tuple[str, str, str], index: int, tmp_path: Path) -> None:
-    url, key, _ = served
+    url, key, read_key = served
     script = tmp_path / f"block{index}.py"
     script.write_text(python_blocks()[index], encoding="utf-8")
     env = os.environ | {"MMAGG_KEY": key}
@@ -97,7 +118,10 @@ def test_readme_python_block_runs(served: tuple[str, str, str], index: int, tmp_
     assert key not in done.stdout + done.stderr
     if index == 0:
         # The loop's last window arrived at the backend through close().
-        stats = httpx.get(f"{url}/demo/inference-stats", params={"api_key": key}).json()
+        # The blocks ran with the default, ingest-only key; reading takes the read key.
+        denied = httpx.get(f"{url}/demo/inference-stats", params={"api_key": key})
+        assert denied.status_code == 403 and "'read' scope" in denied.json()["detail"]
+        stats = httpx.get(f"{url}/demo/inference-stats", params={"api_key": read_key}).json()
         text = str(stats)
         assert "car" in text and "person" in text
     if index == 2:

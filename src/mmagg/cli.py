@@ -77,6 +77,24 @@ def _when(epoch: float | None) -> str:
     return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def _keys_table(*columns: str) -> Table:
+    """A key listing: id, prefix and workspace never wrap, then `columns`."""
+    table = Table()
+    for name in ("ID", "Prefix", "Workspace"):
+        table.add_column(name, no_wrap=True)
+    for name in columns:
+        table.add_column(name)
+    return table
+
+
+def _wide(target: Console) -> Console:
+    """`target`, or when it is not a terminal (a pipe, a file) one wide enough that a
+    table's rows stay one line each, for grep and scripts."""
+    if target.is_terminal:
+        return target
+    return Console(file=target.file, width=max(target.width, 200))
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
@@ -119,44 +137,86 @@ def serve(
 @keys_app.command("create")
 def keys_create(
     workspace: Annotated[str, typer.Option(help="Workspace the key belongs to (created if new).")],
+    scope: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--scope",
+            help="ingest (send reports: what a device needs), read (read endpoints and the "
+            "dashboard), admin (manage keys over the API). Repeat or comma-separate. "
+            "Default: ingest only.",
+        ),
+    ] = None,
+    expires_in: Annotated[
+        str | None,
+        typer.Option(help="Lifetime, e.g. 90d, 12h, 30m; the key then acts as revoked."),
+    ] = None,
     database_url: DatabaseUrl = DEFAULT_DATABASE_URL,
 ) -> None:
     """Create an API key and print it once (only its hash is stored)."""
+    _require(SERVER_MODULES, "server")
+    from mmagg.server.auth import DEFAULT_SCOPES, ScopeError, parse_duration, parse_scopes
     from mmagg.server.db import WorkspaceNameError
 
+    try:
+        scopes = parse_scopes(scope, field="--scope") if scope else DEFAULT_SCOPES
+        lifetime = None if expires_in is None else parse_duration(expires_in, "--expires-in")
+    except ScopeError as error:
+        err_console.print(f"[red]error:[/red] {escape(str(error))}")
+        raise typer.Exit(2) from None
     db = _database(database_url)
     try:
-        key = db.create_key(workspace)
+        key, info = db.create_key_record(workspace, scopes, expires_in=lifetime)
     except WorkspaceNameError as error:
         err_console.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(2) from None
     finally:
         db.close()
+    expiry = "" if info.expires_at is None else f", expiring {_when(info.expires_at)}"
     err_console.print(
-        f"Created a key for workspace [bold]{workspace}[/bold]. It is shown only this once:"
+        f"Created a key for workspace [bold]{escape(workspace)}[/bold] with scope "
+        f"[bold]{', '.join(sorted(scopes))}[/bold]{expiry}.",
+        soft_wrap=True,
     )
+    if "read" not in scopes:
+        err_console.print(
+            "It cannot read data or open the dashboard; for that, create a read key: "
+            + escape(f"mmagg keys create --workspace {workspace} --scope read"),
+            soft_wrap=True,
+        )
+    err_console.print("The key is shown only this once:")
     # The key alone on stdout, so `KEY=$(mmagg keys create ...)` works.
     print(key)
 
 
 @keys_app.command("list")
-def keys_list(database_url: DatabaseUrl = DEFAULT_DATABASE_URL) -> None:
-    """List keys: id, prefix, workspace, created, revoked; never the keys themselves."""
+def keys_list(
+    workspace: Annotated[
+        str | None, typer.Option(help="Only this workspace's keys (default: all).")
+    ] = None,
+    database_url: DatabaseUrl = DEFAULT_DATABASE_URL,
+) -> None:
+    """List keys: id, prefix, workspace, scopes, status, created, last used, expiry,
+    revocation; never the keys themselves."""
     db = _database(database_url)
     try:
-        rows = db.list_keys()
+        rows = db.list_keys(workspace)
+        now = db.clock()
     finally:
         db.close()
-    table = Table("ID", "Prefix", "Workspace", "Created", "Revoked")
+    table = _keys_table("Scopes", "Status", "Created", "Last used", "Expires", "Revoked")
     for info in rows:
         table.add_row(
             str(info.id),
             info.prefix + "…",
-            info.workspace,
+            escape(info.workspace),
+            ",".join(sorted(info.scopes)) or "-",
+            info.status(now),
             _when(info.created_at),
+            _when(info.last_used_at),
+            _when(info.expires_at),
             _when(info.revoked_at),
         )
-    console.print(table)
+    _wide(console).print(table)
 
 
 @keys_app.command("revoke")
@@ -164,18 +224,39 @@ def keys_revoke(
     key_id: Annotated[str, typer.Argument(help="Key id (from `mmagg keys list`) or prefix.")],
     database_url: DatabaseUrl = DEFAULT_DATABASE_URL,
 ) -> None:
-    """Revoke a key; requests with it get 401 from now on."""
+    """Revoke ONE key; requests with it get 401 from now on.
+
+    A prefix matching several active keys revokes nothing: the matches are listed.
+    """
+    from mmagg.server.db import AmbiguousKeyError
+
     db = _database(database_url)
     try:
         revoked = db.revoke_key(key_id)
+    except AmbiguousKeyError as error:
+        err_console.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)
+        table = _keys_table("Scopes", "Created", "Last used")
+        for info in error.matches:
+            table.add_row(
+                str(info.id),
+                info.prefix + "…",
+                escape(info.workspace),
+                ",".join(sorted(info.scopes)) or "-",
+                _when(info.created_at),
+                _when(info.last_used_at),
+            )
+        _wide(err_console).print(table)
+        raise typer.Exit(1) from None
     finally:
         db.close()
+    # A whole key given on the command line is not echoed back: only its public prefix.
+    shown = key_id if len(key_id) <= 8 else key_id[:8] + "…"
     if not revoked:
         err_console.print(
-            f"[red]error:[/red] no active key with id or prefix {escape(repr(key_id))}"
+            f"[red]error:[/red] no active key with id or prefix {escape(repr(shown))}"
         )
         raise typer.Exit(1)
-    err_console.print(f"Revoked key {key_id}.")
+    err_console.print(f"Revoked key {escape(shown)}.")
 
 
 @app.command()
@@ -271,7 +352,10 @@ def demo(
         directory = Path(tempfile.mkdtemp(prefix="mmagg-demo-"))
         database_url = f"sqlite:///{directory / 'mmagg-demo.db'}"
     db = _database(database_url)
-    api_key = db.create_key(WORKSPACE)
+    # The pattern the docs recommend: the (simulated) cameras get an ingest-only key, the
+    # person reading the results a read key.
+    api_key = db.create_key(WORKSPACE, {"ingest"})
+    read_key = db.create_key(WORKSPACE, {"read"})
     server = BackgroundServer(create_app(db=db), port=port).start()
     console.print(
         f"[bold yellow]SIMULATED STREAM[/bold yellow]: {len(SOURCES)} synthetic cameras "
@@ -310,7 +394,7 @@ def demo(
             )
         ended = time.time() + 1
         overall, first, second = read_back(
-            server.url, WORKSPACE, api_key, started - 1, middle, ended
+            server.url, WORKSPACE, read_key, started - 1, middle, ended
         )
         result = DemoResult(
             url=server.url,
@@ -331,8 +415,9 @@ def demo(
             f"Reports sent: {counters.sent}, failed: {counters.failed}, "
             f"retried: {counters.retried}, dropped: {dict(counters.dropped) or 0}"
         )
-        console.print(f"Dashboard: [bold]{server.url}/dashboard[/bold]  (log in with the key)")
-        console.print(f"API key (workspace '{WORKSPACE}'): [bold]{api_key}[/bold]")
+        console.print(f"Dashboard: [bold]{server.url}/dashboard[/bold]  (log in with the read key)")
+        console.print(f"Read key (workspace '{WORKSPACE}'): [bold]{read_key}[/bold]")
+        console.print(f"Ingest key (the cameras'): [bold]{api_key}[/bold]")
         if counters.sent == 0:
             err_console.print("[red]error:[/red] no report reached the backend")
             raise typer.Exit(1)

@@ -40,9 +40,10 @@ def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
 
     db_path = tmp_path_factory.mktemp("dashboard-db") / "mmagg.db"
     app = create_app(database_url=f"sqlite:///{db_path}")
-    # Same call as `mmagg keys create --workspace W`.
-    key = app.state.db.create_key(WORKSPACE)
-    other_key = app.state.db.create_key(OTHER_WORKSPACE)
+    # Same call as `mmagg keys create --workspace W --scope ingest,read`: these keys seed
+    # the reports and open the dashboard.
+    key = app.state.db.create_key(WORKSPACE, {"ingest", "read"})
+    other_key = app.state.db.create_key(OTHER_WORKSPACE, {"ingest", "read"})
 
     port = free_port()
     config = uvicorn.Config(

@@ -33,9 +33,10 @@ class Backend:
     db: Any
 
     def new_workspace(self) -> tuple[str, str]:
-        """A fresh workspace and its key, so tests sharing the server stay independent."""
+        """A fresh workspace and its key (ingest and read: the tests read back what they
+        sent), so tests sharing the server stay independent."""
         workspace = f"ws-{uuid.uuid4().hex[:12]}"
-        return workspace, self.db.create_key(workspace)
+        return workspace, self.db.create_key(workspace, {"ingest", "read"})
 
     def get(self, workspace: str, key: str, endpoint: str, **params: Any) -> Any:
         """GET one of the dashboard JSON endpoints of a workspace."""

@@ -245,6 +245,7 @@ def add_known_key(db: Any, workspace: str, key: str) -> None:
                 key_hash=hash_secret(key),
                 prefix=key[:KEY_DISPLAY_CHARS],
                 created_at=time.time(),
+                scopes="admin,ingest,read",
             )
         )
 

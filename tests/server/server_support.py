@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import uvicorn
 
 from mmagg.server import Database
+from mmagg.server.auth import ALL_SCOPES
 
 
 @dataclass
@@ -21,10 +22,36 @@ class RunningBackend:
     db: Database
     kind: str
 
-    def new_workspace(self) -> tuple[str, str]:
-        """A fresh workspace and a key for it, so tests sharing the server stay independent."""
+    def new_workspace(self, scopes: frozenset[str] = ALL_SCOPES) -> tuple[str, str]:
+        """A fresh workspace and a key for it, so tests sharing the server stay independent.
+
+        The key has every scope unless `scopes` says otherwise: these tests read back what
+        they wrote (a real deployment gives devices ingest-only keys).
+        """
         workspace = f"ws-{uuid.uuid4().hex[:12]}"
-        return workspace, self.db.create_key(workspace)
+        return workspace, self.db.create_key(workspace, scopes)
+
+
+class ManualClock:
+    """A clock for `Database(clock=...)`: real time (or `frozen`) plus an offset tests move.
+
+    Example:
+        >>> clock = ManualClock(frozen=1000.0)
+        >>> clock.advance(61)
+        >>> clock()
+        1061.0
+    """
+
+    def __init__(self, frozen: float | None = None) -> None:
+        self.frozen = frozen
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        base = time.time() if self.frozen is None else self.frozen
+        return base + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
 
 
 def free_socket() -> socket.socket:

@@ -112,7 +112,7 @@ def _run_mmagg(*args: str) -> list[str]:
 def served(tmp_path: Path) -> Iterator[tuple[str, str]]:
     url = f"sqlite:///{tmp_path / 'serve.db'}"
     db = Database(url)
-    key = db.create_key("served")
+    key = db.create_key("served")  # ingest only, the default: enough for the lookup
     db.close()
     sock = free_socket()
     port = sock.getsockname()[1]
@@ -167,6 +167,8 @@ def test_demo_reports_every_simulated_source(tmp_path: Path) -> None:
     assert "SIMULATED" in completed.stdout
     assert re.search(r"http://127\.0\.0\.1:\d+/dashboard", completed.stdout)
     assert "helmet" in completed.stdout
+    # The cameras report with an ingest key; the person gets a read key for the dashboard.
+    assert "Read key" in completed.stdout and "Ingest key" in completed.stdout
     db = Database(url)
     try:
         with db.read() as conn:

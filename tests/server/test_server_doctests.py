@@ -10,8 +10,10 @@ import pytest
 MODULES = [
     "mmagg.server",
     "mmagg.server.app",
+    "mmagg.server.auth",
     "mmagg.server.db",
     "mmagg.server.demo",
+    "mmagg.server.keys_api",
     "mmagg.server.ratelimit",
     "mmagg.server.runner",
     "mmagg.server.tables",

@@ -20,7 +20,7 @@ FAILURES = 3  # per minute: one token every 20 s
 def served(tmp_path: Path) -> Iterator[tuple[ServerThread, str]]:
     """A fresh backend (fresh limiter) allowing FAILURES failed attempts a minute, and a key."""
     db = Database(f"sqlite:///{tmp_path / 'limit.db'}")
-    key = db.create_key("acme")
+    key = db.create_key("acme", {"ingest", "read"})  # logs in and looks up
     running = start_server(create_app(db=db, login_failures_per_minute=FAILURES))
     try:
         yield running, key

@@ -35,8 +35,10 @@ from mmagg.server.api import (
     build_api_router,
     inference_stats_response,
 )
+from mmagg.server.auth import ADMIN, INGEST, READ, require_dashboard_scope, require_scope
 from mmagg.server.db import SESSION_TTL_SECONDS, Database, Principal
 from mmagg.server.errors import ApiError, BodyTooLargeError
+from mmagg.server.keys_api import build_keys_router
 from mmagg.server.metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
 from mmagg.server.ratelimit import FailureLimiter
 from mmagg.server.responses import (
@@ -151,11 +153,13 @@ def request_api_key(request: Request) -> str | None:
 
 
 _MISSING_KEY = "missing API key: pass ?api_key=KEY or the header 'Authorization: Bearer KEY'"
-_BAD_KEY = "unknown or revoked API key"
+_BAD_KEY = "unknown or revoked API key (an expired key counts as revoked)"
 _OTHER_WORKSPACE = "this API key does not belong to workspace in the URL"
 
 
-def _principal_for_key(db: Database, key: str | None, workspace: str | None) -> Principal:
+def _principal_for_key(
+    db: Database, key: str | None, workspace: str | None, scope: str | None = None
+) -> Principal:
     if key is None:
         raise ApiError(401, _MISSING_KEY, reason="unauthorized")
     principal = db.authenticate(key)
@@ -163,6 +167,8 @@ def _principal_for_key(db: Database, key: str | None, workspace: str | None) -> 
         raise ApiError(401, _BAD_KEY, reason="unauthorized")
     if workspace is not None and principal.workspace != workspace:
         raise ApiError(403, _OTHER_WORKSPACE, reason="forbidden")
+    if scope is not None:
+        require_scope(principal.scopes, scope, principal.workspace)
     return principal
 
 
@@ -196,8 +202,13 @@ def _guarded_principal(request: Request, key: str | None) -> Principal:
 
 
 def key_principal(request: Request, workspace: str) -> Principal:
-    """Dependency: the workspace's principal from an API key; 401/403 otherwise."""
-    return _principal_for_key(request.app.state.db, request_api_key(request), workspace)
+    """Dependency: the workspace's principal from a `read` API key; 401/403 otherwise."""
+    return _principal_for_key(request.app.state.db, request_api_key(request), workspace, READ)
+
+
+def admin_principal(request: Request, workspace: str) -> Principal:
+    """Dependency: the workspace's principal from an `admin` API key; 401/403 otherwise."""
+    return _principal_for_key(request.app.state.db, request_api_key(request), workspace, ADMIN)
 
 
 def session_principal(
@@ -210,6 +221,7 @@ def session_principal(
     principal = db.session_principal(mmagg_session)
     if principal is None:
         raise ApiError(401, "session expired or logged out: log in again", reason="unauthorized")
+    require_scope(principal.scopes, READ, principal.workspace)
     return principal
 
 
@@ -221,7 +233,7 @@ def _ingest(
     body: bytes,
     idempotency_key: str | None,
 ) -> JSONResponse:
-    principal = _principal_for_key(db, key, workspace)
+    principal = _principal_for_key(db, key, workspace, INGEST)
     try:
         report = REPORT_ADAPTER.validate_json(body)
     except pydantic.ValidationError as error:
@@ -275,10 +287,11 @@ async def ingest(request: Request) -> JSONResponse:
 def _routes(session_ttl: float, secure_cookies: bool) -> tuple[APIRouter, APIRouter]:
     dashboard = APIRouter(prefix="/dashboard/api")
 
-    @dashboard.post("/login", responses=documented(WorkspaceResponse, 401, 413, 422, 429))
+    @dashboard.post("/login", responses=documented(WorkspaceResponse, 401, 403, 413, 422, 429))
     def login(request: Request, credentials: LoginRequest) -> JSONResponse:
         db: Database = request.app.state.db
         principal = _guarded_principal(request, credentials.api_key)
+        require_dashboard_scope(principal.scopes, principal.workspace)
         token = db.create_session(principal, ttl=session_ttl)
         response = JSONResponse({"workspace": principal.workspace})
         response.set_cookie(
@@ -322,9 +335,10 @@ def _routes(session_ttl: float, secure_cookies: bool) -> tuple[APIRouter, APIRou
     def metrics_endpoint(request: Request) -> Response:
         return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @public.get("/", responses=documented(WorkspaceResponse, 401, 429))
+    @public.get("/", responses=documented(WorkspaceResponse, 401, 403, 429))
     def lookup(request: Request) -> dict[str, str]:
         principal = _guarded_principal(request, request_api_key(request))
+        require_scope(principal.scopes, INGEST, principal.workspace)
         return {"workspace": principal.workspace}
 
     @public.get(
@@ -342,6 +356,7 @@ def _routes(session_ttl: float, secure_cookies: bool) -> tuple[APIRouter, APIRou
 
     keyed = APIRouter(prefix="/{workspace}/api")
     keyed.include_router(build_api_router(key_principal))
+    keyed.include_router(build_keys_router(admin_principal))
     public.include_router(keyed)
     return dashboard, public
 
@@ -383,7 +398,9 @@ def _ingest_operation(components: dict[str, Any]) -> dict[str, Any]:
         "responses": {
             "200": answer("Stored, or a replay of an earlier Idempotency-Key", "IngestResponse"),
             "401": answer("No key, or an unknown or revoked key", "ErrorResponse"),
-            "403": answer("A key of another workspace", "ErrorResponse"),
+            "403": answer(
+                "A key of another workspace, or one without the 'ingest' scope", "ErrorResponse"
+            ),
             "413": answer("Body over the limit", "ErrorResponse"),
             "422": answer("Schema error, naming the field", "ErrorResponse"),
         },

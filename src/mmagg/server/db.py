@@ -8,11 +8,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import re
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,13 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from mmagg.server.auth import (
+    DEFAULT_SCOPES,
+    LAST_USED_RESOLUTION_SECONDS,
+    format_scopes,
+    parse_scopes,
+    stored_scopes,
+)
 from mmagg.server.schemas import Report
 from mmagg.server.tables import (
     api_keys,
@@ -32,6 +40,8 @@ from mmagg.server.tables import (
 )
 from mmagg.window import HISTOGRAM_BUCKETS
 
+logger = logging.getLogger("mmagg.server")
+
 KEY_PREFIX = "mmk_"
 KEY_DISPLAY_CHARS = 8
 SESSION_TTL_SECONDS = 12 * 3600
@@ -42,7 +52,14 @@ _WORKSPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 # Built once: constructing a statement per request costs more than executing it.
 _AUTH_QUERY = (
-    sa.select(api_keys.c.key_hash, workspaces.c.id, workspaces.c.name, api_keys.c.id)
+    sa.select(
+        api_keys.c.key_hash,
+        workspaces.c.id,
+        workspaces.c.name,
+        api_keys.c.id,
+        api_keys.c.scopes,
+        api_keys.c.expires_at,
+    )
     .join(workspaces, workspaces.c.id == api_keys.c.workspace_id)
     .where(api_keys.c.key_hash == sa.bindparam("digest"), api_keys.c.revoked_at.is_(None))
 )
@@ -114,15 +131,40 @@ class KeyInfo:
     workspace: str
     created_at: float
     revoked_at: float | None
+    scopes: frozenset[str] = frozenset()
+    expires_at: float | None = None
+    last_used_at: float | None = None
+
+    def status(self, now: float) -> str:
+        """`active`, `revoked` or `expired` at time `now`."""
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "expired"
+        return "active"
+
+
+class AmbiguousKeyError(LookupError):
+    """A key prefix that matches more than one active key; nothing was revoked."""
+
+    def __init__(self, prefix: str, matches: list[KeyInfo]) -> None:
+        ids = ", ".join(str(info.id) for info in matches)
+        super().__init__(
+            f"key prefix {prefix!r} matches {len(matches)} active keys (ids {ids}); "
+            "nothing was revoked: revoke by id"
+        )
+        self.prefix = prefix
+        self.matches = matches
 
 
 @dataclass(frozen=True)
 class Principal:
-    """Who a key or session belongs to, and through which key."""
+    """Who a key or session belongs to, through which key, and what it may do."""
 
     workspace_id: int
     workspace: str
     key_id: int
+    scopes: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -144,8 +186,18 @@ class Database:
         'acme'
     """
 
-    def __init__(self, database_url: str, *, migrate_schema: bool = True) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        migrate_schema: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.url = database_url
+        # Key lifetimes, last-used times and sessions read this clock (tests inject one).
+        self.clock = clock
+        # key id -> when this process last wrote its last_used_at.
+        self._last_used_written: dict[int, float] = {}
         self.engine = create_db_engine(database_url)
         self.dialect = self.engine.dialect.name
         # SQLite allows one writer; serialising in-process writers here avoids SQLITE_BUSY
@@ -197,23 +249,72 @@ class Database:
             with self.read() as conn:
                 return int(conn.execute(find).scalar_one())
 
-    def create_key(self, workspace: str) -> str:
-        """Create a key for `workspace` (created if missing) and return it; shown only once."""
+    def create_key(
+        self,
+        workspace: str,
+        scopes: str | Iterable[str] = DEFAULT_SCOPES,
+        *,
+        expires_in: float | None = None,
+    ) -> str:
+        """Create a key for `workspace` (created if missing) and return it; shown only once.
+
+        The default scopes are `ingest` only: what a device needs, and nothing more. Pass
+        `scopes={"read"}` (or `"read"`, `"ingest,read"`) for a person's dashboard key; an
+        unknown scope raises `mmagg.server.auth.ScopeError`. With `expires_in` (seconds) the key
+        dies on its own that long after creation.
+
+        Example:
+            >>> db = Database("sqlite://")
+            >>> sorted(db.authenticate(db.create_key("acme")).scopes)
+            ['ingest']
+            >>> sorted(db.authenticate(db.create_key("acme", {"read", "admin"})).scopes)
+            ['admin', 'read']
+            >>> sorted(db.authenticate(db.create_key("acme", "ingest,read")).scopes)
+            ['ingest', 'read']
+        """
+        return self.create_key_record(workspace, scopes, expires_in=expires_in)[0]
+
+    def create_key_record(
+        self,
+        workspace: str,
+        scopes: str | Iterable[str] = DEFAULT_SCOPES,
+        *,
+        expires_in: float | None = None,
+    ) -> tuple[str, KeyInfo]:
+        """`create_key`, also returning the new key's listing row (id, prefix, expiry)."""
+        chosen = parse_scopes([scopes] if isinstance(scopes, str) else scopes)
+        if expires_in is not None and not expires_in > 0:
+            raise ValueError(f"expires_in: expected a positive number of seconds, got {expires_in}")
         workspace_id = self.ensure_workspace(workspace)
         key = new_api_key()
+        now = self.clock()
+        expires_at = None if expires_in is None else now + expires_in
         with self.write() as conn:
-            conn.execute(
-                sa.insert(api_keys).values(
-                    workspace_id=workspace_id,
-                    key_hash=hash_secret(key),
-                    prefix=key[:KEY_DISPLAY_CHARS],
-                    created_at=time.time(),
+            key_id = _inserted_id(
+                conn.execute(
+                    sa.insert(api_keys).values(
+                        workspace_id=workspace_id,
+                        key_hash=hash_secret(key),
+                        prefix=key[:KEY_DISPLAY_CHARS],
+                        created_at=now,
+                        scopes=format_scopes(chosen),
+                        expires_at=expires_at,
+                    )
                 )
             )
-        return key
+        info = KeyInfo(
+            id=key_id,
+            prefix=key[:KEY_DISPLAY_CHARS],
+            workspace=workspace,
+            created_at=now,
+            revoked_at=None,
+            scopes=chosen,
+            expires_at=expires_at,
+        )
+        return key, info
 
-    def list_keys(self) -> list[KeyInfo]:
-        """Every key, oldest first, without any secret."""
+    def list_keys(self, workspace: str | None = None) -> list[KeyInfo]:
+        """Every key (of `workspace`, if given), oldest first, without any secret."""
         query = (
             sa.select(
                 api_keys.c.id,
@@ -221,29 +322,73 @@ class Database:
                 workspaces.c.name,
                 api_keys.c.created_at,
                 api_keys.c.revoked_at,
+                api_keys.c.scopes,
+                api_keys.c.expires_at,
+                api_keys.c.last_used_at,
             )
             .join(workspaces, workspaces.c.id == api_keys.c.workspace_id)
             .order_by(api_keys.c.id)
         )
+        if workspace is not None:
+            query = query.where(workspaces.c.name == workspace)
         with self.read() as conn:
-            return [KeyInfo(*row) for row in conn.execute(query)]
+            return [_key_info(row) for row in conn.execute(query)]
 
-    def revoke_key(self, key_id: int | str) -> bool:
-        """Revoke a key by numeric id or prefix; False if no active key matched."""
-        if isinstance(key_id, int) or str(key_id).isdigit():
-            where = api_keys.c.id == int(key_id)
+    def revoke_key(self, key_id: int | str, *, workspace: str | None = None) -> bool:
+        """Revoke ONE key by numeric id or prefix; False if no active key matched.
+
+        A prefix (what `mmagg keys list` shows, e.g. `mmk_AbCd`, or any start of it) that
+        matches several active keys revokes nothing and raises `AmbiguousKeyError` listing
+        them. With `workspace`, only that workspace's keys are candidates.
+
+        Example:
+            >>> db = Database("sqlite://")
+            >>> key = db.create_key("acme")
+            >>> db.revoke_key(key[:8]), db.revoke_key(key[:8])
+            (True, False)
+        """
+        text = str(key_id).strip().rstrip("…")
+        query = (
+            sa.select(
+                api_keys.c.id,
+                api_keys.c.prefix,
+                workspaces.c.name,
+                api_keys.c.created_at,
+                api_keys.c.revoked_at,
+                api_keys.c.scopes,
+                api_keys.c.expires_at,
+                api_keys.c.last_used_at,
+            )
+            .join(workspaces, workspaces.c.id == api_keys.c.workspace_id)
+            .where(api_keys.c.revoked_at.is_(None))
+            .order_by(api_keys.c.id)
+        )
+        if workspace is not None:
+            query = query.where(workspaces.c.name == workspace)
+        if isinstance(key_id, int) or text.isdigit():
+            query = query.where(api_keys.c.id == int(text))
+        elif len(text) > KEY_DISPLAY_CHARS:
+            # Longer than any stored prefix: the whole key was given; match it exactly.
+            query = query.where(api_keys.c.key_hash == hash_secret(text))
+        elif text:
+            query = query.where(api_keys.c.prefix.startswith(text, autoescape=True))
         else:
-            where = api_keys.c.prefix == str(key_id)
+            return False
         with self.write() as conn:
+            matches = [_key_info(row) for row in conn.execute(query)]
+            if len(matches) > 1:
+                raise AmbiguousKeyError(text, matches)
+            if not matches:
+                return False
             updated = conn.execute(
                 sa.update(api_keys)
-                .where(where, api_keys.c.revoked_at.is_(None))
-                .values(revoked_at=time.time())
+                .where(api_keys.c.id == matches[0].id, api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=self.clock())
             )
-            return updated.rowcount > 0
+            return updated.rowcount == 1
 
     def authenticate(self, api_key: str, conn: Connection | None = None) -> Principal | None:
-        """The workspace of an active key, or None for an unknown or revoked key."""
+        """The principal of an active key; None for an unknown, revoked or expired key."""
         digest = hash_secret(api_key)
         params = {"digest": digest}
         if conn is None:
@@ -255,14 +400,57 @@ class Database:
         # check independent of how the database compares strings.
         if row is None or not hmac.compare_digest(row[0], digest):
             return None
-        return Principal(workspace_id=int(row[1]), workspace=str(row[2]), key_id=int(row[3]))
+        now = self.clock()
+        if row[5] is not None and row[5] <= now:
+            return None
+        key_id = int(row[3])
+        self.touch_key(key_id, now)
+        return Principal(
+            workspace_id=int(row[1]),
+            workspace=str(row[2]),
+            key_id=key_id,
+            scopes=stored_scopes(row[4]),
+        )
+
+    def touch_key(self, key_id: int, now: float | None = None) -> None:
+        """Record that key `key_id` was used: at most one write per key and minute.
+
+        The in-process memory skips the write entirely within the minute; the condition
+        on the row keeps several backend processes from writing more often than that either.
+        """
+        now = self.clock() if now is None else now
+        last = self._last_used_written.get(key_id)
+        if last is not None and now - last < LAST_USED_RESOLUTION_SECONDS:
+            return
+        self._last_used_written[key_id] = now
+        try:
+            with self.write() as conn:
+                conn.execute(
+                    sa.update(api_keys)
+                    .where(
+                        api_keys.c.id == key_id,
+                        sa.or_(
+                            api_keys.c.last_used_at.is_(None),
+                            api_keys.c.last_used_at <= now - LAST_USED_RESOLUTION_SECONDS,
+                        ),
+                    )
+                    .values(last_used_at=now)
+                )
+        except sa.exc.SQLAlchemyError as error:
+            # Bookkeeping must not fail the request it describes; the next use retries.
+            self._last_used_written.pop(key_id, None)
+            logger.warning(
+                "mmagg: could not record the last use of key id %d: %s",
+                key_id,
+                type(error).__name__,
+            )
 
     # sessions
 
     def create_session(self, principal: Principal, ttl: float = SESSION_TTL_SECONDS) -> str:
         """A new opaque session token for `principal`; only its hash is stored."""
         token = secrets.token_urlsafe(32)
-        now = time.time()
+        now = self.clock()
         with self.write() as conn:
             conn.execute(sa.delete(dashboard_sessions).where(dashboard_sessions.c.expires_at < now))
             conn.execute(
@@ -277,20 +465,26 @@ class Database:
         return token
 
     def session_principal(self, token: str) -> Principal | None:
-        """The principal of a live session token: not expired, its key not revoked."""
+        """The principal of a live session token: not expired, its key neither revoked nor
+        expired."""
+        now = self.clock()
         query = (
-            sa.select(workspaces.c.id, workspaces.c.name, api_keys.c.id)
+            sa.select(workspaces.c.id, workspaces.c.name, api_keys.c.id, api_keys.c.scopes)
             .join(dashboard_sessions, dashboard_sessions.c.workspace_id == workspaces.c.id)
             .join(api_keys, api_keys.c.id == dashboard_sessions.c.api_key_id)
             .where(
                 dashboard_sessions.c.token_hash == hash_secret(token),
-                dashboard_sessions.c.expires_at > time.time(),
+                dashboard_sessions.c.expires_at > now,
                 api_keys.c.revoked_at.is_(None),
+                sa.or_(api_keys.c.expires_at.is_(None), api_keys.c.expires_at > now),
             )
         )
         with self.read() as conn:
             row = conn.execute(query).first()
-        return None if row is None else Principal(int(row[0]), str(row[1]), int(row[2]))
+        if row is None:
+            return None
+        self.touch_key(int(row[2]), now)
+        return Principal(int(row[0]), str(row[1]), int(row[2]), stored_scopes(row[3]))
 
     def delete_session(self, token: str) -> None:
         """End a session (logout)."""
@@ -403,6 +597,19 @@ class Database:
             )
         with self.read() as conn:
             return int(conn.execute(query).scalar() or 0)
+
+
+def _key_info(row: Any) -> KeyInfo:
+    return KeyInfo(
+        id=int(row[0]),
+        prefix=str(row[1]),
+        workspace=str(row[2]),
+        created_at=float(row[3]),
+        revoked_at=row[4],
+        scopes=stored_scopes(row[5]),
+        expires_at=row[6],
+        last_used_at=row[7],
+    )
 
 
 def _inserted_id(result: sa.CursorResult[Any]) -> int:

@@ -16,7 +16,7 @@ from sqlalchemy.pool import StaticPool
 
 from mmagg.window import HISTOGRAM_BUCKETS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 metadata = sa.MetaData()
 
@@ -34,6 +34,14 @@ workspaces = sa.Table(
     sa.Column("created_at", sa.Float(53), nullable=False),
 )
 
+# Schema step 2 (key scopes): comma-separated scopes ("ingest,read"; NULL grants nothing), an
+# optional expiry, and when the key was last used (written at most once a minute per key).
+API_KEY_COLUMNS_V2 = (
+    sa.Column("scopes", sa.String(64), nullable=True),
+    sa.Column("expires_at", sa.Float(53), nullable=True),
+    sa.Column("last_used_at", sa.Float(53), nullable=True),
+)
+
 api_keys = sa.Table(
     "api_keys",
     metadata,
@@ -43,6 +51,7 @@ api_keys = sa.Table(
     sa.Column("prefix", sa.String(16), nullable=False),
     sa.Column("created_at", sa.Float(53), nullable=False),
     sa.Column("revoked_at", sa.Float(53), nullable=True),
+    *API_KEY_COLUMNS_V2,
 )
 
 reports = sa.Table(
@@ -185,8 +194,27 @@ def _step_1(conn: Connection) -> None:
     metadata.create_all(conn)
 
 
+def _step_2(conn: Connection) -> None:
+    """Key scopes: add the api_keys columns; keys made before scopes keep every scope."""
+    present = {column["name"] for column in sa.inspect(conn).get_columns("api_keys")}
+    preparer = conn.dialect.identifier_preparer
+    for column in API_KEY_COLUMNS_V2:
+        if column.name not in present:
+            kind = column.type.compile(dialect=conn.dialect)
+            conn.exec_driver_sql(
+                f"ALTER TABLE {preparer.quote(api_keys.name)} "
+                f"ADD COLUMN {preparer.quote(column.name)} {kind}"
+            )
+    conn.execute(
+        sa.update(api_keys).where(api_keys.c.scopes.is_(None)).values(scopes=LEGACY_KEY_SCOPES)
+    )
+
+
+# What a key created before scopes existed may do: everything it could do before.
+LEGACY_KEY_SCOPES = "admin,ingest,read"
+
 # Step n upgrades a database at version n - 1 to version n; append, never edit.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _step_1}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _step_1, 2: _step_2}
 
 
 def current_version(conn: Connection) -> int:
@@ -205,7 +233,7 @@ def migrate(engine: Engine) -> int:
 
     Example:
         >>> migrate(create_db_engine("sqlite://"))
-        1
+        2
     """
     with engine.begin() as conn:
         version = current_version(conn)

@@ -238,7 +238,10 @@
         });
       })
       .catch(function (err) {
-        if (err.status === 401 || err.status === 403) {
+        if (err.status === 403 && err.message) {
+          // A valid key without the 'read' scope: the server says what is needed.
+          error.textContent = err.message;
+        } else if (err.status === 401 || err.status === 403) {
           error.textContent = "That API key was not accepted. Check it and try again.";
         } else if (err.status === 429) {
           error.textContent = "Too many attempts. Wait a moment and try again.";
