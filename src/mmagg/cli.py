@@ -96,6 +96,13 @@ def serve(
         int,
         typer.Option(min=1, help="Failed key checks per client address and minute before 429."),
     ] = 10,
+    alerts: Annotated[
+        Path | None,
+        typer.Option(help="Alert rules YAML (docs/alerts.md); reloaded on SIGHUP."),
+    ] = None,
+    alert_interval: Annotated[
+        float, typer.Option(min=0.1, help="Seconds between alert rule evaluations.")
+    ] = 15.0,
 ) -> None:
     """Run the self-hosted Model Monitoring backend (Roboflow-compatible API + dashboard)."""
     _require(SERVER_MODULES, "server")
@@ -103,12 +110,28 @@ def serve(
 
     from mmagg.server import create_app
 
+    db = _database(database_url)
+    engine = None
+    if alerts is not None:
+        from mmagg.server.alert_rules import RulesError
+        from mmagg.server.alerts import AlertEngine, install_sighup
+
+        try:
+            engine = AlertEngine.from_file(
+                db, alerts, interval=alert_interval, external_url=f"http://{host}:{port}"
+            )
+        except (RulesError, OSError) as error:
+            err_console.print(f"[red]error:[/red] alert rules: {escape(str(error))}")
+            raise typer.Exit(2) from None
+        install_sighup(engine)
+        err_console.print(f"alerts: {len(engine.rules.rules)} rules, every {alert_interval:g} s")
     application = create_app(
-        db=_database(database_url),
+        db=db,
         body_limit=body_limit,
         secure_cookies=secure_cookies,
         retention_days=retention_days,
         login_failures_per_minute=login_failures_per_minute,
+        alerts=engine,
     )
     err_console.print(
         f"mmagg backend on http://{host}:{port}  (dashboard: http://{host}:{port}/dashboard)"
