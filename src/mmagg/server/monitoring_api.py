@@ -6,6 +6,8 @@
   class and the class-mix PSI per model, the recent window against the baseline before it.
 - `GET .../api/alerts`: alert instances (pending, firing, resolved) and the last day's
   transitions, plus the rules of the workspace.
+- `GET .../api/notices`: notes the process attached to the workspace (the demo's "the
+  simulated stream has finished"), so the dashboard does not read a finished demo as an outage.
 
 Shapes are in docs/alerts.md; the models below document them in `/openapi.json`.
 """
@@ -140,6 +142,31 @@ class AlertsResponse(_Model):
     recent: list[AlertEvent]
 
 
+class Notice(_Model):
+    model_id: str | None
+    kind: str
+    message: str
+    at: str | None
+
+
+class NoticesResponse(_Model):
+    """`GET .../api/notices`."""
+
+    workspace: str
+    notices: list[Notice]
+
+
+def add_notice(
+    app: Any, workspace: str, kind: str, message: str, model_id: str | None = None
+) -> None:
+    """Attach a notice to a workspace (the demo marks its stream as finished, not stopped)."""
+    notices: dict[str, list[dict[str, Any]]] = getattr(app.state, "notices", None) or {}
+    notices.setdefault(workspace, []).append(
+        {"model_id": model_id, "kind": kind, "message": message, "at": queries.iso(time.time())}
+    )
+    app.state.notices = notices
+
+
 def _db(request: Request) -> Database:
     db: Database = request.app.state.db
     return db
@@ -219,5 +246,10 @@ def build_monitoring_router(principal_dependency: PrincipalDependency) -> APIRou
             },
             principal,
         )
+
+    @router.get("/notices", responses=documented(NoticesResponse, *AUTH_ERRORS))
+    def read_notices(request: Request, principal: Auth) -> JSONResponse:
+        notices = getattr(request.app.state, "notices", None) or {}
+        return respond({"notices": list(notices.get(principal.workspace, []))}, principal)
 
     return router
