@@ -903,6 +903,8 @@
     container.setAttribute("data-points", String(pointCount));
     container.setAttribute("data-range-start", String(Math.floor(range.start / 1000)));
     container.setAttribute("data-range-end", String(Math.floor(range.end / 1000)));
+    container.setAttribute("data-bucket-seconds", String(bucket));
+    container.setAttribute("data-time-format", (range.end - range.start) / 1000 <= 1800 ? "hh:mm:ss" : "hh:mm");
     var mobile = window.innerWidth < 600;
     var opts = {
       width: chartWidth(container),
