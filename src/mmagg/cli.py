@@ -280,11 +280,15 @@ def demo(
 
     from mmagg.server import create_app
     from mmagg.server.demo import (
+        DEMO_FINISHED,
         DRIFTING_CLASS,
         FPS,
+        MODEL_ID,
         SOURCES,
         WORKSPACE,
         DemoResult,
+        demo_rules,
+        describe_alert,
         read_back,
         run_stream,
     )
@@ -295,7 +299,19 @@ def demo(
         database_url = f"sqlite:///{directory / 'mmagg-demo.db'}"
     db = _database(database_url)
     api_key = db.create_key(WORKSPACE)
-    server = BackgroundServer(create_app(db=db), port=port).start()
+    from mmagg.server.alerts import AlertEngine
+    from mmagg.server.monitoring_api import add_notice
+
+    fired: list[str] = []
+
+    def on_alert(notes: Any) -> None:
+        for note in notes:
+            fired.append(note.status)
+            console.print(f"[bold red]{escape(describe_alert(note))}[/bold red]")
+
+    engine = AlertEngine(db, demo_rules(seconds, frequency), interval=1.0, on_notify=on_alert)
+    application = create_app(db=db, alerts=engine)
+    server = BackgroundServer(application, port=port).start()
     console.print(
         f"[bold yellow]SIMULATED STREAM[/bold yellow]: {len(SOURCES)} synthetic cameras "
         f"({', '.join(s.source_id for s in SOURCES)}) at {FPS} fps with random boxes and "
@@ -349,7 +365,12 @@ def demo(
             first_half=first,
             second_half=second,
         )
+        add_notice(application, WORKSPACE, "demo_finished", DEMO_FINISHED, model_id=MODEL_ID)
         console.print(_results_table(result))
+        console.print(
+            f"Alerts: {fired.count('firing')} fired during the run (rules: "
+            f"{', '.join(r.name for r in engine.rules.rules)}; see docs/alerts.md)"
+        )
         console.print(
             f"Reports sent: {counters.sent}, failed: {counters.failed}, "
             f"retried: {counters.retried}, dropped: {dict(counters.dropped) or 0}"
