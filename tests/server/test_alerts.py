@@ -422,3 +422,119 @@ def test_sighup_reloads_rules_and_keeps_old_ones_when_invalid(tmp_path: Path) ->
         signal.signal(signal.SIGHUP, previous)
         engine.close()
         db.close()
+
+
+def _engine_with(tmp_path: Path, rule: dict[str, Any], reports: list[dict[str, Any]]) -> Any:
+    from mmagg.server.schemas import REPORT_ADAPTER
+
+    db = Database(f"sqlite:///{tmp_path / 'e.db'}")
+    principal = db.authenticate(db.create_key("w"))
+    assert principal is not None
+    for item in reports:
+        db.store_report(principal, REPORT_ADAPTER.validate_python(item), None)
+    clock = FakeClock(0.0)
+    engine = AlertEngine(
+        db, parse_rules({"rules": [{"name": "r", "workspace": "w", **rule}]}), clock=clock
+    )
+    return db, engine, clock
+
+
+def test_count_rate_counts_a_vanished_class_as_zero_per_minute(tmp_path: Path) -> None:
+    base = float(int(time.time()) - 7200)
+    reports = [
+        body(base - 600 + 10 * i, MODEL, {"car": HIGH, "truck": HIGH[:3]}) for i in range(60)
+    ]
+    # From base - 120 on, trucks vanish: the window below has none, the baseline has some.
+    reports = [
+        r if i < 48 else body(base - 600 + 10 * i, MODEL, {"car": HIGH})
+        for i, r in enumerate(reports)
+    ]
+    db, engine, clock = _engine_with(
+        tmp_path, {"metric": "count_rate", "below": 5, "window": "60s", "baseline": "5m"}, reports
+    )
+    try:
+        clock.now = base
+        _, observed = engine.observe(engine.rules.rules[0], base)
+        rates = {o.labels["class_name"]: o.value for o in observed}
+        assert rates == {"car": 60.0, "truck": 0.0}  # 6 reports x 10 cars in 60 s; no trucks
+        notes = engine.tick()
+        assert [(n.status, n.labels["class_name"]) for n in notes] == [("firing", "truck")]
+    finally:
+        engine.close()
+        db.close()
+
+
+def test_class_mix_drift_fires_when_the_share_of_classes_changes(tmp_path: Path) -> None:
+    base = float(int(time.time()) - 7200)
+    reports = [
+        body(base - 600 + 10 * i, MODEL, {"car": HIGH, "person": HIGH} if i < 54 else {"car": HIGH})
+        for i in range(60)
+    ]
+    db, engine, clock = _engine_with(
+        tmp_path,
+        {
+            "metric": "class_mix_drift",
+            "above": 0.25,
+            "window": "60s",
+            "baseline": "5m",
+            "min_count": 50,
+        },
+        reports,
+    )
+    try:
+        clock.now = base
+        notes = engine.tick()
+        assert [n.labels for n in notes] == [
+            {"alertname": "r", "workspace": "w", "model_id": MODEL}
+        ]
+        expected_shares = ([60, 0], [300, 300])  # window: cars only; baseline: half and half
+        from mmagg.server.drift import psi as psi_of
+
+        assert notes[0].value == pytest.approx(psi_of(*expected_shares))
+    finally:
+        engine.close()
+        db.close()
+
+
+def test_alerts_of_one_workspace_are_invisible_to_another(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'i.db'}")
+    reports_key = db.create_key("alpha")
+    other_key = db.create_key("beta")
+    base = float(int(time.time()) - 7200)
+    clock = FakeClock(base)
+    rules = parse_rules(
+        {"rules": [{"name": "quiet", "workspace": "alpha", "metric": "silence", "after": "60s"}]}
+    )
+    engine = AlertEngine(db, rules, clock=clock, interval=0.05)
+    running = start_server(create_app(db=db, alerts=engine))
+    try:
+        post(running.base_url, "alpha", reports_key, [body(base - 600, MODEL, {"car": HIGH})])
+        clock.advance(1)
+        assert engine.wait_ticks(2)
+        mine = httpx.get(f"{running.base_url}/alpha/api/alerts", params={"api_key": reports_key})
+        theirs = httpx.get(f"{running.base_url}/beta/api/alerts", params={"api_key": other_key})
+        assert [a["state"] for a in mine.json()["alerts"]] == ["firing"]
+        assert theirs.json()["alerts"] == [] and theirs.json()["recent"] == []
+        assert theirs.json()["rules"] == []
+    finally:
+        running.stop()
+        db.close()
+
+
+def test_serve_refuses_an_invalid_rules_file_naming_rule_and_field(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mmagg.cli import app
+
+    path = tmp_path / "rules.yaml"
+    path.write_text(
+        "rules:\n  - name: helmet-low\n    workspace: demo\n    metric: median_confidence\n"
+        "    below: lots\n"
+    )
+    result = CliRunner().invoke(
+        app,
+        ["serve", "--alerts", str(path), "--database-url", f"sqlite:///{tmp_path / 'x.db'}"],
+        env={"COLUMNS": "200"},
+    )
+    assert result.exit_code == 2
+    assert "rules[0] 'helmet-low': below: expected a number, got 'lots'" in result.output
