@@ -9,12 +9,16 @@ import pytest
 
 MODULES = [
     "mmagg.server",
+    "mmagg.server.alert_rules",
+    "mmagg.server.alerts",
     "mmagg.server.app",
     "mmagg.server.db",
     "mmagg.server.demo",
+    "mmagg.server.drift",
     "mmagg.server.ratelimit",
     "mmagg.server.runner",
     "mmagg.server.tables",
+    "mmagg.server.trends",
 ]
 
 

@@ -39,7 +39,7 @@ def psi(recent: Sequence[float], baseline: Sequence[float], smoothing: float = S
         >>> psi([10, 20, 70], [10, 20, 70])
         0.0
         >>> round(psi([70, 20, 10], [10, 20, 70]), 2)
-        2.26
+        2.25
     """
     if len(recent) != len(baseline):
         raise ValueError(
