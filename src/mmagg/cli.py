@@ -114,6 +114,13 @@ def serve(
         int,
         typer.Option(min=1, help="Failed key checks per client address and minute before 429."),
     ] = 10,
+    alerts: Annotated[
+        Path | None,
+        typer.Option(help="Alert rules YAML (docs/alerts.md); reloaded on SIGHUP."),
+    ] = None,
+    alert_interval: Annotated[
+        float, typer.Option(min=0.1, help="Seconds between alert rule evaluations.")
+    ] = 15.0,
 ) -> None:
     """Run the self-hosted Model Monitoring backend (Roboflow-compatible API + dashboard)."""
     _require(SERVER_MODULES, "server")
@@ -121,12 +128,28 @@ def serve(
 
     from mmagg.server import create_app
 
+    db = _database(database_url)
+    engine = None
+    if alerts is not None:
+        from mmagg.server.alert_rules import RulesError
+        from mmagg.server.alerts import AlertEngine, install_sighup
+
+        try:
+            engine = AlertEngine.from_file(
+                db, alerts, interval=alert_interval, external_url=f"http://{host}:{port}"
+            )
+        except (RulesError, OSError) as error:
+            err_console.print(f"[red]error:[/red] alert rules: {escape(str(error))}")
+            raise typer.Exit(2) from None
+        install_sighup(engine)
+        err_console.print(f"alerts: {len(engine.rules.rules)} rules, every {alert_interval:g} s")
     application = create_app(
-        db=_database(database_url),
+        db=db,
         body_limit=body_limit,
         secure_cookies=secure_cookies,
         retention_days=retention_days,
         login_failures_per_minute=login_failures_per_minute,
+        alerts=engine,
     )
     err_console.print(
         f"mmagg backend on http://{host}:{port}  (dashboard: http://{host}:{port}/dashboard)"
@@ -338,11 +361,15 @@ def demo(
 
     from mmagg.server import create_app
     from mmagg.server.demo import (
+        DEMO_FINISHED,
         DRIFTING_CLASS,
         FPS,
+        MODEL_ID,
         SOURCES,
         WORKSPACE,
         DemoResult,
+        demo_rules,
+        describe_alert,
         read_back,
         run_stream,
     )
@@ -356,7 +383,19 @@ def demo(
     # person reading the results a read key.
     api_key = db.create_key(WORKSPACE, {"ingest"})
     read_key = db.create_key(WORKSPACE, {"read"})
-    server = BackgroundServer(create_app(db=db), port=port).start()
+    from mmagg.server.alerts import AlertEngine
+    from mmagg.server.monitoring_api import add_notice
+
+    fired: list[str] = []
+
+    def on_alert(notes: Any) -> None:
+        for note in notes:
+            fired.append(note.status)
+            console.print(f"[bold red]{escape(describe_alert(note))}[/bold red]")
+
+    engine = AlertEngine(db, demo_rules(seconds, frequency), interval=1.0, on_notify=on_alert)
+    application = create_app(db=db, alerts=engine)
+    server = BackgroundServer(application, port=port).start()
     console.print(
         f"[bold yellow]SIMULATED STREAM[/bold yellow]: {len(SOURCES)} synthetic cameras "
         f"({', '.join(s.source_id for s in SOURCES)}) at {FPS} fps with random boxes and "
@@ -410,7 +449,12 @@ def demo(
             first_half=first,
             second_half=second,
         )
+        add_notice(application, WORKSPACE, "demo_finished", DEMO_FINISHED, model_id=MODEL_ID)
         console.print(_results_table(result))
+        console.print(
+            f"Alerts: {fired.count('firing')} fired during the run (rules: "
+            f"{', '.join(r.name for r in engine.rules.rules)}; see docs/alerts.md)"
+        )
         console.print(
             f"Reports sent: {counters.sent}, failed: {counters.failed}, "
             f"retried: {counters.retried}, dropped: {dict(counters.dropped) or 0}"

@@ -120,6 +120,10 @@ READ_QUERIES: dict[str, dict[str, Any]] = {
     "timeseries": {"model": MODEL},
     "histogram": {"model": MODEL},
     "samples": {},
+    "trends": {"model": MODEL},
+    "drift": {},
+    "alerts": {},
+    "notices": {},
 }
 
 ROUTES: dict[tuple[str, str], tuple[str, Call]] = {

@@ -157,7 +157,7 @@ def test_demo_reports_every_simulated_source(tmp_path: Path) -> None:
 
     url = f"sqlite:///{tmp_path / 'demo.db'}"
     completed = subprocess.run(
-        _run_mmagg("demo", "--seconds", "5", "--frequency", "1", "--database-url", url),
+        _run_mmagg("demo", "--seconds", "12", "--frequency", "1", "--database-url", url),
         capture_output=True,
         text=True,
         timeout=90,
@@ -169,6 +169,8 @@ def test_demo_reports_every_simulated_source(tmp_path: Path) -> None:
     assert "helmet" in completed.stdout
     # The cameras report with an ingest key; the person gets a read key for the dashboard.
     assert "Read key" in completed.stdout and "Ingest key" in completed.stdout
+    # The shipped rules catch the drift half-way while the stream runs (docs/alerts.md).
+    assert "ALERT FIRING: helmet-confidence-low" in completed.stdout
     db = Database(url)
     try:
         with db.read() as conn:

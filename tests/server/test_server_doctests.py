@@ -9,14 +9,18 @@ import pytest
 
 MODULES = [
     "mmagg.server",
+    "mmagg.server.alert_rules",
+    "mmagg.server.alerts",
     "mmagg.server.app",
     "mmagg.server.auth",
     "mmagg.server.db",
     "mmagg.server.demo",
+    "mmagg.server.drift",
     "mmagg.server.keys_api",
     "mmagg.server.ratelimit",
     "mmagg.server.runner",
     "mmagg.server.tables",
+    "mmagg.server.trends",
 ]
 
 

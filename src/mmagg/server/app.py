@@ -28,6 +28,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from mmagg import __version__
+from mmagg.server.alerts import AlertEngine
 from mmagg.server.api import (
     EndTime,
     ModelNames,
@@ -40,6 +41,7 @@ from mmagg.server.db import SESSION_TTL_SECONDS, Database, Principal
 from mmagg.server.errors import ApiError, BodyTooLargeError
 from mmagg.server.keys_api import build_keys_router
 from mmagg.server.metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
+from mmagg.server.monitoring_api import build_monitoring_router
 from mmagg.server.ratelimit import FailureLimiter
 from mmagg.server.responses import (
     ErrorResponse,
@@ -322,6 +324,7 @@ def _routes(session_ttl: float, secure_cookies: bool) -> tuple[APIRouter, APIRou
         return {"workspace": principal.workspace}
 
     dashboard.include_router(build_api_router(session_principal))
+    dashboard.include_router(build_monitoring_router(session_principal))
 
     public = APIRouter()
 
@@ -357,6 +360,7 @@ def _routes(session_ttl: float, secure_cookies: bool) -> tuple[APIRouter, APIRou
     keyed = APIRouter(prefix="/{workspace}/api")
     keyed.include_router(build_api_router(key_principal))
     keyed.include_router(build_keys_router(admin_principal))
+    keyed.include_router(build_monitoring_router(key_principal))
     public.include_router(keyed)
     return dashboard, public
 
@@ -479,6 +483,7 @@ def create_app(
     secure_cookies: bool = False,
     retention_days: float | None = None,
     login_failures_per_minute: int = DEFAULT_LOGIN_FAILURES_PER_MINUTE,
+    alerts: AlertEngine | None = None,
 ) -> FastAPI:
     """Build the backend app on `database_url` (or an open `db`), migrating its schema.
 
@@ -487,6 +492,8 @@ def create_app(
     older than that are deleted at start-up and then every hour. A client (IP address) gets
     `login_failures_per_minute` failed attempts at `POST /dashboard/api/login` and
     `GET /?api_key=` per minute, in bursts of as many; past that, 429 with `Retry-After`.
+    `alerts` (an `AlertEngine` on the same database) is evaluated every `alerts.interval`
+    seconds while the app runs (docs/alerts.md).
 
     Example:
         >>> app = create_app("sqlite://")
@@ -505,8 +512,12 @@ def create_app(
         async with anyio.create_task_group() as tasks:
             if retention_days is not None:
                 tasks.start_soon(_prune_forever, owned_db, retention_days)
+            if alerts is not None:
+                tasks.start_soon(alerts.run)
             yield
             tasks.cancel_scope.cancel()
+        if alerts is not None:
+            alerts.close()
         owned_db.close()
 
     app = FastAPI(
@@ -517,6 +528,9 @@ def create_app(
     )
     app.state.db = db
     app.state.metrics = metrics
+    app.state.alerts = alerts
+    if alerts is not None:
+        alerts.attach_metrics(metrics.registry)
     app.state.login_limiter = FailureLimiter(failures=login_failures_per_minute, period=60.0)
     _install_error_handlers(app, metrics)
 

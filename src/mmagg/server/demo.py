@@ -238,3 +238,56 @@ def read_back(
             response.raise_for_status()
             answers.append(response.json())
     return answers[0], answers[1], answers[2]
+
+
+def demo_rules(seconds: float, frequency: float, workspace: str = WORKSPACE) -> Any:
+    """The alert rules `mmagg demo` ships: helmet's median confidence and its drift.
+
+    Sized to the run: the window holds three reports, the baseline is the first half (before
+    the drift), so the drift half-way fires during the run.
+
+    Example:
+        >>> [r.name for r in demo_rules(20, 2).rules]
+        ['helmet-confidence-low', 'helmet-drift']
+    """
+    from mmagg.server.alert_rules import parse_rules
+
+    window = max(3 * frequency, 4.0)
+    return parse_rules(
+        {
+            "rules": [
+                {
+                    "name": "helmet-confidence-low",
+                    "workspace": workspace,
+                    "model": MODEL_ID,
+                    "class": DRIFTING_CLASS,
+                    "metric": "median_confidence",
+                    "below": 0.6,
+                    "window": f"{window:g}s",
+                    "for": f"{frequency:g}s",
+                },
+                {
+                    "name": "helmet-drift",
+                    "workspace": workspace,
+                    "model": MODEL_ID,
+                    "class": DRIFTING_CLASS,
+                    "metric": "drift",
+                    "above": 0.25,
+                    "window": f"{window:g}s",
+                    "baseline": f"{max(seconds / 2, window):g}s",
+                },
+            ]
+        },
+        "demo rules",
+    )
+
+
+def describe_alert(note: Any) -> str:
+    """One console line for an alert notification of the demo."""
+    return f"ALERT {note.status.upper()}: {note.rule} — {note.annotations.get('summary', '')}"
+
+
+DEMO_FINISHED = (
+    "This was a demo: the SIMULATED stream of `mmagg demo` has finished, so its model no "
+    "longer reports. Nothing is broken; the alerts and drift below are what it produced."
+)

@@ -16,7 +16,7 @@ from sqlalchemy.pool import StaticPool
 
 from mmagg.window import HISTOGRAM_BUCKETS
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 4
 
 metadata = sa.MetaData()
 
@@ -110,6 +110,53 @@ dashboard_sessions = sa.Table(
     # The key the session was opened with: revoking it ends the session too.
     sa.Column("api_key_id", sa.ForeignKey("api_keys.id"), nullable=False),
     sa.Column("created_at", sa.Float(53), nullable=False),
+    sa.Column("expires_at", sa.Float(53), nullable=False),
+)
+
+
+# Alerting (docs/alerts.md): one row per alert instance (rule + label set), the transitions
+# it went through, and the lease that makes one replica the evaluator.
+alert_state = sa.Table(
+    "alert_state",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("rule_name", sa.String(255), nullable=False),
+    sa.Column("fingerprint", sa.String(64), nullable=False),
+    sa.Column("workspace_id", sa.Integer, nullable=False),
+    sa.Column("labels", sa.Text, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("value", sa.Float(53), nullable=True),
+    sa.Column("threshold", sa.Float(53), nullable=True),
+    sa.Column("active_since", sa.Float(53), nullable=True),
+    sa.Column("fired_at", sa.Float(53), nullable=True),
+    sa.Column("resolved_at", sa.Float(53), nullable=True),
+    sa.Column("updated_at", sa.Float(53), nullable=False),
+    sa.Column("notified_status", sa.String(16), nullable=True),
+    sa.Column("notified_at", sa.Float(53), nullable=True),
+    sa.UniqueConstraint("rule_name", "fingerprint", name="uq_alert_state_rule_fp"),
+    sa.Index("ix_alert_state_ws", "workspace_id"),
+)
+
+alert_events = sa.Table(
+    "alert_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("workspace_id", sa.Integer, nullable=False),
+    sa.Column("rule_name", sa.String(255), nullable=False),
+    sa.Column("fingerprint", sa.String(64), nullable=False),
+    sa.Column("labels", sa.Text, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("value", sa.Float(53), nullable=True),
+    sa.Column("threshold", sa.Float(53), nullable=True),
+    sa.Column("at", sa.Float(53), nullable=False),
+    sa.Index("ix_alert_events_ws_at", "workspace_id", "at"),
+)
+
+alert_lease = sa.Table(
+    "alert_lease",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("holder", sa.String(64), nullable=False),
     sa.Column("expires_at", sa.Float(53), nullable=False),
 )
 
@@ -213,8 +260,25 @@ def _step_2(conn: Connection) -> None:
 # What a key created before scopes existed may do: everything it could do before.
 LEGACY_KEY_SCOPES = "admin,ingest,read"
 
+
+def _step_3(conn: Connection) -> None:
+    # placeholder: filled by issue 12
+    return None
+
+
+def _step_4(conn: Connection) -> None:
+    """Alert state, alert history and the evaluator lease (issue 11); idempotent."""
+    for table in (alert_state, alert_events, alert_lease):
+        table.create(conn, checkfirst=True)
+
+
 # Step n upgrades a database at version n - 1 to version n; append, never edit.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _step_1, 2: _step_2}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {
+    1: _step_1,
+    2: _step_2,
+    3: _step_3,
+    4: _step_4,
+}
 
 
 def current_version(conn: Connection) -> int:
@@ -232,8 +296,8 @@ def migrate(engine: Engine) -> int:
     binary never writes into a schema it does not know.
 
     Example:
-        >>> migrate(create_db_engine("sqlite://"))
-        2
+        >>> migrate(create_db_engine("sqlite://")) == SCHEMA_VERSION
+        True
     """
     with engine.begin() as conn:
         version = current_version(conn)

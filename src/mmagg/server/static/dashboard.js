@@ -24,7 +24,7 @@
   // A model with more classes than this opens with only its busiest ones drawn.
   var TOP_CLASSES = 8;
   var STALE_INTERVALS = 3;
-  var NICE_BUCKETS = [5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400,
+  var NICE_BUCKETS = [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400,
     604800, 2592000];
   var HIST_EDGES = [0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
 
@@ -44,6 +44,18 @@
     // Per model: the classes switched off in the legend.
     hiddenByModel: Object.create(null),
     defaultsApplied: Object.create(null),
+    // Confidence statistic of the main chart (a field of /api/trends points).
+    stat: "median_confidence",
+    // Per model: its reporting interval (from the overview), so buckets are never shorter.
+    intervals: Object.create(null),
+    // Per model: a notice such as "the demo finished" (GET notices).
+    notices: Object.create(null),
+  };
+  var STAT_NAMES = {
+    median_confidence: "Median",
+    mean_confidence: "Mean",
+    p10_confidence: "10th-percentile",
+    best_confidence: "Best sampled",
   };
 
   function $(id) { return document.getElementById(id); }
@@ -180,10 +192,13 @@
     return { start: new Date(end.getTime() - state.rangeSeconds * 1000), end: end };
   }
 
-  function bucketSecondsFor(range) {
+  // About 120 buckets over the range, but never shorter than the model's reporting interval:
+  // a bucket shorter than the interval is empty every other time and the line zig-zags.
+  function bucketSecondsFor(range, interval) {
     var span = (range.end - range.start) / 1000;
+    var floor = typeof interval === "number" && isFinite(interval) && interval > 0 ? interval : 0;
     for (var i = 0; i < NICE_BUCKETS.length; i++) {
-      if (NICE_BUCKETS[i] >= span / 120) return NICE_BUCKETS[i];
+      if (NICE_BUCKETS[i] >= span / 120 && NICE_BUCKETS[i] >= floor) return NICE_BUCKETS[i];
     }
     return NICE_BUCKETS[NICE_BUCKETS.length - 1];
   }
@@ -353,6 +368,10 @@
   // ---------------------------------------------------------------- overview
 
   function healthOf(model, now) {
+    var notice = state.notices[model.id];
+    if (notice && notice.kind === "demo_finished") {
+      return { cls: "finished", text: "\u25A0 Demo finished", title: notice.message };
+    }
     if (!model.lastReport) return { cls: "unknown", text: "? No reports", title: "" };
     var silent = (now - model.lastReport) / 1000;
     var interval = typeof model.interval === "number" && model.interval > 0 ? model.interval : null;
@@ -370,9 +389,20 @@
     // One read: counts, devices and sources over the range; the last report and the interval
     // over all time, so a model that went silent before the range still shows, as stale. The
     // device/source filter is applied by the server, to every number.
-    return request("GET", "models", rangeParams(range)).then(function (data) {
+    return Promise.all([
+      request("GET", "models", rangeParams(range)),
+      request("GET", "drift", driftParams(range, null)),
+      request("GET", "alerts"),
+      request("GET", "notices"),
+    ]).then(function (answers) {
       if (gen !== state.generation) return;
+      var data = answers[0];
+      readNotices(answers[3]);
+      renderAlerts(answers[2]);
+      var drifts = Object.create(null);
+      listOf(answers[1], "models").forEach(function (d) { drifts[String(d.model_id)] = d; });
       var models = listOf(data, "models").map(readModel);
+      models.forEach(function (m) { state.intervals[m.id] = m.interval; });
       var body = $("models-body");
       clear(body);
       var now = new Date();
@@ -401,6 +431,7 @@
         tr.appendChild(el("td", m.reports === null ? "—" : m.reports, "num"));
         var who = m.devices.concat(m.sources.map(function (s) { return "source " + s; }));
         tr.appendChild(el("td", who.length ? who.join(", ") : "—"));
+        tr.appendChild(driftCell(drifts[m.id]));
         body.appendChild(tr);
       });
       labelCells($("models-table"));
@@ -414,6 +445,144 @@
           : "No reports from this model" + (state.filter ? " on " + state.filter.replace(":", " ") : "") + ".";
       }
     });
+  }
+
+  // ---------------------------------------------------------------- drift, alerts, notices
+
+  // The drift the page shows compares the last quarter of the range with the three quarters
+  // before it (the API takes any window and baseline: docs/alerts.md).
+  function driftParams(range, modelId) {
+    var span = (range.end - range.start) / 1000;
+    var p = rangeParams(range);
+    delete p.startTime;
+    p.window = Math.max(1, Math.round(span / 4));
+    p.baseline = Math.max(1, Math.round(span - span / 4));
+    if (modelId) p.model = modelId;
+    return p;
+  }
+
+  var LEVEL_TEXT = { none: "\u2713 stable", moderate: "\u25B2 moderate", significant: "\u26A0 significant", unknown: "? too few data" };
+
+  function formatScore(v) { return typeof v === "number" && isFinite(v) ? v.toFixed(3) : "—"; }
+
+  function driftCell(d) {
+    var td = el("td");
+    if (!d) { td.appendChild(el("span", "—", "drift unknown")); return td; }
+    var worst = null;
+    (d.classes || []).forEach(function (c) {
+      if (typeof c.psi === "number" && (worst === null || c.psi > worst.psi)) worst = c;
+    });
+    var level = String(d.level || "unknown");
+    var mark = el("span", LEVEL_TEXT[level] || level, "drift " + level);
+    mark.setAttribute("data-level", level);
+    td.appendChild(mark);
+    if (worst) {
+      td.appendChild(document.createTextNode(" "));
+      td.appendChild(el("span", "PSI " + formatScore(worst.psi) + " (" + worst.class_name + ")", "muted nowrap"));
+    }
+    var mix = d.class_mix || {};
+    if (typeof mix.psi === "number") {
+      td.appendChild(el("div", "class mix PSI " + formatScore(mix.psi), "muted nowrap"));
+    }
+    return td;
+  }
+
+  function readNotices(data) {
+    state.notices = Object.create(null);
+    var messages = [];
+    listOf(data, "notices").forEach(function (n) {
+      if (n.model_id !== null && n.model_id !== undefined) state.notices[String(n.model_id)] = n;
+      if (n.message) messages.push(String(n.message));
+    });
+    var banner = $("notice-banner");
+    banner.textContent = messages.join(" ");
+    show(banner, messages.length > 0);
+  }
+
+  function alertSubject(labels) {
+    var parts = [];
+    if (labels.model_id) parts.push(labels.model_id);
+    if (labels.class_name !== undefined) parts.push(labels.class_name);
+    if (labels.device_id) parts.push("device " + labels.device_id);
+    return parts.join(" / ") || "—";
+  }
+
+  function formatValue(v) {
+    return typeof v === "number" && isFinite(v) ? (Math.abs(v) >= 10 ? v.toFixed(1) : v.toFixed(3)) : "—";
+  }
+
+  function renderAlerts(data) {
+    var rules = listOf(data, "rules");
+    var alerts = listOf(data, "alerts");
+    var recent = listOf(data, "recent");
+    show($("alerts-disabled"), !(data && data.enabled) || rules.length === 0);
+    var body = $("alerts-body");
+    clear(body);
+    var order = { firing: 0, pending: 1, resolved: 2 };
+    alerts.slice().sort(function (a, b) { return (order[a.state] || 3) - (order[b.state] || 3); }).forEach(function (a) {
+      var tr = el("tr");
+      tr.setAttribute("data-state", String(a.state));
+      tr.setAttribute("data-rule", String(a.rule));
+      var labels = a.labels || {};
+      tr.appendChild(el("td", String(a.state), "alert-state " + a.state));
+      tr.appendChild(el("td", a.rule));
+      tr.appendChild(el("td", alertSubject(labels)));
+      tr.appendChild(el("td", formatValue(a.value), "num"));
+      tr.appendChild(el("td", formatValue(a.threshold), "num"));
+      var since = a.state === "resolved" ? a.resolved_at : a.state === "firing" ? a.fired_at : a.active_since;
+      tr.appendChild(el("td", formatTime(toDate(since)), "nowrap"));
+      body.appendChild(tr);
+    });
+    show($("alerts-table"), alerts.length > 0);
+    labelCells($("alerts-table"));
+    var firing = alerts.filter(function (a) { return a.state === "firing"; }).length;
+    $("alerts-count").textContent = firing ? firing + " firing" : alerts.length ? "none firing" : "";
+    var list = $("alerts-recent");
+    clear(list);
+    recent.slice(0, 10).forEach(function (e) {
+      var li = el("li");
+      li.setAttribute("data-status", String(e.status));
+      li.appendChild(el("span", formatTime(toDate(e.at)) + " ", "nowrap"));
+      li.appendChild(el("strong", String(e.status), "alert-state " + e.status));
+      li.appendChild(document.createTextNode(" " + e.rule + " · " + alertSubject(e.labels || {}) + " · value " + formatValue(e.value)));
+      list.appendChild(li);
+    });
+    show($("alerts-none"), recent.length === 0 && !!(data && data.enabled) && rules.length > 0);
+  }
+
+  function renderDrift(data, range) {
+    var body = $("drift-body");
+    clear(body);
+    var model = listOf(data, "models")[0];
+    var span = (range.end - range.start) / 1000;
+    $("drift-hint").textContent = "last " + formatDuration(span / 4) + " vs. the " + formatDuration(span - span / 4) +
+      " before; PSI \u2265 0.1 moderate, \u2265 0.25 significant";
+    (model ? model.classes : []).forEach(function (c) {
+      var tr = el("tr");
+      tr.setAttribute("data-class", String(c.class_name));
+      tr.setAttribute("data-level", String(c.level));
+      tr.appendChild(el("td", c.class_name === "" ? "(no class name)" : c.class_name, "class-name"));
+      var score = el("td");
+      score.appendChild(el("span", (LEVEL_TEXT[c.level] || c.level), "drift " + c.level));
+      score.appendChild(el("span", " " + formatScore(c.psi), "num"));
+      tr.appendChild(score);
+      tr.appendChild(el("td", formatScore(c.js_distance), "num"));
+      tr.appendChild(el("td", formatConfidence(c.recent_median) + " / " + formatConfidence(c.baseline_median), "num"));
+      tr.appendChild(el("td", c.recent_count + " / " + c.baseline_count, "num"));
+      body.appendChild(tr);
+    });
+    if (!model || !model.classes.length) {
+      var tr = el("tr");
+      var td = el("td", "No predictions in this range.", "muted");
+      td.colSpan = 5;
+      tr.appendChild(td);
+      body.appendChild(tr);
+    }
+    labelCells($("drift-table"));
+    var mix = model ? model.class_mix : null;
+    $("class-mix").textContent = mix && typeof mix.psi === "number"
+      ? "Class mix (each class's share of predictions): PSI " + formatScore(mix.psi) + ", " + (LEVEL_TEXT[mix.level] || mix.level) + "."
+      : "Class mix: too few predictions to compare.";
   }
 
   // ---------------------------------------------------------------- model view
@@ -465,18 +634,21 @@
   }
 
   function loadModel(modelId, range, gen) {
-    var bucket = bucketSecondsFor(range);
+    var bucket = bucketSecondsFor(range, state.intervals[modelId]);
     var params = rangeParams(range);
     params.model = modelId;
     var seriesParams = Object.assign({ bucket_seconds: bucket }, params);
     var histParams = Object.assign({}, params);
     var sampleParams = Object.assign({ limit: SAMPLE_ROWS }, params);
     return Promise.all([
-      request("GET", "timeseries", seriesParams),
+      request("GET", "trends", seriesParams),
       request("GET", "histogram", histParams),
       request("GET", "samples", sampleParams),
+      request("GET", "drift", driftParams(range, modelId)),
     ]).then(function (results) {
       if (gen !== state.generation || modelId !== state.model) return;
+      renderDrift(results[3], range);
+      $("confidence-caption").textContent = STAT_NAMES[state.stat] + " confidence per class over time";
       var series = readSeries(results[0], range, bucket);
       var hists = readHistograms(results[1]);
       state.lastHists = hists;
@@ -485,7 +657,10 @@
       // without stats would otherwise show as "1 prediction".
       var withStats = Object.create(null);
       hists.forEach(function (h) { if (!h.fromSamples) withStats[h.name] = true; });
+      var totals = Object.create(null);
+      hists.forEach(function (h) { totals[h.name] = h.fromSamples ? 0 : total(h.counts); });
       series.classes.forEach(function (c) {
+        c.predictions = totals[c.name] || 0;
         if (!withStats[c.name]) c.counts = c.counts.map(function () { return null; });
       });
       renderLegend(series);
@@ -503,9 +678,9 @@
   }
 
   function readSeries(data, range, bucket) {
-    // {"series": [{"class_name", "points": [{"t", "max_confidence", "prediction_count",
-    // "results_with_stats"}]}]}, aligned on one x axis for uPlot (null where a class has no
-    // point in a bucket).
+    // GET trends: {"series": [{"class_name", "points": [{"t", "median_confidence",
+    // "mean_confidence", "p10_confidence", "best_confidence", "predictions_per_minute"}]}]},
+    // aligned on one x axis for uPlot (null where a class has no point in a bucket).
     var raw = listOf(data, "series");
     var xsSet = Object.create(null);
     var perClass = raw.map(function (s) {
@@ -516,10 +691,9 @@
         if (!t) return;
         var x = Math.floor(t.getTime() / 1000);
         xsSet[x] = true;
-        // A bucket whose results carried no stats has no real count (each sample counts 1).
         points[x] = {
-          conf: orNull(p.max_confidence),
-          count: p.results_with_stats === 0 ? null : orNull(p.prediction_count),
+          conf: orNull(p[state.stat]),
+          count: orNull(p.predictions_per_minute),
         };
       });
       return { name: name, points: points };
@@ -575,9 +749,10 @@
       button.title = "Show or hide this class in the charts";
       button.appendChild(swatch(c.style));
       button.appendChild(el("span", c.name === "" ? "(no class name)" : c.name, "class-name"));
-      var best = Math.max.apply(null, c.confidence.filter(function (v) { return v !== null; }).concat([-1]));
-      var predictions = total(c.counts);
-      var detail = best >= 0 ? "best " + best.toFixed(2) : "";
+      var known = c.confidence.filter(function (v) { return v !== null; });
+      var latest = known.length ? known[known.length - 1] : null;
+      var predictions = c.predictions || 0;
+      var detail = latest !== null ? STAT_NAMES[state.stat].toLowerCase() + " " + latest.toFixed(2) + " (latest)" : "";
       if (predictions) detail += (detail ? " · " : "") + predictions + " predictions";
       if (detail) button.appendChild(el("span", "(" + detail + ")", "muted"));
       button.addEventListener("click", function () {
@@ -677,11 +852,13 @@
   }
 
   function timeTicks(range) {
-    var long = (range.end - range.start) / 1000 > 86400 * 1.01;
+    var span = (range.end - range.start) / 1000;
+    var long = span > 86400 * 1.01;
+    var short = span <= 1800; // 30 minutes or less: seconds on the axis
     return function (u, splits) {
       return splits.map(function (v) {
         var d = new Date(v * 1000);
-        var hm = pad(d.getHours()) + ":" + pad(d.getMinutes());
+        var hm = pad(d.getHours()) + ":" + pad(d.getMinutes()) + (short ? ":" + pad(d.getSeconds()) : "");
         return long ? pad(d.getMonth() + 1) + "-" + pad(d.getDate()) + "\n" + hm : hm;
       });
     };
@@ -699,7 +876,7 @@
       series.classes.forEach(function (c) {
         var v = (kind === "confidence" ? c.confidence : c.counts)[i];
         if (v !== null && v !== undefined) {
-          parts.push((c.name === "" ? "(no class name)" : c.name) + " " + (kind === "confidence" ? v.toFixed(3) : v));
+          parts.push((c.name === "" ? "(no class name)" : c.name) + " " + (kind === "confidence" ? v.toFixed(3) : v.toFixed(1) + "/min"));
         }
       });
       out.textContent = formatTime(new Date(series.xs[i] * 1000)) + " · " + (parts.length ? parts.join(" · ") : "no data");
@@ -729,6 +906,8 @@
     container.setAttribute("data-points", String(pointCount));
     container.setAttribute("data-range-start", String(Math.floor(range.start / 1000)));
     container.setAttribute("data-range-end", String(Math.floor(range.end / 1000)));
+    container.setAttribute("data-bucket-seconds", String(bucket));
+    container.setAttribute("data-time-format", (range.end - range.start) / 1000 <= 1800 ? "hh:mm:ss" : "hh:mm");
     var mobile = window.innerWidth < 600;
     var opts = {
       width: chartWidth(container),
@@ -741,7 +920,7 @@
           ? { range: [0, 1] }
           : { range: function (u, min, max) { return [0, Math.max(1, Math.ceil((max || 0) * 1.1))]; } },
       },
-      axes: [axis(null, timeTicks(range)), axis(kind === "confidence" ? "confidence" : "predictions / " + formatDuration(bucket))],
+      axes: [axis(null, timeTicks(range)), axis(kind === "confidence" ? STAT_NAMES[state.stat].toLowerCase() + " confidence" : "predictions / min")],
       series: uSeries,
       hooks: { setCursor: [readoutFor(container, series, kind)] },
     };
@@ -911,6 +1090,10 @@
     });
     $("refresh-toggle").addEventListener("click", onTogglePause);
     $("refresh-now").addEventListener("click", function () { refresh(); });
+    $("stat-select").addEventListener("change", function () {
+      state.stat = STAT_NAMES[$("stat-select").value] ? $("stat-select").value : "median_confidence";
+      refresh();
+    });
     $("back-button").addEventListener("click", function () { location.hash = ""; });
     $("show-all").addEventListener("click", function () { setAllVisible(false); });
     $("show-top").addEventListener("click", function () { setAllVisible(true); });
