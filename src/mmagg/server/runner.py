@@ -17,7 +17,7 @@ class BindError(OSError):
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to `host:port` (port 0: any free port), ready for uvicorn.
+    """A TCP socket listening on `host:port` (port 0: any free port), ready for uvicorn.
 
     Binding before anything is announced means a printed URL is always one that listens.
 
@@ -26,7 +26,6 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
     Example:
         >>> sock = bind_socket("127.0.0.1", 0)
-        >>> sock.listen()
         >>> try:
         ...     bind_socket("127.0.0.1", sock.getsockname()[1])
         ... except BindError as error:
@@ -62,6 +61,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     except (socket.gaierror, UnicodeError) as error:
         sock.close()
         raise BindError(f"--host {host!r} is not a host name or address here ({error})") from None
+    # Listening now: a connection made as soon as the URL is printed waits in the backlog
+    # until uvicorn accepts it, instead of being refused.
+    sock.listen(2048)
     return sock
 
 
