@@ -60,10 +60,12 @@ def redact_url(url: str) -> str:
     Example:
         >>> redact_url("postgresql://bob:s3cret@db:5432/x")
         'postgresql://bob:***@db:5432/x'
+        >>> redact_url("postgresql://bob:p@ss@db/x")  # an unescaped @ in the password
+        'postgresql://bob:***@db/x'
         >>> redact_url("sqlite:///mmagg.db")
         'sqlite:///mmagg.db'
     """
-    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@]*):[^@]*@", r"\1:***@", url)
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@]*):[^/]*@", r"\1:***@", url)
 
 
 def _parsed(url: str | None) -> Any:
@@ -222,10 +224,18 @@ def _wrap(callback: F) -> F:
             message = describe_error(error, url if isinstance(url, str) else None)
             if message is None:
                 raise
-            fail(message)
+            fail(_scrub(message, url))
 
     command._mmagg_friendly = True  # type: ignore[attr-defined]
     return command  # type: ignore[return-value]
+
+
+def _scrub(message: str, url: object) -> str:
+    """`message` without the database password, even where a driver quoted it."""
+    password = getattr(_parsed(url) if isinstance(url, str) else None, "password", None)
+    if isinstance(password, str) and password:
+        message = message.replace(password, "***")
+    return message
 
 
 def fail(message: str) -> None:

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from integrations_support import SAMPLE, Backend
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -219,3 +221,37 @@ def test_the_prometheus_snippet_shows_mmagg_s_own_series(backend: Backend) -> No
     car = '{class_name="car",model_id="yard/3",source_id=""}'
     assert series[f"mmagg_prediction_confidence_count{car}"] == 1.0
     assert series[f"mmagg_prediction_confidence_sum{car}"] == 0.9
+
+
+@given(
+    confidences=st.lists(
+        st.floats(allow_nan=True, allow_infinity=True, width=64), min_size=1, max_size=6
+    ),
+    shape=st.sampled_from(["list", "detections", "multi-label", "nested"]),
+)
+@settings(max_examples=300, deadline=None)
+def test_a_line_is_good_exactly_when_every_confidence_is_in_0_1(
+    confidences: list[float], shape: str
+) -> None:
+    from mmagg.replay import parse_line
+
+    names = [f"c{i}" for i in range(len(confidences))]
+    rows = [{"class": n, "confidence": c} for n, c in zip(names, confidences, strict=True)]
+    line: dict[str, Any] = {
+        "list": {"predictions": rows},
+        "detections": {"detections": {"class_name": names, "confidence": confidences}},
+        "multi-label": {"predictions": {r["class"]: {"confidence": r["confidence"]} for r in rows}},
+        "nested": {"predictions": {"predictions": rows}},
+    }[shape]
+    text = json.dumps(line)  # NaN and Infinity as Python's json writes them
+    outside = [i for i, c in enumerate(confidences) if not 0.0 <= c <= 1.0]
+    if not outside:
+        assert parse_line(text, 1) is not None
+        return
+    try:
+        parse_line(text, 1)
+    except ValueError as error:
+        assert "expected a number in [0, 1]" in str(error)
+        assert f"[{outside[0]}]" in str(error) or f"'c{outside[0]}'" in str(error)
+    else:
+        raise AssertionError(f"{text} was accepted")

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from mmagg.cli import app
@@ -376,3 +378,22 @@ def test_supervision_s_opencv_warning_is_the_only_one_silenced() -> None:
         timeout=60,
     )
     assert "OpenCV" in bare.stderr  # the warning exists: the check above can fail
+
+
+@given(
+    password=st.text(
+        alphabet=st.characters(blacklist_characters="/\n\r", blacklist_categories=("Cs",)),
+        min_size=6,
+        max_size=30,
+    ),
+    user=st.from_regex(r"[a-z]{1,8}", fullmatch=True),
+)
+@settings(max_examples=200, deadline=None)
+def test_a_database_password_is_never_printed(password: str, user: str) -> None:
+    from mmagg._cli_errors import check_database_url, redact_url
+
+    url = f"postgresql://{user}:{password}@db.internal:5432/mmagg"
+    assert password not in redact_url(url)
+    assert redact_url(url) == f"postgresql://{user}:***@db.internal:5432/mmagg"
+    wrong_kind = url.replace("postgresql", "mysql", 1)
+    assert password not in (check_database_url(wrong_kind) or "")
