@@ -184,10 +184,13 @@ def _last_meaningful_line(text: str) -> str:
 
 def describe_error(error: BaseException, database_url: str | None = None) -> str | None:
     """One line for a mistake a person can fix, or `None` for anything else (a bug)."""
-    from mmagg.server.runner import BindError
-
-    if isinstance(error, BindError):
-        return str(error)
+    try:
+        from mmagg.server.runner import BindError
+    except ImportError:  # no server extra: nothing here can have been raised by it
+        pass
+    else:
+        if isinstance(error, BindError):
+            return str(error)
     if isinstance(error, ModuleNotFoundError):
         module = (error.name or "").split(".")[0]
         if module in ("psycopg", "psycopg2", "pg8000", "asyncpg", "psycopg_binary"):
