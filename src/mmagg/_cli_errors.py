@@ -123,7 +123,7 @@ def _database_problem(error: Exception, url: str | None) -> str | None:
 
     parsed = _parsed(url)
     shown = redact_url(url) if url else "the database"
-    if isinstance(error, sa.exc.ArgumentError):
+    if isinstance(error, sa.exc.ArgumentError) and "URL" in str(error):
         return f"--database-url: expected a URL like {EXAMPLE_URLS}, got {shown!r}"
     if isinstance(error, sa.exc.NoSuchModuleError):
         return f"--database-url: unknown database kind in {shown!r}; use {EXAMPLE_URLS}"
@@ -222,7 +222,7 @@ def _wrap(callback: F) -> F:
         try:
             return callback(*args, **kwargs)
         except Exception as error:
-            if debugging():
+            if debugging() or _is_click_control(error):
                 raise
             message = describe_error(error, url if isinstance(url, str) else None)
             if message is None:
@@ -231,6 +231,13 @@ def _wrap(callback: F) -> F:
 
     command._mmagg_friendly = True  # type: ignore[attr-defined]
     return command  # type: ignore[return-value]
+
+
+def _is_click_control(error: Exception) -> bool:
+    """`typer.Exit`, usage errors and Ctrl-C aborts: click's own way out, never translated."""
+    import click
+
+    return isinstance(error, (click.exceptions.Exit, click.ClickException, click.Abort))
 
 
 def _scrub(message: str, url: object) -> str:
