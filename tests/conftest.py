@@ -45,6 +45,18 @@ class Reply:
 Script = Callable[[Captured], Reply]
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """A client that gave up (timeout, close at shutdown) is what many tests provoke: not
+    worth a traceback on stderr, which would land outside any test's captured output."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
+
 class CaptureServer:
     """A threaded HTTP server whose answers each test scripts.
 
@@ -118,7 +130,7 @@ class CaptureServer:
 
             do_GET = do_POST = _handle
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = _QuietServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self._thread = threading.Thread(
@@ -179,3 +191,25 @@ class FakeClock:
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+@pytest.fixture(autouse=True)
+def _close_reporters_the_test_left_open() -> Iterator[None]:
+    """Tests close what they open; this catches the ones that forgot, so nothing reports
+    (or logs "report failed at shutdown") at interpreter exit, after pytest's summary.
+
+    Only reporters created during the test are closed: a module fixture's stay open.
+    """
+    from mmagg import reporter as reporter_module
+
+    live = getattr(reporter_module, "_LIVE", None)
+    before = set(map(id, list(live))) if live is not None else set()
+    yield
+    if live is None:
+        return
+    for left in list(live):
+        if id(left) not in before:
+            try:
+                left.close(0)
+            except Exception:  # a test that broke its reporter on purpose
+                pass

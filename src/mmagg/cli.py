@@ -23,6 +23,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from mmagg import _cli_errors
+
 DEFAULT_DATABASE_URL = "sqlite:///mmagg.db"
 SERVER_MODULES = ("fastapi", "sqlalchemy", "uvicorn")
 
@@ -31,12 +33,16 @@ app = typer.Typer(
     help="Model Monitoring Inference Aggregator: self-hosted backend, keys and demo.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,  # plain help: no boxes cut at 80 columns, no `<bool>` on flags
 )
-keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+keys_app = typer.Typer(
+    help="Create, list and revoke API keys.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(keys_app, name="keys")
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)
+# soft_wrap: a message is one line however narrow the terminal (or 80 columns in a pipe).
+err_console = Console(stderr=True, soft_wrap=True)
 
 DatabaseUrl = Annotated[
     str,
@@ -124,8 +130,6 @@ def serve(
 ) -> None:
     """Run the self-hosted Model Monitoring backend (Roboflow-compatible API + dashboard)."""
     _require(SERVER_MODULES, "server")
-    import uvicorn
-
     from mmagg.server import create_app
 
     db = _database(database_url)
@@ -151,10 +155,12 @@ def serve(
         login_failures_per_minute=login_failures_per_minute,
         alerts=engine,
     )
-    err_console.print(
-        f"mmagg backend on http://{host}:{port}  (dashboard: http://{host}:{port}/dashboard)"
-    )
-    uvicorn.run(application, host=host, port=port, access_log=access_log, log_level=log_level)
+    from mmagg.server.runner import bind_socket, serve_on
+
+    sock = bind_socket(host, port)  # before announcing: the printed URL is one that listens
+    bound = f"http://{host}:{sock.getsockname()[1]}"
+    err_console.print(f"mmagg backend on {bound}  (dashboard: {bound}/dashboard)")
+    serve_on(sock, application, access_log=access_log, log_level=log_level)
 
 
 @keys_app.command("create")
@@ -337,6 +343,15 @@ def _results_table(result: Any) -> Table:
     return table
 
 
+def _print_whole(table: Table) -> None:
+    """Print `table` uncut: a pipe or a file is not 80 columns wide."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    wide = console.measure(table, options=console.options.update_width(10_000)).maximum
+    Console(width=max(console.width, wide), soft_wrap=True).print(table)
+
+
 @app.command()
 def demo(
     seconds: Annotated[float, typer.Option(min=1, help="How long to stream.")] = 20.0,
@@ -403,6 +418,12 @@ def demo(
         "No camera, model or internet involved."
     )
     console.print(f"Backend: {server.url}  database: {database_url}")
+    if serve:  # now, not after the stream: the dashboard can be watched while it fills
+        console.print(
+            f"Dashboard: [bold]{server.url}/dashboard[/bold]  (log in with the read key)"
+        )
+        console.print(f"Read key (workspace '{WORKSPACE}'): [bold]{read_key}[/bold]")
+        console.print(f"Ingest key (the cameras'): [bold]{api_key}[/bold]")
     try:
         with Progress(
             TextColumn("[progress.description]{task.description}"),
@@ -450,7 +471,7 @@ def demo(
             second_half=second,
         )
         add_notice(application, WORKSPACE, "demo_finished", DEMO_FINISHED, model_id=MODEL_ID)
-        console.print(_results_table(result))
+        _print_whole(_results_table(result))
         console.print(
             f"Alerts: {fired.count('firing')} fired during the run (rules: "
             f"{', '.join(r.name for r in engine.rules.rules)}; see docs/alerts.md)"
@@ -459,14 +480,19 @@ def demo(
             f"Reports sent: {counters.sent}, failed: {counters.failed}, "
             f"retried: {counters.retried}, dropped: {dict(counters.dropped) or 0}"
         )
-        console.print(f"Dashboard: [bold]{server.url}/dashboard[/bold]  (log in with the read key)")
-        console.print(f"Read key (workspace '{WORKSPACE}'): [bold]{read_key}[/bold]")
-        console.print(f"Ingest key (the cameras'): [bold]{api_key}[/bold]")
         if counters.sent == 0:
             err_console.print("[red]error:[/red] no report reached the backend")
             raise typer.Exit(1)
-        if serve:
-            console.print("Serving; press Ctrl-C to stop.")
+        if not serve:
+            console.print(
+                "The backend stops with the demo: add --serve to keep the dashboard open "
+                "(mmagg demo --serve)."
+            )
+        else:
+            console.print(
+                f"Serving the dashboard at [bold]{server.url}/dashboard[/bold] (key above); "
+                "press Ctrl-C to stop."
+            )
             try:
                 while True:
                     time.sleep(3600)
@@ -485,9 +511,23 @@ def _register_replay() -> None:
 _register_replay()
 
 
+@app.callback()
+def _global_options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the full traceback of errors (or MMAGG_DEBUG=1).")
+    ] = False,
+) -> None:
+    """Model Monitoring Inference Aggregator: self-hosted backend, keys and demo."""
+    _cli_errors.set_debug(debug)
+
+
+# Last: every command above (whoever added it) says fixable mistakes in one line, exit 2.
+_cli_errors.install([app, keys_app])
+
+
 def main() -> None:
-    """Entry point of the `mmagg` console script."""
-    app()
+    """Entry point of the `mmagg` console script (and of `python -m mmagg`)."""
+    app(prog_name="mmagg")
 
 
 if __name__ == "__main__":

@@ -35,11 +35,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
 from mmagg.aggregator import Aggregator
-from mmagg.client import RetryPolicy
+from mmagg.client import RetryPolicy, resolve_api_base_url, resolve_api_key
 from mmagg.predictions import to_batch
 from mmagg.reporter import MESSAGE_ERROR_PREFIX, Counters
 
@@ -56,7 +57,9 @@ __all__ = [
     "parse_line",
     "read_frames",
     "replay",
+    "missing_key_message",
     "replay_command",
+    "where_to_look",
 ]
 
 DEFAULT_FPS = 30.0
@@ -101,6 +104,8 @@ class ReplayResult:
         counters: the aggregator's counters at the end.
         flushed: the last partial window went out within the flush timeout.
         recorded_seconds: recorded time between the first and the last frame.
+        first_time, last_time: epoch seconds of the first and the last frame as sent (after
+            ``shift_to_now``): the reports are stamped within this range.
 
     Example:
         >>> result = ReplayResult(frames=3, bad_lines=[BadLine(2, "not JSON")])
@@ -114,6 +119,8 @@ class ReplayResult:
     counters: Counters = field(default_factory=Counters)
     flushed: bool = True
     recorded_seconds: float = 0.0
+    first_time: float | None = None
+    last_time: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -187,9 +194,14 @@ def parse_line(text: str, lineno: int) -> Frame | None:
     predictions = _predictions(line["predictions"], line) if has_predictions else _detections(line)
     if predictions is not None:
         try:
-            to_batch(predictions)  # reject it here, with the line number, not in the aggregator
+            batch = to_batch(predictions)  # reject it here, with the line number
         except (TypeError, ValueError) as error:
             raise ValueError(str(error)) from None
+        if batch is not None:
+            nested = has_predictions and predictions is not line
+            _check_values(
+                batch, predictions, "predictions.predictions" if nested else "predictions"
+            )
     return Frame(
         lineno=lineno,
         predictions=predictions,
@@ -197,6 +209,33 @@ def parse_line(text: str, lineno: int) -> Frame | None:
         source_id=_optional_name(line, "source_id"),
         model_id=_optional_name(line, "model_id", allow_int=False),
     )
+
+
+def _row_names(predictions: Any, prefix: str, index: int) -> tuple[str, str]:
+    """How the format names row `index`'s class and confidence, for an error message."""
+    if isinstance(predictions, _DetectionColumns):
+        return f"detections.class_name[{index}]", f"detections.confidence[{index}]"
+    rows = predictions.get("predictions")
+    if isinstance(rows, Mapping):
+        name = list(rows)[index]
+        return f"{prefix}[{name!r}]", f"{prefix}[{name!r}].confidence"
+    return f"{prefix}[{index}].class", f"{prefix}[{index}].confidence"
+
+
+def _check_values(batch: Any, predictions: Any, prefix: str) -> None:
+    """A recording is data someone will read: a confidence outside [0, 1] or a prediction
+    without a class is a mistake in it, not something to store."""
+    confidences = batch.confidences
+    outside = np.flatnonzero(~((confidences >= 0.0) & (confidences <= 1.0)))
+    if outside.size:
+        index = int(outside[0])
+        value = float(confidences[index])
+        name = _row_names(predictions, prefix, index)[1]
+        raise ValueError(f"{name}: expected a number in [0, 1], got {value:g}")
+    unnamed = np.flatnonzero(np.char.str_len(batch.class_names) == 0)
+    if unnamed.size:
+        name = _row_names(predictions, prefix, int(unnamed[0]))[0]
+        raise ValueError(f"{name}: expected a class name, got none")
 
 
 def _predictions(value: Any, line: dict[str, Any]) -> Any:
@@ -315,9 +354,11 @@ def replay(
     request_timeout: float | None = None,
     flush_timeout: float | None = None,
     retry: RetryPolicy | None = None,
+    shift_to_now: bool = False,
     on_line: Callable[[Frame | BadLine], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
     monotonic: Callable[[], float] = time.monotonic,
+    wall_clock: Callable[[], float] = time.time,
 ) -> ReplayResult:
     """Stream a recording (a path, or lines) through an :class:`~mmagg.Aggregator`.
 
@@ -326,6 +367,10 @@ def replay(
         fast: do not wait between frames at all.
         fps: spacing of frames that carry no timestamp.
         per_source: keep one window per ``source_id``.
+        shift_to_now: move every timestamp by one offset so that the last frame is at the
+            time the replay starts (spacing kept): a recording from another day then lands in
+            the dashboard's "last hour" instead of out of sight.
+        wall_clock: the time ``shift_to_now`` and frames without timestamps start from.
         extensions: add mmagg's ``stats``/``source_id`` keys (for ``mmagg serve``).
         on_line: called after each line (a progress bar's hook).
 
@@ -353,15 +398,21 @@ def replay(
     clock = SimulatedClock(0.0)
     first: float | None = None
     wall_start = 0.0
+    started = wall_clock()
+    if shift_to_now:
+        recording, end = _recorded_end(recording, fps, started)
+        offset = 0.0 if end is None else started - end
+    else:
+        offset = 0.0
     with _open_lines(recording) as lines:
         for item in read_frames(lines):
             if isinstance(item, BadLine):
                 result.bad_lines.append(item)
             else:
                 if item.timestamp is not None:
-                    when = item.timestamp
+                    when = item.timestamp + offset
                 elif first is None:
-                    when = time.time()
+                    when = started + offset
                 else:
                     when = clock() + 1.0 / fps
                 if first is None:
@@ -406,7 +457,30 @@ def replay(
         # attempt decides whether the tail of the recording reached the backend.
         result.flushed = closed and result.counters.failed == before.failed
         result.recorded_seconds = clock() - (first or clock())
+        result.first_time, result.last_time = first, clock()
     return result
+
+
+def _recorded_end(
+    recording: str | Path | Iterable[str], fps: float, start: float
+) -> tuple[str | Path | Iterable[str], float | None]:
+    """When the recording's last frame is (by the replay's own rules), and the recording to
+    stream afterwards: a file is read twice, other input is kept in memory."""
+    if not (isinstance(recording, (str, Path)) and str(recording) != "-"):
+        with _open_lines(recording) as lines:
+            recording = list(lines)
+    end: float | None = None
+    with _open_lines(recording) as lines:
+        for item in read_frames(lines):
+            if isinstance(item, Frame):
+                if item.timestamp is not None:
+                    when = item.timestamp
+                elif end is None:
+                    when = start
+                else:
+                    when = end + 1.0 / fps
+                end = when if end is None else max(end, when)
+    return recording, end
 
 
 class _open_lines:
@@ -472,6 +546,14 @@ def replay_command(
     aggregator_key: Annotated[
         str | None, typer.Option(help="unique_aggregator_key (default: a fresh one).")
     ] = None,
+    shift_to_now: Annotated[
+        bool,
+        typer.Option(
+            "--shift-to-now",
+            help="Move all timestamps so the recording ends now (spacing kept): it then shows "
+            "in the dashboard's last hour.",
+        ),
+    ] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Replay recorded predictions through the aggregator to a backend.
@@ -489,9 +571,13 @@ def replay_command(
         TimeElapsedColumn,
     )
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     if str(file) != "-" and not file.is_file():
         console.print(f"[red]error:[/red] no such file: {file}")
+        raise typer.Exit(2)
+    base_url = resolve_api_base_url(api_base_url)
+    if resolve_api_key(api_key) is None:
+        console.print(f"[red]error:[/red] {escape(missing_key_message(base_url))}")
         raise typer.Exit(2)
     bar = Progress(
         TextColumn("[bold]replay[/bold]"),
@@ -525,6 +611,7 @@ def replay_command(
                 extensions=extensions,
                 device_id=device_id,
                 unique_aggregator_key=aggregator_key,
+                shift_to_now=shift_to_now,
                 on_line=on_line,
             )
         except ValueError as error:  # e.g. no API key
@@ -538,6 +625,71 @@ def replay_command(
         f"predictions: {counters.collected} collected, {counters.dropped_total} dropped"
         + (f" {dict(counters.dropped)}" if counters.dropped else "")
     )
+    if result.first_time is not None and result.last_time is not None and counters.sent:
+        for line in where_to_look(result.first_time, result.last_time, base_url):
+            console.print(line, highlight=False, markup=False)
     if not result.ok:
         console.print("[red]some predictions did not reach the backend[/red]")
     raise typer.Exit(result.exit_code)
+
+
+def _is_roboflow(base_url: str) -> bool:
+    host = urlsplit(base_url).hostname or ""
+    return host == "roboflow.com" or host.endswith(".roboflow.com")
+
+
+def missing_key_message(base_url: str) -> str:
+    """What to do when no API key was given, for the backend being used.
+
+    Example:
+        >>> missing_key_message("http://127.0.0.1:9090")  # doctest: +ELLIPSIS
+        'no API key for http://127.0.0.1:9090: create one with `mmagg keys create ...'
+    """
+    if _is_roboflow(base_url):
+        return (
+            f"no API key for {base_url}: pass --api-key or set ROBOFLOW_API_KEY; a Roboflow key "
+            "is in your workspace settings "
+            "(https://docs.roboflow.com/api-reference/authentication#retrieve-an-api-key)"
+        )
+    return (
+        f"no API key for {base_url}: create one with `mmagg keys create --workspace NAME` "
+        "(with the --database-url of that mmagg serve), then pass it with --api-key or "
+        "ROBOFLOW_API_KEY"
+    )
+
+
+def _utc(epoch: float, pattern: str = "%Y-%m-%dT%H:%M:%SZ") -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).strftime(pattern)
+
+
+def where_to_look(
+    first_time: float, last_time: float, base_url: str, now: float | None = None
+) -> list[str]:
+    """Lines saying which time range the reports were stored under, and where to see it.
+
+    Example:
+        >>> for line in where_to_look(1795680000.0, 1795680029.8, "http://127.0.0.1:9090",
+        ...                           now=1795680100.0):
+        ...     print(line)
+        Stored time range: 2026-11-26 08:00:00 to 2026-11-26 08:00:29 UTC
+        Dashboard for it: http://127.0.0.1:9090/dashboard?from=2026-11-26T08:00:00Z&to=2026-11-26T08:00:31Z
+    """  # noqa: E501
+    first, last = math.floor(first_time), math.ceil(last_time) + 1
+    readable = "%Y-%m-%d %H:%M:%S"
+    lines = [f"Stored time range: {_utc(first_time, readable)} to {_utc(last_time, readable)} UTC"]
+    if not _is_roboflow(base_url):
+        lines.append(f"Dashboard for it: {base_url}/dashboard?from={_utc(first)}&to={_utc(last)}")
+    age = (time.time() if now is None else now) - last_time
+    if age > 3600:
+        lines.append(
+            f"The recording ends {_age(age)} ago, before the dashboard's default last hour: "
+            "open the link above, or replay with --shift-to-now to make it end now."
+        )
+    return lines
+
+
+def _age(seconds: float) -> str:
+    for size, unit in ((86400, "days"), (3600, "hours")):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds / 60:.0f} minutes"

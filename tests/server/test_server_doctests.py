@@ -8,6 +8,7 @@ import importlib
 import pytest
 
 MODULES = [
+    "mmagg._cli_errors",
     "mmagg.server",
     "mmagg.server.alert_rules",
     "mmagg.server.alerts",

@@ -70,11 +70,19 @@ SOURCES = (
 )
 
 
+# supervision's import-time notice that OpenCV is absent (it then uses NumPy); the demo only
+# builds Detections, which need no OpenCV. Exactly that warning, from supervision only.
+OPENCV_ABSENT_WARNING = r"OpenCV\b.*\bis not installed"
+
+
 def _import_supervision() -> Any:
-    # supervision warns at import when OpenCV is absent; the demo only builds Detections,
-    # which need no OpenCV, so that one warning is noise here.
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*OpenCV.*", category=UserWarning)
+        warnings.filterwarnings(
+            "ignore",
+            message=OPENCV_ABSENT_WARNING,
+            category=UserWarning,
+            module=r"supervision(\.|$)",
+        )
         import supervision as sv
     return sv
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 import threading
 import time
@@ -9,6 +10,70 @@ from types import TracebackType
 from typing import Any
 
 import uvicorn
+
+
+class BindError(OSError):
+    """The server could not listen where it was asked to; the message says what to do."""
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket listening on `host:port` (port 0: any free port), ready for uvicorn.
+
+    Binding before anything is announced means a printed URL is always one that listens.
+
+    Raises:
+        BindError: the port is taken, not allowed, or the host is not an address here.
+
+    Example:
+        >>> sock = bind_socket("127.0.0.1", 0)
+        >>> try:
+        ...     bind_socket("127.0.0.1", sock.getsockname()[1])
+        ... except BindError as error:
+        ...     "is already in use" in str(error)
+        True
+        >>> sock.close()
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        where = f"{host}:{port}"
+        if error.errno == errno.EADDRINUSE:
+            suggestion = port + 1 if 0 < port < 65535 else 9091
+            raise BindError(
+                f"port {port} on {host} is already in use (another mmagg serve?): pick another "
+                f"with --port {suggestion}, or --port 0 for any free port",
+            ) from None
+        if error.errno == errno.EACCES:
+            raise BindError(
+                f"not allowed to listen on {where} (ports below 1024 need privileges): "
+                "pick a port above 1024 with --port",
+            ) from None
+        if error.errno in (errno.EADDRNOTAVAIL, socket.EAI_NONAME):
+            raise BindError(
+                f"{host} is not an address of this machine: use --host 127.0.0.1 (this machine "
+                "only) or --host 0.0.0.0 (every interface)",
+            ) from None
+        raise BindError(f"cannot listen on {where}: {error.strerror}") from None
+    except (socket.gaierror, UnicodeError) as error:
+        sock.close()
+        raise BindError(f"--host {host!r} is not a host name or address here ({error})") from None
+    # Listening now: a connection made as soon as the URL is printed waits in the backlog
+    # until uvicorn accepts it, instead of being refused.
+    sock.listen(2048)
+    return sock
+
+
+def serve_on(sock: socket.socket, app: Any, **config: Any) -> None:
+    """Run uvicorn on an already bound socket until it is stopped (Ctrl-C)."""
+    server = uvicorn.Server(uvicorn.Config(app, **config))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
 
 
 class BackgroundServer:

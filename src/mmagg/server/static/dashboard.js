@@ -1107,6 +1107,16 @@
       clearTimeout(resizeTimer);
       resizeTimer = setTimeout(onResize, 100);
     });
+    // A link may open a range: /dashboard?from=ISO&to=ISO (`mmagg replay` prints one).
+    var asked = new URLSearchParams(location.search);
+    var from = toDate(asked.get("from")), to = toDate(asked.get("to"));
+    if (from && to && from < to) {
+      state.custom = { start: from, end: to };
+      $("range-select").value = "custom";
+      $("custom-start").value = toLocalInput(from);
+      $("custom-end").value = toLocalInput(to);
+      show($("custom-range"), true);
+    }
     document.body.setAttribute("data-renders", "0");
     request("GET", "me")
       .then(function (me) { showApp(me.workspace); })
