@@ -369,6 +369,11 @@ def test_admin_key_manages_its_workspaces_keys_over_http(backend: RunningBackend
         assert foreign.status_code == 404
         assert "revoked_at" in str(backend.db.list_keys(other_workspace)[0])
         assert backend.db.list_keys(other_workspace)[-1].revoked_at is None
+        # An id past any integer column is a 422 naming the path parameter, never a 500.
+        for huge in (2**31, 2**63, 7727335450891781144576):
+            answer = http.delete(f"/{workspace}/api/keys/{huge}")
+            assert answer.status_code == 422, (huge, answer.text)
+            assert "key_id" in answer.text
 
         bad = http.post(f"/{workspace}/api/keys", json={"scopes": ["write"]})
         assert bad.status_code == 422

@@ -128,7 +128,7 @@ def build_keys_router(admin_dependency: Callable[..., Any]) -> APIRouter:
 
     @router.delete("/keys/{key_id}", responses=documented(RevokedKeyResponse, 401, 403, 404))
     def revoke_workspace_key(
-        request: Request, principal: Admin, key_id: Annotated[int, Path(ge=1)]
+        request: Request, principal: Admin, key_id: Annotated[int, Path(ge=1, le=2**31 - 1)]
     ) -> JSONResponse:
         db: Database = request.app.state.db
         if not db.revoke_key(key_id, workspace=principal.workspace):
