@@ -15,8 +15,10 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator
+import urllib.parse
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import anyio
@@ -34,7 +36,10 @@ from mmagg.server.api import (
     StartTime,
     build_api_router,
     inference_stats_response,
+    reject_unstorable_query,
 )
+from mmagg.server.bounds import TimestampError, place, unstorable_reason
+from mmagg.server.clients import TrustedProxies
 from mmagg.server.db import SESSION_TTL_SECONDS, Database, Principal
 from mmagg.server.errors import ApiError, BodyTooLargeError
 from mmagg.server.metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
@@ -56,6 +61,9 @@ DEFAULT_DATABASE_URL = "sqlite:///mmagg.db"
 DEFAULT_BODY_LIMIT = 1 << 20
 SESSION_COOKIE = "mmagg_session"
 MAX_IDEMPOTENCY_KEY = 255
+# Reports up to this size are stored on the event loop on SQLite (~200 results): measured by
+# benchmarks/healthz_under_ingest.py, larger ones go to a worker thread.
+INLINE_INGEST_BYTES = 32 * 1024
 DEFAULT_LOGIN_FAILURES_PER_MINUTE = 10
 
 
@@ -96,24 +104,83 @@ class BodyLimitMiddleware:
                     await response(scope, receive, send)
                     return
         received = 0
+        exceeded = False
+        started = False
 
         async def counting_receive() -> Any:
-            nonlocal received
+            nonlocal received, exceeded
+            if exceeded:
+                raise BodyTooLargeError(self.limit)
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
+                    exceeded = True
                     raise BodyTooLargeError(self.limit)
             return message
 
-        await self.app(scope, counting_receive, send)
+        async def guarded_send(message: Any) -> None:
+            nonlocal started
+            if exceeded and not started:
+                # Whatever the app made of the aborted read (FastAPI turns any error while
+                # parsing a body into a 400), the answer is ours: 413.
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except BodyTooLargeError:
+            if not exceeded:
+                raise
+        if exceeded and not started:
+            self.metrics.reject("too_large")
+            response = JSONResponse(
+                {"detail": f"request body: expected at most {self.limit} bytes, got more"},
+                status_code=413,
+                headers={"Connection": "close"},
+            )
+            await response(scope, receive, send)
 
 
-_KEY_IN_QUERY = re.compile(r"(api_key=)[^&\s\"]+", re.IGNORECASE)
+# A query parameter: its name (any percent-encoding, any case) and its value.
+_QUERY_PARAM = re.compile(r"(?P<name>[^&=\s\"?]+)=(?P<value>[^&\s\"]*)")
+# What a key looks like, wherever it is pasted.
+_KEY_SHAPE = re.compile(r"mmk_[A-Za-z0-9_\-%]{8,}")
+
+
+def _param_name(raw: str) -> str:
+    """A query parameter's name as a server would read it: percent-decoded (repeatedly),
+    '+' as space, lower-cased."""
+    name = raw
+    for _ in range(4):
+        decoded = urllib.parse.unquote_plus(name)
+        if decoded == name:
+            break
+        name = decoded
+    return name.strip().lower()
+
+
+def redact_keys(text: str) -> str:
+    """`text` with the value of every `api_key` query parameter, however its name is
+    encoded (`api%5Fkey`, `API_KEY`), and anything shaped like a key replaced by `***`.
+
+    Example:
+        >>> redact_keys("GET /acme/api/models?api%5Fkey=abc&model=m HTTP/1.1")
+        'GET /acme/api/models?api%5Fkey=***&model=m HTTP/1.1'
+    """
+
+    def param(match: re.Match[str]) -> str:
+        if _param_name(match["name"]) in ("api_key", "apikey", "api-key"):
+            return f"{match['name']}=***"
+        return match[0]
+
+    return _KEY_SHAPE.sub("***", _QUERY_PARAM.sub(param, text))
 
 
 class RedactApiKeys(logging.Filter):
-    """Log filter replacing `api_key=...` in messages and their arguments with `***`.
+    """Log filter applying `redact_keys` to messages and their string arguments.
 
     uvicorn's access log prints the full path, query string included, and the Roboflow
     dialect carries the key there.
@@ -122,11 +189,10 @@ class RedactApiKeys(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
             record.args = tuple(
-                _KEY_IN_QUERY.sub(r"\1***", arg) if isinstance(arg, str) else arg
-                for arg in record.args
+                redact_keys(arg) if isinstance(arg, str) else arg for arg in record.args
             )
         if isinstance(record.msg, str):
-            record.msg = _KEY_IN_QUERY.sub(r"\1***", record.msg)
+            record.msg = redact_keys(record.msg)
         return True
 
 
@@ -155,31 +221,18 @@ _BAD_KEY = "unknown or revoked API key"
 _OTHER_WORKSPACE = "this API key does not belong to workspace in the URL"
 
 
-def _principal_for_key(db: Database, key: str | None, workspace: str | None) -> Principal:
+def _checked_principal(
+    db: Database, limiter: FailureLimiter, client: str, key: str | None, workspace: str | None
+) -> Principal:
+    """The principal of `key`, behind the per-client limit on failed key checks (429).
+
+    Every keyed route goes through here (ingest, reads, lookup, login), so a guesser gets
+    the same few attempts a minute wherever they try. A missing key takes no token (nothing
+    was guessed: a health check probing `GET /`, say), nor does a valid key of another
+    workspace (403).
+    """
     if key is None:
         raise ApiError(401, _MISSING_KEY, reason="unauthorized")
-    principal = db.authenticate(key)
-    if principal is None:
-        raise ApiError(401, _BAD_KEY, reason="unauthorized")
-    if workspace is not None and principal.workspace != workspace:
-        raise ApiError(403, _OTHER_WORKSPACE, reason="forbidden")
-    return principal
-
-
-def _client_address(request: Request) -> str:
-    # uvicorn puts the X-Forwarded-For address here for proxies it trusts
-    # (--forwarded-allow-ips, 127.0.0.1 by default).
-    return request.client.host if request.client else "unknown"
-
-
-def _guarded_principal(request: Request, key: str | None) -> Principal:
-    """`_principal_for_key` behind the per-client limit on failed attempts (429)."""
-    if key is None:
-        # Nothing was guessed (a health check probing `GET /`, say): no token taken, so
-        # such probes cannot lock out the logins of clients sharing their address.
-        raise ApiError(401, _MISSING_KEY, reason="unauthorized")
-    limiter: FailureLimiter = request.app.state.login_limiter
-    client = _client_address(request)
     wait = limiter.retry_after(client)
     if wait:
         raise ApiError(
@@ -188,16 +241,38 @@ def _guarded_principal(request: Request, key: str | None) -> Principal:
             reason="rate_limited",
             headers={"Retry-After": str(wait)},
         )
-    try:
-        return _principal_for_key(request.app.state.db, key, None)
-    except ApiError:
+    principal = db.authenticate(key)
+    if principal is None:
         limiter.failed(client)
-        raise
+        raise ApiError(401, _BAD_KEY, reason="unauthorized")
+    if workspace is not None and principal.workspace != workspace:
+        raise ApiError(403, _OTHER_WORKSPACE, reason="forbidden")
+    return principal
+
+
+def _client_address(request: Request) -> str:
+    """The address failed key checks are counted under (`mmagg.server.clients`)."""
+    peer = request.client.host if request.client else "unknown"
+    proxies: TrustedProxies = request.app.state.trusted_proxies
+    return proxies.client(peer, request.headers.getlist("x-forwarded-for"))
+
+
+def _guarded_principal(request: Request, key: str | None) -> Principal:
+    """`_checked_principal` for routes without a workspace in the URL."""
+    limiter: FailureLimiter = request.app.state.login_limiter
+    return _checked_principal(request.app.state.db, limiter, _client_address(request), key, None)
 
 
 def key_principal(request: Request, workspace: str) -> Principal:
-    """Dependency: the workspace's principal from an API key; 401/403 otherwise."""
-    return _principal_for_key(request.app.state.db, request_api_key(request), workspace)
+    """Dependency: the workspace's principal from an API key; 401/403/429 otherwise."""
+    limiter: FailureLimiter = request.app.state.login_limiter
+    return _checked_principal(
+        request.app.state.db,
+        limiter,
+        _client_address(request),
+        request_api_key(request),
+        workspace,
+    )
 
 
 def session_principal(
@@ -213,15 +288,25 @@ def session_principal(
     return principal
 
 
+@dataclass(frozen=True)
+class _IngestContext:
+    db: Database
+    metrics: Metrics
+    limiter: FailureLimiter
+    client: str
+    retention_seconds: float | None
+
+
 def _ingest(
-    db: Database,
-    metrics: Metrics,
+    ctx: _IngestContext,
     key: str,
     workspace: str,
     body: bytes,
     idempotency_key: str | None,
 ) -> JSONResponse:
-    principal = _principal_for_key(db, key, workspace)
+    db, metrics = ctx.db, ctx.metrics
+    principal = _checked_principal(db, ctx.limiter, ctx.client, key, workspace)
+    received_at = time.time()
     try:
         report = REPORT_ADAPTER.validate_json(body)
     except pydantic.ValidationError as error:
@@ -230,7 +315,11 @@ def _ingest(
             {"detail": error_details(error.errors(include_url=False), secret=key)},
             status_code=422,
         )
-    stored = db.store_report(principal, report, idempotency_key)
+    try:
+        placement = place(report.timestamp, received_at, ctx.retention_seconds)
+    except TimestampError as error:
+        raise ApiError(422, f"timestamp: {error}", reason="invalid", field="timestamp") from None
+    stored = db.store_report(principal, report, idempotency_key, placement)
     headers = {}
     if stored.duplicate:
         metrics.duplicates.inc()
@@ -251,6 +340,10 @@ async def ingest(request: Request) -> JSONResponse:
     if key is None:
         raise ApiError(401, _MISSING_KEY, reason="unauthorized")
     idempotency_key = request.headers.get("idempotency-key")
+    if idempotency_key is not None and (reason := unstorable_reason(idempotency_key)):
+        raise ApiError(
+            422, f"Idempotency-Key: {reason}", reason="invalid", field="header.Idempotency-Key"
+        )
     if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
         raise ApiError(
             422,
@@ -260,16 +353,22 @@ async def ingest(request: Request) -> JSONResponse:
             field="header.Idempotency-Key",
         )
     body = await request.body()
-    db: Database = request.app.state.db
-    metrics: Metrics = request.app.state.metrics
-    if db.dialect == "sqlite":
-        # SQLite writes are serialised and mostly Python-side CPU: running them on the
-        # event loop avoids a thread hop and GIL hand-offs that cost more than the write.
-        return _ingest(db, metrics, key, workspace, body, idempotency_key)
-    # Auth, validation and the write share one worker-thread hop.
-    return await anyio.to_thread.run_sync(
-        _ingest, db, metrics, key, workspace, body, idempotency_key
+    state = request.app.state
+    ctx = _IngestContext(
+        state.db,
+        state.metrics,
+        state.login_limiter,
+        _client_address(request),
+        state.retention_seconds,
     )
+    if ctx.db.dialect == "sqlite" and len(body) <= INLINE_INGEST_BYTES:
+        # A small report on SQLite (serialised writes, mostly Python-side CPU) costs less
+        # on the event loop than a thread hop and its GIL hand-offs.
+        return _ingest(ctx, key, workspace, body, idempotency_key)
+    # Anything larger would hold the event loop (and every other request) for as long as
+    # it takes to validate and write: auth, validation and the write share one
+    # worker-thread hop instead.
+    return await anyio.to_thread.run_sync(_ingest, ctx, key, workspace, body, idempotency_key)
 
 
 def _routes(session_ttl: float, secure_cookies: bool) -> tuple[APIRouter, APIRouter]:
@@ -330,6 +429,7 @@ def _routes(session_ttl: float, secure_cookies: bool) -> tuple[APIRouter, APIRou
     @public.get(
         "/{workspace}/inference-stats",
         responses=documented(InferenceStatsResponse, 401, 403, 422),
+        dependencies=[Depends(reject_unstorable_query)],
     )
     def read_stats(
         request: Request,
@@ -417,7 +517,7 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 
     async def too_large(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, BodyTooLargeError)
-        metrics.reject("too_large")
+        # BodyLimitMiddleware answers (and counts) it; this is for an app served without it.
         return JSONResponse(
             {"detail": f"request body: expected at most {error.limit} bytes, got more"},
             status_code=413,
@@ -462,6 +562,7 @@ def create_app(
     secure_cookies: bool = False,
     retention_days: float | None = None,
     login_failures_per_minute: int = DEFAULT_LOGIN_FAILURES_PER_MINUTE,
+    trusted_proxies: Sequence[str] | str | None = None,
 ) -> FastAPI:
     """Build the backend app on `database_url` (or an open `db`), migrating its schema.
 
@@ -470,6 +571,9 @@ def create_app(
     older than that are deleted at start-up and then every hour. A client (IP address) gets
     `login_failures_per_minute` failed attempts at `POST /dashboard/api/login` and
     `GET /?api_key=` per minute, in bursts of as many; past that, 429 with `Retry-After`.
+    Failed key checks on every other keyed route (ingest, reads) count the same.
+    `X-Forwarded-For` names the client only on requests from `trusted_proxies` (addresses
+    or networks, a list or a comma-separated string; `mmagg.server.clients`).
 
     Example:
         >>> app = create_app("sqlite://")
@@ -501,6 +605,12 @@ def create_app(
     app.state.db = db
     app.state.metrics = metrics
     app.state.login_limiter = FailureLimiter(failures=login_failures_per_minute, period=60.0)
+    app.state.trusted_proxies = (
+        TrustedProxies.parse(trusted_proxies)
+        if isinstance(trusted_proxies, str) or trusted_proxies is None
+        else TrustedProxies(trusted_proxies)
+    )
+    app.state.retention_seconds = None if retention_days is None else retention_days * 86400.0
     _install_error_handlers(app, metrics)
 
     dashboard_api, public = _routes(session_ttl, secure_cookies)

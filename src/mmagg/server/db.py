@@ -20,6 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from mmagg.server.bounds import Placement, place
 from mmagg.server.schemas import Report
 from mmagg.server.tables import (
     api_keys,
@@ -304,15 +305,24 @@ class Database:
     # reports
 
     def store_report(
-        self, principal: Principal, report: Report, idempotency_key: str | None
+        self,
+        principal: Principal,
+        report: Report,
+        idempotency_key: str | None,
+        placement: Placement | None = None,
     ) -> StoredReport:
-        """Store a report and its results in one transaction, at most once per key."""
-        now = time.time()
-        ts = report.timestamp.timestamp()
+        """Store a report and its results in one transaction, at most once per key.
+
+        `placement` says where the report is filed on the time axis (`bounds.place`); by
+        default it is placed now, without a retention bound.
+        """
+        if placement is None:
+            placement = place(report.timestamp, time.time())
+        ts = placement.ts
         ext = report.mmagg
         row = (
             principal.workspace_id,
-            now,
+            placement.received_at,
             ts,
             report.device_id,
             report.source,
@@ -323,6 +333,8 @@ class Database:
             ext.frequency if ext is not None else None,
             ext.model_dump_json() if ext is not None else None,
             len(report.inference_results),
+            placement.client_timestamp,
+            placement.rule,
         )
         sql = self._sql
         try:

@@ -16,7 +16,7 @@ from sqlalchemy.pool import StaticPool
 
 from mmagg.window import HISTOGRAM_BUCKETS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 3
 
 metadata = sa.MetaData()
 
@@ -61,6 +61,10 @@ reports = sa.Table(
     sa.Column("frequency", sa.Float(53), nullable=True),
     sa.Column("extension", sa.Text, nullable=True),
     sa.Column("result_count", sa.Integer, nullable=False),
+    # Step 3 (issue 12): the client's timestamp as sent (ts is where the report was filed,
+    # docs/reliability.md "Client clocks") and the rule that placed it.
+    sa.Column("client_timestamp", sa.String(64), nullable=True),
+    sa.Column("time_rule", sa.String(16), nullable=True),
     sa.UniqueConstraint("workspace_id", "idempotency_key", name="uq_reports_idempotency"),
     sa.Index("ix_reports_workspace_ts", "workspace_id", "ts"),
 )
@@ -185,8 +189,22 @@ def _step_1(conn: Connection) -> None:
     metadata.create_all(conn)
 
 
+def _step_2(conn: Connection) -> None:
+    # placeholder: filled by issue 16
+    pass
+
+
+def _step_3(conn: Connection) -> None:
+    """Issue 12: `reports.client_timestamp` and `reports.time_rule` (idempotent)."""
+    present = {column["name"] for column in sa.inspect(conn).get_columns("reports")}
+    for column in (reports.c.client_timestamp, reports.c.time_rule):
+        if column.name not in present:
+            kind = column.type.compile(dialect=conn.dialect)
+            conn.exec_driver_sql(f"ALTER TABLE reports ADD COLUMN {column.name} {kind}")
+
+
 # Step n upgrades a database at version n - 1 to version n; append, never edit.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _step_1}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _step_1, 2: _step_2, 3: _step_3}
 
 
 def current_version(conn: Connection) -> int:
@@ -205,7 +223,7 @@ def migrate(engine: Engine) -> int:
 
     Example:
         >>> migrate(create_db_engine("sqlite://"))
-        1
+        3
     """
     with engine.begin() as conn:
         version = current_version(conn)
