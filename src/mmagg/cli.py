@@ -96,24 +96,55 @@ def serve(
         int,
         typer.Option(min=1, help="Failed key checks per client address and minute before 429."),
     ] = 10,
+    trusted_proxies: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated addresses/networks of reverse proxies whose X-Forwarded-For "
+            "names the client (default: none; the header is ignored)."
+        ),
+    ] = "",
+    header_timeout: Annotated[
+        float,
+        typer.Option(min=0.1, help="Seconds a client gets to send its request headers."),
+    ] = 10.0,
 ) -> None:
     """Run the self-hosted Model Monitoring backend (Roboflow-compatible API + dashboard)."""
     _require(SERVER_MODULES, "server")
     import uvicorn
 
     from mmagg.server import create_app
+    from mmagg.server.clients import TrustedProxies
 
+    try:
+        TrustedProxies.parse(trusted_proxies)
+    except ValueError as error:
+        err_console.print(f"[red]error:[/red] --trusted-proxies: {escape(str(error))}")
+        raise typer.Exit(2) from None
     application = create_app(
         db=_database(database_url),
         body_limit=body_limit,
         secure_cookies=secure_cookies,
         retention_days=retention_days,
         login_failures_per_minute=login_failures_per_minute,
+        trusted_proxies=trusted_proxies,
     )
+    from mmagg.server.gcguard import freeze_startup_heap
+    from mmagg.server.protocols import guarded_protocol
+
     err_console.print(
         f"mmagg backend on http://{host}:{port}  (dashboard: http://{host}:{port}/dashboard)"
     )
-    uvicorn.run(application, host=host, port=port, access_log=access_log, log_level=log_level)
+    freeze_startup_heap()
+    uvicorn.run(
+        application,
+        host=host,
+        port=port,
+        access_log=access_log,
+        log_level=log_level,
+        http=guarded_protocol(header_timeout),
+        # X-Forwarded-For is the app's decision (--trusted-proxies), never uvicorn's.
+        proxy_headers=False,
+    )
 
 
 @keys_app.command("create")

@@ -23,7 +23,6 @@ from typing import Annotated, Any
 
 import anyio
 import anyio.to_thread
-import pydantic
 from fastapi import APIRouter, Cookie, Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -42,6 +41,7 @@ from mmagg.server.bounds import TimestampError, place, unstorable_reason
 from mmagg.server.clients import TrustedProxies
 from mmagg.server.db import SESSION_TTL_SECONDS, Database, Principal
 from mmagg.server.errors import ApiError, BodyTooLargeError
+from mmagg.server.gcguard import collector_paused
 from mmagg.server.metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
 from mmagg.server.ratelimit import FailureLimiter
 from mmagg.server.responses import (
@@ -53,7 +53,13 @@ from mmagg.server.responses import (
     WorkspaceResponse,
     documented,
 )
-from mmagg.server.schemas import REPORT_ADAPTER, LoginRequest, error_details
+from mmagg.server.schemas import (
+    REPORT_ADAPTER,
+    LoginRequest,
+    ReportInvalidError,
+    error_details,
+    parse_report,
+)
 
 logger = logging.getLogger("mmagg.server")
 
@@ -308,13 +314,10 @@ def _ingest(
     principal = _checked_principal(db, ctx.limiter, ctx.client, key, workspace)
     received_at = time.time()
     try:
-        report = REPORT_ADAPTER.validate_json(body)
-    except pydantic.ValidationError as error:
+        report = parse_report(body, sliced_above=INLINE_INGEST_BYTES)
+    except ReportInvalidError as error:
         metrics.reject("invalid")
-        return JSONResponse(
-            {"detail": error_details(error.errors(include_url=False), secret=key)},
-            status_code=422,
-        )
+        return JSONResponse({"detail": error_details(error.errors, secret=key)}, status_code=422)
     try:
         placement = place(report.timestamp, received_at, ctx.retention_seconds)
     except TimestampError as error:
@@ -368,7 +371,14 @@ async def ingest(request: Request) -> JSONResponse:
     # Anything larger would hold the event loop (and every other request) for as long as
     # it takes to validate and write: auth, validation and the write share one
     # worker-thread hop instead.
-    return await anyio.to_thread.run_sync(_ingest, ctx, key, workspace, body, idempotency_key)
+    return await anyio.to_thread.run_sync(_ingest_large, ctx, key, workspace, body, idempotency_key)
+
+
+def _ingest_large(
+    ctx: _IngestContext, key: str, workspace: str, body: bytes, idempotency_key: str | None
+) -> JSONResponse:
+    with collector_paused():
+        return _ingest(ctx, key, workspace, body, idempotency_key)
 
 
 def _routes(session_ttl: float, secure_cookies: bool) -> tuple[APIRouter, APIRouter]:
