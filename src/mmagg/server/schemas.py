@@ -83,8 +83,8 @@ class ResultStats(_Model):
     @classmethod
     def _min_in_first_bucket(cls, value: float, info: ValidationInfo) -> float:
         histogram = info.data.get("histogram")
-        if histogram is not None:
-            first = next(i for i, n in enumerate(histogram) if n)
+        first = next((i for i, n in enumerate(histogram or ()) if n), None)
+        if first is not None:
             if _bucket(value) != first:
                 raise ValueError(
                     f"expected a value in the first non-empty histogram bucket, [{first / 10:g}, "
@@ -99,8 +99,8 @@ class ResultStats(_Model):
         if low is not None and value < low:
             raise ValueError(f"expected at least min={low!r}, got {value!r}")
         histogram = info.data.get("histogram")
-        if histogram is not None:
-            last = max(i for i, n in enumerate(histogram) if n)
+        last = max((i for i, n in enumerate(histogram or ()) if n), default=None)
+        if last is not None:
             if _bucket(value) != last:
                 upper = ")" if last < HISTOGRAM_BUCKETS - 1 else "]"
                 raise ValueError(
