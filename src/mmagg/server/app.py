@@ -109,6 +109,14 @@ class BodyLimitMiddleware:
                     )
                     await response(scope, receive, send)
                     return
+        if any(name == b"transfer-encoding" for name, _ in scope["headers"]):
+            # A chunked body declares no size: read it here, up to the limit, so that it
+            # gets its 413 even on a route that would never read it.
+            receive = await self._buffered(receive)
+            if receive is None:
+                self.metrics.reject("too_large")
+                await self._too_large(scope, send)
+                return
         received = 0
         exceeded = False
         started = False
@@ -142,12 +150,45 @@ class BodyLimitMiddleware:
                 raise
         if exceeded and not started:
             self.metrics.reject("too_large")
-            response = JSONResponse(
-                {"detail": f"request body: expected at most {self.limit} bytes, got more"},
-                status_code=413,
-                headers={"Connection": "close"},
-            )
-            await response(scope, receive, send)
+            await self._too_large(scope, send)
+
+    async def _too_large(self, scope: Any, send: Any) -> None:
+        response = JSONResponse(
+            {"detail": f"request body: expected at most {self.limit} bytes, got more"},
+            status_code=413,
+            headers={"Connection": "close"},
+        )
+        await response(scope, _no_body, send)
+
+    async def _buffered(self, receive: Any) -> Any:
+        """`receive` replaying the whole body, or None past the limit."""
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            part = message.get("body", b"")
+            size += len(part)
+            if size > self.limit:
+                return None
+            parts.append(part)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(parts), "more_body": False}
+            return await receive()
+
+        return replay
+
+
+async def _no_body() -> Any:
+    return {"type": "http.request", "body": b"", "more_body": False}
 
 
 # A query parameter: its name (any percent-encoding, any case) and its value.
