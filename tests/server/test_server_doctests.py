@@ -10,10 +10,16 @@ import pytest
 MODULES = [
     "mmagg.server",
     "mmagg.server.app",
+    "mmagg.server.bounds",
+    "mmagg.server.clients",
     "mmagg.server.db",
     "mmagg.server.demo",
+    "mmagg.server.gcguard",
+    "mmagg.server.metrics",
+    "mmagg.server.protocols",
     "mmagg.server.ratelimit",
     "mmagg.server.runner",
+    "mmagg.server.schemas",
     "mmagg.server.tables",
 ]
 
