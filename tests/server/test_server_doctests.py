@@ -15,6 +15,7 @@ MODULES = [
     "mmagg.server.db",
     "mmagg.server.demo",
     "mmagg.server.gcguard",
+    "mmagg.server.guards",
     "mmagg.server.metrics",
     "mmagg.server.protocols",
     "mmagg.server.ratelimit",
