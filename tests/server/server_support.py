@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import uvicorn
 
 from mmagg.server import Database
+from mmagg.server.protocols import guarded_protocol
 
 
 @dataclass
@@ -52,7 +53,11 @@ def start_server(app: object) -> ServerThread:
     """Serve `app` with uvicorn on a free port and wait until it answers."""
     sock = free_socket()
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
+    # The slow-client guard of `mmagg serve`; uvicorn's own proxy-header defaults stay (the
+    # app must hold against them: tests/server/test_server_operations.py).
+    config = uvicorn.Config(
+        app, log_level="warning", lifespan="on", access_log=False, http=guarded_protocol()
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name="uvicorn-test", daemon=True

@@ -240,6 +240,14 @@ def test_nul_is_refused_alike_on_both_databases(
     assert backend.db.count_reports(workspace) == 0
 
 
+def test_an_empty_model_id_is_refused_since_no_read_could_name_it(
+    backend: RunningBackend, client: httpx.Client
+) -> None:
+    workspace, key = backend.new_workspace()
+    errors = _errors(_post(client, workspace, key, report([result("car", 0.5, "")])))
+    assert "inference_results.0.model_id" in errors
+
+
 def test_strings_are_bounded_in_utf8_bytes_for_postgresql_indexes(
     backend: RunningBackend, client: httpx.Client
 ) -> None:

@@ -136,7 +136,8 @@ class InferenceResult(_Model):
     confidence: Confidence = 0.0
     inference_id: ShortStr | None = None
     model_type: ShortStr | None = None
-    model_id: ShortStr
+    # Non-empty: the per-model reads take the model id as a required, non-empty parameter.
+    model_id: Annotated[ShortStr, Field(min_length=1)]
     source_id: ShortStr | None = None
 
     @field_validator("confidence")
