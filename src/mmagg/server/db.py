@@ -36,6 +36,8 @@ from mmagg.window import HISTOGRAM_BUCKETS
 KEY_PREFIX = "mmk_"
 KEY_DISPLAY_CHARS = 8
 SESSION_TTL_SECONDS = 12 * 3600
+# Result rows per executemany call (store_report).
+INSERT_SLICE = 500
 
 # Names the backend routes under; a workspace called like this would be unreachable.
 RESERVED_WORKSPACES = frozenset({"dashboard", "metrics", "healthz", "api", "static", "docs"})
@@ -346,11 +348,13 @@ class Database:
                     if fetched is None or fetched[0] is None:
                         raise RuntimeError("the database returned no id for the report")
                     report_id = int(fetched[0])
-                    if report.inference_results:
-                        cursor.executemany(
-                            sql.insert_results,
-                            _result_rows(report, report_id, principal.workspace_id, ts),
-                        )
+                    rows = _result_rows(report, report_id, principal.workspace_id, ts)
+                    # In slices: a driver's executemany of 10,000 rows can hold the GIL (and
+                    # so every other request) for its whole run.
+                    for start in range(0, len(rows), INSERT_SLICE):
+                        if start:
+                            time.sleep(0)  # hand the GIL over between slices
+                        cursor.executemany(sql.insert_results, rows[start : start + INSERT_SLICE])
                 finally:
                     cursor.close()
         except self._integrity_error:
