@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import threading
 import uuid
@@ -55,11 +56,13 @@ def random_result(
     """One ``inference_results`` item with the ``stats`` extension, as an aggregator with
     extensions sends it: a best confidence in ``[best_low, 0.99]`` and 1-400 predictions."""
     n = rng.randint(1, 400)
-    histogram = [0] * 10
-    for _ in range(min(n, 50)):
-        histogram[min(int(rng.betavariate(8, 2) * 10), 9)] += 1
-    histogram[8] += n - sum(histogram)
     best = rng.uniform(best_low, 0.99)
+    # Consistent stats, as the aggregator computes them (the backend checks: issue 12): the
+    # best confidence is the max, the others below it, the histogram made of the same values.
+    values = [best] + [min(best, rng.betavariate(8, 2)) for _ in range(n - 1)]
+    histogram = [0] * 10
+    for value in values:
+        histogram[min(int(value * 10), 9)] += 1
     return {
         "class_name": class_name,
         "confidence": best,
@@ -67,7 +70,13 @@ def random_result(
         "model_type": "object-detection",
         "model_id": model_id,
         "source_id": source_id,
-        "stats": {"count": n, "sum": n * 0.8, "min": 0.3, "max": best, "histogram": histogram},
+        "stats": {
+            "count": n,
+            "sum": math.fsum(values),
+            "min": min(values),
+            "max": best,
+            "histogram": histogram,
+        },
     }
 
 

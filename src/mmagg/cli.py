@@ -127,11 +127,28 @@ def serve(
     alert_interval: Annotated[
         float, typer.Option(min=0.1, help="Seconds between alert rule evaluations.")
     ] = 15.0,
+    trusted_proxies: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated addresses/networks of reverse proxies whose X-Forwarded-For "
+            "names the client (default: none; the header is ignored)."
+        ),
+    ] = "",
+    header_timeout: Annotated[
+        float,
+        typer.Option(min=0.1, help="Seconds a client gets to send its request headers."),
+    ] = 10.0,
 ) -> None:
     """Run the self-hosted Model Monitoring backend (Roboflow-compatible API + dashboard)."""
     _require(SERVER_MODULES, "server")
     from mmagg.server import create_app
+    from mmagg.server.clients import TrustedProxies
 
+    try:
+        TrustedProxies.parse(trusted_proxies)
+    except ValueError as error:
+        err_console.print(f"[red]error:[/red] --trusted-proxies: {escape(str(error))}")
+        raise typer.Exit(2) from None
     db = _database(database_url)
     engine = None
     if alerts is not None:
@@ -154,13 +171,25 @@ def serve(
         retention_days=retention_days,
         login_failures_per_minute=login_failures_per_minute,
         alerts=engine,
+        trusted_proxies=trusted_proxies,
     )
+    from mmagg.server.gcguard import freeze_startup_heap
+    from mmagg.server.protocols import guarded_protocol
     from mmagg.server.runner import bind_socket, serve_on
 
     sock = bind_socket(host, port)  # before announcing: the printed URL is one that listens
     bound = f"http://{host}:{sock.getsockname()[1]}"
     err_console.print(f"mmagg backend on {bound}  (dashboard: {bound}/dashboard)")
-    serve_on(sock, application, access_log=access_log, log_level=log_level)
+    freeze_startup_heap()
+    serve_on(
+        sock,
+        application,
+        access_log=access_log,
+        log_level=log_level,
+        http=guarded_protocol(header_timeout),
+        # X-Forwarded-For is the app's decision (--trusted-proxies), never uvicorn's.
+        proxy_headers=False,
+    )
 
 
 @keys_app.command("create")
@@ -419,9 +448,7 @@ def demo(
     )
     console.print(f"Backend: {server.url}  database: {database_url}")
     if serve:  # now, not after the stream: the dashboard can be watched while it fills
-        console.print(
-            f"Dashboard: [bold]{server.url}/dashboard[/bold]  (log in with the read key)"
-        )
+        console.print(f"Dashboard: [bold]{server.url}/dashboard[/bold]  (log in with the read key)")
         console.print(f"Read key (workspace '{WORKSPACE}'): [bold]{read_key}[/bold]")
         console.print(f"Ingest key (the cameras'): [bold]{api_key}[/bold]")
     try:

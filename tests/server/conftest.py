@@ -55,7 +55,9 @@ def backend(
     else:
         url = request.getfixturevalue("pg_database_url")
     db = Database(url)
-    running = start_server(create_app(db=db))
+    # Many tests here send wrong keys on purpose; the limit on failed key checks has tests of
+    # its own (test_server_ratelimit.py), so it stays out of their way.
+    running = start_server(create_app(db=db, login_failures_per_minute=100_000))
     try:
         yield RunningBackend(running.base_url, db, request.param)
     finally:

@@ -13,6 +13,11 @@ import uvicorn
 from mmagg.server import Database
 from mmagg.server.auth import ALL_SCOPES
 
+try:
+    from mmagg.server.protocols import guarded_protocol
+except ImportError:  # an older tree (to show that a new test fails on the old code)
+    guarded_protocol = None  # type: ignore[assignment]
+
 
 @dataclass
 class RunningBackend:
@@ -79,7 +84,10 @@ def start_server(app: object) -> ServerThread:
     """Serve `app` with uvicorn on a free port and wait until it answers."""
     sock = free_socket()
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
+    # The slow-client guard of `mmagg serve`; uvicorn's own proxy-header defaults stay (the
+    # app must hold against them: tests/server/test_server_operations.py).
+    http = guarded_protocol() if guarded_protocol is not None else "auto"
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False, http=http)
     server = uvicorn.Server(config)
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name="uvicorn-test", daemon=True

@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 import uuid
 from collections.abc import Iterator
-from datetime import datetime, timezone
 from typing import Any
 
 import httpx
@@ -352,9 +352,11 @@ def test_extensions_and_system_info_are_stored(backend: RunningBackend) -> None:
         mmagg={"frequency": 5.0, "aggregator_key": "agg-1"},
         timestamp=None,
     )
-    body["timestamp"] = "2026-11-27T04:45:00.123456"  # naive: read as UTC
+    body["timestamp"] = "2026-11-27T04:45:00.123456"  # naive: local time of an unknown zone
     with httpx.Client(base_url=backend.base_url) as http:
+        before = time.time()
         response = http.post(f"/{workspace}/inference-stats", params={"api_key": key}, json=body)
+        after = time.time()
     assert response.status_code == 200
     with backend.db.read() as conn:
         stored = conn.execute(
@@ -364,9 +366,11 @@ def test_extensions_and_system_info_are_stored(backend: RunningBackend) -> None:
             sa.select(tables.results).where(tables.results.c.report_id == stored.id)
         ).one()
     assert stored.device_id == "edge-07"
-    assert stored.ts == pytest.approx(
-        datetime(2026, 11, 27, 4, 45, 0, 123456, tzinfo=timezone.utc).timestamp()
-    )
+    # A naive timestamp is filed at the server's receive time; the client's value is kept.
+    assert before <= stored.ts <= after
+    assert stored.received_at == stored.ts
+    assert stored.client_timestamp == "2026-11-27T04:45:00.123456"
+    assert stored.time_rule == "received_naive"
     assert stored.frequency == 5.0
     assert json.loads(stored.extension)["aggregator_key"] == "agg-1"
     assert json.loads(stored.system_info)["hostname"] == "edge-01"

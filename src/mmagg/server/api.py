@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from mmagg.server import queries
+from mmagg.server.bounds import EARLIEST_READ_TIME, LATEST_READ_TIME, unstorable_reason, utc_aware
 from mmagg.server.db import Database, Principal
 from mmagg.server.errors import ApiError
 from mmagg.server.responses import (
@@ -37,32 +38,50 @@ MAX_SAMPLES = 1_000
 def parse_time(name: str, value: str | None) -> datetime | None:
     """Parse a `startTime`/`endTime` query value; naive values are UTC.
 
-    Accepts Roboflow's `YYYY-MM-DD HH:mm:ss`, any ISO-8601 datetime, or epoch seconds.
+    Accepts Roboflow's `YYYY-MM-DD HH:mm:ss`, any ISO-8601 datetime, or epoch seconds,
+    between `EARLIEST_READ_TIME` and `LATEST_READ_TIME` (years 1000 to 9000); anything else
+    is a 422 naming the field, the bound and the value.
+
+    Example:
+        >>> parse_time("startTime", "-86400").isoformat()
+        '1969-12-31T00:00:00+00:00'
     """
     if value is None or value.strip() == "":
         return None
     text = value.strip()
+    shown = text[:64].encode("ascii", "backslashreplace").decode("ascii")
     try:
         try:
             parsed = datetime.fromtimestamp(float(text), timezone.utc)
         except ValueError:
             parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        in_utc = utc_aware(parsed)
     except (ValueError, OverflowError, OSError):
         raise ApiError(
             422,
-            f"{name}: expected 'YYYY-MM-DD HH:mm:ss', ISO-8601 or epoch seconds, got {text[:64]!r}",
+            f"{name}: expected 'YYYY-MM-DD HH:mm:ss', ISO-8601 or epoch seconds between "
+            f"{EARLIEST_READ_TIME.isoformat()} and {LATEST_READ_TIME.isoformat()}, "
+            f"got {shown!r}",
             reason="invalid",
             field=f"query.{name}",
         ) from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed
+    if in_utc.tzinfo is None:
+        in_utc = in_utc.replace(tzinfo=timezone.utc)
+    if not EARLIEST_READ_TIME <= in_utc <= LATEST_READ_TIME:
+        raise ApiError(
+            422,
+            f"{name}: expected a time between {EARLIEST_READ_TIME.isoformat()} and "
+            f"{LATEST_READ_TIME.isoformat()}, got {shown!r}",
+            reason="invalid",
+            field=f"query.{name}",
+        )
+    return in_utc
 
 
 def time_range(start_time: str | None, end_time: str | None) -> queries.TimeRange:
     """The requested range; Roboflow's defaults: the 24 hours up to now."""
     end = parse_time("endTime", end_time) or datetime.now(timezone.utc)
-    start = parse_time("startTime", start_time) or end - DEFAULT_RANGE
+    start = parse_time("startTime", start_time) or max(end - DEFAULT_RANGE, EARLIEST_READ_TIME)
     if start >= end:
         raise ApiError(
             422,
@@ -72,6 +91,19 @@ def time_range(start_time: str | None, end_time: str | None) -> queries.TimeRang
             field="query.startTime",
         )
     return queries.TimeRange(start.timestamp(), end.timestamp())
+
+
+def reject_unstorable_query(request: Request) -> None:
+    """Dependency: 422 for a query parameter no database can compare (NUL, bad Unicode).
+
+    PostgreSQL refuses a NUL even as a query parameter; SQLite answers the same way so
+    that the two databases behave alike.
+    """
+    for name, value in request.query_params.multi_items():
+        reason = unstorable_reason(value) or unstorable_reason(name)
+        if reason:
+            shown = name.encode("ascii", "backslashreplace").decode("ascii")[:64]
+            raise ApiError(422, f"{shown}: {reason}", reason="invalid", field=f"query.{shown}")
 
 
 def _db(request: Request) -> Database:
@@ -87,7 +119,7 @@ ModelNames = Annotated[str | None, Query(alias="modelNames")]
 
 def build_api_router(principal_dependency: PrincipalDependency) -> APIRouter:
     """The JSON read endpoints, authorised by `principal_dependency`."""
-    router = APIRouter()
+    router = APIRouter(dependencies=[Depends(reject_unstorable_query)])
     Auth = Annotated[Principal, Depends(principal_dependency)]
 
     def respond(payload: dict[str, Any], principal: Principal) -> JSONResponse:

@@ -13,15 +13,14 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import anyio
 import anyio.to_thread
-import pydantic
 from fastapi import APIRouter, Cookie, Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -35,10 +34,17 @@ from mmagg.server.api import (
     StartTime,
     build_api_router,
     inference_stats_response,
+    reject_unstorable_query,
 )
 from mmagg.server.auth import ADMIN, INGEST, READ, require_dashboard_scope, require_scope
+from mmagg.server.bounds import TimestampError, place, unstorable_reason
+from mmagg.server.clients import TrustedProxies
 from mmagg.server.db import SESSION_TTL_SECONDS, Database, Principal
 from mmagg.server.errors import ApiError, BodyTooLargeError
+from mmagg.server.gcguard import collector_paused
+from mmagg.server.guards import BodyLimitMiddleware, install_log_redaction
+from mmagg.server.guards import RedactApiKeys as RedactApiKeys  # re-exported
+from mmagg.server.guards import redact_keys as redact_keys  # re-exported
 from mmagg.server.keys_api import build_keys_router
 from mmagg.server.metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
 from mmagg.server.monitoring_api import build_monitoring_router
@@ -52,7 +58,13 @@ from mmagg.server.responses import (
     WorkspaceResponse,
     documented,
 )
-from mmagg.server.schemas import REPORT_ADAPTER, LoginRequest, error_details
+from mmagg.server.schemas import (
+    REPORT_ADAPTER,
+    LoginRequest,
+    ReportInvalidError,
+    error_details,
+    parse_report,
+)
 
 logger = logging.getLogger("mmagg.server")
 
@@ -60,86 +72,10 @@ DEFAULT_DATABASE_URL = "sqlite:///mmagg.db"
 DEFAULT_BODY_LIMIT = 1 << 20
 SESSION_COOKIE = "mmagg_session"
 MAX_IDEMPOTENCY_KEY = 255
+# Reports up to this size are stored on the event loop on SQLite (~200 results): measured by
+# benchmarks/healthz_under_ingest.py, larger ones go to a worker thread.
+INLINE_INGEST_BYTES = 32 * 1024
 DEFAULT_LOGIN_FAILURES_PER_MINUTE = 10
-
-
-class BodyLimitMiddleware:
-    """Reject bodies over `limit` bytes: by Content-Length up front, else while streaming.
-
-    Checking the declared length alone would let a chunked upload through, so the wrapped
-    `receive` counts the bytes actually read and raises `BodyTooLargeError` past the limit.
-    """
-
-    def __init__(self, app: Any, limit: int, metrics: Metrics) -> None:
-        self.app = app
-        self.limit = limit
-        self.metrics = metrics
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    declared = -1
-                if declared > self.limit or declared < 0:
-                    self.metrics.reject("too_large" if declared > self.limit else "invalid")
-                    status = 413 if declared > self.limit else 400
-                    detail = (
-                        f"request body: expected at most {self.limit} bytes, "
-                        f"Content-Length says {declared}"
-                        if status == 413
-                        else "Content-Length: expected a non-negative integer"
-                    )
-                    response = JSONResponse(
-                        {"detail": detail}, status_code=status, headers={"Connection": "close"}
-                    )
-                    await response(scope, receive, send)
-                    return
-        received = 0
-
-        async def counting_receive() -> Any:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise BodyTooLargeError(self.limit)
-            return message
-
-        await self.app(scope, counting_receive, send)
-
-
-_KEY_IN_QUERY = re.compile(r"(api_key=)[^&\s\"]+", re.IGNORECASE)
-
-
-class RedactApiKeys(logging.Filter):
-    """Log filter replacing `api_key=...` in messages and their arguments with `***`.
-
-    uvicorn's access log prints the full path, query string included, and the Roboflow
-    dialect carries the key there.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(
-                _KEY_IN_QUERY.sub(r"\1***", arg) if isinstance(arg, str) else arg
-                for arg in record.args
-            )
-        if isinstance(record.msg, str):
-            record.msg = _KEY_IN_QUERY.sub(r"\1***", record.msg)
-        return True
-
-
-def install_log_redaction() -> None:
-    """Attach `RedactApiKeys` to uvicorn's loggers once."""
-    for name in ("uvicorn.access", "uvicorn.error"):
-        target = logging.getLogger(name)
-        if not any(isinstance(f, RedactApiKeys) for f in target.filters):
-            target.addFilter(RedactApiKeys())
 
 
 def request_api_key(request: Request) -> str | None:
@@ -159,13 +95,34 @@ _BAD_KEY = "unknown or revoked API key (an expired key counts as revoked)"
 _OTHER_WORKSPACE = "this API key does not belong to workspace in the URL"
 
 
-def _principal_for_key(
-    db: Database, key: str | None, workspace: str | None, scope: str | None = None
+def _checked_principal(
+    db: Database,
+    limiter: FailureLimiter,
+    client: str,
+    key: str | None,
+    workspace: str | None,
+    scope: str | None = None,
 ) -> Principal:
+    """The principal of `key`, behind the per-client limit on failed key checks (429).
+
+    Every keyed route goes through here (ingest, reads, lookup, login), so a guesser gets
+    the same few attempts a minute wherever they try. A missing key takes no token (nothing
+    was guessed: a health check probing `GET /`, say), nor does a valid key of another
+    workspace (403) or a valid key without `scope` (403 naming the scope).
+    """
     if key is None:
         raise ApiError(401, _MISSING_KEY, reason="unauthorized")
+    wait = limiter.retry_after(client)
+    if wait:
+        raise ApiError(
+            429,
+            f"too many failed API key attempts from this address: retry in {wait} s",
+            reason="rate_limited",
+            headers={"Retry-After": str(wait)},
+        )
     principal = db.authenticate(key)
     if principal is None:
+        limiter.failed(client)
         raise ApiError(401, _BAD_KEY, reason="unauthorized")
     if workspace is not None and principal.workspace != workspace:
         raise ApiError(403, _OTHER_WORKSPACE, reason="forbidden")
@@ -175,42 +132,42 @@ def _principal_for_key(
 
 
 def _client_address(request: Request) -> str:
-    # uvicorn puts the X-Forwarded-For address here for proxies it trusts
-    # (--forwarded-allow-ips, 127.0.0.1 by default).
-    return request.client.host if request.client else "unknown"
+    """The address failed key checks are counted under (`mmagg.server.clients`)."""
+    peer = request.client.host if request.client else "unknown"
+    proxies: TrustedProxies = request.app.state.trusted_proxies
+    return proxies.client(peer, request.headers.getlist("x-forwarded-for"))
 
 
 def _guarded_principal(request: Request, key: str | None) -> Principal:
-    """`_principal_for_key` behind the per-client limit on failed attempts (429)."""
-    if key is None:
-        # Nothing was guessed (a health check probing `GET /`, say): no token taken, so
-        # such probes cannot lock out the logins of clients sharing their address.
-        raise ApiError(401, _MISSING_KEY, reason="unauthorized")
+    """`_checked_principal` for routes without a workspace in the URL."""
     limiter: FailureLimiter = request.app.state.login_limiter
-    client = _client_address(request)
-    wait = limiter.retry_after(client)
-    if wait:
-        raise ApiError(
-            429,
-            f"too many failed API key attempts from this address: retry in {wait} s",
-            reason="rate_limited",
-            headers={"Retry-After": str(wait)},
-        )
-    try:
-        return _principal_for_key(request.app.state.db, key, None)
-    except ApiError:
-        limiter.failed(client)
-        raise
+    return _checked_principal(request.app.state.db, limiter, _client_address(request), key, None)
 
 
 def key_principal(request: Request, workspace: str) -> Principal:
-    """Dependency: the workspace's principal from a `read` API key; 401/403 otherwise."""
-    return _principal_for_key(request.app.state.db, request_api_key(request), workspace, READ)
+    """Dependency: the workspace's principal from a `read` API key; 401/403/429 otherwise."""
+    limiter: FailureLimiter = request.app.state.login_limiter
+    return _checked_principal(
+        request.app.state.db,
+        limiter,
+        _client_address(request),
+        request_api_key(request),
+        workspace,
+        READ,
+    )
 
 
 def admin_principal(request: Request, workspace: str) -> Principal:
-    """Dependency: the workspace's principal from an `admin` API key; 401/403 otherwise."""
-    return _principal_for_key(request.app.state.db, request_api_key(request), workspace, ADMIN)
+    """Dependency: the workspace's principal from an `admin` API key; 401/403/429 otherwise."""
+    limiter: FailureLimiter = request.app.state.login_limiter
+    return _checked_principal(
+        request.app.state.db,
+        limiter,
+        _client_address(request),
+        request_api_key(request),
+        workspace,
+        ADMIN,
+    )
 
 
 def session_principal(
@@ -227,24 +184,35 @@ def session_principal(
     return principal
 
 
+@dataclass(frozen=True)
+class _IngestContext:
+    db: Database
+    metrics: Metrics
+    limiter: FailureLimiter
+    client: str
+    retention_seconds: float | None
+
+
 def _ingest(
-    db: Database,
-    metrics: Metrics,
+    ctx: _IngestContext,
     key: str,
     workspace: str,
     body: bytes,
     idempotency_key: str | None,
 ) -> JSONResponse:
-    principal = _principal_for_key(db, key, workspace, INGEST)
+    db, metrics = ctx.db, ctx.metrics
+    principal = _checked_principal(db, ctx.limiter, ctx.client, key, workspace, INGEST)
+    received_at = time.time()
     try:
-        report = REPORT_ADAPTER.validate_json(body)
-    except pydantic.ValidationError as error:
+        report = parse_report(body, sliced_above=INLINE_INGEST_BYTES)
+    except ReportInvalidError as error:
         metrics.reject("invalid")
-        return JSONResponse(
-            {"detail": error_details(error.errors(include_url=False), secret=key)},
-            status_code=422,
-        )
-    stored = db.store_report(principal, report, idempotency_key)
+        return JSONResponse({"detail": error_details(error.errors, secret=key)}, status_code=422)
+    try:
+        placement = place(report.timestamp, received_at, ctx.retention_seconds)
+    except TimestampError as error:
+        raise ApiError(422, f"timestamp: {error}", reason="invalid", field="timestamp") from None
+    stored = db.store_report(principal, report, idempotency_key, placement)
     headers = {}
     if stored.duplicate:
         metrics.duplicates.inc()
@@ -265,6 +233,10 @@ async def ingest(request: Request) -> JSONResponse:
     if key is None:
         raise ApiError(401, _MISSING_KEY, reason="unauthorized")
     idempotency_key = request.headers.get("idempotency-key")
+    if idempotency_key is not None and (reason := unstorable_reason(idempotency_key)):
+        raise ApiError(
+            422, f"Idempotency-Key: {reason}", reason="invalid", field="header.Idempotency-Key"
+        )
     if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
         raise ApiError(
             422,
@@ -274,16 +246,29 @@ async def ingest(request: Request) -> JSONResponse:
             field="header.Idempotency-Key",
         )
     body = await request.body()
-    db: Database = request.app.state.db
-    metrics: Metrics = request.app.state.metrics
-    if db.dialect == "sqlite":
-        # SQLite writes are serialised and mostly Python-side CPU: running them on the
-        # event loop avoids a thread hop and GIL hand-offs that cost more than the write.
-        return _ingest(db, metrics, key, workspace, body, idempotency_key)
-    # Auth, validation and the write share one worker-thread hop.
-    return await anyio.to_thread.run_sync(
-        _ingest, db, metrics, key, workspace, body, idempotency_key
+    state = request.app.state
+    ctx = _IngestContext(
+        state.db,
+        state.metrics,
+        state.login_limiter,
+        _client_address(request),
+        state.retention_seconds,
     )
+    if ctx.db.dialect == "sqlite" and len(body) <= INLINE_INGEST_BYTES:
+        # A small report on SQLite (serialised writes, mostly Python-side CPU) costs less
+        # on the event loop than a thread hop and its GIL hand-offs.
+        return _ingest(ctx, key, workspace, body, idempotency_key)
+    # Anything larger would hold the event loop (and every other request) for as long as
+    # it takes to validate and write: auth, validation and the write share one
+    # worker-thread hop instead.
+    return await anyio.to_thread.run_sync(_ingest_large, ctx, key, workspace, body, idempotency_key)
+
+
+def _ingest_large(
+    ctx: _IngestContext, key: str, workspace: str, body: bytes, idempotency_key: str | None
+) -> JSONResponse:
+    with collector_paused():
+        return _ingest(ctx, key, workspace, body, idempotency_key)
 
 
 def _routes(session_ttl: float, secure_cookies: bool) -> tuple[APIRouter, APIRouter]:
@@ -347,6 +332,7 @@ def _routes(session_ttl: float, secure_cookies: bool) -> tuple[APIRouter, APIRou
     @public.get(
         "/{workspace}/inference-stats",
         responses=documented(InferenceStatsResponse, 401, 403, 422),
+        dependencies=[Depends(reject_unstorable_query)],
     )
     def read_stats(
         request: Request,
@@ -438,7 +424,7 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 
     async def too_large(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, BodyTooLargeError)
-        metrics.reject("too_large")
+        # BodyLimitMiddleware answers (and counts) it; this is for an app served without it.
         return JSONResponse(
             {"detail": f"request body: expected at most {error.limit} bytes, got more"},
             status_code=413,
@@ -484,6 +470,7 @@ def create_app(
     retention_days: float | None = None,
     login_failures_per_minute: int = DEFAULT_LOGIN_FAILURES_PER_MINUTE,
     alerts: AlertEngine | None = None,
+    trusted_proxies: Sequence[str] | str | None = None,
 ) -> FastAPI:
     """Build the backend app on `database_url` (or an open `db`), migrating its schema.
 
@@ -494,6 +481,9 @@ def create_app(
     `GET /?api_key=` per minute, in bursts of as many; past that, 429 with `Retry-After`.
     `alerts` (an `AlertEngine` on the same database) is evaluated every `alerts.interval`
     seconds while the app runs (docs/alerts.md).
+    Failed key checks on every other keyed route (ingest, reads) count the same.
+    `X-Forwarded-For` names the client only on requests from `trusted_proxies` (addresses
+    or networks, a list or a comma-separated string; `mmagg.server.clients`).
 
     Example:
         >>> app = create_app("sqlite://")
@@ -532,6 +522,12 @@ def create_app(
     if alerts is not None:
         alerts.attach_metrics(metrics.registry)
     app.state.login_limiter = FailureLimiter(failures=login_failures_per_minute, period=60.0)
+    app.state.trusted_proxies = (
+        TrustedProxies.parse(trusted_proxies)
+        if isinstance(trusted_proxies, str) or trusted_proxies is None
+        else TrustedProxies(trusted_proxies)
+    )
+    app.state.retention_seconds = None if retention_days is None else retention_days * 86400.0
     _install_error_handlers(app, metrics)
 
     dashboard_api, public = _routes(session_ttl, secure_cookies)

@@ -28,6 +28,7 @@ from mmagg.server.auth import (
     parse_scopes,
     stored_scopes,
 )
+from mmagg.server.bounds import Placement, place
 from mmagg.server.schemas import Report
 from mmagg.server.tables import (
     api_keys,
@@ -45,6 +46,8 @@ logger = logging.getLogger("mmagg.server")
 KEY_PREFIX = "mmk_"
 KEY_DISPLAY_CHARS = 8
 SESSION_TTL_SECONDS = 12 * 3600
+# Result rows per executemany call (store_report).
+INSERT_SLICE = 500
 
 # Names the backend routes under; a workspace called like this would be unreachable.
 RESERVED_WORKSPACES = frozenset({"dashboard", "metrics", "healthz", "api", "static", "docs"})
@@ -498,15 +501,24 @@ class Database:
     # reports
 
     def store_report(
-        self, principal: Principal, report: Report, idempotency_key: str | None
+        self,
+        principal: Principal,
+        report: Report,
+        idempotency_key: str | None,
+        placement: Placement | None = None,
     ) -> StoredReport:
-        """Store a report and its results in one transaction, at most once per key."""
-        now = time.time()
-        ts = report.timestamp.timestamp()
+        """Store a report and its results in one transaction, at most once per key.
+
+        `placement` says where the report is filed on the time axis (`bounds.place`); by
+        default it is placed now, without a retention bound.
+        """
+        if placement is None:
+            placement = place(report.timestamp, time.time())
+        ts = placement.ts
         ext = report.mmagg
         row = (
             principal.workspace_id,
-            now,
+            placement.received_at,
             ts,
             report.device_id,
             report.source,
@@ -517,6 +529,8 @@ class Database:
             ext.frequency if ext is not None else None,
             ext.model_dump_json() if ext is not None else None,
             len(report.inference_results),
+            placement.client_timestamp,
+            placement.rule,
         )
         sql = self._sql
         try:
@@ -528,11 +542,13 @@ class Database:
                     if fetched is None or fetched[0] is None:
                         raise RuntimeError("the database returned no id for the report")
                     report_id = int(fetched[0])
-                    if report.inference_results:
-                        cursor.executemany(
-                            sql.insert_results,
-                            _result_rows(report, report_id, principal.workspace_id, ts),
-                        )
+                    rows = _result_rows(report, report_id, principal.workspace_id, ts)
+                    # In slices: a driver's executemany of 10,000 rows can hold the GIL (and
+                    # so every other request) for its whole run.
+                    for start in range(0, len(rows), INSERT_SLICE):
+                        if start:
+                            time.sleep(0)  # hand the GIL over between slices
+                        cursor.executemany(sql.insert_results, rows[start : start + INSERT_SLICE])
                 finally:
                     cursor.close()
         except self._integrity_error:

@@ -59,6 +59,36 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+def route_template(scope: Any) -> str:
+    """The route template a request matched, with its router prefix; `unmatched` if none.
+
+    Only matched requests (routing set `endpoint`) get their own label, so a scanner of
+    random paths cannot grow the metric's label set. FastAPI keeps only the template's tail
+    in `scope["route"]` for a route included through a router (`/models` for both
+    `/{workspace}/api/models` and `/dashboard/api/models`): the prefix is rebuilt from the
+    path, each segment holding a path parameter's value written as `{name}`.
+
+    Example:
+        >>> route_template({"path": "/acme/inference-stats", "endpoint": print,
+        ...                 "path_params": {"workspace": "acme"}})
+        '/{workspace}/inference-stats'
+        >>> route_template({"path": "/x/y"})
+        'unmatched'
+    """
+    if scope.get("endpoint") is None:
+        return "unmatched"
+    segments = str(scope.get("path", "")).split("/")
+    tail = getattr(scope.get("route"), "path", None)
+    tail_segments = tail.split("/")[1:] if isinstance(tail, str) and tail.startswith("/") else []
+    if tail_segments and len(tail_segments) < len(segments):
+        head, rest = segments[: len(segments) - len(tail_segments)], tail_segments
+    else:
+        head, rest = segments, []
+    names = {str(v): k for k, v in (scope.get("path_params") or {}).items()}
+    head = [f"{{{names[part]}}}" if part in names else part for part in head]
+    return "/".join(head + rest) or "/"
+
+
 class MetricsMiddleware:
     """ASGI middleware timing every HTTP request by its route template.
 
@@ -86,12 +116,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_with_status)
         finally:
-            # FastAPI >= 0.16x keeps the full template (with router prefixes) on the
-            # effective route context; scope["route"].path lacks the prefix there.
-            context = scope.get("effective_route_context")
-            template = getattr(context, "path_format", None) or getattr(
-                scope.get("route"), "path", "unmatched"
-            )
+            template = route_template(scope)
             self.metrics.latency.labels(
                 method=scope["method"], route=template, status=f"{status // 100}xx"
             ).observe(time.perf_counter() - started)

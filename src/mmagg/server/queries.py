@@ -41,6 +41,11 @@ class TimeRange:
         return TimeRange(self.start - (self.end - self.start), self.start)
 
 
+def _ratio(total: Any, count: Any) -> float | None:
+    """`total / count`, None for no count (a v0.1 database may hold `stats.count == 0`)."""
+    return float(total) / int(count) if count else None
+
+
 def iso(epoch: float | None) -> str | None:
     """Epoch seconds as an ISO-8601 UTC string."""
     if epoch is None:
@@ -381,7 +386,7 @@ def classes(conn: Connection, workspace_id: int, model_id: str, span: TimeRange)
             "max_confidence": float(best),
             "min_confidence": float(worst),
             "prediction_count": int(predictions),
-            "predictions_avg_confidence": float(total) / int(predictions),
+            "predictions_avg_confidence": _ratio(total, predictions),
             "last_seen_at": iso(last),
             "results_with_stats": int(with_stats),
         }
@@ -497,11 +502,7 @@ def timeseries(
             f"bucket_seconds: expected at most {MAX_SERIES_POINTS} buckets in the range, got "
             f"{(span.end - span.start) / bucket_seconds:.0f}; use a wider bucket"
         )
-    scaled = results.c.ts / bucket_seconds
-    # The timestamps are positive, so integer truncation is floor on SQLite.
-    bucket = (
-        sa.func.floor(scaled) if conn.dialect.name == "postgresql" else sa.cast(scaled, sa.Integer)
-    ).label("bucket")
+    bucket = _floor(conn, results.c.ts / bucket_seconds).label("bucket")
     rows = conn.execute(
         sa.select(
             results.c.class_name,
@@ -534,7 +535,7 @@ def timeseries(
                 "samples": int(samples),
                 "results_with_stats": int(with_stats),
                 "prediction_count": int(predictions),
-                "predictions_avg_confidence": float(total) / int(predictions),
+                "predictions_avg_confidence": _ratio(total, predictions),
             }
         )
     return {
@@ -544,6 +545,15 @@ def timeseries(
         "end_time": iso(span.end),
         "series": [{"class_name": name, "points": points} for name, points in series.items()],
     }
+
+
+def _floor(conn: Connection, value: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+    """floor() on both engines: SQLite's CAST truncates towards zero, wrong below 0 (before
+    1970), so one is taken off a negative value that is not already whole."""
+    if conn.dialect.name == "postgresql":
+        return sa.func.floor(value)
+    truncated = sa.cast(value, sa.Integer)
+    return sa.case((value < truncated, truncated - 1), else_=truncated)
 
 
 def _sample_bucket(conn: Connection) -> sa.ColumnElement[Any]:

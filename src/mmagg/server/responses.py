@@ -25,6 +25,8 @@ class ErrorItem(_Response):
     msg: str
     type: str
     received_type: str | None
+    # The offending value, for numbers only (strings are never echoed: a secret may be one).
+    received: int | float | str | None = None
 
 
 class ErrorResponse(_Response):
@@ -132,7 +134,7 @@ class ClassItem(_Response):
     max_confidence: float
     min_confidence: float
     prediction_count: int
-    predictions_avg_confidence: float
+    predictions_avg_confidence: float | None
     last_seen_at: str | None
     results_with_stats: int
 
@@ -180,7 +182,7 @@ class SeriesPoint(_Response):
     samples: int
     results_with_stats: int
     prediction_count: int
-    predictions_avg_confidence: float
+    predictions_avg_confidence: float | None
 
 
 class Series(_Response):

@@ -11,6 +11,8 @@ from typing import Any
 
 import uvicorn
 
+from mmagg.server.protocols import DEFAULT_HEADER_TIMEOUT, guarded_protocol
+
 
 class BindError(OSError):
     """The server could not listen where it was asked to; the message says what to do."""
@@ -82,7 +84,8 @@ class BackgroundServer:
     The socket is bound before uvicorn starts, so there is no window in which another
     process can take the port. It is created with an explicit `IPPROTO_TCP`: asyncio only
     sets TCP_NODELAY on sockets whose `proto` says TCP, and without it every response pays
-    a ~40 ms Nagle/delayed-ACK stall.
+    a ~40 ms Nagle/delayed-ACK stall. A connection must send its request headers within
+    `header_timeout` seconds (`mmagg.server.protocols`).
 
     Example:
         >>> from mmagg.server import create_app
@@ -91,14 +94,27 @@ class BackgroundServer:
         True
     """
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        app: Any,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+    ) -> None:
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._socket.bind((host, port))
         self.host = host
         self.port: int = self._socket.getsockname()[1]
         config = uvicorn.Config(
-            app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5
+            app,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+            http=guarded_protocol(header_timeout),
+            # The app decides whom to believe (`mmagg.server.clients`), not uvicorn.
+            proxy_headers=False,
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(

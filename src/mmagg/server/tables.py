@@ -70,6 +70,10 @@ reports = sa.Table(
     sa.Column("frequency", sa.Float(53), nullable=True),
     sa.Column("extension", sa.Text, nullable=True),
     sa.Column("result_count", sa.Integer, nullable=False),
+    # Step 3 (issue 12): the client's timestamp as sent (ts is where the report was filed,
+    # docs/reliability.md "Client clocks") and the rule that placed it.
+    sa.Column("client_timestamp", sa.String(64), nullable=True),
+    sa.Column("time_rule", sa.String(16), nullable=True),
     sa.UniqueConstraint("workspace_id", "idempotency_key", name="uq_reports_idempotency"),
     sa.Index("ix_reports_workspace_ts", "workspace_id", "ts"),
 )
@@ -262,8 +266,12 @@ LEGACY_KEY_SCOPES = "admin,ingest,read"
 
 
 def _step_3(conn: Connection) -> None:
-    # placeholder: filled by issue 12
-    return None
+    """Issue 12: `reports.client_timestamp` and `reports.time_rule` (idempotent)."""
+    present = {column["name"] for column in sa.inspect(conn).get_columns("reports")}
+    for column in (reports.c.client_timestamp, reports.c.time_rule):
+        if column.name not in present:
+            kind = column.type.compile(dialect=conn.dialect)
+            conn.exec_driver_sql(f"ALTER TABLE reports ADD COLUMN {column.name} {kind}")
 
 
 def _step_4(conn: Connection) -> None:
