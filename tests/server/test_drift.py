@@ -17,6 +17,7 @@ from alert_support import body, hist_median, histogram, post
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_support import RunningBackend
+from v01_schema import build_v01_database
 
 from mmagg.server import Database
 from mmagg.server.alert_rules import parse_rules
@@ -160,24 +161,9 @@ def test_drift_rule_stays_quiet_on_stationary_data(tmp_path_factory: Any, seed: 
         db.close()
 
 
-V1_DDL = [
-    "CREATE TABLE schema_version (version INTEGER NOT NULL)",
-    "INSERT INTO schema_version VALUES (1)",
-    "CREATE TABLE workspaces (id INTEGER PRIMARY KEY AUTOINCREMENT, name VARCHAR(64) NOT NULL "
-    "UNIQUE, created_at FLOAT NOT NULL)",
-    "CREATE TABLE api_keys (id INTEGER PRIMARY KEY AUTOINCREMENT, workspace_id INTEGER NOT NULL "
-    "REFERENCES workspaces(id), key_hash VARCHAR(64) NOT NULL UNIQUE, prefix VARCHAR(16) NOT NULL,"
-    " created_at FLOAT NOT NULL, revoked_at FLOAT)",
-]
-
-
 def test_v1_database_upgrades_to_alert_tables(tmp_path: Path) -> None:
     path = tmp_path / "v1.db"
-    engine = sa.create_engine(f"sqlite:///{path}")
-    with engine.begin() as conn:
-        for statement in V1_DDL:
-            conn.exec_driver_sql(statement)
-    engine.dispose()
+    build_v01_database(f"sqlite:///{path}", "sqlite", "mmk_" + "x" * 32, "session-token")
     db = Database(f"sqlite:///{path}")
     try:
         inspector = sa.inspect(db.engine)
