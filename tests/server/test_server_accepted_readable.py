@@ -278,7 +278,7 @@ def _check_reads(
 def _post_and_read(backend: RunningBackend, body: dict[str, Any]) -> int:
     """Post `body` to a fresh workspace; if accepted, check every read; the ingest status."""
     workspace = f"ws-{uuid.uuid4().hex[:12]}"
-    key = backend.db.create_key(workspace)
+    key = backend.db.create_key(workspace, {"ingest", "read"})
     with httpx.Client(base_url=backend.base_url, timeout=30) as http:
         sent = time.time()
         answer = http.post(

@@ -126,7 +126,7 @@ def retained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, st
     db = Database(f"sqlite:///{tmp_path_factory.mktemp('ret') / 'r.db'}")
     running = start_server(create_app(db=db, retention_days=7))
     try:
-        yield running.base_url, "acme", db.create_key("acme")
+        yield running.base_url, "acme", db.create_key("acme", {"ingest", "read"})
     finally:
         running.stop()
         db.close()
@@ -332,7 +332,7 @@ def test_step_3_upgrades_a_v01_database_and_is_idempotent(v01_url: str) -> None:
             assert tables.current_version(conn) == tables.SCHEMA_VERSION >= 3
         with db.engine.begin() as conn:
             tables.MIGRATIONS[3](conn)  # a second run changes nothing and does not fail
-        key = db.create_key("acme")
+        key = db.create_key("acme", {"ingest", "read"})
         running = start_server(create_app(db=db))
         try:
             with httpx.Client(base_url=running.base_url) as http:

@@ -114,7 +114,7 @@ class _Capture(logging.Handler):
 
 def test_access_log_redacts_the_key_however_its_parameter_is_spelt(tmp_path: Path) -> None:
     db = Database(f"sqlite:///{tmp_path / 'log.db'}")
-    key = db.create_key("acme")
+    key = db.create_key("acme", {"ingest", "read"})
     bare = key.removeprefix("mmk_")
     app = create_app(db=db)
     sock = free_socket()
@@ -170,7 +170,7 @@ def _login(http: httpx.Client, key: str, **headers: str) -> int:
 def limited(tmp_path: Path) -> Iterator[tuple[Database, str]]:
     db = Database(f"sqlite:///{tmp_path / 'limit.db'}")
     try:
-        yield db, db.create_key("acme")
+        yield db, db.create_key("acme", {"ingest", "read"})
     finally:
         db.close()
 
