@@ -1,8 +1,12 @@
-"""``Aggregator``: the facade a video loop calls once per frame."""
+"""``Aggregator``: the face a video loop calls once per frame.
+
+It validates its input and calls its :class:`~mmagg.reporter.Reporter`, which does the
+per-frame step; :func:`open_reporter` (shared with the block) finds or builds that
+reporter for the tenant (backend URL + API key) and aggregator key.
+"""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import uuid
@@ -11,21 +15,23 @@ from typing import TYPE_CHECKING, Any
 
 from mmagg._secrets import get_logger, redact
 from mmagg.cache import Cache, MemoryCache
-from mmagg.client import ModelMonitoringClient, RetryPolicy, resolve_api_base_url, resolve_api_key
+from mmagg.client import HttpExporter, RetryPolicy, resolve_api_base_url, resolve_api_key
 from mmagg.predictions import to_batch
 from mmagg.reporter import (
-    MESSAGE_NOT_IN_RANGE,
+    REPORTERS,
     BackgroundTasksLike,
     Counters,
     ExecutorLike,
     Reporter,
+    ReporterConfig,
 )
 from mmagg.stores import Store, resolve_store
+from mmagg.tenant import Tenant
 
 if TYPE_CHECKING:
     import httpx
 
-__all__ = ["MISSING_API_KEY_MESSAGE", "Aggregator", "get_reporter", "validate_frequency"]
+__all__ = ["MISSING_API_KEY_MESSAGE", "Aggregator", "open_reporter", "validate_frequency"]
 
 MISSING_API_KEY_MESSAGE = (
     "ModelMonitoringInferenceAggregator block cannot run without Roboflow API key. "
@@ -36,9 +42,8 @@ MISSING_API_KEY_MESSAGE = (
 
 logger = get_logger("mmagg.aggregator")
 
-_PROCESS_CACHE = MemoryCache()
-_REPORTERS: dict[tuple[int, str], Reporter] = {}
-_REPORTERS_LOCK = threading.Lock()
+_WORKSPACE_CACHES: dict[str, MemoryCache] = {}
+_WORKSPACE_CACHES_LOCK = threading.Lock()
 
 
 def validate_frequency(frequency: object) -> int:
@@ -65,12 +70,13 @@ def validate_frequency(frequency: object) -> int:
     return value
 
 
-def get_reporter(
+def open_reporter(
     key: str,
     *,
     store: Store,
     api_key: str,
     api_base_url: str | None,
+    frequency: int,
     cache: Cache | None = None,
     device: str | None = None,
     extensions: bool = False,
@@ -80,52 +86,53 @@ def get_reporter(
     transport: httpx.BaseTransport | None = None,
     clock: Callable[[], float] = time.time,
 ) -> Reporter:
-    """The process's one reporter for an aggregator key (created on first use)."""
-    registry_key = (id(store), key)
-    with _REPORTERS_LOCK:
-        reporter = _REPORTERS.get(registry_key)
-        if reporter is not None and not reporter._closing and reporter._pid == os.getpid():
-            return reporter
-        # Forget closed reporters: an application that makes (and closes) an aggregator per
-        # video file must not keep every reporter and its HTTP client for the process's life.
-        for stale in [k for k, r in _REPORTERS.items() if r._closing]:
-            del _REPORTERS[stale]
-        base_url = resolve_api_base_url(api_base_url)
-        workspace_cache = cache if cache is not None else _PROCESS_CACHE
+    """The process's one reporter for ``key`` of this tenant (backend URL + API key).
 
-        def make_client(on_retry: Callable[[], None]) -> ModelMonitoringClient:
-            return ModelMonitoringClient(
-                api_key,
-                api_base_url=base_url,
-                request_timeout=request_timeout,
-                retry=retry,
-                cache=workspace_cache,
-                transport=transport,
-                on_retry=on_retry,
-            )
+    Faces of the same tenant and key share it (one aggregation); another backend or
+    another API key gets its own reporter, window, HTTP client and store keys.
 
-        reporter = Reporter(
-            key,
-            store=store,
-            client_factory=make_client,
+    Raises:
+        ConfigMismatchError: an open reporter of this tenant and key has other settings.
+    """
+    base_url = resolve_api_base_url(api_base_url)
+    config = ReporterConfig(
+        frequency=frequency,
+        extensions=extensions,
+        device=device,
+        request_timeout=request_timeout,
+        flush_timeout=flush_timeout,
+        retry=retry,
+    )
+
+    def exporter() -> HttpExporter:
+        return HttpExporter(
+            api_key,
+            api_base_url=base_url,
             device=device,
             extensions=extensions,
-            flush_timeout=flush_timeout,
-            clock=clock,
+            request_timeout=request_timeout,
+            retry=retry,
+            cache=cache if cache is not None else _workspace_cache(base_url),
+            transport=transport,
         )
-        _REPORTERS[registry_key] = reporter
-    reporter.prepare()
-    return reporter
+
+    return REPORTERS.get(
+        key,
+        tenant=Tenant.of(base_url, api_key),
+        store=store,
+        config=config,
+        exporter=exporter,
+        clock=clock,
+    )
 
 
-def _forget_reporters_in_child() -> None:
-    global _REPORTERS_LOCK
-    _REPORTERS.clear()
-    _REPORTERS_LOCK = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_reporters_in_child)
+def _workspace_cache(base_url: str) -> MemoryCache:
+    # One per backend: the original's workspace cache key is the API key's md5 only.
+    with _WORKSPACE_CACHES_LOCK:
+        cache = _WORKSPACE_CACHES.get(base_url)
+        if cache is None:
+            cache = _WORKSPACE_CACHES[base_url] = MemoryCache()
+        return cache
 
 
 class Aggregator:
@@ -138,13 +145,21 @@ class Aggregator:
         api_key: Roboflow (or ``mmagg serve``) API key; else ``ROBOFLOW_API_KEY`` / ``API_KEY``.
         api_base_url: else ``API_BASE_URL``, else ``https://api.roboflow.com``.
         fire_and_forget: report from a background thread (``True``) or inside ``collect``.
-        unique_aggregator_key: aggregators (and blocks) with the same key share one window.
+        unique_aggregator_key: aggregators (and blocks) with the same key, backend URL and
+            API key share one window and one interval; they must agree on ``frequency``,
+            ``extensions``, ``device_id`` and the timeouts (else ``ConfigMismatchError``, a
+            ``ValueError``). Another backend or API key never shares data, even with the
+            same key.
         store: a :class:`~mmagg.stores.Store`, a Redis URL, or ``None`` (``MMAGG_REDIS_URL``,
             else process memory).
         per_source: keep one window per video source (``collect(..., source_id=)``).
         extensions: add mmagg's ``stats``/``source_id``/``mmagg`` keys to reports (for
             ``mmagg serve``; leave off for Roboflow's API).
         clock: wall-clock seconds (inject a simulated one in tests and replays).
+
+    Raises:
+        ValueError: an invalid argument (the message names it), a missing API key, or
+            :class:`~mmagg.reporter.ConfigMismatchError`.
 
     Example:
         >>> import mmagg
@@ -188,12 +203,12 @@ class Aggregator:
         self.per_source = per_source
         self.key = unique_aggregator_key or f"aggregator:{model_id}:{uuid.uuid4().hex[:12]}"
         self._clock = clock
-        self._store = resolve_store(store)
-        self._reporter = get_reporter(
+        self._reporter = open_reporter(
             self.key,
-            store=self._store,
+            store=resolve_store(store),
             api_key=key,
             api_base_url=api_base_url,
+            frequency=self.frequency,
             cache=cache,
             device=device_id,
             extensions=extensions,
@@ -203,8 +218,7 @@ class Aggregator:
             transport=transport,
             clock=clock,
         )
-        self._reporter.frequency = self.frequency
-        self._last_report = clock()
+        self._reporter.start(clock())
 
     def __repr__(self) -> str:
         return (
@@ -237,36 +251,21 @@ class Aggregator:
         try:
             batch = to_batch(predictions)
         except (TypeError, ValueError):
-            self._reporter.tally.add("rejected")
+            self._reporter.reject()
             raise
-        now = self._clock()
         try:
-            if batch is not None:
-                taken = self._store.window(self.key).add(
-                    batch,
-                    model_id=model_id or self.model_id,
-                    source_id=(source_id or "") if self.per_source else "",
-                    seen_at=now,
-                )
-                self._reporter.tally.add("collected", taken)
-            if self._store.shared:
-                in_range = self._reporter.should_claim(self.frequency)
-            else:
-                in_range = int(now - self._last_report) >= self.frequency
-            if not in_range:
-                return {"error_status": False, "message": MESSAGE_NOT_IN_RANGE}
-            self._last_report = now
-            if not self._store.shared:
-                self._reporter.submit(self._store.take(self.key))
-            error, message = self._reporter.dispatch(
+            error, message = self._reporter.step(
+                batch,
+                model_id=model_id or self.model_id,
+                source_id=(source_id or "") if self.per_source else "",
+                now=self._clock(),
                 fire_and_forget=self.fire_and_forget,
-                frequency=self.frequency,
                 background_tasks=background_tasks,
                 executor=executor,
             )
         except Exception as exc:  # never into the video loop
             logger.exception("mmagg: collect failed: %s", redact(str(exc)))
-            self._reporter.tally.drop("internal_error", len(batch) if batch is not None else 0)
+            self._reporter.drop("internal_error", len(batch) if batch is not None else 0)
             return {"error_status": True, "message": f"mmagg internal error: {redact(str(exc))}"}
         return {"error_status": error, "message": message}
 

@@ -24,8 +24,11 @@ from mmagg.cache import Cache
 if TYPE_CHECKING:
     import httpx
 
+    from mmagg.window import Window
+
 __all__ = [
     "DEFAULT_API_BASE_URL",
+    "HttpExporter",
     "ModelMonitoringClient",
     "ReportError",
     "RetryPolicy",
@@ -330,3 +333,114 @@ def _retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+class HttpExporter:
+    """Where reports go: one backend, one API key. Builds the body and POSTs it.
+
+    The reporter (the *when*) hands it a window and the report's metadata; the exporter
+    never decides whether to send, it only sends (with the client's retries inside one
+    deadline) and raises :class:`ReportError` when that did not work.
+
+    Args:
+        api_key: the key reports are sent under (never kept anywhere else).
+        api_base_url: the backend.
+        device: ``device_id`` of the reports (else ``DEVICE_ID``, else the host name).
+        extensions: add mmagg's ``stats``/``source_id``/``mmagg`` keys to the body.
+        cache: where the workspace lookup is cached (the block's injected cache).
+
+    Example:
+        >>> exporter = HttpExporter("k", api_base_url="http://127.0.0.1:9/")
+        >>> exporter.api_base_url, exporter.retried, "k" in repr(exporter)
+        ('http://127.0.0.1:9', 0, False)
+        >>> exporter.shutdown(cancel=True)
+    """
+
+    def __init__(
+        self,
+        api_key: str,
+        *,
+        api_base_url: str | None = None,
+        device: str | None = None,
+        extensions: bool = False,
+        request_timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        cache: Cache | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        if not api_key:
+            raise ValueError("api_key: expected a non-empty Roboflow API key, got nothing")
+        register_secret(api_key)
+        self._api_key = api_key
+        self.api_base_url = resolve_api_base_url(api_base_url)
+        self.device = device
+        self.extensions = extensions
+        self._request_timeout = request_timeout
+        self._retry = retry
+        self._cache = cache
+        self._transport = transport
+        self._client: ModelMonitoringClient | None = None
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self.retried = 0
+        """HTTP retries so far (read by the reporter's counters)."""
+
+    def __repr__(self) -> str:  # never show the key
+        return f"HttpExporter(api_base_url={self.api_base_url!r})"
+
+    @property
+    def client(self) -> ModelMonitoringClient:
+        """The HTTP client, built on first use (again in a forked child: no shared sockets)."""
+        if self._pid != os.getpid():
+            self._pid, self._lock, self._client = os.getpid(), threading.Lock(), None
+        with self._lock:
+            if self._client is None:
+                self._client = ModelMonitoringClient(
+                    self._api_key,
+                    api_base_url=self.api_base_url,
+                    request_timeout=self._request_timeout,
+                    retry=self._retry,
+                    cache=self._cache,
+                    transport=self._transport,
+                    on_retry=self._count_retry,
+                )
+            return self._client
+
+    def _count_retry(self) -> None:
+        self.retried += 1
+
+    def prepare(self) -> None:
+        """Do the one-off set-up now (httpx import, TLS context, system info): it holds the
+        GIL for tens of milliseconds, which a video loop would feel at the first report."""
+        from mmagg.payload import inference_server_version, system_info
+
+        _ = self.client
+        system_info()
+        inference_server_version()
+
+    def export(self, window: Window, metadata: Mapping[str, Any]) -> None:
+        """POST ``window`` as one report; raises :class:`ReportError` when it did not go.
+
+        ``metadata``: ``timestamp`` (a datetime) and, with extensions, the ``mmagg``
+        object (``aggregator_key``, ``frequency``, ``window_start``, ``window_end``).
+        """
+        from mmagg.payload import build_payload
+
+        extra = {k: v for k, v in metadata.items() if k != "timestamp"}
+        payload = build_payload(
+            window.to_results(extensions=self.extensions),
+            device=self.device,
+            timestamp=metadata["timestamp"],
+            extension=extra if self.extensions else None,
+        )
+        self.client.send(payload, idempotency_key=uuid.uuid4().hex)
+
+    def shutdown(self, *, cancel: bool) -> None:
+        """Stop: ``cancel`` interrupts a send waiting between retries; otherwise the
+        connection pool is closed (a send still in flight keeps its own connection)."""
+        client = self._client
+        if client is None or self._pid != os.getpid():
+            return
+        client.cancel()
+        if not cancel:
+            client.close()

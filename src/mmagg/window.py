@@ -20,11 +20,11 @@ import numpy as np
 import numpy.typing as npt
 
 from mmagg.predictions import PredictionBatch
+from mmagg.wire import HISTOGRAM_BUCKETS
 
 __all__ = ["HISTOGRAM_BUCKETS", "ClassStats", "Key", "Sample", "Window"]
 
 #: Fixed confidence buckets of the per-class histogram: ``[i/10, (i+1)/10)``, 1.0 in the last.
-HISTOGRAM_BUCKETS = 10
 #: Folding happens once this many predictions are buffered (bounds memory and per-call work).
 FOLD_THRESHOLD = 1024
 #: Default cardinality guard: distinct keys a window accepts before refusing new ones.

@@ -27,7 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from mmagg import __version__
+from mmagg._version import __version__
 from mmagg.server.api import (
     EndTime,
     ModelNames,
@@ -49,11 +49,12 @@ from mmagg.server.responses import (
     documented,
 )
 from mmagg.server.schemas import REPORT_ADAPTER, LoginRequest, error_details
+from mmagg.wire import MAX_BODY_BYTES
 
 logger = logging.getLogger("mmagg.server")
 
 DEFAULT_DATABASE_URL = "sqlite:///mmagg.db"
-DEFAULT_BODY_LIMIT = 1 << 20
+DEFAULT_BODY_LIMIT = MAX_BODY_BYTES
 SESSION_COOKIE = "mmagg_session"
 MAX_IDEMPOTENCY_KEY = 255
 DEFAULT_LOGIN_FAILURES_PER_MINUTE = 10

@@ -30,7 +30,7 @@ from mmagg.server.tables import (
     results,
     workspaces,
 )
-from mmagg.window import HISTOGRAM_BUCKETS
+from mmagg.wire import HISTOGRAM_BUCKETS
 
 KEY_PREFIX = "mmk_"
 KEY_DISPLAY_CHARS = 8

@@ -11,11 +11,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
-from mmagg.payload import SYSTEM_INFO_KEYS
-from mmagg.window import HISTOGRAM_BUCKETS
-
-MAX_RESULTS = 10_000
-MAX_STRING = 1_024
+from mmagg.wire import HISTOGRAM_BUCKETS, MAX_RESULTS, MAX_STRING, SYSTEM_INFO_KEYS
 
 # The client and the backend speak one wire format: the same lists on both sides.
 SYSTEM_INFO_FIELDS = SYSTEM_INFO_KEYS
