@@ -288,3 +288,34 @@ def test_block_run_at_another_frequency_for_a_live_key_is_a_clear_error(
     assert block.run(True, None, 10, AGGREGATOR_KEY, "m/1")["error_status"] is False
     assert block.reporter(AGGREGATOR_KEY).frequency == 10
     block.reporter(AGGREGATOR_KEY).close(timeout=0)
+
+
+def test_two_tenants_in_two_processes_share_one_redis_but_no_data(
+    servers: tuple[CaptureServer, CaptureServer], redis_url: str
+) -> None:
+    import multiprocessing
+
+    from redis_workers import stream_one_tenant  # tests/stores is on sys.path
+
+    ctx = multiprocessing.get_context("spawn")
+    frames = 60
+    procs = [
+        ctx.Process(
+            target=stream_one_tenant,
+            args=(redis_url, server.url, key, AGGREGATOR_KEY, name, frames),
+        )
+        for server, key, name in (
+            (servers[0], KEY_A, "apple"),
+            (servers[1], KEY_B, "banana"),
+            (servers[0], KEY_A, "avocado"),  # a second replica of tenant A: shares with it
+        )
+    ]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+        assert proc.exitcode == 0
+    assert delivered(servers[0]) == {"apple": frames, "avocado": frames}
+    assert delivered(servers[1]) == {"banana": frames}
+    assert keys_seen(servers[0]) == {KEY_A}
+    assert keys_seen(servers[1]) == {KEY_B}

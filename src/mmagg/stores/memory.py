@@ -88,7 +88,8 @@ class MemoryStore:
         # the take keeps adding to the live one.
         return window.drain()
 
-    def _reset_after_fork(self) -> None:
+    def after_fork_in_child(self) -> None:
+        """Forget this process's state in a forked child (called by the fork hook)."""
         # A forked child must not re-send what its parent collected.
         self._windows = {}
         self._last_report = {}
@@ -114,7 +115,7 @@ def _after_fork_in_child() -> None:
     # Every instance, not only the default: a store the user passed must not make the
     # child re-send its parent's windows either.
     for store in list(_INSTANCES):
-        store._reset_after_fork()
+        store.after_fork_in_child()
 
 
 if hasattr(os, "register_at_fork"):

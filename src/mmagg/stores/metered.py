@@ -49,7 +49,8 @@ class MeteredStore:
     def __repr__(self) -> str:
         return f"MeteredStore({self.inner!r})"
 
-    def _reset_after_fork(self) -> None:
+    def after_fork_in_child(self) -> None:
+        """Forget this process's state in a forked child (called by the fork hook)."""
         # A forked child starts with empty windows (the stores reset theirs): its totals
         # must not repeat what the parent collected.
         self._lock = threading.Lock()
@@ -134,7 +135,7 @@ _METERED: weakref.WeakSet[MeteredStore] = weakref.WeakSet()
 
 def _reset_metered_after_fork() -> None:
     for store in list(_METERED):
-        store._reset_after_fork()
+        store.after_fork_in_child()
 
 
 if hasattr(os, "register_at_fork"):

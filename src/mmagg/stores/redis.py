@@ -184,6 +184,11 @@ class RedisStore:
         return self._healthy
 
     @property
+    def in_this_process(self) -> bool:
+        """``False`` in a forked child until the fork hook reset the store."""
+        return self._pid == os.getpid()
+
+    @property
     def degraded(self) -> bool:
         """The opposite of :attr:`healthy`."""
         return not self._healthy
@@ -532,7 +537,8 @@ class RedisStore:
         since = time.monotonic() - self._pushed_at
         return min(self.push_interval, max(0.01, self.push_interval - since))
 
-    def _reset_after_fork(self) -> None:
+    def after_fork_in_child(self) -> None:
+        """Forget this process's state in a forked child (called by the fork hook)."""
         # A forked child must not re-send its parent's windows nor share its sockets.
         self._reset_process_state()
 
@@ -609,13 +615,13 @@ def _after_fork_in_child() -> None:
     global _SHARED_LOCK
     _SHARED_LOCK = threading.Lock()
     for store in list(_INSTANCES):
-        store._reset_after_fork()
+        store.after_fork_in_child()
 
 
 def _close_all_at_exit() -> None:
     # Push what is pending so the last report (by whichever process) carries it.
     for store in list(_INSTANCES):
-        if store._pid == os.getpid():
+        if store.in_this_process:
             try:
                 store.close()
             except Exception:
