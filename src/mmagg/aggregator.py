@@ -195,7 +195,7 @@ class Aggregator:
         if not isinstance(model_id, str) or not model_id:
             raise ValueError(f"model_id: expected a non-empty string, got {model_id!r}")
         self.model_id = model_id
-        self.frequency = validate_frequency(frequency)
+        interval = validate_frequency(frequency)
         key = resolve_api_key(api_key)
         if not key:
             raise ValueError(MISSING_API_KEY_MESSAGE)
@@ -208,7 +208,7 @@ class Aggregator:
             store=resolve_store(store),
             api_key=key,
             api_base_url=api_base_url,
-            frequency=self.frequency,
+            frequency=interval,
             cache=cache,
             device=device_id,
             extensions=extensions,
@@ -224,6 +224,11 @@ class Aggregator:
         return (
             f"Aggregator(model_id={self.model_id!r}, frequency={self.frequency}, key={self.key!r})"
         )
+
+    @property
+    def frequency(self) -> int:
+        """The reporting interval in seconds (its reporter's, fixed at construction)."""
+        return self._reporter.frequency
 
     @property
     def counters(self) -> Counters:
