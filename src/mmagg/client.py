@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from mmagg._secrets import get_logger, redact, register_secret
 from mmagg.cache import Cache
@@ -145,6 +146,9 @@ class ModelMonitoringClient:
         self._rng = rng or random.Random().random
         # Monotonic time before which the backend asked not to be called (Retry-After).
         self._not_before = 0.0
+        #: The latest failed attempt's text (``None`` after a success): what a log at
+        #: shutdown names as the cause.
+        self.last_error: str | None = None
         import httpx  # deferred: `import mmagg` stays light
 
         self._http = httpx.Client(
@@ -222,13 +226,13 @@ class ModelMonitoringClient:
         end = self._deadline(deadline)
         where = f"{method} {url}"
         attempt = 0
+        last: ReportError | None = None
         while True:
             attempt += 1
             remaining = end - time.monotonic()
             if remaining <= 0 or self._cancel.is_set():
-                raise ReportError(
-                    f"{where}: gave up, deadline of the report passed", kind="timeout"
-                )
+                why = "shutdown" if self._cancel.is_set() else "the report's deadline passed"
+                raise self._given_up(where, last, why, attempt - 1)
             # A Retry-After longer than one report's deadline holds for the next reports too:
             # they fail fast (their data is merged back) instead of calling the backend.
             hold = self._not_before - time.monotonic()
@@ -238,13 +242,15 @@ class ModelMonitoringClient:
                     kind="deferred",
                 )
             if hold > 0 and self._cancel.wait(hold):
-                raise ReportError(f"{where}: cancelled at shutdown", kind="cancelled")
+                raise self._given_up(where, last, "shutdown", attempt - 1)
             outcome, retry_now, wait = self._attempt(
                 method, url, params, json, headers, min(self.request_timeout, remaining)
             )
             if not isinstance(outcome, ReportError):
+                self.last_error = None
                 return outcome
-            error = outcome
+            error = last = outcome
+            self.last_error = str(error)
             if not retry_now or attempt >= self.retry.max_attempts:
                 raise error
             delay = max(wait or 0.0, self.retry.delay(attempt, self._rng))
@@ -254,7 +260,21 @@ class ModelMonitoringClient:
             if self._on_retry is not None:
                 self._on_retry()
             if self._cancel.wait(delay):
-                raise ReportError(f"{where}: cancelled at shutdown", kind="cancelled")
+                raise self._given_up(where, last, "shutdown", attempt)
+
+    @staticmethod
+    def _given_up(where: str, last: ReportError | None, why: str, attempts: int) -> ReportError:
+        """The error of a request abandoned at shutdown or deadline: the last failure's."""
+        if last is None:
+            kind = "cancelled" if why == "shutdown" else "timeout"
+            return ReportError(f"{where}: not sent, gave up at {why}", kind=kind)
+        tried = f"{attempts} attempt" + ("" if attempts == 1 else "s")
+        return ReportError(
+            f"{last} (gave up at {why} after {tried})",
+            kind=last.kind,
+            status=last.status,
+            retryable=last.retryable,
+        )
 
     def _attempt(
         self,
@@ -278,6 +298,8 @@ class ModelMonitoringClient:
             )
         except httpx.TimeoutException as exc:
             failure, kind = f"{type(exc).__name__} after {timeout:.1f}s", "timeout"
+        except httpx.ConnectError as exc:
+            failure = _connect_failure(url, exc)
         except httpx.TransportError as exc:
             failure = f"{type(exc).__name__}: {exc}"
         # Built outside the except blocks so that no chained exception (whose text holds
@@ -302,6 +324,23 @@ class ModelMonitoringClient:
         if wait:
             self._not_before = time.monotonic() + min(wait, MAX_RETRY_AFTER)
         return error, retry_now, wait
+
+
+def _connect_failure(url: str, exc: Exception) -> str:
+    """``connection refused at host:port`` (what a person can act on), else the error."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        port = None
+    where = f"{parts.hostname}:{port}"
+    text = str(exc)
+    lowered = text.lower()
+    if "refused" in lowered:
+        return f"connection refused at {where}"
+    if "name or service not known" in lowered or "nodename nor servname" in lowered:
+        return f"host name {parts.hostname!r} not found"
+    return f"could not connect to {where} ({type(exc).__name__}: {text})"
 
 
 def _workspace_from(response: httpx.Response) -> str:
@@ -408,6 +447,12 @@ class HttpExporter:
 
     def _count_retry(self) -> None:
         self.retried += 1
+
+    @property
+    def last_error(self) -> str | None:
+        """The latest failed attempt of the HTTP client, ``None`` after a success."""
+        client = self._client
+        return None if client is None else client.last_error
 
     def prepare(self) -> None:
         """Do the one-off set-up now (httpx import, TLS context, system info): it holds the

@@ -59,6 +59,21 @@ _SEND_LOCK_WAIT = 60.0
 logger = get_logger("mmagg.reporter")
 
 
+#: How long close() waits, after interrupting a send that outlived the flush deadline, for
+#: that send's outcome (a wait between retries ends at once; a hung request does not).
+_CANCEL_GRACE = 0.25
+
+
+def predictions_text(n: int) -> str:
+    """``"1 prediction"``, ``"2 predictions"``.
+
+    Example:
+        >>> predictions_text(1), predictions_text(0), predictions_text(900)
+        ('1 prediction', '0 predictions', '900 predictions')
+    """
+    return f"{n} prediction" + ("" if n == 1 else "s")
+
+
 def default_flush_timeout() -> float:
     return float(os.environ.get("MMAGG_FLUSH_TIMEOUT", DEFAULT_FLUSH_TIMEOUT))
 
@@ -89,6 +104,20 @@ class Counters:
     @property
     def dropped_total(self) -> int:
         return sum(self.dropped.values())
+
+    def __repr__(self) -> str:
+        """Readable: ``dropped`` as a plain dict.
+
+        Example:
+            >>> c = Counters(sent=3, dropped=MappingProxyType({"shutdown": 1}))
+            >>> "dropped={'shutdown': 1})" in repr(c), "mappingproxy" in repr(c)
+            (True, False)
+        """
+        return (
+            f"Counters(collected={self.collected}, rejected={self.rejected}, sent={self.sent}, "
+            f"failed={self.failed}, retried={self.retried}, merged_back={self.merged_back}, "
+            f"dropped={dict(self.dropped)!r})"
+        )
 
 
 class _Tally:
@@ -153,6 +182,11 @@ class Exporter(Protocol):
 
     def shutdown(self, *, cancel: bool) -> None:
         """Stop (``cancel``: interrupt a send in flight instead of closing gracefully)."""
+        ...
+
+    @property
+    def last_error(self) -> str | None:
+        """What the latest failed attempt met (named in the log when close gives up)."""
         ...
 
 
@@ -245,6 +279,10 @@ class Reporter:
         self._window_started = self._clock()
         self._claim_requested: IntervalClock | None = None
         self._claim_in_progress = False
+        # Predictions of the window being sent; close() counts them as dropped when it
+        # gives up on that send (``_abandoned``), and the send's late outcome corrects it.
+        self._in_flight_predictions = 0
+        self._abandoned = False
 
     def _check_fork(self) -> None:
         if os.getpid() != self._pid:
@@ -422,6 +460,7 @@ class Reporter:
         self.tally.add("rejected", rejected)
         window.rejected_nonfinite = window.dropped_max_classes = 0  # counted once
         predictions = sum(s.count for s in stats.values())
+        self._in_flight_predictions = predictions
         now = datetime.fromtimestamp(self._clock(), timezone.utc)
         metadata = {
             "timestamp": now,
@@ -434,26 +473,36 @@ class Reporter:
             self.exporter.export(window, metadata)
         except Exception as error:  # a ReportError, or a bug: keep the data unless refused
             return self._failed(window, predictions, error)
+        with self._cond:
+            abandoned, self._abandoned = self._abandoned, False
+        if abandoned:  # close() counted it as dropped: it arrived after all
+            self.tally.drop("shutdown", -predictions)
         self._window_started = now.timestamp()
         self.tally.add("sent")
         return False, MESSAGE_SENT
 
     def _failed(self, window: Window, predictions: int, error: Exception) -> Outcome:
-        self.tally.add("failed")
         text = redact(str(error))
         status = getattr(error, "status", None)
+        with self._cond:
+            # close() gave up on this send and counted it (as "shutdown") already.
+            counted, self._abandoned = self._abandoned, False
+        if counted:
+            self.tally.drop("shutdown", -predictions)
         if not getattr(error, "retryable", True):
             self.tally.drop(f"http_{status}", predictions)
             logger.warning(
-                "mmagg: backend refused a report of %d predictions (HTTP %s), dropped: %s",
-                predictions,
+                "mmagg: backend refused a report of %s (HTTP %s), dropped: %s",
+                predictions_text(predictions),
                 status,
                 text,
             )
         elif self._closing or self._final:
             self.tally.drop("shutdown", predictions)
             logger.warning(
-                "mmagg: report failed at shutdown, %d predictions dropped: %s", predictions, text
+                "mmagg: report failed at shutdown, %s dropped: %s",
+                predictions_text(predictions),
+                text,
             )
         else:
             try:
@@ -463,6 +512,7 @@ class Reporter:
                 self.tally.drop("store_unavailable", predictions)
                 logger.warning("mmagg: could not keep a failed window: %s", redact(str(exc)))
             logger.warning("mmagg: report failed, the next report carries its data: %s", text)
+        self.tally.add("failed")  # last: a reader that sees it sees the drops too
         kind = getattr(error, "kind", type(error).__name__)
         return True, f"{MESSAGE_ERROR_PREFIX}. Error type: {kind}. Details: {text}"
 
@@ -524,29 +574,46 @@ class Reporter:
                 self._cond.wait(remaining)
         return True
 
-    def close(self, timeout: float | None = None) -> bool:
-        """Flush within ``timeout`` then stop; what could not be sent is counted as dropped."""
+    def close(self, timeout: float | None = None, *, grace: float = _CANCEL_GRACE) -> bool:
+        """Flush within ``timeout`` then stop; what could not be sent is counted as dropped.
+
+        The counters read right after ``close`` include everything it dropped. ``grace``:
+        after the deadline, how long to wait for the interrupted send's own outcome (its
+        cause then appears in the log first); a send still in flight after it is counted
+        as dropped at once, and corrected if it arrives after all.
+        """
         self._check_fork()
         if self._closing:
             return True
         self._final = True
         dropped_before = self.tally.dropped["shutdown"]
         done = self.flush(timeout)
+        if not done:
+            # Interrupt the send in flight (a wait between retries ends at once) and give
+            # it a moment to come back with its outcome.
+            self.exporter.shutdown(cancel=True)
+            self.wait_idle(grace)
         with self._cond:
             self._closing = True
             leftover, self._pending = self._pending, None
+            in_flight = self._in_flight_predictions if self._in_flight else 0
+            self._abandoned = self._in_flight
             self._cond.notify_all()
-        not_sent = sum(s.count for s in leftover.stats().values()) if leftover is not None else 0
-        self.tally.drop("shutdown", not_sent)
+        pending = sum(s.count for s in leftover.stats().values()) if leftover is not None else 0
+        self.tally.drop("shutdown", pending + in_flight)
         if not done:
             # At interpreter exit nobody reads the counters: say it where it can be seen.
+            dropped = self.tally.dropped["shutdown"] - dropped_before
+            cause = self.exporter.last_error
             logger.warning(
-                "mmagg: flush timeout passed at close (%s): %d pending predictions dropped, %s",
+                "mmagg: flush timeout passed at close (%s): %s dropped%s%s",
                 self.key,
-                not_sent,
-                "a report still in flight" if self._in_flight else "nothing in flight",
+                predictions_text(dropped),
+                f" ({in_flight} in a report still in flight)" if in_flight else "",
+                f"; last error: {redact(cause)}" if cause else "",
             )
-        self.exporter.shutdown(cancel=not done)
+        else:
+            self.exporter.shutdown(cancel=False)
         return done and self.tally.dropped["shutdown"] == dropped_before
 
 
@@ -628,7 +695,8 @@ class ReporterRegistry:
         """Close every open reporter within ``timeout`` seconds in total."""
         deadline = time.monotonic() + timeout
         for reporter in self.live():
-            reporter.close(max(0.0, deadline - time.monotonic()))
+            # No grace at exit: one deadline for all, however many reporters are stuck.
+            reporter.close(max(0.0, deadline - time.monotonic()), grace=0.0)
 
 
 #: The process-wide registry every face uses.
