@@ -28,14 +28,14 @@ if TYPE_CHECKING:
     from mmagg.aggregator import Aggregator
     from mmagg.cache import MemoryCache
     from mmagg.client import ModelMonitoringClient, ReportError, RetryPolicy
+    from mmagg.outcomes import Counters
     from mmagg.predictions import PredictionBatch, to_batch
-    from mmagg.reporter import Counters
     from mmagg.stores import MemoryStore, Store
     from mmagg.window import Window
 
 _LAZY = {
     "Aggregator": "mmagg.aggregator",
-    "Counters": "mmagg.reporter",
+    "Counters": "mmagg.outcomes",
     "MemoryCache": "mmagg.cache",
     "MemoryStore": "mmagg.stores",
     "ModelMonitoringClient": "mmagg.client",

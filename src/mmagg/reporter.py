@@ -21,12 +21,20 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from mmagg._secrets import get_logger, redact
+from mmagg.outcomes import (
+    MESSAGE_BACKGROUND,
+    MESSAGE_ERROR_PREFIX,
+    MESSAGE_NOT_IN_RANGE,
+    MESSAGE_SENT,
+    Counters,
+    predictions_text,
+)
 from mmagg.stores.base import IntervalClock, Store
 
 if TYPE_CHECKING:
@@ -49,10 +57,6 @@ __all__ = [
     "ReporterRegistry",
 ]
 
-MESSAGE_NOT_IN_RANGE = "Not in reporting range, skipping report. (Ok)"
-MESSAGE_SENT = "Data sent successfully"
-MESSAGE_BACKGROUND = "Reporting happens in the background task"
-MESSAGE_ERROR_PREFIX = "Error while uploading inference data"
 DEFAULT_FLUSH_TIMEOUT = 5.0
 _SEND_LOCK_WAIT = 60.0
 
@@ -64,60 +68,8 @@ logger = get_logger("mmagg.reporter")
 _CANCEL_GRACE = 0.25
 
 
-def predictions_text(n: int) -> str:
-    """``"1 prediction"``, ``"2 predictions"``.
-
-    Example:
-        >>> predictions_text(1), predictions_text(0), predictions_text(900)
-        ('1 prediction', '0 predictions', '900 predictions')
-    """
-    return f"{n} prediction" + ("" if n == 1 else "s")
-
-
 def default_flush_timeout() -> float:
     return float(os.environ.get("MMAGG_FLUSH_TIMEOUT", DEFAULT_FLUSH_TIMEOUT))
-
-
-@dataclass(frozen=True, slots=True)
-class Counters:
-    """What happened so far, readable at any time (a snapshot).
-
-    Attributes:
-        collected: predictions taken into a window.
-        rejected: predictions refused (NaN/inf confidence) plus inputs refused as invalid.
-        sent: reports the backend accepted.
-        failed: reports that did not go through (each failure once).
-        retried: HTTP retries inside reports.
-        merged_back: failed windows merged back so that the next report carries them.
-        dropped: predictions given up, by reason (``http_<status>`` when the backend
-            refused them, ``shutdown`` when the flush deadline passed, ``max_classes``).
-    """
-
-    collected: int = 0
-    rejected: int = 0
-    sent: int = 0
-    failed: int = 0
-    retried: int = 0
-    merged_back: int = 0
-    dropped: MappingProxyType[str, int] = field(default_factory=lambda: MappingProxyType({}))
-
-    @property
-    def dropped_total(self) -> int:
-        return sum(self.dropped.values())
-
-    def __repr__(self) -> str:
-        """Readable: ``dropped`` as a plain dict.
-
-        Example:
-            >>> c = Counters(sent=3, dropped=MappingProxyType({"shutdown": 1}))
-            >>> "dropped={'shutdown': 1})" in repr(c), "mappingproxy" in repr(c)
-            (True, False)
-        """
-        return (
-            f"Counters(collected={self.collected}, rejected={self.rejected}, sent={self.sent}, "
-            f"failed={self.failed}, retried={self.retried}, merged_back={self.merged_back}, "
-            f"dropped={dict(self.dropped)!r})"
-        )
 
 
 class _Tally:
@@ -337,7 +289,7 @@ class Reporter:
         self._check_fork()
         if not self.store.shared:
             window = self.store.claim(self.store_key, self.config.frequency, now)
-            if window is not None:  # already due: the next step reports it
+            if window is not None and not window.is_empty():  # the next report carries it
                 self.submit(window)
 
     def step(
