@@ -161,7 +161,8 @@ class _StatsTable:
 
     def merge_stats(self, slot: int, item: ClassStats) -> None:
         self.count[slot] += item.count
-        self.total[slot] += item.total
+        # Python's float addition: an overflow is inf (as in Lua), not a numpy warning.
+        self.total[slot] = float(self.total[slot]) + item.total
         self.minimum[slot] = min(self.minimum[slot], item.minimum)
         self.maximum[slot] = max(self.maximum[slot], item.maximum)
         self.hist[slot] += np.asarray(item.histogram, dtype=np.int64)
