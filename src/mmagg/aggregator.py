@@ -1,138 +1,37 @@
 """``Aggregator``: the face a video loop calls once per frame.
 
 It validates its input and calls its :class:`~mmagg.reporter.Reporter`, which does the
-per-frame step; :func:`open_reporter` (shared with the block) finds or builds that
-reporter for the tenant (backend URL + API key) and aggregator key.
+per-frame step; :func:`mmagg.reporter.open_reporter` (also used by the block) finds or
+builds that reporter for the tenant (backend URL + API key) and aggregator key.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from mmagg._secrets import get_logger, redact
-from mmagg.cache import Cache, MemoryCache
-from mmagg.client import HttpExporter, RetryPolicy, resolve_api_base_url, resolve_api_key
+from mmagg.cache import Cache
+from mmagg.client import RetryPolicy, resolve_api_key
+from mmagg.outcomes import MISSING_API_KEY_MESSAGE
 from mmagg.predictions import to_batch
 from mmagg.reporter import (
-    REPORTERS,
     BackgroundTasksLike,
     Counters,
     ExecutorLike,
-    Reporter,
-    ReporterConfig,
+    open_reporter,
+    validate_frequency,
 )
 from mmagg.stores import Store, resolve_store
-from mmagg.tenant import Tenant
 
 if TYPE_CHECKING:
     import httpx
 
 __all__ = ["MISSING_API_KEY_MESSAGE", "Aggregator", "open_reporter", "validate_frequency"]
 
-MISSING_API_KEY_MESSAGE = (
-    "ModelMonitoringInferenceAggregator block cannot run without Roboflow API key. "
-    "If you do not know how to get API key - visit "
-    "https://docs.roboflow.com/api-reference/authentication#retrieve-an-api-key to learn how "
-    "to retrieve one."
-)
-
 logger = get_logger("mmagg.aggregator")
-
-_WORKSPACE_CACHES: dict[str, MemoryCache] = {}
-_WORKSPACE_CACHES_LOCK = threading.Lock()
-
-
-def validate_frequency(frequency: object) -> int:
-    """A whole number of seconds ≥ 1 (a selector may deliver ``"5"``).
-
-    Example:
-        >>> validate_frequency("5")
-        5
-        >>> validate_frequency(0)
-        Traceback (most recent call last):
-        ...
-        ValueError: frequency: expected a whole number of seconds >= 1, got 0
-    """
-    if type(frequency) is int and frequency >= 1:  # the common case, first
-        return frequency
-    value: Any = frequency
-    if isinstance(value, str):
-        text = value.strip()
-        value = int(text) if text.isdigit() else text
-    elif isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"frequency: expected a whole number of seconds >= 1, got {frequency!r}")
-    return value
-
-
-def open_reporter(
-    key: str,
-    *,
-    store: Store,
-    api_key: str,
-    api_base_url: str | None,
-    frequency: int,
-    cache: Cache | None = None,
-    device: str | None = None,
-    extensions: bool = False,
-    request_timeout: float | None = None,
-    flush_timeout: float | None = None,
-    retry: RetryPolicy | None = None,
-    transport: httpx.BaseTransport | None = None,
-    clock: Callable[[], float] = time.time,
-) -> Reporter:
-    """The process's one reporter for ``key`` of this tenant (backend URL + API key).
-
-    Faces of the same tenant and key share it (one aggregation); another backend or
-    another API key gets its own reporter, window, HTTP client and store keys.
-
-    Raises:
-        ConfigMismatchError: an open reporter of this tenant and key has other settings.
-    """
-    base_url = resolve_api_base_url(api_base_url)
-    config = ReporterConfig(
-        frequency=frequency,
-        extensions=extensions,
-        device=device,
-        request_timeout=request_timeout,
-        flush_timeout=flush_timeout,
-        retry=retry,
-    )
-
-    def exporter() -> HttpExporter:
-        return HttpExporter(
-            api_key,
-            api_base_url=base_url,
-            device=device,
-            extensions=extensions,
-            request_timeout=request_timeout,
-            retry=retry,
-            cache=cache if cache is not None else _workspace_cache(base_url),
-            transport=transport,
-        )
-
-    return REPORTERS.get(
-        key,
-        tenant=Tenant.of(base_url, api_key),
-        store=store,
-        config=config,
-        exporter=exporter,
-        clock=clock,
-    )
-
-
-def _workspace_cache(base_url: str) -> MemoryCache:
-    # One per backend: the original's workspace cache key is the API key's md5 only.
-    with _WORKSPACE_CACHES_LOCK:
-        cache = _WORKSPACE_CACHES.get(base_url)
-        if cache is None:
-            cache = _WORKSPACE_CACHES[base_url] = MemoryCache()
-        return cache
 
 
 class Aggregator:

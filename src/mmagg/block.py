@@ -20,11 +20,17 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from mmagg._secrets import get_logger
-from mmagg.aggregator import MISSING_API_KEY_MESSAGE, open_reporter, validate_frequency
 from mmagg.cache import Cache
 from mmagg.client import RetryPolicy, resolve_api_base_url
+from mmagg.outcomes import MISSING_API_KEY_MESSAGE
 from mmagg.predictions import to_batch
-from mmagg.reporter import BackgroundTasksLike, ExecutorLike, Reporter
+from mmagg.reporter import (
+    BackgroundTasksLike,
+    ExecutorLike,
+    Reporter,
+    open_reporter,
+    validate_frequency,
+)
 from mmagg.stores import Store, resolve_store
 from mmagg.stores.cache_clock import CacheClock
 

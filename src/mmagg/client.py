@@ -470,14 +470,15 @@ class HttpExporter:
         object (``aggregator_key``, ``frequency``, ``window_start``, ``window_end``).
         """
         from mmagg.payload import build_payload
+        from mmagg.wire import EXTENSION_KEY
 
-        extra = {k: v for k, v in metadata.items() if k != "timestamp"}
         payload = build_payload(
             window.to_results(extensions=self.extensions),
             device=self.device,
             timestamp=metadata["timestamp"],
-            extension=extra if self.extensions else None,
         )
+        if self.extensions:  # the opt-in "mmagg" object: the report's own metadata
+            payload[EXTENSION_KEY] = {k: v for k, v in metadata.items() if k != "timestamp"}
         self.client.send(payload, idempotency_key=uuid.uuid4().hex)
 
     def shutdown(self, *, cancel: bool) -> None:

@@ -13,6 +13,7 @@ __all__ = [
     "MESSAGE_ERROR_PREFIX",
     "MESSAGE_NOT_IN_RANGE",
     "MESSAGE_SENT",
+    "MISSING_API_KEY_MESSAGE",
     "Counters",
     "predictions_text",
 ]
@@ -21,6 +22,15 @@ MESSAGE_NOT_IN_RANGE = "Not in reporting range, skipping report. (Ok)"
 MESSAGE_SENT = "Data sent successfully"
 MESSAGE_BACKGROUND = "Reporting happens in the background task"
 MESSAGE_ERROR_PREFIX = "Error while uploading inference data"
+
+
+#: The original block's error when it has no API key (its text, verbatim).
+MISSING_API_KEY_MESSAGE = (
+    "ModelMonitoringInferenceAggregator block cannot run without Roboflow API key. "
+    "If you do not know how to get API key - visit "
+    "https://docs.roboflow.com/api-reference/authentication#retrieve-an-api-key to learn how "
+    "to retrieve one."
+)
 
 
 def predictions_text(n: int) -> str:

@@ -38,6 +38,9 @@ from mmagg.outcomes import (
 from mmagg.stores.base import IntervalClock, Store
 
 if TYPE_CHECKING:
+    import httpx
+
+    from mmagg.cache import Cache
     from mmagg.client import RetryPolicy
     from mmagg.predictions import PredictionBatch
     from mmagg.tenant import Tenant
@@ -55,7 +58,12 @@ __all__ = [
     "Reporter",
     "ReporterConfig",
     "ReporterRegistry",
+    "open_reporter",
+    "validate_frequency",
 ]
+
+_WORKSPACE_CACHES: dict[str, Cache] = {}
+_WORKSPACE_CACHES_LOCK = threading.Lock()
 
 DEFAULT_FLUSH_TIMEOUT = 5.0
 _SEND_LOCK_WAIT = 60.0
@@ -146,6 +154,30 @@ Outcome = tuple[bool, str]
 _NOT_IN_RANGE: Outcome = (False, MESSAGE_NOT_IN_RANGE)
 
 
+def validate_frequency(frequency: object) -> int:
+    """A whole number of seconds ≥ 1 (a selector may deliver ``"5"``).
+
+    Example:
+        >>> validate_frequency("5")
+        5
+        >>> validate_frequency(0)
+        Traceback (most recent call last):
+        ...
+        ValueError: frequency: expected a whole number of seconds >= 1, got 0
+    """
+    if type(frequency) is int and frequency >= 1:  # the common case, first
+        return frequency
+    value: Any = frequency
+    if isinstance(value, str):
+        text = value.strip()
+        value = int(text) if text.isdigit() else text
+    elif isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"frequency: expected a whole number of seconds >= 1, got {frequency!r}")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class ReporterConfig:
     """What a reporter is built with and never changes afterwards.
@@ -161,6 +193,9 @@ class ReporterConfig:
     request_timeout: float | None = None
     flush_timeout: float | None = None
     retry: RetryPolicy | None = None
+
+    def __post_init__(self) -> None:
+        validate_frequency(self.frequency)
 
     def differences(self, other: ReporterConfig) -> list[str]:
         """The settings in which ``other`` differs from this one, as ``name=mine (asked: x)``."""
@@ -653,6 +688,78 @@ class ReporterRegistry:
 
 #: The process-wide registry every face uses.
 REPORTERS = ReporterRegistry()
+
+
+def open_reporter(
+    key: str,
+    *,
+    store: Store,
+    api_key: str,
+    api_base_url: str | None,
+    frequency: int,
+    cache: Cache | None = None,
+    device: str | None = None,
+    extensions: bool = False,
+    request_timeout: float | None = None,
+    flush_timeout: float | None = None,
+    retry: RetryPolicy | None = None,
+    transport: httpx.BaseTransport | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Reporter:
+    """The process's one reporter for ``key`` of this tenant (backend URL + API key),
+    exporting over HTTP (:class:`mmagg.client.HttpExporter`).
+
+    Faces of the same tenant and key share it (one aggregation); another backend or
+    another API key gets its own reporter, window, HTTP client and store keys.
+
+    Raises:
+        ConfigMismatchError: an open reporter of this tenant and key has other settings.
+    """
+    from mmagg.client import HttpExporter, resolve_api_base_url
+    from mmagg.tenant import Tenant
+
+    base_url = resolve_api_base_url(api_base_url)
+    config = ReporterConfig(
+        frequency=frequency,
+        extensions=extensions,
+        device=device,
+        request_timeout=request_timeout,
+        flush_timeout=flush_timeout,
+        retry=retry,
+    )
+
+    def exporter() -> HttpExporter:
+        return HttpExporter(
+            api_key,
+            api_base_url=base_url,
+            device=device,
+            extensions=extensions,
+            request_timeout=request_timeout,
+            retry=retry,
+            cache=cache if cache is not None else _workspace_cache(base_url),
+            transport=transport,
+        )
+
+    return REPORTERS.get(
+        key,
+        tenant=Tenant.of(base_url, api_key),
+        store=store,
+        config=config,
+        exporter=exporter,
+        clock=clock,
+    )
+
+
+def _workspace_cache(base_url: str) -> Cache:
+    # One per backend: the original's workspace cache key is the API key's md5 only.
+    from mmagg.cache import MemoryCache
+
+    with _WORKSPACE_CACHES_LOCK:
+        cache = _WORKSPACE_CACHES.get(base_url)
+        if cache is None:
+            cache = _WORKSPACE_CACHES[base_url] = MemoryCache()
+        return cache
+
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=REPORTERS.after_fork_in_child)
