@@ -223,7 +223,7 @@ def main() -> int:
         )
         k = f"mem-{time.time_ns()}"
         # The measured window is discarded afterwards, not reported.
-        closers.append(lambda: b.reporter(k).store.take(k))
+        closers.append(lambda: b.reporter(k).store.take(b.reporter(k).store_key))
         return lambda frame: b.run(True, frame, 3600, k, "bench/1")
 
     def base_runner(clock: Clock) -> Callable[[sv.Detections], Any]:

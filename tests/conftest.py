@@ -200,14 +200,11 @@ def _close_reporters_the_test_left_open() -> Iterator[None]:
 
     Only reporters created during the test are closed: a module fixture's stay open.
     """
-    from mmagg import reporter as reporter_module
+    from mmagg.reporter import REPORTERS
 
-    live = getattr(reporter_module, "_LIVE", None)
-    before = set(map(id, list(live))) if live is not None else set()
+    before = set(map(id, REPORTERS.live()))
     yield
-    if live is None:
-        return
-    for left in list(live):
+    for left in REPORTERS.live():
         if id(left) not in before:
             try:
                 left.close(0)

@@ -4,25 +4,35 @@
 ``roboflow_core/model_monitoring_inference_aggregator@v1``: same constructor, init
 parameters, ``run()`` signature, result dicts, messages and cache keys. The window is
 kept on arrival (no per-frame list), shared by every block instance with the same
-``unique_aggregator_key`` in the process (or across processes with Redis).
+``unique_aggregator_key``, backend URL and API key in the process (or across processes
+with Redis); another backend or API key never shares it. The interval clock stays in the
+injected cache under the original's key (:class:`~mmagg.stores.cache_clock.CacheClock`),
+which carries no tenant: two tenants naming their aggregator alike share that clock, as
+two original blocks would, never their data.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from mmagg._secrets import get_logger
-from mmagg.aggregator import MISSING_API_KEY_MESSAGE, get_reporter, validate_frequency
 from mmagg.cache import Cache
 from mmagg.client import RetryPolicy, resolve_api_base_url
+from mmagg.outcomes import MISSING_API_KEY_MESSAGE
 from mmagg.predictions import to_batch
-from mmagg.reporter import MESSAGE_NOT_IN_RANGE, BackgroundTasksLike, ExecutorLike, Reporter
+from mmagg.reporter import (
+    BackgroundTasksLike,
+    ExecutorLike,
+    Reporter,
+    open_reporter,
+    validate_frequency,
+)
 from mmagg.stores import Store, resolve_store
+from mmagg.stores.cache_clock import CacheClock
 
 __all__ = [
     "BLOCK_TYPE",
@@ -181,8 +191,7 @@ class ModelMonitoringInferenceAggregatorBlockV1:
         self._retry = retry
         self._clock = clock
         self._reporters: dict[str, Reporter] = {}
-        self._last_raw: dict[str, object] = {}
-        self._last_epoch: dict[str, float] = {}
+        self._clocks: dict[str, CacheClock] = {}
 
     def __repr__(self) -> str:  # never show the key
         return f"ModelMonitoringInferenceAggregatorBlockV1(api_base_url={self._api_base_url!r})"
@@ -195,15 +204,29 @@ class ModelMonitoringInferenceAggregatorBlockV1:
     def get_manifest(cls) -> type[BlockManifest]:
         return BlockManifest
 
-    def reporter(self, unique_aggregator_key: str) -> Reporter:
-        """The (process-shared) reporter of an aggregator key: counters, flush, close."""
+    def reporter(self, unique_aggregator_key: str, frequency: int | None = None) -> Reporter:
+        """The (process-shared) reporter of an aggregator key: counters, flush, close.
+
+        ``frequency``: the interval it must have (default: the one it has, else 5).
+
+        Raises:
+            ConfigMismatchError: the key's open reporter (same backend and API key) has
+                another frequency or other settings.
+        """
         reporter = self._reporters.get(unique_aggregator_key)
-        if reporter is None or reporter._closing:
-            reporter = get_reporter(
+        if (
+            reporter is None
+            or reporter.closed
+            or (frequency is not None and frequency != reporter.frequency)
+        ):
+            if frequency is None:
+                frequency = reporter.frequency if reporter is not None else 5
+            reporter = open_reporter(
                 unique_aggregator_key,
                 store=self._store,
                 api_key=self._api_key,
                 api_base_url=self._api_base_url,
+                frequency=frequency,
                 cache=self._cache,
                 device=self._device_id,
                 extensions=self._extensions,
@@ -214,6 +237,14 @@ class ModelMonitoringInferenceAggregatorBlockV1:
             )
             self._reporters[unique_aggregator_key] = reporter
         return reporter
+
+    def _interval_clock(self, unique_aggregator_key: str) -> CacheClock:
+        clock = self._clocks.get(unique_aggregator_key)
+        if clock is None:
+            clock = self._clocks[unique_aggregator_key] = CacheClock(
+                self._cache, self._store, last_report_time_cache_key(unique_aggregator_key)
+            )
+        return clock
 
     def run(
         self,
@@ -226,79 +257,40 @@ class ModelMonitoringInferenceAggregatorBlockV1:
         """Collect ``predictions``; report if ``frequency`` seconds passed since the last report.
 
         Returns ``{"error_status": bool, "message": str}`` with the original's messages.
+
+        Raises:
+            ValueError: ``frequency`` or ``model_id`` is invalid, ``predictions`` has an
+                unsupported shape, or (:class:`~mmagg.reporter.ConfigMismatchError`) the
+                key is already reporting to this backend with this API key at another
+                frequency or with other settings.
         """
         if self._disable_sinks:
             return {"error_status": False, "message": DISABLED_MESSAGE}
         interval = validate_frequency(frequency)
         if not isinstance(model_id, str) or not model_id:
             raise ValueError(f"model_id: expected a non-empty string, got {model_id!r}")
-        reporter = self.reporter(unique_aggregator_key)
-        reporter.frequency = interval
+        reporter = self.reporter(unique_aggregator_key, interval)
         try:
             batch = to_batch(predictions)
         except (TypeError, ValueError):
-            reporter.tally.add("rejected")
+            reporter.reject()
             raise
-        now = self._clock()
         try:
-            if batch is not None:
-                taken = self._store.window(unique_aggregator_key).add(
-                    batch, model_id=model_id, seen_at=now
-                )
-                reporter.tally.add("collected", taken)
-            if self._store.shared:
-                # One interval for all processes: the store's clock decides (no I/O here).
-                in_range = reporter.should_claim(interval)
-            else:
-                in_range = self._is_in_reporting_range(unique_aggregator_key, interval, now)
-            if not in_range:
-                return {"error_status": False, "message": MESSAGE_NOT_IN_RANGE}
-            if not self._store.shared:
-                reporter.submit(self._store.take(unique_aggregator_key))
-            error_status, message = reporter.dispatch(
+            error_status, message = reporter.step(
+                batch,
+                model_id=model_id,
+                now=self._clock(),
                 fire_and_forget=bool(fire_and_forget),
-                frequency=interval,
+                interval=self._interval_clock(unique_aggregator_key),
                 background_tasks=self._background_tasks,
                 executor=self._thread_pool_executor,
             )
-            self._cache.set(
-                last_report_time_cache_key(unique_aggregator_key),
-                datetime.fromtimestamp(self._clock()).isoformat(),
-            )
         except Exception as exc:  # never into the workflow: log, count, say so
             logger.exception("mmagg: block run failed")
-            reporter.tally.drop("internal_error", len(batch) if batch is not None else 0)
+            reporter.drop("internal_error", len(batch) if batch is not None else 0)
             return {
                 "error_status": True,
                 "message": f"Error while uploading inference data. Error type: "
                 f"{type(exc).__name__}. Details: internal error (see logs)",
             }
         return {"error_status": error_status, "message": message}
-
-    def _is_in_reporting_range(self, key: str, frequency: int, now: float) -> bool:
-        cache_key = last_report_time_cache_key(key)
-        raw = self._cache.get(cache_key)
-        if raw is None or raw != self._last_raw.get(cache_key):
-            parsed = _parse_time(raw)
-            if parsed is None:
-                self._cache.set(cache_key, datetime.fromtimestamp(now).isoformat())
-                return False
-            # Parsed once per value written; elapsed time is then a float subtraction.
-            self._last_raw[cache_key] = raw
-            self._last_epoch[cache_key] = parsed.timestamp()
-        return int(now - self._last_epoch[cache_key]) >= frequency
-
-
-def _parse_time(raw: object) -> datetime | None:
-    if isinstance(raw, bytes):
-        raw = raw.decode("utf-8", "replace")
-    if not isinstance(raw, str):
-        return None
-    try:
-        parsed = datetime.fromisoformat(raw)
-    except ValueError:
-        logger.warning("mmagg: unreadable last report time in the cache, restarting the interval")
-        return None
-    if parsed.tzinfo is not None:  # compare in local naive time, as the original stores it
-        parsed = parsed.astimezone().replace(tzinfo=None)
-    return parsed

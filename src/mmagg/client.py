@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from mmagg._secrets import get_logger, redact, register_secret
 from mmagg.cache import Cache
@@ -24,8 +25,11 @@ from mmagg.cache import Cache
 if TYPE_CHECKING:
     import httpx
 
+    from mmagg.window import Window
+
 __all__ = [
     "DEFAULT_API_BASE_URL",
+    "HttpExporter",
     "ModelMonitoringClient",
     "ReportError",
     "RetryPolicy",
@@ -142,6 +146,9 @@ class ModelMonitoringClient:
         self._rng = rng or random.Random().random
         # Monotonic time before which the backend asked not to be called (Retry-After).
         self._not_before = 0.0
+        #: The latest failed attempt's text (``None`` after a success): what a log at
+        #: shutdown names as the cause.
+        self.last_error: str | None = None
         import httpx  # deferred: `import mmagg` stays light
 
         self._http = httpx.Client(
@@ -219,13 +226,13 @@ class ModelMonitoringClient:
         end = self._deadline(deadline)
         where = f"{method} {url}"
         attempt = 0
+        last: ReportError | None = None
         while True:
             attempt += 1
             remaining = end - time.monotonic()
             if remaining <= 0 or self._cancel.is_set():
-                raise ReportError(
-                    f"{where}: gave up, deadline of the report passed", kind="timeout"
-                )
+                why = "shutdown" if self._cancel.is_set() else "the report's deadline passed"
+                raise self._given_up(where, last, why, attempt - 1)
             # A Retry-After longer than one report's deadline holds for the next reports too:
             # they fail fast (their data is merged back) instead of calling the backend.
             hold = self._not_before - time.monotonic()
@@ -235,13 +242,15 @@ class ModelMonitoringClient:
                     kind="deferred",
                 )
             if hold > 0 and self._cancel.wait(hold):
-                raise ReportError(f"{where}: cancelled at shutdown", kind="cancelled")
+                raise self._given_up(where, last, "shutdown", attempt - 1)
             outcome, retry_now, wait = self._attempt(
                 method, url, params, json, headers, min(self.request_timeout, remaining)
             )
             if not isinstance(outcome, ReportError):
+                self.last_error = None
                 return outcome
-            error = outcome
+            error = last = outcome
+            self.last_error = str(error)
             if not retry_now or attempt >= self.retry.max_attempts:
                 raise error
             delay = max(wait or 0.0, self.retry.delay(attempt, self._rng))
@@ -251,7 +260,21 @@ class ModelMonitoringClient:
             if self._on_retry is not None:
                 self._on_retry()
             if self._cancel.wait(delay):
-                raise ReportError(f"{where}: cancelled at shutdown", kind="cancelled")
+                raise self._given_up(where, last, "shutdown", attempt)
+
+    @staticmethod
+    def _given_up(where: str, last: ReportError | None, why: str, attempts: int) -> ReportError:
+        """The error of a request abandoned at shutdown or deadline: the last failure's."""
+        if last is None:
+            kind = "cancelled" if why == "shutdown" else "timeout"
+            return ReportError(f"{where}: not sent, gave up at {why}", kind=kind)
+        tried = f"{attempts} attempt" + ("" if attempts == 1 else "s")
+        return ReportError(
+            f"{last} (gave up at {why} after {tried})",
+            kind=last.kind,
+            status=last.status,
+            retryable=last.retryable,
+        )
 
     def _attempt(
         self,
@@ -275,6 +298,8 @@ class ModelMonitoringClient:
             )
         except httpx.TimeoutException as exc:
             failure, kind = f"{type(exc).__name__} after {timeout:.1f}s", "timeout"
+        except httpx.ConnectError as exc:
+            failure = _connect_failure(url, exc)
         except httpx.TransportError as exc:
             failure = f"{type(exc).__name__}: {exc}"
         # Built outside the except blocks so that no chained exception (whose text holds
@@ -299,6 +324,23 @@ class ModelMonitoringClient:
         if wait:
             self._not_before = time.monotonic() + min(wait, MAX_RETRY_AFTER)
         return error, retry_now, wait
+
+
+def _connect_failure(url: str, exc: Exception) -> str:
+    """``connection refused at host:port`` (what a person can act on), else the error."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        port = None
+    where = f"{parts.hostname}:{port}"
+    text = str(exc)
+    lowered = text.lower()
+    if "refused" in lowered:
+        return f"connection refused at {where}"
+    if "name or service not known" in lowered or "nodename nor servname" in lowered:
+        return f"host name {parts.hostname!r} not found"
+    return f"could not connect to {where} ({type(exc).__name__}: {text})"
 
 
 def _workspace_from(response: httpx.Response) -> str:
@@ -330,3 +372,121 @@ def _retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+class HttpExporter:
+    """Where reports go: one backend, one API key. Builds the body and POSTs it.
+
+    The reporter (the *when*) hands it a window and the report's metadata; the exporter
+    never decides whether to send, it only sends (with the client's retries inside one
+    deadline) and raises :class:`ReportError` when that did not work.
+
+    Args:
+        api_key: the key reports are sent under (never kept anywhere else).
+        api_base_url: the backend.
+        device: ``device_id`` of the reports (else ``DEVICE_ID``, else the host name).
+        extensions: add mmagg's ``stats``/``source_id``/``mmagg`` keys to the body.
+        cache: where the workspace lookup is cached (the block's injected cache).
+
+    Example:
+        >>> exporter = HttpExporter("k", api_base_url="http://127.0.0.1:9/")
+        >>> exporter.api_base_url, exporter.retried, "k" in repr(exporter)
+        ('http://127.0.0.1:9', 0, False)
+        >>> exporter.shutdown(cancel=True)
+    """
+
+    def __init__(
+        self,
+        api_key: str,
+        *,
+        api_base_url: str | None = None,
+        device: str | None = None,
+        extensions: bool = False,
+        request_timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        cache: Cache | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        if not api_key:
+            raise ValueError("api_key: expected a non-empty Roboflow API key, got nothing")
+        register_secret(api_key)
+        self._api_key = api_key
+        self.api_base_url = resolve_api_base_url(api_base_url)
+        self.device = device
+        self.extensions = extensions
+        self._request_timeout = request_timeout
+        self._retry = retry
+        self._cache = cache
+        self._transport = transport
+        self._client: ModelMonitoringClient | None = None
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self.retried = 0
+        """HTTP retries so far (read by the reporter's counters)."""
+
+    def __repr__(self) -> str:  # never show the key
+        return f"HttpExporter(api_base_url={self.api_base_url!r})"
+
+    @property
+    def client(self) -> ModelMonitoringClient:
+        """The HTTP client, built on first use (again in a forked child: no shared sockets)."""
+        if self._pid != os.getpid():
+            self._pid, self._lock, self._client = os.getpid(), threading.Lock(), None
+        with self._lock:
+            if self._client is None:
+                self._client = ModelMonitoringClient(
+                    self._api_key,
+                    api_base_url=self.api_base_url,
+                    request_timeout=self._request_timeout,
+                    retry=self._retry,
+                    cache=self._cache,
+                    transport=self._transport,
+                    on_retry=self._count_retry,
+                )
+            return self._client
+
+    def _count_retry(self) -> None:
+        self.retried += 1
+
+    @property
+    def last_error(self) -> str | None:
+        """The latest failed attempt of the HTTP client, ``None`` after a success."""
+        client = self._client
+        return None if client is None else client.last_error
+
+    def prepare(self) -> None:
+        """Do the one-off set-up now (httpx import, TLS context, system info): it holds the
+        GIL for tens of milliseconds, which a video loop would feel at the first report."""
+        from mmagg.payload import inference_server_version, system_info
+
+        _ = self.client
+        system_info()
+        inference_server_version()
+
+    def export(self, window: Window, metadata: Mapping[str, Any]) -> None:
+        """POST ``window`` as one report; raises :class:`ReportError` when it did not go.
+
+        ``metadata``: ``timestamp`` (a datetime) and, with extensions, the ``mmagg``
+        object (``aggregator_key``, ``frequency``, ``window_start``, ``window_end``).
+        """
+        from mmagg.payload import build_payload
+        from mmagg.wire import EXTENSION_KEY
+
+        payload = build_payload(
+            window.to_results(extensions=self.extensions),
+            device=self.device,
+            timestamp=metadata["timestamp"],
+        )
+        if self.extensions:  # the opt-in "mmagg" object: the report's own metadata
+            payload[EXTENSION_KEY] = {k: v for k, v in metadata.items() if k != "timestamp"}
+        self.client.send(payload, idempotency_key=uuid.uuid4().hex)
+
+    def shutdown(self, *, cancel: bool) -> None:
+        """Stop: ``cancel`` interrupts a send waiting between retries; otherwise the
+        connection pool is closed (a send still in flight keeps its own connection)."""
+        client = self._client
+        if client is None or self._pid != os.getpid():
+            return
+        client.cancel()
+        if not cancel:
+            client.close()

@@ -27,14 +27,18 @@ Example:
 
 from __future__ import annotations
 
-import os
 import threading
 import weakref
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from mmagg.stores import Store, resolve_store
-from mmagg.window import HISTOGRAM_BUCKETS, ClassStats, Key, Window
+from mmagg.stores.metered import MeteredStore
+from mmagg.window import ClassStats, Key
+from mmagg.wire import HISTOGRAM_BUCKETS
+
+if TYPE_CHECKING:
+    from mmagg.reporter import Counters
+    from mmagg.stores.base import Store
 
 try:
     from prometheus_client import CollectorRegistry, generate_latest, start_http_server
@@ -49,11 +53,53 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
         "mmagg.metrics needs prometheus-client: pip install 'mmagg[prometheus]'"
     ) from error
 
-if TYPE_CHECKING:
-    from mmagg.aggregator import Aggregator
-    from mmagg.sinks import MonitoringSink
+__all__ = [
+    "AggregatorMetrics",
+    "MeteredStore",
+    "WatchedAggregator",
+    "WatchedSink",
+    "WatchedSource",
+]
 
-__all__ = ["AggregatorMetrics", "MeteredStore"]
+
+class WatchedAggregator(Protocol):
+    """What the collector reads from an aggregator (``mmagg.Aggregator`` fits)."""
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def counters(self) -> Counters: ...
+
+
+class WatchedSource(Protocol):
+    """What the collector reads per video source (``mmagg.sinks.SourceState`` fits)."""
+
+    @property
+    def frames(self) -> int: ...
+
+    @property
+    def skipped(self) -> int: ...
+
+    @property
+    def last_timestamp(self) -> float | None: ...
+
+
+@runtime_checkable
+class WatchedSink(Protocol):
+    """What the collector reads from a sink (``mmagg.sinks.MonitoringSink`` fits)."""
+
+    @property
+    def aggregator(self) -> WatchedAggregator: ...
+
+    @property
+    def errors(self) -> Mapping[str, int]: ...
+
+    def sources(self) -> Mapping[str, WatchedSource]: ...
+
 
 #: Upper bounds of the confidence histogram, as Prometheus ``le`` labels. The window's
 #: buckets are half-open, ``[i/10, (i+1)/10)``: ``le="0.5"`` counts confidences *below* 0.5.
@@ -73,126 +119,6 @@ _COUNTER_HELP = {
         "Failed windows merged back so that the next report carries them.",
     ),
 }
-
-
-class MeteredStore:
-    """A :class:`~mmagg.stores.Store` that keeps running per-class totals for Prometheus.
-
-    Every call is passed to ``inner``; ``take``/``claim`` add the taken window's statistics
-    to the totals and ``give_back`` subtracts them again (the window is counted when it is
-    taken the next time). The caller thread's ``window(key)`` stays a dictionary look-up.
-
-    With a shared (Redis) store each process counts the windows it reports; summed over
-    processes the totals are exact, but a window given back after a failed report may make
-    a series dip until it is reported again.
-
-    Example:
-        >>> from mmagg.predictions import to_batch
-        >>> store = MeteredStore()
-        >>> _ = store.window("k").add(to_batch({"predictions": [{"class": "cat",
-        ...     "confidence": 0.4}]}), model_id="m/1")
-        >>> store.totals()[("m/1", "cat", "")].count
-        1
-    """
-
-    def __init__(self, inner: Store | str | None = None) -> None:
-        self.inner = resolve_store(inner)
-        self.shared = self.inner.shared
-        self._lock = threading.Lock()
-        self._reported: dict[Key, ClassStats] = {}
-        self._keys: dict[str, None] = {}
-        _METERED.add(self)
-
-    def __repr__(self) -> str:
-        return f"MeteredStore({self.inner!r})"
-
-    def _reset_after_fork(self) -> None:
-        # A forked child starts with empty windows (the stores reset theirs): its totals
-        # must not repeat what the parent collected.
-        self._lock = threading.Lock()
-        self._reported = {}
-        self._keys = {}
-
-    # -- the Store protocol -------------------------------------------------------------------
-
-    def window(self, key: str) -> Window:
-        if key not in self._keys:
-            self._keys[key] = None
-        return self.inner.window(key)
-
-    def claim(self, key: str, frequency: float) -> Window | None:
-        return self._counted(lambda: self.inner.claim(key, frequency))
-
-    def take(self, key: str) -> Window:
-        window = self._counted(lambda: self.inner.take(key))
-        assert window is not None
-        return window
-
-    def give_back(self, key: str, window: Window) -> None:
-        stats = window.stats()
-        if self.shared:  # I/O: never under the lock a scrape waits on
-            self.inner.give_back(key, window)
-            with self._lock:
-                self._add(stats, -1)
-            return
-        with self._lock:  # atomic for a scrape: the data moves from the totals to the window
-            self.inner.give_back(key, window)
-            self._add(stats, -1)
-
-    def close(self) -> None:
-        self.inner.close()
-
-    # -- reading ------------------------------------------------------------------------------
-
-    def totals(self) -> dict[Key, ClassStats]:
-        """Statistics of every prediction collected so far (reported or still in a window)."""
-        with self._lock:
-            merged = {key: stats.copy() for key, stats in self._reported.items()}
-            for key in list(self._keys):
-                for entry, stats in self.inner.window(key).stats().items():
-                    mine = merged.get(entry)
-                    if mine is None:
-                        merged[entry] = stats
-                    else:
-                        mine.merge_in(stats)
-        return merged
-
-    def _counted(self, take: Any) -> Window | None:
-        if self.shared:
-            window: Window | None = take()
-            if window is not None:
-                stats = window.stats()
-                with self._lock:
-                    self._add(stats, 1)
-            return window
-        with self._lock:  # atomic for a scrape: the data moves from the window to the totals
-            window = take()
-            if window is not None:
-                self._add(window.stats(), 1)
-        return window
-
-    def _add(self, stats: dict[Key, ClassStats], sign: int) -> None:
-        for key, item in stats.items():
-            mine = self._reported.get(key)
-            if mine is None:
-                mine = self._reported[key] = ClassStats()
-            mine.count += sign * item.count
-            mine.total += sign * item.total
-            mine.histogram = [
-                a + sign * b for a, b in zip(mine.histogram, item.histogram, strict=True)
-            ]
-
-
-_METERED: weakref.WeakSet[MeteredStore] = weakref.WeakSet()
-
-
-def _reset_metered_after_fork() -> None:
-    for store in list(_METERED):
-        store._reset_after_fork()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_metered_after_fork)
 
 
 class AggregatorMetrics:
@@ -237,8 +163,8 @@ class AggregatorMetrics:
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._lock = threading.Lock()
-        self._aggregators: weakref.WeakSet[Aggregator] = weakref.WeakSet()
-        self._sinks: weakref.WeakSet[MonitoringSink] = weakref.WeakSet()
+        self._aggregators: weakref.WeakSet[WatchedAggregator] = weakref.WeakSet()
+        self._sinks: weakref.WeakSet[WatchedSink] = weakref.WeakSet()
         self._stores: list[MeteredStore] = []
         self._server: Any = None
         self.registry.register(self)
@@ -260,14 +186,14 @@ class AggregatorMetrics:
             self._stores.append(metered)
         return metered
 
-    def watch(self, target: Aggregator | MonitoringSink) -> None:
+    def watch(self, target: WatchedAggregator | WatchedSink) -> None:
         """Expose an aggregator's counters (and, for a sink, its frame and error counts)."""
         with self._lock:
-            if hasattr(target, "aggregator"):
-                self._sinks.add(target)  # type: ignore[arg-type]
+            if isinstance(target, WatchedSink):
+                self._sinks.add(target)
                 self._aggregators.add(target.aggregator)
             else:
-                self._aggregators.add(target)  # type: ignore[arg-type]
+                self._aggregators.add(target)
 
     def render(self) -> bytes:
         """The registry in Prometheus text format (for a web framework's ``/metrics``)."""
@@ -299,7 +225,7 @@ class AggregatorMetrics:
         if sinks:
             yield from self._sink_families(sinks)
 
-    def _counter_families(self, aggregators: list[Aggregator]) -> Iterator[Metric]:
+    def _counter_families(self, aggregators: list[WatchedAggregator]) -> Iterator[Metric]:
         labels = ["aggregator", "model_id"]
         families = {
             field: CounterMetricFamily(name, text, labels=labels)
@@ -348,7 +274,7 @@ class AggregatorMetrics:
             family.add_metric([model_id, class_name, source_id], buckets, stats.total)
         return family
 
-    def _sink_families(self, sinks: list[MonitoringSink]) -> Iterator[Metric]:
+    def _sink_families(self, sinks: list[WatchedSink]) -> Iterator[Metric]:
         frames = CounterMetricFamily(
             "mmagg_sink_frames", "Frames handed to the sink, per source.", labels=["source_id"]
         )

@@ -12,7 +12,8 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from mmagg import __version__
+from mmagg._version import __version__
+from mmagg.wire import EXTENSION_KEY, SOURCE, SOURCE_INFO, SYSTEM_INFO_KEYS
 
 __all__ = [
     "SOURCE",
@@ -23,19 +24,6 @@ __all__ = [
     "inference_server_version",
     "system_info",
 ]
-
-SOURCE = "workflow"
-SOURCE_INFO = "ModelMonitoringInferenceAggregatorBlockV1"
-SYSTEM_INFO_KEYS = (
-    "platform",
-    "platform_release",
-    "platform_version",
-    "architecture",
-    "hostname",
-    "ip_address",
-    "mac_address",
-    "processor",
-)
 
 
 def _mac_address() -> str:
@@ -118,5 +106,5 @@ def build_payload(
     body.update(system_info())
     body["inference_results"] = [dict(item) for item in results]
     if extension is not None:
-        body["mmagg"] = dict(extension)
+        body[EXTENSION_KEY] = dict(extension)
     return body

@@ -34,15 +34,17 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlsplit
 
 import numpy as np
 
-from mmagg.aggregator import Aggregator
 from mmagg.client import RetryPolicy, resolve_api_base_url, resolve_api_key
+from mmagg.outcomes import MESSAGE_ERROR_PREFIX, Counters
 from mmagg.predictions import to_batch
-from mmagg.reporter import MESSAGE_ERROR_PREFIX, Counters
+
+if TYPE_CHECKING:  # loaded when a replay runs: the CLI imports this module at start
+    from mmagg.aggregator import Aggregator
 
 try:
     import typer
@@ -394,6 +396,8 @@ def replay(
     if not (fps > 0 and math.isfinite(fps)):
         raise ValueError(f"fps: expected a finite number > 0, got {fps!r}")
     result = ReplayResult()
+    from mmagg.aggregator import Aggregator
+
     aggregator: Aggregator | None = None
     clock = SimulatedClock(0.0)
     first: float | None = None

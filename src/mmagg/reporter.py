@@ -1,8 +1,16 @@
-"""When and how reports leave: dispatch, the background sender, flush, close, counters.
+"""The reporter: the one place that decides *when* a report leaves.
 
-The reporter owns the *when* (pending window, at most one send in flight, shutdown
-deadline); the client owns the *where* (HTTP). It logs instead of raising: the video
-loop never sees an exception because monitoring failed.
+Shaped like OpenTelemetry's batch processor: a :class:`Reporter` is built with its
+configuration fixed (tenant, aggregator key, frequency, extensions, timeouts) and one
+injected :class:`Exporter` (the *where*, e.g. :class:`mmagg.client.HttpExporter`). It owns
+the per-frame step (add to the window, ask the interval clock whether a report is due,
+hand the window to the sender), at most one send in flight, merge-back of failed windows,
+the shutdown deadline and fork handling. It logs instead of raising: the video loop never
+sees an exception because monitoring failed.
+
+The process's reporters live in :data:`REPORTERS`, one per (store, tenant, aggregator key):
+faces (``Aggregator``, the block, sinks) with the same tenant and key share one reporter,
+and therefore one aggregation.
 """
 
 from __future__ import annotations
@@ -11,70 +19,65 @@ import atexit
 import os
 import threading
 import time
-import uuid
-import weakref
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mmagg._secrets import get_logger, redact
-from mmagg.client import ModelMonitoringClient, ReportError
-from mmagg.payload import build_payload, inference_server_version, system_info
-from mmagg.stores.base import Store
-from mmagg.window import Window
+from mmagg.outcomes import (
+    MESSAGE_BACKGROUND,
+    MESSAGE_ERROR_PREFIX,
+    MESSAGE_NOT_IN_RANGE,
+    MESSAGE_SENT,
+    Counters,
+    predictions_text,
+)
+from mmagg.stores.base import IntervalClock, Store
+
+if TYPE_CHECKING:
+    import httpx
+
+    from mmagg.cache import Cache
+    from mmagg.client import RetryPolicy
+    from mmagg.predictions import PredictionBatch
+    from mmagg.tenant import Tenant
+    from mmagg.window import Window
 
 __all__ = [
     "MESSAGE_BACKGROUND",
     "MESSAGE_ERROR_PREFIX",
     "MESSAGE_NOT_IN_RANGE",
     "MESSAGE_SENT",
+    "REPORTERS",
+    "ConfigMismatchError",
     "Counters",
+    "Exporter",
     "Reporter",
+    "ReporterConfig",
+    "ReporterRegistry",
+    "open_reporter",
+    "validate_frequency",
 ]
 
-MESSAGE_NOT_IN_RANGE = "Not in reporting range, skipping report. (Ok)"
-MESSAGE_SENT = "Data sent successfully"
-MESSAGE_BACKGROUND = "Reporting happens in the background task"
-MESSAGE_ERROR_PREFIX = "Error while uploading inference data"
+_WORKSPACE_CACHES: dict[str, Cache] = {}
+_WORKSPACE_CACHES_LOCK = threading.Lock()
+
 DEFAULT_FLUSH_TIMEOUT = 5.0
 _SEND_LOCK_WAIT = 60.0
 
 logger = get_logger("mmagg.reporter")
 
 
+#: How long close() waits, after interrupting a send that outlived the flush deadline, for
+#: that send's outcome (a wait between retries ends at once; a hung request does not).
+_CANCEL_GRACE = 0.25
+
+
 def default_flush_timeout() -> float:
     return float(os.environ.get("MMAGG_FLUSH_TIMEOUT", DEFAULT_FLUSH_TIMEOUT))
-
-
-@dataclass(frozen=True, slots=True)
-class Counters:
-    """What happened so far, readable at any time (a snapshot).
-
-    Attributes:
-        collected: predictions taken into a window.
-        rejected: predictions refused (NaN/inf confidence) plus inputs refused as invalid.
-        sent: reports the backend accepted.
-        failed: reports that did not go through (each failure once).
-        retried: HTTP retries inside reports.
-        merged_back: failed windows merged back so that the next report carries them.
-        dropped: predictions given up, by reason (``http_<status>`` when the backend
-            refused them, ``shutdown`` when the flush deadline passed, ``max_classes``).
-    """
-
-    collected: int = 0
-    rejected: int = 0
-    sent: int = 0
-    failed: int = 0
-    retried: int = 0
-    merged_back: int = 0
-    dropped: MappingProxyType[str, int] = field(default_factory=lambda: MappingProxyType({}))
-
-    @property
-    def dropped_total(self) -> int:
-        return sum(self.dropped.values())
 
 
 class _Tally:
@@ -117,43 +120,140 @@ class ExecutorLike(Protocol):
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any: ...
 
 
+class Exporter(Protocol):
+    """Where reports go (:class:`mmagg.client.HttpExporter`); the reporter decides when.
+
+    ``export`` raises on failure: an exception with ``retryable = False`` (a backend's 4xx)
+    drops the window, anything else merges it back for the next report.
+    """
+
+    @property
+    def retried(self) -> int:
+        """Retries inside exports so far."""
+        ...
+
+    def prepare(self) -> None:
+        """One-off set-up, called once on the thread that creates the reporter."""
+        ...
+
+    def export(self, window: Window, metadata: Mapping[str, Any]) -> None:
+        """Send one report of ``window``."""
+        ...
+
+    def shutdown(self, *, cancel: bool) -> None:
+        """Stop (``cancel``: interrupt a send in flight instead of closing gracefully)."""
+        ...
+
+    @property
+    def last_error(self) -> str | None:
+        """What the latest failed attempt met (named in the log when close gives up)."""
+        ...
+
+
 Outcome = tuple[bool, str]
+_NOT_IN_RANGE: Outcome = (False, MESSAGE_NOT_IN_RANGE)
+
+
+def validate_frequency(frequency: object) -> int:
+    """A whole number of seconds ≥ 1 (a selector may deliver ``"5"``).
+
+    Example:
+        >>> validate_frequency("5")
+        5
+        >>> validate_frequency(0)
+        Traceback (most recent call last):
+        ...
+        ValueError: frequency: expected a whole number of seconds >= 1, got 0
+    """
+    if type(frequency) is int and frequency >= 1:  # the common case, first
+        return frequency
+    value: Any = frequency
+    if isinstance(value, str):
+        text = value.strip()
+        value = int(text) if text.isdigit() else text
+    elif isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"frequency: expected a whole number of seconds >= 1, got {frequency!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class ReporterConfig:
+    """What a reporter is built with and never changes afterwards.
+
+    Example:
+        >>> ReporterConfig(frequency=5).differences(ReporterConfig(frequency=10))
+        ['frequency=5 (asked: 10)']
+    """
+
+    frequency: int
+    extensions: bool = False
+    device: str | None = None
+    request_timeout: float | None = None
+    flush_timeout: float | None = None
+    retry: RetryPolicy | None = None
+
+    def __post_init__(self) -> None:
+        validate_frequency(self.frequency)
+
+    def differences(self, other: ReporterConfig) -> list[str]:
+        """The settings in which ``other`` differs from this one, as ``name=mine (asked: x)``."""
+        return [
+            f"{f.name}={getattr(self, f.name)!r} (asked: {getattr(other, f.name)!r})"
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        ]
+
+
+class ConfigMismatchError(ValueError):
+    """Two faces (aggregators, blocks, sinks) of one tenant and aggregator key asked for
+    different settings: they would share one aggregation, so they must agree."""
 
 
 class Reporter:
-    """Sends the windows of one aggregator key.
+    """Collects and sends the windows of one aggregator key of one tenant.
 
     At most one send is in flight; windows that arrive meanwhile are merged into one
     pending window (never queued); a failed send gives its window back to the store so
     the next report carries it; 4xx refusals are dropped and counted.
+
+    Build reporters with :meth:`ReporterRegistry.get` (:data:`REPORTERS`): one per
+    (store, tenant, key) per process.
     """
 
     def __init__(
         self,
         key: str,
         *,
+        tenant: Tenant,
         store: Store,
-        client_factory: Callable[[Callable[[], None]], ModelMonitoringClient],
-        device: str | None = None,
-        extensions: bool = False,
-        flush_timeout: float | None = None,
+        exporter: Exporter,
+        config: ReporterConfig,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.key = key
-        self._clock = clock
+        self.tenant = tenant
+        #: The key of this reporter's state in the store: tenant-scoped.
+        self.store_key = tenant.scoped(key)
         self.store = store
-        self.device = device
-        self.extensions = extensions
-        self.flush_timeout = default_flush_timeout() if flush_timeout is None else flush_timeout
-        self.frequency: float | None = None
-        self._client_factory = client_factory
+        self.exporter = exporter
+        self.config = config
+        self.flush_timeout = (
+            default_flush_timeout() if config.flush_timeout is None else config.flush_timeout
+        )
+        self._clock = clock
         self.tally = _Tally()
         self._reset_state()
-        _LIVE.add(self)
+
+    def __repr__(self) -> str:
+        return (
+            f"Reporter(key={self.key!r}, base_url={self.tenant.base_url!r}, "
+            f"frequency={self.config.frequency})"
+        )
 
     def _reset_state(self) -> None:
         self._pid = os.getpid()
-        self._client: ModelMonitoringClient | None = None
         self._pending: Window | None = None
         self._in_flight = False
         self._closing = False
@@ -163,10 +263,13 @@ class Reporter:
         self._cond = threading.Condition()
         self._send_lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._last_outcome: Outcome | None = None
         self._window_started = self._clock()
-        self._claim_requested: float | None = None
+        self._claim_requested: IntervalClock | None = None
         self._claim_in_progress = False
+        # Predictions of the window being sent; close() counts them as dropped when it
+        # gives up on that send (``_abandoned``), and the send's late outcome corrects it.
+        self._in_flight_predictions = 0
+        self._abandoned = False
 
     def _check_fork(self) -> None:
         if os.getpid() != self._pid:
@@ -174,27 +277,92 @@ class Reporter:
             self._reset_state()
 
     @property
-    def client(self) -> ModelMonitoringClient:
-        if self._client is None:
-            self._client = self._client_factory(lambda: self.tally.add("retried"))
-        return self._client
+    def closed(self) -> bool:
+        """``True`` once :meth:`close` ran (in this process)."""
+        return self._closing and self._pid == os.getpid()
+
+    @property
+    def in_this_process(self) -> bool:
+        """``False`` in a forked child until the reporter is used there."""
+        return self._pid == os.getpid()
+
+    @property
+    def frequency(self) -> int:
+        """The reporting interval in seconds (fixed at construction)."""
+        return self.config.frequency
 
     def prepare(self) -> None:
-        """Do the one-off set-up now, on the calling thread: the HTTP client (httpx import,
-        TLS context) and the system info hold the GIL for tens of milliseconds, which the
-        video loop would feel if the sender did it at the first report."""
-        _ = self.client
-        system_info()
-        inference_server_version()
-
-    def should_claim(self, frequency: float) -> bool:
-        """Without I/O: whether a caller should ask for a claim of the shared interval now."""
-        return not self._claim_in_progress and self.store.due(self.key, frequency)
+        """One-off set-up on the calling thread (see :meth:`Exporter.prepare`)."""
+        self.exporter.prepare()
 
     def counters(self) -> Counters:
-        return self.tally.snapshot()
+        """What happened so far (a snapshot)."""
+        snapshot = self.tally.snapshot()
+        return Counters(
+            collected=snapshot.collected,
+            rejected=snapshot.rejected,
+            sent=snapshot.sent,
+            failed=snapshot.failed,
+            retried=self.exporter.retried,
+            merged_back=snapshot.merged_back,
+            dropped=snapshot.dropped,
+        )
 
-    # -- dispatch (caller thread) ------------------------------------------------------------
+    def reject(self, n: int = 1) -> None:
+        """Count ``n`` inputs a face refused."""
+        self.tally.add("rejected", n)
+
+    def drop(self, reason: str, n: int) -> None:
+        """Count ``n`` predictions given up for ``reason``."""
+        self.tally.drop(reason, n)
+
+    # -- the per-frame step (caller thread) --------------------------------------------------
+
+    def start(self, now: float) -> None:
+        """Start the interval now, as the face is created (a process-local clock only;
+        a shared clock starts at the first claim)."""
+        self._check_fork()
+        if not self.store.shared:
+            window = self.store.claim(self.store_key, self.config.frequency, now)
+            if window is not None and not window.is_empty():  # the next report carries it
+                self.submit(window)
+
+    def step(
+        self,
+        batch: PredictionBatch | None,
+        *,
+        model_id: str,
+        now: float,
+        fire_and_forget: bool,
+        source_id: str = "",
+        interval: IntervalClock | None = None,
+        background_tasks: BackgroundTasksLike | None = None,
+        executor: ExecutorLike | None = None,
+    ) -> Outcome:
+        """One frame: add ``batch`` to the window, ask the clock, report if due.
+
+        ``interval``: the clock to ask (default: the store's); the block passes the adapter
+        of its injected cache. A clock that does I/O is claimed by the background runner,
+        never on this thread. Returns ``(error_status, message)`` with the original's
+        messages. Raises only what the store or window raise on a bug (the faces catch it).
+        """
+        self._check_fork()
+        if batch is not None:
+            taken = self.store.window(self.store_key).add(
+                batch, model_id=model_id, source_id=source_id, seen_at=now
+            )
+            self.tally.add("collected", taken)
+        clock = self.store if interval is None else interval
+        frequency = self.config.frequency
+        if self._claim_in_progress or not clock.due(self.store_key, frequency, now):
+            return _NOT_IN_RANGE
+        if clock.shared:
+            return self._dispatch(fire_and_forget, clock, background_tasks, executor)
+        window = clock.claim(self.store_key, frequency, now)
+        if window is None:
+            return _NOT_IN_RANGE
+        self.submit(window)
+        return self._dispatch(fire_and_forget, None, background_tasks, executor)
 
     def submit(self, window: Window) -> None:
         """Merge ``window`` into the pending one (no I/O)."""
@@ -206,44 +374,39 @@ class Reporter:
                 self._pending.merge_in(window)
             self._cond.notify_all()
 
-    def dispatch(
+    def _dispatch(
         self,
-        *,
         fire_and_forget: bool,
-        frequency: float | None = None,
-        background_tasks: BackgroundTasksLike | None = None,
-        executor: ExecutorLike | None = None,
+        claim: IntervalClock | None,
+        background_tasks: BackgroundTasksLike | None,
+        executor: ExecutorLike | None,
     ) -> Outcome:
-        """Report what is pending now: synchronously, or handed to a background runner.
-
-        With a shared store the interval is claimed (I/O) in the runner, never here.
-        """
-        self._check_fork()
-        task: Callable[[], Outcome | None]
-        if self.store.shared and frequency is not None:
-            task = lambda: self.claim_and_drain(frequency)  # noqa: E731
-        else:
-            task = self.drain
+        """Report now (synchronously) or hand it to a runner; ``claim``: a clock to claim
+        the interval from first, in the runner."""
         if not fire_and_forget:
-            outcome = task() if self.store.shared else self.drain(blocking=True)
-            return outcome or (False, MESSAGE_NOT_IN_RANGE)
-        if self.store.shared:
+            outcome = self._claim_and_drain(claim) if claim is not None else self.drain(True)
+            return outcome or _NOT_IN_RANGE
+        task: Callable[[], Outcome | None]
+        if claim is not None:
             # One claim queued at a time: callers see "not in range" until it has run.
             self._claim_in_progress = True
+            task = lambda: self._claim_and_drain(claim)  # noqa: E731
+        else:
+            task = self.drain
         if background_tasks is not None:
             background_tasks.add_task(task)
         elif executor is not None:
             executor.submit(task)
         else:
-            self._wake(claim_frequency=frequency if self.store.shared else None)
+            self._wake(claim)
         return False, MESSAGE_BACKGROUND
 
     # -- sending (runner threads) ------------------------------------------------------------
 
-    def claim_and_drain(self, frequency: float) -> Outcome | None:
-        """Claim the interval in the shared store; report if this process won it."""
+    def _claim_and_drain(self, clock: IntervalClock) -> Outcome | None:
+        """Claim the interval from ``clock``; report if this process won it."""
         try:
-            window = self.store.claim(self.key, frequency)
+            window = clock.claim(self.store_key, self.config.frequency, self._clock())
         except Exception as exc:  # the store reports its own outages; never raise here
             logger.warning("mmagg: interval claim failed: %s", redact(str(exc)))
             return None
@@ -279,76 +442,73 @@ class Reporter:
         return outcome
 
     def _send(self, window: Window) -> Outcome:
-        best, stats, rejected, dropped_classes = window.snapshot()
+        _, stats, rejected, dropped_classes = window.snapshot()
         self.tally.drop("max_classes", dropped_classes)
         self.tally.add("rejected", rejected)
         window.rejected_nonfinite = window.dropped_max_classes = 0  # counted once
         predictions = sum(s.count for s in stats.values())
+        self._in_flight_predictions = predictions
         now = datetime.fromtimestamp(self._clock(), timezone.utc)
-        extension = None
-        if self.extensions:
-            extension = {
-                "aggregator_key": self.key,
-                "frequency": self.frequency,
-                "window_start": datetime.fromtimestamp(
-                    self._window_started, timezone.utc
-                ).isoformat(),
-                "window_end": now.isoformat(),
-            }
-        payload = build_payload(
-            window.to_results(extensions=self.extensions),
-            device=self.device,
-            timestamp=now,
-            extension=extension,
-        )
+        metadata = {
+            "timestamp": now,
+            "aggregator_key": self.key,
+            "frequency": self.config.frequency,
+            "window_start": datetime.fromtimestamp(self._window_started, timezone.utc).isoformat(),
+            "window_end": now.isoformat(),
+        }
         try:
-            self.client.send(payload, idempotency_key=uuid.uuid4().hex)
-        except ReportError as error:
-            return self._failed(window, predictions, error, error.retryable)
-        except Exception as error:  # a bug or an unexpected library error: keep the data
-            return self._failed(window, predictions, error, True)
+            self.exporter.export(window, metadata)
+        except Exception as error:  # a ReportError, or a bug: keep the data unless refused
+            return self._failed(window, predictions, error)
+        with self._cond:
+            abandoned, self._abandoned = self._abandoned, False
+        if abandoned:  # close() counted it as dropped: it arrived after all
+            self.tally.drop("shutdown", -predictions)
         self._window_started = now.timestamp()
         self.tally.add("sent")
-        outcome = (False, MESSAGE_SENT)
-        self._last_outcome = outcome
-        return outcome
+        return False, MESSAGE_SENT
 
-    def _failed(self, window: Window, predictions: int, error: Exception, keep: bool) -> Outcome:
-        self.tally.add("failed")
+    def _failed(self, window: Window, predictions: int, error: Exception) -> Outcome:
         text = redact(str(error))
         status = getattr(error, "status", None)
-        if not keep:
+        with self._cond:
+            # close() gave up on this send and counted it (as "shutdown") already.
+            counted, self._abandoned = self._abandoned, False
+        if counted:
+            self.tally.drop("shutdown", -predictions)
+        if not getattr(error, "retryable", True):
             self.tally.drop(f"http_{status}", predictions)
             logger.warning(
-                "mmagg: backend refused a report of %d predictions (HTTP %s), dropped: %s",
-                predictions,
+                "mmagg: backend refused a report of %s (HTTP %s), dropped: %s",
+                predictions_text(predictions),
                 status,
                 text,
             )
         elif self._closing or self._final:
             self.tally.drop("shutdown", predictions)
             logger.warning(
-                "mmagg: report failed at shutdown, %d predictions dropped: %s", predictions, text
+                "mmagg: report failed at shutdown, %s dropped: %s",
+                predictions_text(predictions),
+                text,
             )
         else:
             try:
-                self.store.give_back(self.key, window)
+                self.store.give_back(self.store_key, window)
                 self.tally.add("merged_back")
             except Exception as exc:
                 self.tally.drop("store_unavailable", predictions)
                 logger.warning("mmagg: could not keep a failed window: %s", redact(str(exc)))
             logger.warning("mmagg: report failed, the next report carries its data: %s", text)
+        self.tally.add("failed")  # last: a reader that sees it sees the drops too
         kind = getattr(error, "kind", type(error).__name__)
-        outcome = (True, f"{MESSAGE_ERROR_PREFIX}. Error type: {kind}. Details: {text}")
-        self._last_outcome = outcome
-        return outcome
+        return True, f"{MESSAGE_ERROR_PREFIX}. Error type: {kind}. Details: {text}"
 
     # -- the own background sender -----------------------------------------------------------
 
-    def _wake(self, claim_frequency: float | None = None) -> None:
+    def _wake(self, claim: IntervalClock | None = None) -> None:
         with self._cond:
-            if claim_frequency is not None:
-                self._claim_requested = claim_frequency
+            if claim is not None:
+                self._claim_requested = claim
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._run, name=f"mmagg-sender-{self.key[:40]}", daemon=True
@@ -366,7 +526,7 @@ class Reporter:
                 claim, self._claim_requested = self._claim_requested, None
             try:
                 if claim is not None:
-                    self.claim_and_drain(claim)
+                    self._claim_and_drain(claim)
                 self.drain(blocking=True)
             except Exception:  # the sender must survive anything
                 logger.exception("mmagg: unexpected error in the background sender")
@@ -378,7 +538,7 @@ class Reporter:
         self._check_fork()
         deadline = time.monotonic() + (self.flush_timeout if timeout is None else timeout)
         try:
-            window = self.store.take(self.key)
+            window = self.store.take(self.store_key)
         except Exception as exc:
             logger.warning("mmagg: could not take the window at flush: %s", redact(str(exc)))
             window = None
@@ -388,13 +548,7 @@ class Reporter:
             if self._pending is None and not self._in_flight:
                 return True
         self._wake()
-        with self._cond:
-            while self._pending is not None or self._in_flight:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._cond.wait(remaining)
-        return True
+        return self.wait_idle(max(0.0, deadline - time.monotonic()))
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until nothing is pending or in flight (collected data stays collected)."""
@@ -407,44 +561,206 @@ class Reporter:
                 self._cond.wait(remaining)
         return True
 
-    def close(self, timeout: float | None = None) -> bool:
-        """Flush within ``timeout`` then stop; what could not be sent is counted as dropped."""
+    def close(self, timeout: float | None = None, *, grace: float = _CANCEL_GRACE) -> bool:
+        """Flush within ``timeout`` then stop; what could not be sent is counted as dropped.
+
+        The counters read right after ``close`` include everything it dropped. ``grace``:
+        after the deadline, how long to wait for the interrupted send's own outcome (its
+        cause then appears in the log first); a send still in flight after it is counted
+        as dropped at once, and corrected if it arrives after all.
+        """
+        self._check_fork()
         if self._closing:
             return True
         self._final = True
         dropped_before = self.tally.dropped["shutdown"]
         done = self.flush(timeout)
+        if not done:
+            # Interrupt the send in flight (a wait between retries ends at once) and give
+            # it a moment to come back with its outcome.
+            self.exporter.shutdown(cancel=True)
+            self.wait_idle(grace)
         with self._cond:
             self._closing = True
             leftover, self._pending = self._pending, None
+            in_flight = self._in_flight_predictions if self._in_flight else 0
+            self._abandoned = self._in_flight
             self._cond.notify_all()
-        not_sent = sum(s.count for s in leftover.stats().values()) if leftover is not None else 0
-        self.tally.drop("shutdown", not_sent)
+        pending = sum(s.count for s in leftover.stats().values()) if leftover is not None else 0
+        self.tally.drop("shutdown", pending + in_flight)
         if not done:
             # At interpreter exit nobody reads the counters: say it where it can be seen.
+            dropped = self.tally.dropped["shutdown"] - dropped_before
+            cause = self.exporter.last_error
             logger.warning(
-                "mmagg: flush timeout passed at close (%s): %d pending predictions dropped, %s",
+                "mmagg: flush timeout passed at close (%s): %s dropped%s%s",
                 self.key,
-                not_sent,
-                "a report still in flight" if self._in_flight else "nothing in flight",
+                predictions_text(dropped),
+                f" ({in_flight} in a report still in flight)" if in_flight else "",
+                f"; last error: {redact(cause)}" if cause else "",
             )
-        if self._client is not None:
-            self._client.cancel()
-            if done:
-                self._client.close()
-        _LIVE.discard(self)
+        else:
+            self.exporter.shutdown(cancel=False)
         return done and self.tally.dropped["shutdown"] == dropped_before
 
 
-_LIVE: weakref.WeakSet[Reporter] = weakref.WeakSet()
+class ReporterRegistry:
+    """The process's reporters, one per (store, tenant, aggregator key).
+
+    Same tenant and key: one shared reporter (one aggregation). Different tenant (backend
+    URL or API key): never shared. Asking for an open reporter with other settings raises
+    :class:`ConfigMismatchError` naming them. Closed reporters are forgotten; a forked
+    child starts with none.
+
+    Example:
+        >>> registry = ReporterRegistry()
+        >>> len(registry.live())
+        0
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._reporters: dict[tuple[int, Tenant, str], Reporter] = {}
+
+    def after_fork_in_child(self) -> None:
+        """Forget the parent's reporters (their data belongs to the parent)."""
+        self._reset()
+
+    def get(
+        self,
+        key: str,
+        *,
+        tenant: Tenant,
+        store: Store,
+        config: ReporterConfig,
+        exporter: Callable[[], Exporter],
+        clock: Callable[[], float] = time.time,
+    ) -> Reporter:
+        """The open reporter of ``(store, tenant, key)``, built on first use.
+
+        ``exporter`` is called only when a reporter is built.
+        """
+        if self._pid != os.getpid():
+            self._reset()
+        registry_key = (id(store), tenant, key)
+        with self._lock:
+            reporter = self._reporters.get(registry_key)
+            if reporter is not None and not reporter.closed:
+                differences = reporter.config.differences(config)
+                if differences:
+                    raise ConfigMismatchError(
+                        f"unique_aggregator_key {key!r}: already reporting to "
+                        f"{tenant.base_url} with this API key with "
+                        f"{', '.join(differences)}; faces sharing a key share one "
+                        "aggregation, so give them the same settings, use another "
+                        "unique_aggregator_key, or close the first one"
+                    )
+                return reporter
+            # Forget closed reporters: an application that makes (and closes) an aggregator
+            # per video file must not keep every reporter and its client for its life.
+            for stale in [k for k, r in self._reporters.items() if r.closed]:
+                del self._reporters[stale]
+            reporter = Reporter(
+                key, tenant=tenant, store=store, exporter=exporter(), config=config, clock=clock
+            )
+            self._reporters[registry_key] = reporter
+        reporter.prepare()
+        return reporter
+
+    def live(self) -> list[Reporter]:
+        """The open reporters of this process."""
+        if self._pid != os.getpid():
+            return []
+        with self._lock:
+            return [r for r in self._reporters.values() if not r.closed]
+
+    def close_all(self, timeout: float) -> None:
+        """Close every open reporter within ``timeout`` seconds in total."""
+        deadline = time.monotonic() + timeout
+        for reporter in self.live():
+            # No grace at exit: one deadline for all, however many reporters are stuck.
+            reporter.close(max(0.0, deadline - time.monotonic()), grace=0.0)
 
 
-def _close_all_at_exit() -> None:
-    deadline = time.monotonic() + default_flush_timeout()
-    for reporter in list(_LIVE):
-        if reporter._pid != os.getpid():
-            continue
-        reporter.close(max(0.0, deadline - time.monotonic()))
+#: The process-wide registry every face uses.
+REPORTERS = ReporterRegistry()
 
 
-atexit.register(_close_all_at_exit)
+def open_reporter(
+    key: str,
+    *,
+    store: Store,
+    api_key: str,
+    api_base_url: str | None,
+    frequency: int,
+    cache: Cache | None = None,
+    device: str | None = None,
+    extensions: bool = False,
+    request_timeout: float | None = None,
+    flush_timeout: float | None = None,
+    retry: RetryPolicy | None = None,
+    transport: httpx.BaseTransport | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Reporter:
+    """The process's one reporter for ``key`` of this tenant (backend URL + API key),
+    exporting over HTTP (:class:`mmagg.client.HttpExporter`).
+
+    Faces of the same tenant and key share it (one aggregation); another backend or
+    another API key gets its own reporter, window, HTTP client and store keys.
+
+    Raises:
+        ConfigMismatchError: an open reporter of this tenant and key has other settings.
+    """
+    from mmagg.client import HttpExporter, resolve_api_base_url
+    from mmagg.tenant import Tenant
+
+    base_url = resolve_api_base_url(api_base_url)
+    config = ReporterConfig(
+        frequency=frequency,
+        extensions=extensions,
+        device=device,
+        request_timeout=request_timeout,
+        flush_timeout=flush_timeout,
+        retry=retry,
+    )
+
+    def exporter() -> HttpExporter:
+        return HttpExporter(
+            api_key,
+            api_base_url=base_url,
+            device=device,
+            extensions=extensions,
+            request_timeout=request_timeout,
+            retry=retry,
+            cache=cache if cache is not None else _workspace_cache(base_url),
+            transport=transport,
+        )
+
+    return REPORTERS.get(
+        key,
+        tenant=Tenant.of(base_url, api_key),
+        store=store,
+        config=config,
+        exporter=exporter,
+        clock=clock,
+    )
+
+
+def _workspace_cache(base_url: str) -> Cache:
+    # One per backend: the original's workspace cache key is the API key's md5 only.
+    from mmagg.cache import MemoryCache
+
+    with _WORKSPACE_CACHES_LOCK:
+        cache = _WORKSPACE_CACHES.get(base_url)
+        if cache is None:
+            cache = _WORKSPACE_CACHES[base_url] = MemoryCache()
+        return cache
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=REPORTERS.after_fork_in_child)
+atexit.register(lambda: REPORTERS.close_all(default_flush_timeout()))

@@ -11,7 +11,8 @@ counted by kind and logged once per kind.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
@@ -19,8 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 from mmagg._secrets import get_logger, redact
 from mmagg.aggregator import Aggregator
+from mmagg.cache import Cache
+from mmagg.client import RetryPolicy
+from mmagg.stores.base import Store
 
 if TYPE_CHECKING:
+    import httpx
     from prometheus_client import CollectorRegistry
 
     from mmagg.metrics import AggregatorMetrics
@@ -126,12 +131,26 @@ class MonitoringSink:
         metrics_port: int | None = None,
         metrics_addr: str = "127.0.0.1",
         metrics_registry: CollectorRegistry | None = None,
-        **aggregator_options: Any,
+        frequency: float = 5,
+        api_key: str | None = None,
+        api_base_url: str | None = None,
+        fire_and_forget: bool = True,
+        unique_aggregator_key: str | None = None,
+        store: Store | str | None = None,
+        cache: Cache | None = None,
+        device_id: str | None = None,
+        extensions: bool = False,
+        request_timeout: float | None = None,
+        flush_timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        clock: Callable[[], float] = time.time,
+        transport: httpx.BaseTransport | None = None,
     ) -> MonitoringSink:
         """A sink with its own :class:`~mmagg.Aggregator` (and Prometheus metrics on request).
 
-        ``aggregator_options`` go to ``Aggregator`` (``frequency``, ``api_key``,
-        ``api_base_url``, ``extensions``, ...). ``metrics_port`` serves Prometheus metrics on
+        ``frequency`` ... ``transport`` go to ``Aggregator`` (see there). With metrics, the
+        store (given, ``MMAGG_REDIS_URL`` or process memory) is wrapped in a
+        :class:`~mmagg.stores.metered.MeteredStore`. ``metrics_port`` serves Prometheus metrics on
         that port of ``metrics_addr`` (``"0.0.0.0"`` for a remote Prometheus);
         ``metrics_registry`` registers them into a ``CollectorRegistry``; or pass an
         :class:`~mmagg.metrics.AggregatorMetrics` shared by several sinks.
@@ -151,8 +170,25 @@ class MonitoringSink:
                 registry=metrics_registry, port=metrics_port, addr=metrics_addr
             )
         if metrics is not None:
-            aggregator_options["store"] = metrics.store(aggregator_options.get("store"))
-        aggregator = Aggregator(model_id, per_source=per_source, **aggregator_options)
+            store = metrics.store(store)
+        aggregator = Aggregator(
+            model_id,
+            frequency,
+            api_key,
+            api_base_url,
+            fire_and_forget,
+            unique_aggregator_key=unique_aggregator_key,
+            store=store,
+            cache=cache,
+            device_id=device_id,
+            per_source=per_source,
+            extensions=extensions,
+            request_timeout=request_timeout,
+            flush_timeout=flush_timeout,
+            retry=retry,
+            clock=clock,
+            transport=transport,
+        )
         sink = cls(aggregator, output_name=output_name, source_names=source_names)
         if metrics is not None:
             metrics.watch(sink)

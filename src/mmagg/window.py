@@ -20,11 +20,11 @@ import numpy as np
 import numpy.typing as npt
 
 from mmagg.predictions import PredictionBatch
+from mmagg.wire import HISTOGRAM_BUCKETS
 
 __all__ = ["HISTOGRAM_BUCKETS", "ClassStats", "Key", "Sample", "Window"]
 
 #: Fixed confidence buckets of the per-class histogram: ``[i/10, (i+1)/10)``, 1.0 in the last.
-HISTOGRAM_BUCKETS = 10
 #: Folding happens once this many predictions are buffered (bounds memory and per-call work).
 FOLD_THRESHOLD = 1024
 #: Default cardinality guard: distinct keys a window accepts before refusing new ones.
@@ -161,7 +161,8 @@ class _StatsTable:
 
     def merge_stats(self, slot: int, item: ClassStats) -> None:
         self.count[slot] += item.count
-        self.total[slot] += item.total
+        # Python's float addition: an overflow is inf (as in Lua), not a numpy warning.
+        self.total[slot] = float(self.total[slot]) + item.total
         self.minimum[slot] = min(self.minimum[slot], item.minimum)
         self.maximum[slot] = max(self.maximum[slot], item.maximum)
         self.hist[slot] += np.asarray(item.histogram, dtype=np.int64)

@@ -207,7 +207,7 @@ def test_api_key_from_the_environment(
 
 def test_repr_never_shows_the_key(capture_server: CaptureServer, clock: FakeClock) -> None:
     agg = make(capture_server, clock)
-    assert KEY not in repr(agg) and KEY not in repr(agg._reporter.client)
+    assert KEY not in repr(agg) and KEY not in repr(agg._reporter.exporter.client)
 
 
 def test_a_failed_final_report_is_counted_as_dropped_not_lost(

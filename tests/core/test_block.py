@@ -259,8 +259,10 @@ def test_connection_refused_in_sync_mode_is_reported_not_raised(clock: FakeClock
     result = block.run(False, frames("classification")[0], 1, "refused", "m/1")
     assert time.monotonic() - started < 3.0  # retried within the report's deadline only
     assert result["error_status"] is True and KEY not in result["message"]
-    assert "connection" in result["message"]
-    block.reporter("refused").close(0)
+    assert "connection refused at 127.0.0.1:9" in result["message"]
+    reporter = block.reporter("refused")
+    reporter.close(timeout=0)  # the merged-back window is given up, and counted
+    assert reporter.counters().dropped == {"shutdown": 2}
 
 
 def test_a_hung_backend_never_blocks_fire_and_forget(
@@ -279,8 +281,10 @@ def test_a_hung_backend_never_blocks_fire_and_forget(
     # The send hangs for 5 s per attempt; the loop never waited on it. (Per-call cost is
     # measured in benchmarks/hot_path.py; this bound only has to tell "waited" apart.)
     assert worst < 1.0
-    assert block.reporter(key).counters().sent == 0
-    block.reporter(key).close(0)  # the backend never answers: give up now, not at exit
+    reporter = block.reporter(key)
+    assert reporter.counters().sent == 0
+    assert reporter.close(timeout=0) is False  # what it gave up is counted
+    assert reporter.counters().dropped["shutdown"] > 0
 
 
 def test_disable_sinks_sends_nothing_and_says_so(capture_server: CaptureServer) -> None:

@@ -33,6 +33,7 @@ from reliability_support import (
 
 import mmagg
 from mmagg import MemoryCache, MemoryStore, RetryPolicy
+from mmagg.client import HttpExporter
 
 FPS = 30
 FAULT_SECONDS = 1.8
@@ -391,16 +392,16 @@ def test_block_fire_and_forget_under_faults(
         flush_timeout=3.0,
     )
     key = f"block-{fault}"
-    reporter = block.reporter(key)
-    reporter._client = None  # rebuild it with the recording transport and the test's policy
-    reporter._client_factory = lambda on_retry: mmagg.ModelMonitoringClient(
+    reporter = block.reporter(key, frequency=1)
+    # The exporter (the "where") is injected: one with the recording transport and policy.
+    reporter.exporter = HttpExporter(
         SECRET_KEY,
         api_base_url=server.url,
+        extensions=True,
         request_timeout=REQUEST_TIMEOUT,
         retry=RETRY,
         cache=MemoryCache(),
         transport=recording_transport,
-        on_retry=on_retry,
     )
     reporter.prepare()
     rng = np.random.default_rng(5)

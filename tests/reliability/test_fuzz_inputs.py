@@ -160,7 +160,7 @@ def new_aggregator(**kwargs: Any) -> mmagg.Aggregator:
 def agg() -> Any:
     aggregator = new_aggregator()
     yield aggregator
-    aggregator._reporter.store.take(aggregator.key)
+    aggregator._reporter.store.take(aggregator._reporter.store_key)
     aggregator.close(timeout=0)
 
 
@@ -184,7 +184,7 @@ def test_collect_raises_only_documented_errors_and_keeps_invariants(
     agg: mmagg.Aggregator, frames: list[Any]
 ) -> None:
     before = agg.counters
-    window = agg._store.window(agg.key)
+    window = agg._reporter.store.window(agg._reporter.store_key)
     held_before, rejected_before, dropped_before = assert_window_invariants(window)
     refused_inputs = 0
     for frame in frames:

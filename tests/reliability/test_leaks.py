@@ -22,7 +22,7 @@ from reliability_support import (
 
 import mmagg
 from mmagg import MemoryCache, MemoryStore, RetryPolicy
-from mmagg.aggregator import _REPORTERS
+from mmagg.reporter import REPORTERS
 
 RETRY = RetryPolicy(deadline=2.0, base_delay=0.05, max_delay=0.2, max_attempts=4)
 
@@ -110,7 +110,8 @@ def test_closed_aggregators_are_forgotten(capture_server: Any) -> None:
         del agg
     gc.collect()
     alive = sum(ref() is not None for ref in refs)
-    assert alive <= 1, f"{alive} closed reporters still referenced ({len(_REPORTERS)} registered)"
+    registered = len(REPORTERS.live())
+    assert alive <= 1, f"{alive} closed reporters still referenced ({registered} registered)"
     assert len(own_threads()) <= threads_before
     assert len(capture_server.posts) == 12
     assert not [t for t in threading.enumerate() if t.name.startswith("mmagg-sender-aggregator")]
@@ -124,11 +125,13 @@ def test_collector_preempted_between_window_and_add_loses_nothing(capture_server
     import json
 
     store = MemoryStore()
+    now = [1_800_000_000.0]
 
     def make() -> mmagg.Aggregator:
         return mmagg.Aggregator(
             "m/1",
             frequency=1,
+            clock=lambda: now[0],
             api_key=SECRET_KEY,
             api_base_url=capture_server.url,
             store=store,
@@ -146,7 +149,7 @@ def test_collector_preempted_between_window_and_add_loses_nothing(capture_server
         window = original(key)
         if not preempted["done"]:
             preempted["done"] = True
-            b._last_report -= 2  # B's report is due: it takes the window and sends it
+            now[0] += 2  # B's report is due: it takes the window and sends it
             b.collect(frame)
             capture_server.wait_for_posts(1)
             time.sleep(0.2)  # the send has read the window

@@ -142,3 +142,32 @@ def stream_through_block(
             )
             + "\n"
         )
+
+
+def stream_one_tenant(
+    redis_url: str, api_base_url: str, api_key: str, key: str, class_name: str, frames: int
+) -> None:
+    """One tenant's replica: ``frames`` frames of ``class_name`` through the block, then close."""
+    from mmagg import MemoryCache
+    from mmagg.block import ModelMonitoringInferenceAggregatorBlockV1
+
+    block = ModelMonitoringInferenceAggregatorBlockV1(
+        cache=MemoryCache(),
+        api_key=api_key,
+        background_tasks=None,
+        thread_pool_executor=None,
+        api_base_url=api_base_url,
+        store=redis_url,
+        extensions=True,
+    )
+    for frame in range(frames):
+        result = block.run(
+            fire_and_forget=False,
+            predictions={"predictions": [{"class": class_name, "confidence": 0.5 + frame / 1e4}]},
+            frequency=1,
+            unique_aggregator_key=key,
+            model_id="yard/1",
+        )
+        assert result["error_status"] is False, result
+        time.sleep(0.02)
+    assert block.reporter(key).close(timeout=10)

@@ -1,28 +1,46 @@
-"""The Store contract, run against the memory store and the Redis store alike."""
+"""The Store contract: every implementation (memory, Redis, metered, any future one) passes it.
+
+``test_every_store_implementation_is_covered`` fails when a module under ``mmagg.stores``
+defines a store class this suite does not run against.
+"""
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import pkgutil
 import random
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
+import mmagg.stores
 from mmagg.predictions import to_batch
 from mmagg.stores import MemoryStore, Store
+from mmagg.stores.metered import MeteredStore
 from mmagg.window import Window, naive_best
 
 StoreFactory = Callable[..., Store]
 
+#: Every implementation the suite runs against: (fixture param, class under test).
+IMPLEMENTATIONS = {
+    "memory": "MemoryStore",
+    "redis": "RedisStore",
+    "metered-memory": "MeteredStore",
+    "metered-redis": "MeteredStore",
+}
 
-@pytest.fixture(params=["memory", "redis"])
+
+@pytest.fixture(params=sorted(IMPLEMENTATIONS))
 def make_store(request: pytest.FixtureRequest, clock: Any) -> Iterator[StoreFactory]:
     """Builds stores of one kind on the test's fake clock; several share one state."""
     made: list[Store] = []
-    if request.param == "memory":
+    kind = request.param
+    if kind.endswith("memory"):
         shared = MemoryStore(clock=clock)
 
-        def factory(**kwargs: Any) -> Store:
+        def inner(**kwargs: Any) -> Store:
             # Several "instances" of the memory store are one process-wide store.
             return MemoryStore(clock=clock, **kwargs) if kwargs else shared
 
@@ -31,10 +49,14 @@ def make_store(request: pytest.FixtureRequest, clock: Any) -> Iterator[StoreFact
 
         url = request.getfixturevalue("redis_url")
 
-        def factory(**kwargs: Any) -> Store:
+        def inner(**kwargs: Any) -> Store:
             store = RedisStore(url, clock=clock, **kwargs)
             made.append(store)
             return store
+
+    def factory(**kwargs: Any) -> Store:
+        store = inner(**kwargs)
+        return MeteredStore(store) if kind.startswith("metered") else store
 
     yield factory
     for store in made:
@@ -44,9 +66,48 @@ def make_store(request: pytest.FixtureRequest, clock: Any) -> Iterator[StoreFact
 def publish(*stores: Store) -> None:
     """Make every store's local collection visible to the others (a Redis push)."""
     for store in stores:
-        push = getattr(store, "push", None)
+        push = getattr(getattr(store, "inner", store), "push", None)
         if push is not None:
             assert push()
+
+
+def test_every_store_implementation_is_covered() -> None:
+    found = set()
+    for module_info in pkgutil.iter_modules(mmagg.stores.__path__):
+        module = importlib.import_module(f"mmagg.stores.{module_info.name}")
+        for name, value in vars(module).items():
+            if (
+                inspect.isclass(value)
+                and value.__module__ == module.__name__
+                and not getattr(value, "_is_protocol", False)
+                and all(hasattr(value, m) for m in ("window", "claim", "take", "give_back"))
+            ):
+                found.add(name)
+    assert found == set(IMPLEMENTATIONS.values()), "add the new store to IMPLEMENTATIONS"
+
+
+def test_implements_the_protocol(make_store: StoreFactory) -> None:
+    store = make_store()
+    assert isinstance(store, Store)
+    for method in ("window", "due", "claim", "take", "give_back", "close"):
+        assert callable(getattr(store, method)), method
+    assert isinstance(store.shared, bool)
+
+
+def test_due_and_claim_take_the_callers_now(make_store: StoreFactory, clock: Any) -> None:
+    """A process-local clock uses ``now``; a shared one keeps its own (here the same fake
+    clock), so passing the current time gives the same answers everywhere."""
+    store = make_store()
+    store.window("k").add(frame(("cat", 0.5)), model_id="m")
+    assert store.due("k", 2, now=clock())
+    assert store.claim("k", 2, now=clock()) is None
+    clock.advance(1.5)
+    assert not store.due("k", 2, now=clock())
+    assert store.claim("k", 2, now=clock()) is None
+    clock.advance(0.5)
+    assert store.due("k", 2, now=clock())
+    won = store.claim("k", 2, now=clock())
+    assert won is not None and best_of(won) == {"cat": 0.5}
 
 
 def frame(*items: tuple[str, float], inference_id: str = "") -> Any:

@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from mmagg import __version__
+from mmagg._version import __version__
 from mmagg.server.alerts import AlertEngine
 from mmagg.server.api import (
     EndTime,
@@ -65,11 +65,12 @@ from mmagg.server.schemas import (
     error_details,
     parse_report,
 )
+from mmagg.wire import MAX_BODY_BYTES
 
 logger = logging.getLogger("mmagg.server")
 
 DEFAULT_DATABASE_URL = "sqlite:///mmagg.db"
-DEFAULT_BODY_LIMIT = 1 << 20
+DEFAULT_BODY_LIMIT = MAX_BODY_BYTES
 SESSION_COOKIE = "mmagg_session"
 MAX_IDEMPOTENCY_KEY = 255
 # Reports up to this size are stored on the event loop on SQLite (~200 results): measured by

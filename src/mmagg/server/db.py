@@ -39,7 +39,7 @@ from mmagg.server.tables import (
     results,
     workspaces,
 )
-from mmagg.window import HISTOGRAM_BUCKETS
+from mmagg.wire import HISTOGRAM_BUCKETS
 
 logger = logging.getLogger("mmagg.server")
 

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from mmagg.server.tables import MEDIAN_FUNCTION, reports, results
-from mmagg.window import HISTOGRAM_BUCKETS
+from mmagg.wire import HISTOGRAM_BUCKETS
 
 MAX_SERIES_POINTS = 20_000
 # Results read to estimate a model's reporting interval (a few hundred reports).

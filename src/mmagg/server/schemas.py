@@ -23,7 +23,6 @@ from pydantic import (
     field_validator,
 )
 
-from mmagg.payload import SYSTEM_INFO_KEYS
 from mmagg.server.bounds import (
     CONFIDENCE_MAX,
     CONFIDENCE_MIN,
@@ -33,10 +32,9 @@ from mmagg.server.bounds import (
     check_text,
     utc_aware,
 )
-from mmagg.window import HISTOGRAM_BUCKETS
+from mmagg.wire import HISTOGRAM_BUCKETS, MAX_RESULTS, MAX_STRING, SYSTEM_INFO_KEYS
 
-MAX_RESULTS = 10_000
-MAX_STRING = MAX_STRING_CHARS
+assert MAX_STRING == MAX_STRING_CHARS  # one bound, named on both sides of the wire
 
 # The client and the backend speak one wire format: the same lists on both sides.
 SYSTEM_INFO_FIELDS = SYSTEM_INFO_KEYS

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import StaticPool
 
-from mmagg.window import HISTOGRAM_BUCKETS
+from mmagg.wire import HISTOGRAM_BUCKETS
 
 SCHEMA_VERSION = 4
 

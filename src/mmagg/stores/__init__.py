@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from mmagg.stores.base import Store
 from mmagg.stores.memory import MemoryStore, default_store
@@ -27,3 +28,10 @@ def resolve_store(store: Store | str | None = None) -> Store:
     from mmagg.stores.redis import RedisStore  # optional extra: mmagg[redis]
 
     return RedisStore.for_url(url)
+
+
+if TYPE_CHECKING:  # mypy checks here that every implementation satisfies the protocol
+    from mmagg.stores.metered import MeteredStore
+    from mmagg.stores.redis import RedisStore
+
+    _IMPLEMENTATIONS: tuple[type[Store], ...] = (MemoryStore, RedisStore, MeteredStore)

@@ -8,6 +8,7 @@ import time
 import weakref
 from collections.abc import Callable
 
+from mmagg.stores.base import is_due
 from mmagg.window import DEFAULT_MAX_CLASSES, Window
 
 __all__ = ["MemoryStore", "default_store"]
@@ -15,6 +16,9 @@ __all__ = ["MemoryStore", "default_store"]
 
 class MemoryStore:
     """Windows and interval clock in this process's memory.
+
+    The clock is ``now`` when the caller passes one (the reporter passes its injected
+    clock), else ``clock``.
 
     Two block instances (two HTTP requests in one inference server) that use the same
     aggregator key collect into the same window.
@@ -49,18 +53,19 @@ class MemoryStore:
                 window = self._windows.setdefault(key, Window(max_classes=self._max_classes))
         return window
 
-    def due(self, key: str, frequency: float) -> bool:
+    def due(self, key: str, frequency: float, now: float | None = None) -> bool:
         last = self._last_report.get(key)
-        return last is None or int(self._clock() - last) >= frequency
+        return last is None or is_due((self._clock() if now is None else now) - last, frequency)
 
-    def claim(self, key: str, frequency: float) -> Window | None:
-        now = self._clock()
+    def claim(self, key: str, frequency: float, now: float | None = None) -> Window | None:
+        if now is None:
+            now = self._clock()
         with self._lock:
             last = self._last_report.get(key)
             if last is None:
                 self._last_report[key] = now
                 return None
-            if int(now - last) < frequency:
+            if not is_due(now - last, frequency):
                 return None
             self._last_report[key] = now
             return self._swap(key)
@@ -83,7 +88,8 @@ class MemoryStore:
         # the take keeps adding to the live one.
         return window.drain()
 
-    def _reset_after_fork(self) -> None:
+    def after_fork_in_child(self) -> None:
+        """Forget this process's state in a forked child (called by the fork hook)."""
         # A forked child must not re-send what its parent collected.
         self._windows = {}
         self._last_report = {}
@@ -109,7 +115,7 @@ def _after_fork_in_child() -> None:
     # Every instance, not only the default: a store the user passed must not make the
     # child re-send its parent's windows either.
     for store in list(_INSTANCES):
-        store._reset_after_fork()
+        store.after_fork_in_child()
 
 
 if hasattr(os, "register_at_fork"):

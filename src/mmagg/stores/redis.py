@@ -35,6 +35,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from mmagg.stores._lua import CLAIM, MERGE, TAKE
+from mmagg.stores.base import is_due
 from mmagg.window import DEFAULT_MAX_CLASSES, ClassStats, Key, Sample, Window
 
 try:  # redis-py >= 8 probes every new connection for maintenance push notifications
@@ -183,6 +184,11 @@ class RedisStore:
         return self._healthy
 
     @property
+    def in_this_process(self) -> bool:
+        """``False`` in a forked child until the fork hook reset the store."""
+        return self._pid == os.getpid()
+
+    @property
     def degraded(self) -> bool:
         """The opposite of :attr:`healthy`."""
         return not self._healthy
@@ -207,16 +213,19 @@ class RedisStore:
             self._start_pusher()
         return window
 
-    def due(self, key: str, frequency: float) -> bool:
+    def due(self, key: str, frequency: float, now: float | None = None) -> bool:
         """No I/O: ``False`` while ``key``'s interval cannot be due yet on any process.
 
         Estimated from the last claim's answer (another process claiming only restarts
-        the interval later); ``True`` when unknown.
+        the interval later); ``True`` when unknown. ``now`` is ignored: one clock (Redis
+        ``TIME``, or the store's injected ``clock``) serves every process.
         """
         return self._early_by(key, frequency) <= 0
 
-    def claim(self, key: str, frequency: float) -> Window | None:
+    def claim(self, key: str, frequency: float, now: float | None = None) -> Window | None:
         """Push, then claim ``key``'s interval on Redis's clock; the winner gets the window.
+
+        ``now`` is ignored (see :meth:`due`).
 
         Skips the round trip while the interval cannot be due yet (another process
         claiming it only restarts it later), so polling costs nothing. A claim at most
@@ -247,7 +256,7 @@ class RedisStore:
         if start is None:
             return None
         elapsed = self._local_now() - start
-        if _whole(elapsed) >= frequency:
+        if is_due(elapsed, frequency):
             return min(0.0, math.ceil(frequency) - elapsed)
         return max(math.ceil(frequency) - elapsed, 1e-6)
 
@@ -272,7 +281,7 @@ class RedisStore:
             if start is None:
                 self._interval_start[key] = now
                 return None, 0.0
-            if _whole(now - start) < frequency:
+            if not is_due(now - start, frequency):
                 return None, 0.0
             self._interval_start[key] = now
             self._counters["local_claims"] += 1
@@ -528,7 +537,8 @@ class RedisStore:
         since = time.monotonic() - self._pushed_at
         return min(self.push_interval, max(0.01, self.push_interval - since))
 
-    def _reset_after_fork(self) -> None:
+    def after_fork_in_child(self) -> None:
+        """Forget this process's state in a forked child (called by the fork hook)."""
         # A forked child must not re-send its parent's windows nor share its sockets.
         self._reset_process_state()
 
@@ -552,10 +562,6 @@ def redact_url(url: str) -> str:
     if parts.username or parts.password:
         netloc = f"***@{netloc}"
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-def _whole(seconds: float) -> int:
-    return int(seconds)
 
 
 def _dumps(value: object) -> bytes:
@@ -609,13 +615,13 @@ def _after_fork_in_child() -> None:
     global _SHARED_LOCK
     _SHARED_LOCK = threading.Lock()
     for store in list(_INSTANCES):
-        store._reset_after_fork()
+        store.after_fork_in_child()
 
 
 def _close_all_at_exit() -> None:
     # Push what is pending so the last report (by whichever process) carries it.
     for store in list(_INSTANCES):
-        if store._pid == os.getpid():
+        if store.in_this_process:
             try:
                 store.close()
             except Exception:
