@@ -223,7 +223,7 @@ class _StatsTable:
             return ref
         row = int(self.win_row[slot])
         model_id, class_name, source_id = self.keys[slot]
-        return Sample(
+        sample = Sample(
             class_name=class_name,
             confidence=float(self.best[slot]),
             inference_id=str(ref.inference_ids[row]),
@@ -233,6 +233,8 @@ class _StatsTable:
             seen_at=float(self.win_seen[slot]),
             seq=int(self.win_seq[slot]),
         )
+        self.win_ref[slot] = sample  # built once; the batch it came from can go
+        return sample
 
     def stats(self, slot: int) -> ClassStats:
         return ClassStats(
