@@ -26,8 +26,9 @@ __all__ = ["HISTOGRAM_BUCKETS", "ClassStats", "Key", "Sample", "Window"]
 
 #: Fixed confidence buckets of the per-class histogram: ``[i/10, (i+1)/10)``, 1.0 in the last.
 HISTOGRAM_BUCKETS = 10
-#: Folding happens once this many predictions are buffered (bounds memory and per-call work).
-FOLD_THRESHOLD = 1024
+#: A fold starts once this many predictions are buffered (bounds memory); it then runs one
+#: small step per ``add`` call, so a larger batch lowers the mean without raising any call.
+FOLD_THRESHOLD = 2048
 #: Default cardinality guard: distinct keys a window accepts before refusing new ones.
 DEFAULT_MAX_CLASSES = 10_000
 
@@ -480,7 +481,7 @@ class Window:
 _DONE = object()
 #: New class ids learned per fold step, and rows of the id/name check per fold step.
 _LEARN_PER_STEP = 32
-_CHECK_PER_STEP = 512
+_CHECK_PER_STEP = 384
 #: Winners handled one by one (cheaper than a vectorised pass when there are few).
 _FEW_WINNERS = 32
 
@@ -502,29 +503,32 @@ def _fold_steps(table: _StatsTable, pending: list[_Pending], max_classes: int) -
     for (model_id, source_id), group in groups.items():
         batches = [item[0] for item in group]
         conf = _concat([b.confidences for b in batches]).astype(np.float64, copy=False)
-        id_map = table.id_maps.get((model_id, source_id))
-        if id_map is None:
-            id_map = table.id_maps[(model_id, source_id)] = _IdMap()
-        ids = None
-        if id_map.trusted and all(b.class_ids is not None for b in batches):
-            ids = _concat([b.class_ids for b in batches])  # type: ignore[misc]
         where: npt.NDArray[np.intp] | None = None
         finite = np.isfinite(conf)
         if not finite.all():
             table.rejected += int(conf.size - np.count_nonzero(finite))
             where = np.flatnonzero(finite)
             conf = conf[where]
-            ids = ids[where] if ids is not None else None
             if conf.size == 0:
                 continue
         yield
+        id_map = table.id_maps.get((model_id, source_id))
+        if id_map is None:
+            id_map = table.id_maps[(model_id, source_id)] = _IdMap()
+        ids = None
+        rows = None
+        if id_map.trusted and all(b.class_ids is not None for b in batches):
+            ids = _concat([b.class_ids for b in batches])  # type: ignore[misc]
+            if where is not None:
+                ids = ids[where]
+            rows = _slots_by_id(id_map, ids)
+            yield
         names = _concat([b.class_names for b in batches])
         if where is not None:
             names = names[where]
-        rows = None
-        if ids is not None:
-            rows = yield from _rows_by_id(
-                table, id_map, model_id, source_id, ids, names, max_classes
+        if ids is not None and rows is not None:
+            rows = yield from _learn_and_check(
+                table, id_map, model_id, source_id, ids, names, rows, max_classes
             )
         if rows is None:
             rows = _rows_by_name(table, model_id, source_id, names, max_classes)
@@ -540,53 +544,62 @@ def _fold_steps(table: _StatsTable, pending: list[_Pending], max_classes: int) -
         k = len(table.keys)
         table.count[:k] += np.bincount(rows, minlength=k)
         table.total[:k] += np.bincount(rows, weights=conf, minlength=k)
+        yield
         scaled = conf * HISTOGRAM_BUCKETS
         np.maximum(scaled, 0.0, out=scaled)
         np.minimum(scaled, HISTOGRAM_BUCKETS - 1, out=scaled)
         cells = rows * HISTOGRAM_BUCKETS
         cells += scaled.astype(np.intp)
+        del scaled
         table.hist[:k] += np.bincount(cells, minlength=k * HISTOGRAM_BUCKETS).reshape(
             k, HISTOGRAM_BUCKETS
         )
+        del cells
         yield
         np.minimum.at(table.minimum, rows, conf)
         np.maximum.at(table.maximum, rows, conf)
+        yield
         # Only predictions strictly better than what is kept can change the kept sample.
         better = np.flatnonzero(conf > table.best[rows])
         if better.size:
             yield
-            _fold_best(table, rows, conf, where, better, group)
+            yield from _fold_best(table, rows, conf, where, better, group)
         yield
 
 
-def _rows_by_id(
+def _slots_by_id(id_map: _IdMap, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.intp] | None:
+    """Each row's slot through the class-id map (an array index, no sorting; unknown ids
+    are ``_UNKNOWN``); ``None`` when the ids cannot serve as indexes."""
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= _MAX_DIRECT_ID:
+        return None
+    id_map.reserve(high + 1)
+    rows: npt.NDArray[np.intp] = id_map.slot[ids]
+    return rows
+
+
+def _learn_and_check(
     table: _StatsTable,
     id_map: _IdMap,
     model_id: str,
     source_id: str,
     ids: npt.NDArray[np.int64],
     names: npt.NDArray[np.str_],
+    rows: npt.NDArray[np.intp],
     max_classes: int,
 ) -> Generator[None, None, npt.NDArray[np.intp] | None]:
-    """Slots through the class-id map (an array index, no sorting); ``None`` when the ids
-    cannot be trusted (out of range, or a row's name is not its id's name)."""
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or high >= _MAX_DIRECT_ID:
-        return None
-    id_map.reserve(high + 1)
-    rows: npt.NDArray[np.intp] = id_map.slot[ids]
+    """Learn the ids not seen yet, then check every row's name against its id's name;
+    ``None`` when they disagree (names decide, for this table)."""
     unknown = np.flatnonzero(rows == _UNKNOWN)
     if unknown.size:
-        yield
         # One row per new id (any row: the check below reads them all), without sorting.
-        row_of = np.full(high + 1, -1, dtype=np.intp)
+        row_of = np.full(id_map.slot.shape[0], -1, dtype=np.intp)
         row_of[ids[unknown]] = unknown
         new_ids = np.flatnonzero(row_of >= 0)
         new_names = names[row_of[new_ids]]
         name_list = new_names.tolist()
         for start in range(0, len(name_list), _LEARN_PER_STEP):
-            if start:
-                yield
+            yield
             part = slice(start, start + _LEARN_PER_STEP)
             slots = [
                 _key_slot(table, (model_id, name, source_id), max_classes)
@@ -636,7 +649,7 @@ def _fold_best(
     where: npt.NDArray[np.intp] | None,
     better: npt.NDArray[np.intp],
     group: list[_Pending],
-) -> None:
+) -> Iterator[None]:
     """Keep, per slot, the first of ``better`` reaching its maximum (``better`` is in
     arrival order and strictly above what is kept: what is kept arrived first)."""
     if better.size <= _FEW_WINNERS:
@@ -656,6 +669,7 @@ def _fold_best(
         at_max = better[values == table.best[slots]]
         winners, first = np.unique(rows[at_max], return_index=True)
         position = at_max[first]
+        yield
     if where is not None:
         position = where[position]
     starts = list(itertools.accumulate((item[0].confidences.shape[0] for item in group), initial=0))
@@ -668,6 +682,7 @@ def _fold_best(
             table.win_seen[slot] = item[3]
             table.win_seq[slot] = item[4]
         return
+    yield
     start_of = np.asarray(starts[:-1], dtype=np.intp)
     frame = np.searchsorted(start_of, position, side="right") - 1
     table.win_row[winners] = position - start_of[frame]
