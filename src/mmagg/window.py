@@ -523,7 +523,7 @@ def _fold_steps(table: _StatsTable, pending: list[_Pending], max_classes: int) -
                 ids = ids[where]
             rows = _slots_by_id(id_map, ids)
             yield
-        names = _concat_names([b.class_names for b in batches])
+        names = _concat([b.class_names for b in batches])
         if where is not None:
             names = names[where]
         if ids is not None and rows is not None:
@@ -698,18 +698,6 @@ def _fold_best(
 
 def _concat(arrays: list[npt.NDArray[Any]]) -> npt.NDArray[Any]:
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-
-
-def _concat_names(arrays: list[npt.NDArray[np.str_]]) -> npt.NDArray[np.str_]:
-    """Concatenate string columns; when they share one width, as their code points (numpy
-    zero-fills a new string array first, which costs as much as the copy)."""
-    dtype = arrays[0].dtype
-    if len(arrays) > 1 and all(a.dtype == dtype and a.flags.c_contiguous for a in arrays):
-        joined: npt.NDArray[np.str_] = np.concatenate([a.view(np.uint32) for a in arrays]).view(
-            dtype
-        )
-        return joined
-    return _concat(arrays)
 
 
 def naive_best(
