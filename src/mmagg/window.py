@@ -9,10 +9,11 @@ prediction seen first wins).
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,8 +26,9 @@ from mmagg.wire import HISTOGRAM_BUCKETS
 __all__ = ["HISTOGRAM_BUCKETS", "ClassStats", "Key", "Sample", "Window"]
 
 #: Fixed confidence buckets of the per-class histogram: ``[i/10, (i+1)/10)``, 1.0 in the last.
-#: Folding happens once this many predictions are buffered (bounds memory and per-call work).
-FOLD_THRESHOLD = 1024
+#: A fold starts once this many predictions are buffered (bounds memory); it then runs one
+#: small step per ``add`` call, so a larger batch lowers the mean without raising any call.
+FOLD_THRESHOLD = 2048
 #: Default cardinality guard: distinct keys a window accepts before refusing new ones.
 DEFAULT_MAX_CLASSES = 10_000
 
@@ -108,37 +110,99 @@ class ClassStats:
         )
 
 
-@dataclass(slots=True)
-class _Chunk:
-    model_id: str
-    source_id: str
-    seen_at: float
-    seq: int
-    batch: PredictionBatch
-    size: int
+#: One buffered frame: ``(batch, model_id, source_id, seen_at, seq)``.
+_Pending = tuple[PredictionBatch, str, str, float, int]
+
+#: Slot markers in an id map: an id not seen yet, and an id whose key the guard refused.
+_UNKNOWN = -1
+_REFUSED = -2
+#: Class ids at or above this are not used as array indexes (the fold groups by name).
+_MAX_DIRECT_ID = 1 << 16
+
+
+class _IdMap:
+    """What one ``(model_id, source_id)`` stream's class ids mean in one table: each id's
+    slot and the class name it was first seen with (every later row is checked against it)."""
+
+    __slots__ = ("name", "slot", "trusted")
+
+    def __init__(self) -> None:
+        self.slot = np.full(0, _UNKNOWN, dtype=np.int64)
+        self.name: npt.NDArray[np.str_] = np.zeros(0, dtype="<U1")
+        #: Cleared when a row's name disagrees with its id: names decide until the next table.
+        self.trusted = True
+
+    def reserve(self, size: int) -> None:
+        old = self.slot.shape[0]
+        if size <= old:
+            return
+        new = max(size, 2 * old, 64)
+        self.slot = np.concatenate([self.slot, np.full(new - old, _UNKNOWN, dtype=np.int64)])
+        name = np.zeros(new, dtype=self.name.dtype)
+        name[:old] = self.name
+        self.name = name
+
+    def learn(
+        self, ids: npt.NDArray[np.int64], names: npt.NDArray[np.str_], slots: list[int]
+    ) -> None:
+        if names.dtype.itemsize > self.name.dtype.itemsize:
+            self.name = self.name.astype(names.dtype)
+        self.name[ids] = names
+        self.slot[ids] = slots
 
 
 class _StatsTable:
-    """Per-key statistics as parallel numpy arrays, one row per key, so that a fold
-    updates every class of a batch in a few vectorised operations."""
+    """Everything a window knows, one row (slot) per key, as parallel numpy arrays, so that
+    a fold updates every class of a batch in a few vectorised operations.
 
-    __slots__ = ("best", "count", "hist", "maximum", "minimum", "slots", "total")
+    The kept sample of a slot is either a :class:`Sample` (merged in from elsewhere) or a
+    reference into the batch it came from (``win_ref`` + ``win_row``), turned into a
+    ``Sample`` only when read: the video loop never builds one.
+    """
+
+    __slots__ = (
+        "best",
+        "count",
+        "dropped",
+        "hist",
+        "id_maps",
+        "keys",
+        "maximum",
+        "minimum",
+        "rejected",
+        "slots",
+        "total",
+        "win_ref",
+        "win_row",
+        "win_seen",
+        "win_seq",
+    )
 
     def __init__(self, capacity: int = 32) -> None:
         self.slots: dict[Key, int] = {}
+        self.keys: list[Key] = []
         self.count = np.zeros(capacity, dtype=np.int64)
         self.total = np.zeros(capacity, dtype=np.float64)
         self.minimum = np.full(capacity, np.inf)
         self.maximum = np.full(capacity, -np.inf)
         self.hist = np.zeros((capacity, HISTOGRAM_BUCKETS), dtype=np.int64)
-        #: Confidence of the sample kept for the key (mirrors ``Window._best``).
+        #: Confidence of the sample kept for the key.
         self.best = np.full(capacity, -np.inf)
+        self.win_ref = np.full(capacity, None, dtype=object)
+        self.win_row = np.zeros(capacity, dtype=np.int64)
+        self.win_seen = np.zeros(capacity, dtype=np.float64)
+        self.win_seq = np.zeros(capacity, dtype=np.int64)
+        self.id_maps: dict[tuple[str, str], _IdMap] = {}
+        #: Predictions refused: non-finite confidence; key over the cardinality guard.
+        self.rejected = 0
+        self.dropped = 0
 
     def new_slot(self, key: Key) -> int:
-        slot = len(self.slots)
+        slot = len(self.keys)
         if slot >= self.count.shape[0]:
             self._grow()
         self.slots[key] = slot
+        self.keys.append(key)
         return slot
 
     def _grow(self) -> None:
@@ -149,6 +213,29 @@ class _StatsTable:
         self.maximum = np.concatenate([self.maximum, np.full(extra, -np.inf)])
         self.hist = np.concatenate([self.hist, np.zeros((extra, HISTOGRAM_BUCKETS), np.int64)])
         self.best = np.concatenate([self.best, np.full(extra, -np.inf)])
+        self.win_ref = np.concatenate([self.win_ref, np.full(extra, None, dtype=object)])
+        self.win_row = np.concatenate([self.win_row, np.zeros(extra, dtype=np.int64)])
+        self.win_seen = np.concatenate([self.win_seen, np.zeros(extra)])
+        self.win_seq = np.concatenate([self.win_seq, np.zeros(extra, dtype=np.int64)])
+
+    def sample(self, slot: int) -> Sample:
+        ref = self.win_ref[slot]
+        if isinstance(ref, Sample):
+            return ref
+        row = int(self.win_row[slot])
+        model_id, class_name, source_id = self.keys[slot]
+        sample = Sample(
+            class_name=class_name,
+            confidence=float(self.best[slot]),
+            inference_id=str(ref.inference_ids[row]),
+            model_type=str(ref.model_types[row]),
+            model_id=model_id,
+            source_id=source_id,
+            seen_at=float(self.win_seen[slot]),
+            seq=int(self.win_seq[slot]),
+        )
+        self.win_ref[slot] = sample  # built once; the batch it came from can go
+        return sample
 
     def stats(self, slot: int) -> ClassStats:
         return ClassStats(
@@ -171,9 +258,11 @@ class _StatsTable:
 class Window:
     """Best sample and statistics per key, for one reporting interval.
 
-    ``add`` is cheap: it keeps the frame's columns and folds them with numpy every
-    :data:`FOLD_THRESHOLD` predictions. Reading (``samples``, ``to_results``, ``merge``)
-    folds what is pending first. Thread-safe.
+    ``add`` is cheap: it keeps the frame's columns; every :data:`FOLD_THRESHOLD`
+    predictions the buffered columns are folded with numpy, and that fold is spread over
+    the next few ``add`` calls (a few vectorised steps each), so no single call pays for
+    it. Reading (``samples``, ``to_results``, ``merge``) finishes any fold first.
+    Thread-safe.
 
     Example:
         >>> from mmagg.predictions import to_batch
@@ -188,15 +277,30 @@ class Window:
 
     def __init__(self, *, max_classes: int = DEFAULT_MAX_CLASSES) -> None:
         self.max_classes = max_classes
-        self._best: dict[Key, Sample] = {}
         self._table = _StatsTable()
-        self._chunks: list[_Chunk] = []
+        self._pending: list[_Pending] = []
         self._buffered = 0
-        #: Predictions refused because their confidence was NaN or infinite.
-        self.rejected_nonfinite = 0
-        #: Predictions refused because the window already held ``max_classes`` keys.
-        self.dropped_max_classes = 0
+        #: The fold under way (one step per ``add``), or ``None``.
+        self._folding: Iterator[None] | None = None
         self._lock = threading.Lock()
+
+    @property
+    def rejected_nonfinite(self) -> int:
+        """Predictions refused because their confidence was NaN or infinite (folded so far)."""
+        return self._table.rejected
+
+    @rejected_nonfinite.setter
+    def rejected_nonfinite(self, value: int) -> None:
+        self._table.rejected = value
+
+    @property
+    def dropped_max_classes(self) -> int:
+        """Predictions refused because the window already held ``max_classes`` keys."""
+        return self._table.dropped
+
+    @dropped_max_classes.setter
+    def dropped_max_classes(self, value: int) -> None:
+        self._table.dropped = value
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -209,15 +313,28 @@ class Window:
         seen_at: float = 0.0,
     ) -> int:
         """Collect one frame's predictions; returns how many were taken in."""
-        if batch is None or len(batch) == 0:
+        if batch is None:
             return 0
-        size = len(batch)
-        chunk = _Chunk(model_id, source_id, seen_at, next(_arrivals), batch, size)
+        size: int = batch.confidences.shape[0]
+        if not size:
+            return 0
+        item = (batch, model_id, source_id, seen_at, next(_arrivals))
         with self._lock:
-            self._chunks.append(chunk)
+            self._pending.append(item)
             self._buffered += size
-            if self._buffered >= FOLD_THRESHOLD:
-                self._fold()
+            folding = self._folding
+            if folding is not None:
+                # One step per call; two when the next fold is already due; all of it if
+                # frames are so large that the buffer ran far ahead.
+                if self._buffered >= 4 * FOLD_THRESHOLD:
+                    for _ in folding:
+                        pass
+                    self._folding = folding = None
+                elif _step(folding) or (self._buffered >= FOLD_THRESHOLD and _step(folding)):
+                    self._folding = folding = None
+            if folding is None and self._buffered >= FOLD_THRESHOLD:
+                pending, self._pending, self._buffered = self._pending, [], 0
+                self._folding = _fold_steps(self._table, pending, self.max_classes)
         return size
 
     def merge_in(self, other: Window) -> None:
@@ -228,8 +345,8 @@ class Window:
         with self._lock:
             self._fold()
             self._merge_entries(best, stats)
-            self.rejected_nonfinite += rejected
-            self.dropped_max_classes += dropped
+            self._table.rejected += rejected
+            self._table.dropped += dropped
 
     def merge(self, other: Window) -> Window:
         """A new window holding both: associative and commutative.
@@ -257,17 +374,17 @@ class Window:
     def _merge_entries(self, best: Mapping[Key, Sample], stats: Mapping[Key, ClassStats]) -> None:
         table = self._table
         for key, sample in best.items():
-            current = self._best.get(key)
-            if current is None:
-                if len(self._best) >= self.max_classes:
-                    self.dropped_max_classes += stats[key].count if key in stats else 1
+            slot_or_none = table.slots.get(key)
+            if slot_or_none is None:
+                if len(table.slots) >= self.max_classes:
+                    table.dropped += stats[key].count if key in stats else 1
                     continue
                 slot = table.new_slot(key)
-            elif sample.rank() < current.rank():
-                slot = table.slots[key]
+            elif sample.rank() < table.sample(slot_or_none).rank():
+                slot = slot_or_none
             else:
                 continue
-            self._best[key] = sample
+            table.win_ref[slot] = sample
             table.best[slot] = sample.confidence
         for key, item in stats.items():
             slot_or_none = table.slots.get(key)
@@ -277,7 +394,8 @@ class Window:
     def drain(self) -> Window:
         """Move everything collected so far into a new window and leave this one empty.
 
-        The object stays the same, so a caller holding it never adds to a taken window.
+        The object stays the same, so a caller holding it never adds to a taken window. A
+        fold under way moves with what it folds (it finishes when the taken window is read).
 
         Example:
             >>> from mmagg.predictions import to_batch
@@ -290,12 +408,10 @@ class Window:
         """
         out = Window(max_classes=self.max_classes)
         with self._lock:
-            out._best, self._best = self._best, {}
             out._table, self._table = self._table, _StatsTable()
-            out._chunks, self._chunks = self._chunks, []
+            out._pending, self._pending = self._pending, []
             out._buffered, self._buffered = self._buffered, 0
-            out.rejected_nonfinite, self.rejected_nonfinite = self.rejected_nonfinite, 0
-            out.dropped_max_classes, self.dropped_max_classes = self.dropped_max_classes, 0
+            out._folding, self._folding = self._folding, None
         return out
 
     # -- reading -----------------------------------------------------------------------------
@@ -306,10 +422,10 @@ class Window:
             self._fold()
             table = self._table
             return (
-                dict(self._best),
+                {key: table.sample(slot) for key, slot in table.slots.items()},
                 {key: table.stats(slot) for key, slot in table.slots.items()},
-                self.rejected_nonfinite,
-                self.dropped_max_classes,
+                table.rejected,
+                table.dropped,
             )
 
     def samples(self) -> list[Sample]:
@@ -340,11 +456,11 @@ class Window:
         """Number of keys (classes) held."""
         with self._lock:
             self._fold()
-            return len(self._best)
+            return len(self._table.slots)
 
     def is_empty(self) -> bool:
         with self._lock:
-            return not self._chunks and not self._best
+            return not self._pending and self._folding is None and not self._table.slots
 
     def keys(self) -> Iterator[Key]:
         return iter(self.snapshot()[0])
@@ -352,123 +468,233 @@ class Window:
     # -- folding -----------------------------------------------------------------------------
 
     def _fold(self) -> None:
-        """Fold buffered chunks into the per-key state (caller holds the lock)."""
-        if not self._chunks:
-            return
-        chunks, self._chunks, self._buffered = self._chunks, [], 0
-        groups: dict[tuple[str, str], list[_Chunk]] = {}
-        for chunk in chunks:
-            groups.setdefault((chunk.model_id, chunk.source_id), []).append(chunk)
-        for (model_id, source_id), group in groups.items():
-            self._fold_group(model_id, source_id, group)
+        """Finish the fold under way and fold what is buffered (caller holds the lock)."""
+        if self._folding is not None:
+            for _ in self._folding:
+                pass
+            self._folding = None
+        if self._pending:
+            pending, self._pending, self._buffered = self._pending, [], 0
+            for _ in _fold_steps(self._table, pending, self.max_classes):
+                pass
 
-    def _fold_group(self, model_id: str, source_id: str, group: list[_Chunk]) -> None:
-        names = _concat([c.batch.class_names for c in group])
-        conf = _concat([c.batch.confidences for c in group]).astype(np.float64, copy=False)
-        lengths = np.fromiter((c.size for c in group), dtype=np.int64, count=len(group))
-        chunk_of = np.repeat(np.arange(len(group)), lengths)
-        ids = None
-        if all(c.batch.class_ids is not None for c in group):
-            ids = _concat([c.batch.class_ids for c in group])  # type: ignore[misc]
+
+_DONE = object()
+#: New class ids learned per fold step, and rows of the id/name check per fold step.
+_LEARN_PER_STEP = 32
+_CHECK_PER_STEP = 384
+#: Winners handled one by one (cheaper than a vectorised pass when there are few).
+_FEW_WINNERS = 32
+
+
+def _step(folding: Iterator[None]) -> bool:
+    """Run one step of a fold; ``True`` when it is finished."""
+    return next(folding, _DONE) is _DONE
+
+
+def _fold_steps(table: _StatsTable, pending: list[_Pending], max_classes: int) -> Iterator[None]:
+    """Fold buffered frames into ``table`` in small vectorised steps, yielding between them.
+
+    All steps of one fold run, in order, before the next fold starts: that is what keeps
+    "first seen wins ties" exact whatever the interleaving with ``add``.
+    """
+    groups: dict[tuple[str, str], list[_Pending]] = {}
+    for item in pending:
+        groups.setdefault((item[1], item[2]), []).append(item)
+    for (model_id, source_id), group in groups.items():
+        batches = [item[0] for item in group]
+        conf = _concat([b.confidences for b in batches]).astype(np.float64, copy=False)
+        where: npt.NDArray[np.intp] | None = None
         finite = np.isfinite(conf)
         if not finite.all():
-            self.rejected_nonfinite += int((~finite).sum())
-            names, conf, chunk_of = names[finite], conf[finite], chunk_of[finite]
-            ids = ids[finite] if ids is not None else None
-            keep_rows = np.flatnonzero(finite)
-        else:
-            keep_rows = None
-        if conf.size == 0:
-            return
-        unique, inverse = _group_names(names, ids)
-        k = unique.size
-        maxs = np.full(k, -np.inf)
-        np.maximum.at(maxs, inverse, conf)
-        # Per class, the first arrival among those reaching the maximum (first seen wins ties).
-        at_max = np.flatnonzero(conf == maxs[inverse])
-        winners = np.full(k, conf.size, dtype=np.int64)
-        np.minimum.at(winners, inverse[at_max], at_max)
-        counts = np.bincount(inverse, minlength=k)
-        sums = np.bincount(inverse, weights=conf, minlength=k)
-        mins = np.full(k, np.inf)
-        np.minimum.at(mins, inverse, conf)
+            table.rejected += int(conf.size - np.count_nonzero(finite))
+            where = np.flatnonzero(finite)
+            conf = conf[where]
+            if conf.size == 0:
+                continue
+        yield
+        id_map = table.id_maps.get((model_id, source_id))
+        if id_map is None:
+            id_map = table.id_maps[(model_id, source_id)] = _IdMap()
+        ids = None
+        rows = None
+        if id_map.trusted and all(b.class_ids is not None for b in batches):
+            ids = _concat([b.class_ids for b in batches])  # type: ignore[misc]
+            if where is not None:
+                ids = ids[where]
+            rows = _slots_by_id(id_map, ids)
+            yield
+        names = _concat([b.class_names for b in batches])
+        if where is not None:
+            names = names[where]
+        if ids is not None and rows is not None:
+            rows = yield from _learn_and_check(
+                table, id_map, model_id, source_id, ids, names, rows, max_classes
+            )
+        if rows is None:
+            rows = _rows_by_name(table, model_id, source_id, names, max_classes)
+        del names
+        yield
+        if rows.min() < 0:  # keys refused by the cardinality guard
+            keep = np.flatnonzero(rows >= 0)
+            table.dropped += int(rows.size - keep.size)
+            if keep.size == 0:
+                continue
+            rows, conf = rows[keep], conf[keep]
+            where = keep if where is None else where[keep]
+        k = len(table.keys)
+        table.count[:k] += np.bincount(rows, minlength=k)
+        table.total[:k] += np.bincount(rows, weights=conf, minlength=k)
+        yield
         scaled = conf * HISTOGRAM_BUCKETS
-        np.minimum(np.maximum(scaled, 0.0, out=scaled), HISTOGRAM_BUCKETS - 1, out=scaled)
-        buckets = scaled.astype(np.int64)
-        hist = np.bincount(
-            inverse * HISTOGRAM_BUCKETS + buckets, minlength=k * HISTOGRAM_BUCKETS
-        ).reshape(k, HISTOGRAM_BUCKETS)
-        rows = winners if keep_rows is None else keep_rows[winners]
-        winner_chunks = chunk_of[winners]
-        # Only the winners' ids and types are needed: read them from their own chunk.
-        offsets = rows - (np.cumsum(lengths) - lengths)[winner_chunks]
-
-        table = self._table
-        names_list = unique.tolist()
-        slots = np.empty(k, dtype=np.int64)
-        accepted = np.ones(k, dtype=bool)
-        for i, name in enumerate(names_list):  # once per class, not per prediction
-            key = (model_id, name, source_id)
-            slot = table.slots.get(key)
-            if slot is None:
-                if len(table.slots) >= self.max_classes:
-                    accepted[i] = False
-                    continue
-                slot = table.new_slot(key)
-            slots[i] = slot
-        if not accepted.all():
-            self.dropped_max_classes += int(counts[~accepted].sum())
-            keep = np.flatnonzero(accepted)
-            slots, counts, sums, mins, maxs, hist = (
-                slots[keep],
-                counts[keep],
-                sums[keep],
-                mins[keep],
-                maxs[keep],
-                hist[keep],
-            )
-            winners, winner_chunks, offsets = winners[keep], winner_chunks[keep], offsets[keep]
-            names_list = [names_list[i] for i in keep.tolist()]
-        # Slots are distinct within a fold, so plain fancy-index updates are exact.
-        table.count[slots] += counts
-        table.total[slots] += sums
-        table.minimum[slots] = np.minimum(table.minimum[slots], mins)
-        table.maximum[slots] = np.maximum(table.maximum[slots], maxs)
-        table.hist[slots] += hist
-        # Strictly better only: what is already kept arrived first and wins ties.
-        improved = np.flatnonzero(maxs > table.best[slots])
-        if improved.size == 0:
-            return
-        table.best[slots[improved]] = maxs[improved]
-        for i in improved.tolist():
-            chunk = group[int(winner_chunks[i])]
-            offset = int(offsets[i])
-            name = names_list[i]
-            self._best[(model_id, name, source_id)] = Sample(
-                class_name=name,
-                confidence=float(maxs[i]),
-                inference_id=str(chunk.batch.inference_ids[offset]),
-                model_type=str(chunk.batch.model_types[offset]),
-                model_id=model_id,
-                source_id=source_id,
-                seen_at=chunk.seen_at,
-                seq=chunk.seq,
-            )
+        np.maximum(scaled, 0.0, out=scaled)
+        np.minimum(scaled, HISTOGRAM_BUCKETS - 1, out=scaled)
+        cells = rows * HISTOGRAM_BUCKETS
+        cells += scaled.astype(np.intp)
+        del scaled
+        table.hist[:k] += np.bincount(cells, minlength=k * HISTOGRAM_BUCKETS).reshape(
+            k, HISTOGRAM_BUCKETS
+        )
+        del cells
+        yield
+        np.minimum.at(table.minimum, rows, conf)
+        np.maximum.at(table.maximum, rows, conf)
+        yield
+        # Only predictions strictly better than what is kept can change the kept sample.
+        better = np.flatnonzero(conf > table.best[rows])
+        if better.size:
+            yield
+            yield from _fold_best(table, rows, conf, where, better, group)
+        yield
 
 
-def _group_names(
-    names: npt.NDArray[np.str_], ids: npt.NDArray[np.int64] | None
-) -> tuple[npt.NDArray[np.str_], npt.NDArray[np.intp]]:
-    """Distinct names and each row's group. Grouping by integer class id is much cheaper
-    than sorting strings; it is used only when ids and names agree one to one."""
-    if ids is not None:
-        _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        unique = names[first]
-        if bool((names == unique[inverse]).all()) and len(set(unique.tolist())) == unique.size:
-            return unique, inverse
+def _slots_by_id(id_map: _IdMap, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.intp] | None:
+    """Each row's slot through the class-id map (an array index, no sorting; unknown ids
+    are ``_UNKNOWN``); ``None`` when the ids cannot serve as indexes."""
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= _MAX_DIRECT_ID:
+        return None
+    id_map.reserve(high + 1)
+    rows: npt.NDArray[np.intp] = id_map.slot[ids]
+    return rows
+
+
+def _learn_and_check(
+    table: _StatsTable,
+    id_map: _IdMap,
+    model_id: str,
+    source_id: str,
+    ids: npt.NDArray[np.int64],
+    names: npt.NDArray[np.str_],
+    rows: npt.NDArray[np.intp],
+    max_classes: int,
+) -> Generator[None, None, npt.NDArray[np.intp] | None]:
+    """Learn the ids not seen yet, then check every row's name against its id's name;
+    ``None`` when they disagree (names decide, for this table)."""
+    unknown = np.flatnonzero(rows == _UNKNOWN)
+    if unknown.size:
+        # One row per new id (any row: the check below reads them all), without sorting.
+        row_of = np.full(id_map.slot.shape[0], -1, dtype=np.intp)
+        row_of[ids[unknown]] = unknown
+        new_ids = np.flatnonzero(row_of >= 0)
+        new_names = names[row_of[new_ids]]
+        name_list = new_names.tolist()
+        for start in range(0, len(name_list), _LEARN_PER_STEP):
+            yield
+            part = slice(start, start + _LEARN_PER_STEP)
+            slots = [
+                _key_slot(table, (model_id, name, source_id), max_classes)
+                for name in name_list[part]
+            ]
+            id_map.learn(new_ids[part], new_names[part], slots)
+        rows = id_map.slot[ids]
+    for start in range(0, ids.shape[0], _CHECK_PER_STEP):
+        yield
+        part = slice(start, start + _CHECK_PER_STEP)
+        if not (names[part] == id_map.name[ids[part]]).all():
+            id_map.trusted = False  # names decide from now on, for this table
+            return None
+    return rows
+
+
+def _key_slot(table: _StatsTable, key: Key, max_classes: int) -> int:
+    slot = table.slots.get(key)
+    if slot is None:
+        if len(table.slots) >= max_classes:
+            return _REFUSED
+        slot = table.new_slot(key)
+    return slot
+
+
+def _rows_by_name(
+    table: _StatsTable,
+    model_id: str,
+    source_id: str,
+    names: npt.NDArray[np.str_],
+    max_classes: int,
+) -> npt.NDArray[np.intp]:
     unique, inverse = np.unique(names, return_inverse=True)
-    return unique, inverse.reshape(-1)
+    slots = np.fromiter(
+        (_key_slot(table, (model_id, name, source_id), max_classes) for name in unique.tolist()),
+        dtype=np.int64,
+        count=unique.size,
+    )
+    rows: npt.NDArray[np.intp] = slots[inverse.reshape(-1)]
+    return rows
+
+
+def _fold_best(
+    table: _StatsTable,
+    rows: npt.NDArray[np.intp],
+    conf: npt.NDArray[np.float64],
+    where: npt.NDArray[np.intp] | None,
+    better: npt.NDArray[np.intp],
+    group: list[_Pending],
+) -> Iterator[None]:
+    """Keep, per slot, the first of ``better`` reaching its maximum (``better`` is in
+    arrival order and strictly above what is kept: what is kept arrived first)."""
+    if better.size <= _FEW_WINNERS:
+        won: dict[int, tuple[float, int]] = {}
+        for slot, value, index in zip(
+            rows[better].tolist(), conf[better].tolist(), better.tolist(), strict=True
+        ):
+            kept = won.get(slot)
+            if kept is None or value > kept[0]:
+                won[slot] = (value, index)
+        winners = np.fromiter(won, dtype=np.intp, count=len(won))
+        table.best[winners] = [value for value, _ in won.values()]
+        position = np.fromiter((i for _, i in won.values()), dtype=np.intp, count=len(won))
+    else:
+        slots, values = rows[better], conf[better]
+        np.maximum.at(table.best, slots, values)
+        at_max = better[values == table.best[slots]]
+        winners, first = np.unique(rows[at_max], return_index=True)
+        position = at_max[first]
+        yield
+    if where is not None:
+        position = where[position]
+    starts = list(itertools.accumulate((item[0].confidences.shape[0] for item in group), initial=0))
+    if winners.size <= _FEW_WINNERS:
+        for slot, index in zip(winners.tolist(), position.tolist(), strict=True):
+            f = bisect.bisect_right(starts, index) - 1
+            item = group[f]
+            table.win_ref[slot] = item[0]
+            table.win_row[slot] = index - starts[f]
+            table.win_seen[slot] = item[3]
+            table.win_seq[slot] = item[4]
+        return
+    yield
+    start_of = np.asarray(starts[:-1], dtype=np.intp)
+    frame = np.searchsorted(start_of, position, side="right") - 1
+    table.win_row[winners] = position - start_of[frame]
+    seen = np.fromiter((item[3] for item in group), dtype=np.float64, count=len(group))
+    seq = np.fromiter((item[4] for item in group), dtype=np.int64, count=len(group))
+    refs = np.empty(len(group), dtype=object)
+    for i, item in enumerate(group):
+        refs[i] = item[0]
+    table.win_seen[winners] = seen[frame]
+    table.win_seq[winners] = seq[frame]
+    table.win_ref[winners] = refs[frame]
 
 
 def _concat(arrays: list[npt.NDArray[Any]]) -> npt.NDArray[Any]:

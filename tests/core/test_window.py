@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from unittest.mock import patch
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import mmagg.window as window_module
 from mmagg import Window
 from mmagg.predictions import PredictionBatch
 from mmagg.window import FOLD_THRESHOLD, HISTOGRAM_BUCKETS, naive_best
@@ -177,3 +179,183 @@ def test_memory_is_bounded_by_classes_not_frames() -> None:
         window.add(batch_of(preds), model_id="m", seen_at=frame)
     assert len(window) == 20
     assert window._buffered < FOLD_THRESHOLD  # folded as it goes, never the whole stream
+
+
+# -- the fold spread over add() calls (issue 14) ----------------------------------------------
+
+ID_MODES = ["none", "consistent", "scrambled", "negative", "huge"]
+
+
+def batch_with(preds: list[Prediction], ids: str) -> PredictionBatch:
+    """``batch_of`` plus ids the window must not use as array indexes."""
+    if ids == "negative":
+        batch = batch_of(preds)
+        batch.class_ids = np.array([-1 - CLASSES.index(p[0]) for p in preds], dtype=np.int64)
+        return batch
+    if ids == "huge":
+        batch = batch_of(preds)
+        batch.class_ids = np.array([2**40 + CLASSES.index(p[0]) for p in preds], dtype=np.int64)
+        return batch
+    return batch_of(preds, ids)
+
+
+spread_frame = st.tuples(
+    frame_strategy,
+    st.sampled_from(ID_MODES),
+    st.sampled_from(["", "", "cam-2"]),
+    st.booleans(),  # read the window after this frame
+)
+WITH_NON_FINITE = st.one_of(CONFIDENCES, st.sampled_from([math.nan, math.inf, -math.inf]))
+
+
+def expected_of(
+    frames: list[tuple[str, str, list[Prediction]]],
+) -> tuple[
+    dict[tuple[str, str, str], tuple[float, str, str]], dict[tuple[str, str, str], list[float]]
+]:
+    """Store everything, group by key, sort: computed without the window."""
+    best: dict[tuple[str, str, str], tuple[float, str, str]] = {}
+    values: dict[tuple[str, str, str], list[float]] = {}
+    for model, source, preds in frames:
+        for name, conf, inference_id, model_type in preds:
+            if not math.isfinite(conf):
+                continue
+            key = (model, name, source)
+            values.setdefault(key, []).append(conf)
+            if key not in best or conf > best[key][0]:  # strictly: first seen wins ties
+                best[key] = (conf, inference_id, model_type)
+    return best, values
+
+
+def check_window(window: Window, frames: list[tuple[str, str, list[Prediction]]]) -> None:
+    best, values = expected_of(frames)
+    got = {
+        (s.model_id, s.class_name, s.source_id): (s.confidence, s.inference_id, s.model_type)
+        for s in window.samples()
+    }
+    assert got == best
+    stats = window.stats()
+    assert set(stats) == set(values)
+    for key, vals in values.items():
+        s = stats[key]
+        assert (s.count, s.minimum, s.maximum) == (len(vals), min(vals), max(vals))
+        assert s.total == pytest.approx(math.fsum(vals))
+        hist = [0] * HISTOGRAM_BUCKETS
+        for v in vals:
+            hist[min(HISTOGRAM_BUCKETS - 1, max(0, math.floor(v * 10)))] += 1
+        assert s.histogram == hist
+    non_finite = sum(1 for _, _, preds in frames for p in preds if not math.isfinite(p[1]))
+    assert window.rejected_nonfinite == non_finite
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(spread_frame, max_size=40), st.integers(min_value=1, max_value=30))
+def test_spread_fold_equals_store_all_then_sort(
+    frames: list[tuple[tuple[str, list[Prediction]], str, str, bool]], threshold: int
+) -> None:
+    """Small fold thresholds make folds start, run step by step inside add() and overlap
+    with reads, with id maps learned, trusted and distrusted along the way."""
+    seen: list[tuple[str, str, list[Prediction]]] = []
+    with patch.object(window_module, "FOLD_THRESHOLD", threshold):
+        window = Window()
+        for i, ((model, preds), ids, source, read) in enumerate(frames):
+            if preds:
+                window.add(batch_with(preds, ids), model_id=model, source_id=source, seen_at=i)
+            seen.append((model, source, preds))
+            if read:
+                check_window(window, seen)
+        check_window(window, seen)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(MODELS),
+            st.lists(
+                st.tuples(st.sampled_from(CLASSES), WITH_NON_FINITE, st.just("i"), st.just("t")),
+                max_size=12,
+            ),
+            st.sampled_from(ID_MODES),
+        ),
+        max_size=30,
+    ),
+    st.integers(min_value=0, max_value=30),
+    st.integers(min_value=1, max_value=20),
+)
+def test_drain_in_the_middle_of_a_fold_loses_nothing(
+    frames: list[tuple[str, list[Prediction], str]], cut: int, threshold: int
+) -> None:
+    """A window taken while a fold is under way carries that fold with it: the taken part
+    and the rest, merged, equal one window over the whole stream."""
+    with patch.object(window_module, "FOLD_THRESHOLD", threshold):
+        window = Window()
+        taken = None
+        for i, (model, preds, ids) in enumerate(frames):
+            if i == cut:
+                taken = window.drain()
+            if preds:
+                window.add(batch_with(preds, ids), model_id=model, seen_at=i)
+        if taken is None:
+            taken = window.drain()
+        whole = [(model, "", preds) for model, preds, _ in frames]
+        check_window(taken.merge(window), whole)
+        check_window(taken, whole[:cut])
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.tuples(frame_strategy, st.sampled_from(ID_MODES)), max_size=30),
+    st.integers(min_value=1, max_value=4),
+    st.integers(min_value=1, max_value=20),
+)
+def test_cardinality_guard_under_spread_folds(
+    frames: list[tuple[tuple[str, list[Prediction]], str]], max_classes: int, threshold: int
+) -> None:
+    """At most ``max_classes`` keys; every prediction either counted in a kept key or
+    counted as dropped; a kept key's best is its best over the whole stream."""
+    with patch.object(window_module, "FOLD_THRESHOLD", threshold):
+        window = Window(max_classes=max_classes)
+        for i, ((model, preds), ids) in enumerate(frames):
+            if preds:
+                window.add(batch_with(preds, ids), model_id=model, seen_at=i)
+        best, values = expected_of([(m, "", p) for (m, p), _ in frames])
+        samples = window.samples()
+        assert len(samples) <= max_classes
+        stats = window.stats()
+        total = sum(len(v) for v in values.values())
+        assert sum(s.count for s in stats.values()) + window.dropped_max_classes == total
+        for s in samples:
+            key = (s.model_id, s.class_name, s.source_id)
+            assert (s.confidence, s.inference_id, s.model_type) == best[key]
+            assert stats[key].count == len(values[key])
+
+
+def test_class_ids_beyond_the_first_fold_keep_their_names() -> None:
+    """An id seen with one name in an earlier fold and another name later: names decide."""
+    with patch.object(window_module, "FOLD_THRESHOLD", 2):
+        window = Window()
+        first = batch_of([("car", 0.4, "a", "od"), ("car", 0.3, "b", "od")])
+        first.class_ids = np.array([7, 7], dtype=np.int64)
+        window.add(first, model_id="m")
+        later = batch_of([("bus", 0.9, "c", "od"), ("car", 0.5, "d", "od")])
+        later.class_ids = np.array([7, 7], dtype=np.int64)
+        window.add(later, model_id="m")
+        got = {s.class_name: (s.confidence, s.inference_id) for s in window.samples()}
+    assert got == {"car": (0.5, "d"), "bus": (0.9, "c")}
+    assert window.stats()[("m", "car", "")].count == 3
+
+
+def test_a_fold_is_spread_over_the_following_calls() -> None:
+    """No add() runs a whole fold: the buffered frames are handed to a fold that advances
+    one step per call (its steps are counted here through the generator)."""
+    window = Window()
+    preds = [(f"c{i % 20}", (i % 97) / 97, "x", "od") for i in range(50)]
+    calls_with_fold = 0
+    for frame in range(200):
+        window.add(batch_of(preds), model_id="m", seen_at=frame)
+        calls_with_fold += window._folding is not None
+    # A fold starts every ~41 frames (2,048 / 50) and stays under way for several calls.
+    assert calls_with_fold >= 200 // 41 * 5
+    assert len(window) == 20
+    assert window.stats()[("m", "c0", "")].count == 200 * 3
