@@ -202,11 +202,16 @@ def test_nothing_is_lost_while_pushes_and_takes_race_the_caller(
     store = new_store(stores, redis_url, push_interval=0.005)
     held = store.window("k")  # the caller may keep the object: it is never swapped out
     batch = frame(("cat", 0.5), ("dog", 0.25))
-    frames = 3000
+    added = 0
 
     def caller() -> None:
-        for _ in range(frames):
+        # At least 3,000 frames, and on until pushes have raced the takes more than once
+        # (a fast or a starved caller alike), within a bound.
+        nonlocal added
+        deadline = time.monotonic() + 20
+        while added < 3000 or (store.counters()["pushes"] < 2 and time.monotonic() < deadline):
             held.add(batch, model_id="m")
+            added += 1
 
     thread = threading.Thread(target=caller)
     thread.start()
@@ -216,7 +221,7 @@ def test_nothing_is_lost_while_pushes_and_takes_race_the_caller(
         time.sleep(0.002)
     thread.join()
     counted += sum(s.count for s in store.take("k").stats().values())
-    assert counted == 2 * frames
+    assert counted == 2 * added
     assert store.counters()["pushes"] > 1
 
 
@@ -293,7 +298,7 @@ def test_give_back_goes_to_redis_and_stays_local_when_down(
 @pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs SIGSTOP")
 def test_caller_never_waits_on_a_hung_redis(own_redis: Any, stores: list[RedisStore]) -> None:
     store = new_store(
-        stores, own_redis.url, push_interval=0.01, reconnect_interval=0.01, socket_timeout=0.3
+        stores, own_redis.url, push_interval=0.01, reconnect_interval=0.01, socket_timeout=2.0
     )
     batch = frame(("cat", 0.5))
     store.window("k").add(batch, model_id="m")
@@ -302,14 +307,17 @@ def test_caller_never_waits_on_a_hung_redis(own_redis: Any, stores: list[RedisSt
     try:
         slowest = 0.0
         started = time.perf_counter()
-        while time.perf_counter() - started < 1.0:
+        # Past the socket timeout, so the hung push has failed and the store degraded.
+        while time.perf_counter() - started < 2.6:
             t0 = time.perf_counter()
             store.window("k").add(batch, model_id="m")
             slowest = max(slowest, time.perf_counter() - t0)
         assert store.degraded
     finally:
         own_redis.process.send_signal(signal.SIGCONT)
-    assert slowest < 0.25  # a wait on Redis would take the 0.3 s socket timeout
+    # A wait on Redis would take the 2 s socket timeout; a preempted caller on a loaded
+    # 2-core machine is seen well under 1 s (per-call cost is measured in benchmarks/).
+    assert slowest < 1.0
 
 
 def test_log_never_shows_the_password(
