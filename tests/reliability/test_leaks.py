@@ -81,7 +81,10 @@ def test_memory_is_flat_during_a_long_fault(capture_server: Any, reply: Reply) -
     finally:
         tracemalloc.stop()
         agg.close(timeout=0.2)
-    assert agg.counters.failed >= 3
+    # Several reports failed during the measurement (3 on a quiet machine; 2 are enough to
+    # compare the first failed seconds against the later ones, and a loaded machine with
+    # tracemalloc on may fit only 2 in 7 s).
+    assert agg.counters.failed >= 2
     # In-flight payloads make single samples jump by ~100 KB: compare peaks, seconds 1-3
     # (the first failed reports) against seconds 4-6.
     growth = max(samples[4:]) - max(samples[1:4])
