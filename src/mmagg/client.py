@@ -385,6 +385,13 @@ def _read_capped(response: httpx.Response, end: float) -> _Answer:
     parts: list[bytes] = []
     size = 0
     cut: str | None = None
+    if response.is_stream_consumed:  # a transport that read the body itself: in memory
+        body = response.content
+        response.close()
+        cut = None if len(body) <= limit else f"body over {limit} bytes: the rest was not read"
+        return _Answer(
+            response.status_code, response.reason_phrase, response.headers, body[:limit], cut
+        )
     restore = _bound_reads(response, end)
     try:
         for chunk in response.iter_raw():
@@ -590,10 +597,9 @@ class HttpExporter:
         self._pid = os.getpid()
         self.retried = 0
         """HTTP retries so far (read by the reporter's counters)."""
-        # What 413 answers taught: bodies are cut to at most _part_limit bytes, and a body
-        # of _refused_at bytes or more is never sent again (the backend refused one).
+        # What 413 answers taught: later windows are cut to the largest body the backend
+        # accepted in an export that met a 413 (only ever a cutting hint: it never drops).
         self._part_limit = MAX_BODY_BYTES
-        self._refused_at = MAX_BODY_BYTES + 1
 
     def __repr__(self) -> str:  # never show the key
         return f"HttpExporter(api_base_url={self.api_base_url!r})"
@@ -667,28 +673,33 @@ class HttpExporter:
             return len(head) + sum(len(encoded[i]) for i in part) + max(len(part) - 1, 0) + 2
 
         result = ExportResult()
-        queue = _partition(list(range(len(entries))), encoded, len(head) + 2, self._part_limit)
+        # Within this export: bodies are cut to `limit`; a body of `refused_at` bytes or more
+        # is refused (a 413 said so), so it is cut, or dropped if it holds one result.
+        limit, refused_at, largest_ok = self._part_limit, MAX_BODY_BYTES + 1, 0
+        overhead = len(head) + 2
+        queue = _partition(list(range(len(entries))), encoded, overhead, limit)
         while queue:
             part = queue.pop(0)
             body_size = size(part)
-            if body_size > min(MAX_BODY_BYTES, self._refused_at - 1):
-                if len(part) > 1:  # the limit was lowered since this part was cut
-                    queue[:0] = _partition(part, encoded, len(head) + 2, self._part_limit)
-                    continue
-                self._too_large(result, entries[part[0]], body_size)
+            if part and body_size >= refused_at:  # an empty report goes whatever its size
+                if len(part) > 1:
+                    queue[:0] = _partition(part, encoded, overhead, min(limit, refused_at - 1))
+                else:
+                    self._too_large(result, entries[part[0]], body_size)
                 continue
             body = head + b",".join(encoded[i] for i in part) + b"]}"
             try:
                 client.send(body, idempotency_key=uuid.uuid4().hex, deadline=end)
             except ReportError as error:
-                if error.status == 413:
-                    self._refused_at = min(self._refused_at, body_size)
+                if error.status == 413 and part:
+                    refused_at = min(refused_at, body_size)
                     if len(part) == 1:
                         self._too_large(result, entries[part[0]], body_size)
                         continue
-                    # A server with a smaller limit: halve, and cut later bodies as small.
-                    self._part_limit = min(self._part_limit, max(body_size // 2, 1))
-                    queue[:0] = _partition(part, encoded, len(head) + 2, self._part_limit)
+                    # A server with a smaller limit: halve. Each step halves the body, so
+                    # this ends after log2(size) steps.
+                    limit = min(limit, max(body_size // 2, 1))
+                    queue[:0] = _partition(part, encoded, overhead, limit)
                     continue
                 lost = sum(entries[i][2] for i in part)
                 if error.retryable:
@@ -705,6 +716,11 @@ class HttpExporter:
                 continue
             result.reports += 1
             result.delivered += sum(entries[i][2] for i in part)
+            largest_ok = max(largest_ok, body_size)
+        if refused_at <= MAX_BODY_BYTES and largest_ok:
+            # This backend takes less than the wire's limit: cut the next windows to what
+            # it accepted, so they need no 413 to learn it again.
+            self._part_limit = largest_ok
         if result.reports == 1 and result.complete:
             return None
         refusal = result.error

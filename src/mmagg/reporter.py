@@ -503,6 +503,13 @@ class Reporter:
             kind = getattr(error, "kind", type(error).__name__)
             text = redact(str(error))
             return True, f"{MESSAGE_ERROR_PREFIX}. Error type: {kind}. Details: {text}"
+        if not result.reports:  # every result alone was over the backend's body limit
+            self.tally.add("failed")
+            lost = predictions_text(sum(result.dropped.values()))
+            return True, (
+                f"{MESSAGE_ERROR_PREFIX}. Error type: too_large. Details: {lost} dropped: "
+                "each class's result alone exceeds the backend's body limit"
+            )
         return False, MESSAGE_SENT
 
     def _failed(self, window: Window, predictions: int, error: Exception) -> Outcome:
