@@ -609,7 +609,8 @@ class Reporter:
         """Flush within ``timeout`` then stop; what could not be sent is counted as dropped.
 
         Returns ``True`` only if the final flush delivered everything it carried (nothing
-        dropped during close, for any reason: deadline, refusal, ``too_large``).
+        dropped during close on the way out: deadline, refusal, ``too_large``; predictions
+        the cardinality guard refused at collect time are counted, not delivery failures).
 
         The counters read right after ``close`` include everything it dropped. ``grace``:
         after the deadline, how long to wait for the interrupted send's own outcome (its
@@ -654,8 +655,10 @@ class Reporter:
         return done and self._dropped_total() == all_dropped_before
 
     def _dropped_total(self) -> int:
+        """Predictions lost on the way out: all drops but the cardinality guard's, which
+        refuses at collect time (like a rejected prediction) and is counted at the send."""
         with self.tally.lock:
-            return sum(self.tally.dropped.values())
+            return sum(n for reason, n in self.tally.dropped.items() if reason != "max_classes")
 
 
 class ReporterRegistry:
