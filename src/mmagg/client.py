@@ -668,6 +668,9 @@ class HttpExporter:
         encoded = [encode_json(item) for _, item, _ in entries]
         client = self.client
         end = time.monotonic() + client.retry.deadline
+        # The lookup first: its failure fails the whole window, and a 413 met below can only
+        # be the backend's answer to a body.
+        client.workspace(deadline=end)
 
         def size(part: list[int]) -> int:
             return len(head) + sum(len(encoded[i]) for i in part) + max(len(part) - 1, 0) + 2

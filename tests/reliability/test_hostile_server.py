@@ -254,12 +254,14 @@ def test_error_bodies_are_read_with_a_cap(
     assert 1 <= hostile.posts <= 2
 
 
-def test_a_slow_drip_body_ends_at_the_request_timeout(hostile: HostileServer) -> None:
-    hostile.post = slow_drip(400, every=0.02)
-    error, took, _ = _send_measured(_client(hostile, timeout=0.4, deadline=10.0))
-    # One attempt (400 is not retried), bounded by its request timeout, not by the body's
-    # 10,000 bytes at 50 a second (200 s), nor by the per-read timeout that each byte resets.
-    assert took < 0.4 + 0.6, took
+@pytest.mark.parametrize("every", [0.02, 0.9], ids=["fast-drip", "drip-under-read-timeout"])
+def test_a_slow_drip_body_ends_at_the_request_timeout(hostile: HostileServer, every: float) -> None:
+    hostile.post = slow_drip(400, every=every)
+    error, took, _ = _send_measured(_client(hostile, timeout=1.0, deadline=10.0))
+    # One attempt (400 is not retried), bounded by its request timeout (1 s): not by the
+    # body's 10,000 bytes (200 s or 2.5 hours), nor by the per-read timeout that each byte
+    # resets (a byte every 0.9 s would take a second read past the deadline, to 1.8 s).
+    assert took < 1.0 + 0.4, took
     assert "body still arriving at the deadline" in str(error)
 
 
