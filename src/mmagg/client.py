@@ -116,7 +116,10 @@ class _Answer:
         return 200 <= self.status < 300
 
     def text(self, limit: int) -> str:
-        return self.body[:limit].decode("utf-8", errors="replace")
+        """The start of the body for a message: at most ``limit`` characters, control
+        characters (a binary body, NULs) shown as U+FFFD."""
+        text = self.body[: limit * 4].decode("utf-8", errors="replace")[:limit]
+        return "".join(c if c.isprintable() or c == " " else "\ufffd" for c in text)
 
 
 @dataclass(frozen=True, slots=True)
