@@ -21,10 +21,13 @@ from urllib.parse import urlsplit
 
 from mmagg._secrets import get_logger, redact, register_secret
 from mmagg.cache import Cache
+from mmagg.outcomes import predictions_text
+from mmagg.wire import MAX_BODY_BYTES, MAX_RESULTS
 
 if TYPE_CHECKING:
     import httpx
 
+    from mmagg.outcomes import ExportResult
     from mmagg.window import Window
 
 __all__ = [
@@ -43,6 +46,10 @@ WORKSPACE_CACHE_KEY_TEMPLATE = "workflows:api_key_to_workspace:{digest}"
 WORKSPACE_CACHE_EXPIRE = 15 * 60
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 DEFAULT_REQUEST_TIMEOUT = 10.0
+#: Most bytes of a response body read (error texts, the workspace lookup's JSON): the rest
+#: is discarded with the connection, so a hostile or broken server that answers 200 MB, an
+#: endless chunked body or one byte a second costs neither memory nor time past the deadline.
+MAX_RESPONSE_BYTES = 64 * 1024
 #: Longest ``Retry-After`` honoured across reports: a wrong header must not silence
 #: monitoring for days.
 MAX_RETRY_AFTER = 900.0
@@ -90,6 +97,29 @@ class ReportError(Exception):
         self.kind = kind
         self.status = status
         self.retryable = retryable
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """A response as far as it was read: status line, headers, at most
+    :data:`MAX_RESPONSE_BYTES` of the body (decoded) and why the reading stopped early."""
+
+    status: int
+    reason: str
+    headers: httpx.Headers
+    body: bytes
+    #: ``None`` when the whole body was read, else what cut it short.
+    cut: str | None = None
+
+    @property
+    def is_success(self) -> bool:
+        return 200 <= self.status < 300
+
+    def text(self, limit: int) -> str:
+        """The start of the body for a message: at most ``limit`` characters, control
+        characters (a binary body, NULs) shown as U+FFFD."""
+        text = self.body[: limit * 4].decode("utf-8", errors="replace")[:limit]
+        return "".join(c if c.isprintable() or c == " " else "\ufffd" for c in text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,33 +208,40 @@ class ModelMonitoringClient:
             cached = self._cache.get(key)
             if isinstance(cached, str) and cached:
                 return cached
-        response = self._request(
+        answer = self._request(
             "GET",
             f"{self.api_base_url}/",
             params={"api_key": self._api_key, "nocache": "true"},
             deadline=deadline,
         )
-        workspace = _workspace_from(response)
+        workspace = _workspace_from(answer)
         if self._cache is not None:
             self._cache.set(key, workspace, expire=WORKSPACE_CACHE_EXPIRE)
         return workspace
 
     def send(
         self,
-        payload: Mapping[str, Any],
+        payload: Mapping[str, Any] | bytes,
         *,
         idempotency_key: str | None = None,
         deadline: float | None = None,
     ) -> None:
-        """Look up the workspace and POST one report; raises :class:`ReportError`."""
+        """Look up the workspace and POST one report (a body, or its JSON already encoded);
+        raises :class:`ReportError`."""
+        from mmagg.payload import encode_json
+
         end = self._deadline(deadline)
         workspace = self.workspace(deadline=end)
+        body = payload if isinstance(payload, bytes) else encode_json(dict(payload))
         self._request(
             "POST",
             f"{self.api_base_url}/{workspace}/inference-stats",
             params={"api_key": self._api_key},
-            json=dict(payload),
-            headers={"Idempotency-Key": idempotency_key or uuid.uuid4().hex},
+            content=body,
+            headers={
+                "Idempotency-Key": idempotency_key or uuid.uuid4().hex,
+                "Content-Type": "application/json",
+            },
             deadline=end,
         )
 
@@ -220,9 +257,9 @@ class ModelMonitoringClient:
         *,
         params: Mapping[str, str],
         deadline: float | None,
-        json: Any = None,
+        content: bytes | None = None,
         headers: Mapping[str, str] | None = None,
-    ) -> httpx.Response:
+    ) -> _Answer:
         end = self._deadline(deadline)
         where = f"{method} {url}"
         attempt = 0
@@ -244,7 +281,7 @@ class ModelMonitoringClient:
             if hold > 0 and self._cancel.wait(hold):
                 raise self._given_up(where, last, "shutdown", attempt - 1)
             outcome, retry_now, wait = self._attempt(
-                method, url, params, json, headers, min(self.request_timeout, remaining)
+                method, url, params, content, headers, min(self.request_timeout, remaining)
             )
             if not isinstance(outcome, ReportError):
                 self.last_error = None
@@ -281,21 +318,33 @@ class ModelMonitoringClient:
         method: str,
         url: str,
         params: Mapping[str, str],
-        json: Any,
+        content: bytes | None,
         headers: Mapping[str, str] | None,
         timeout: float,
-    ) -> tuple[ReportError | httpx.Response, bool, float | None]:
-        """One request: the response, or the error, whether to retry it now, and a
-        server-asked wait."""
+    ) -> tuple[ReportError | _Answer, bool, float | None]:
+        """One request: the answer, or the error, whether to retry it now, and a
+        server-asked wait. The whole attempt, body included, ends within ``timeout``."""
         import httpx
 
         where = f"{method} {url}"
+        end = time.monotonic() + timeout
         failure: str | None = None
         kind = "connection"
+        answer: _Answer | None = None
         try:
-            response = self._http.request(
-                method, url, params=params, json=json, headers=headers, timeout=timeout
+            request = self._http.build_request(
+                method,
+                url,
+                params=params,
+                content=content,
+                # Compressed answers would have to be inflated to be read: a small gzip
+                # body can unpack to gigabytes. Ask for none (and inflate a bounded part
+                # of what comes anyway, see _inflated).
+                headers={**(headers or {}), "Accept-Encoding": "identity"},
+                timeout=timeout,
             )
+            response = self._http.send(request, stream=True)
+            answer = _read_capped(response, end)
         except httpx.TimeoutException as exc:
             failure, kind = f"{type(exc).__name__} after {timeout:.1f}s", "timeout"
         except httpx.ConnectError as exc:
@@ -304,14 +353,17 @@ class ModelMonitoringClient:
             failure = f"{type(exc).__name__}: {exc}"
         # Built outside the except blocks so that no chained exception (whose text holds
         # the URL with the key) travels with the error.
-        if failure is not None:
+        if failure is not None or answer is None:
             error = ReportError(redact(f"{where}: {failure}", self._api_key), kind=kind)
             return error, True, None
-        if response.is_success:
-            return response, False, None
-        status = response.status_code
-        body = redact(response.text[:200].strip(), self._api_key)
-        text = redact(f"{where}: HTTP {status} {response.reason_phrase}. {body}", self._api_key)
+        if answer.is_success:
+            return answer, False, None
+        status = answer.status
+        body = answer.text(200).strip()
+        if answer.cut is not None:
+            body = f"{body}… ({answer.cut})" if body else f"({answer.cut})"
+        reason = answer.reason[:100]
+        text = redact(f"{where}: HTTP {status} {reason}. {body}", self._api_key)
         retry_now = status in RETRYABLE_STATUSES
         error = ReportError(
             text.strip(),
@@ -320,10 +372,129 @@ class ModelMonitoringClient:
             # Any 5xx keeps the data for the next report; other 4xx mean it was refused.
             retryable=retry_now or status >= 500,
         )
-        wait = _retry_after(response.headers.get("Retry-After")) if retry_now else None
+        wait = _retry_after(answer.headers.get("Retry-After")) if retry_now else None
         if wait:
             self._not_before = time.monotonic() + min(wait, MAX_RETRY_AFTER)
         return error, retry_now, wait
+
+
+def _read_capped(response: httpx.Response, end: float) -> _Answer:
+    """Read at most :data:`MAX_RESPONSE_BYTES` of ``response``'s body before ``end``
+    (monotonic), then close it: an unread rest closes the connection instead of being
+    drained. Raises only when no status line came (the caller's transport errors)."""
+    import httpx
+
+    limit = MAX_RESPONSE_BYTES
+    parts: list[bytes] = []
+    size = 0
+    cut: str | None = None
+    if response.is_stream_consumed:  # a transport that read the body itself: in memory
+        body = response.content
+        response.close()
+        cut = None if len(body) <= limit else f"body over {limit} bytes: the rest was not read"
+        return _Answer(
+            response.status_code, response.reason_phrase, response.headers, body[:limit], cut
+        )
+    restore = _bound_reads(response, end)
+    try:
+        for chunk in response.iter_raw():
+            parts.append(chunk[: limit - size])
+            size += len(chunk)
+            if size > limit:
+                cut = f"body over {limit} bytes: the rest was not read"
+                break
+            if time.monotonic() >= end:
+                cut = "body still arriving at the deadline: the rest was not read"
+                break
+    except httpx.TimeoutException:
+        cut = "body still arriving at the deadline: the rest was not read"
+    except httpx.TransportError as exc:
+        cut = f"body cut short ({type(exc).__name__})"
+    finally:
+        response.close()
+        restore()
+    body = b"".join(parts)
+    encoding = response.headers.get("Content-Encoding", "").strip().lower()
+    if encoding and encoding != "identity":
+        body = _inflated(body, encoding)
+    return _Answer(response.status_code, response.reason_phrase, response.headers, body, cut)
+
+
+def _bound_reads(response: httpx.Response, end: float) -> Callable[[], None]:
+    """Make every socket read of ``response``'s body end by ``end``; returns the undo.
+
+    httpx's read timeout is per read: a server dripping a byte every second would never
+    trip it. The connection's network stream (httpcore's ``network_stream`` extension) is
+    given reads whose timeout is the time left, on this thread only (a pooled connection
+    may serve another thread once this response is closed).
+    """
+    stream = response.extensions.get("network_stream")
+    original = getattr(stream, "read", None)
+    if stream is None or original is None:
+        return lambda: None
+    import httpcore
+
+    owner = threading.get_ident()
+
+    def read(max_bytes: int, timeout: float | None = None) -> bytes:
+        if threading.get_ident() != owner:
+            return bytes(original(max_bytes, timeout))
+        left = end - time.monotonic()
+        if left <= 0:
+            raise httpcore.ReadTimeout("the report's deadline passed while reading")
+        return bytes(original(max_bytes, left if timeout is None else min(timeout, left)))
+
+    try:
+        stream.read = read
+    except (AttributeError, TypeError):  # a stream that does not allow it: per-read timeouts
+        return lambda: None
+
+    def restore() -> None:
+        try:
+            del stream.read
+        except AttributeError:
+            pass
+
+    return restore
+
+
+def _inflated(body: bytes, encoding: str) -> bytes:
+    """At most :data:`MAX_RESPONSE_BYTES` of a gzip/deflate body a server compressed
+    although it was asked not to; other encodings are not read."""
+    import zlib
+
+    wbits = {"gzip": 31, "x-gzip": 31, "deflate": 15}.get(encoding)
+    if wbits is None:
+        return f"[{encoding}-encoded body, not read]".encode()
+    try:
+        return zlib.decompressobj(wbits).decompress(body, MAX_RESPONSE_BYTES)
+    except zlib.error:
+        return f"[{encoding}-encoded body that does not inflate]".encode()
+
+
+def _partition(part: list[int], encoded: list[bytes], overhead: int, limit: int) -> list[list[int]]:
+    """Cut ``part`` (indices into ``encoded``, the results' JSON) into runs whose bodies,
+    ``overhead`` plus the results and their commas, stay within ``limit`` bytes and
+    :data:`~mmagg.wire.MAX_RESULTS` results; a result alone over the limit is a run of its
+    own. An empty ``part`` is one empty run (an empty report still goes).
+
+    Example:
+        >>> _partition([0, 1, 2], [b"aaaa", b"bbbb", b"cc"], 2, 11)
+        [[0, 1], [2]]
+    """
+    runs: list[list[int]] = []
+    current: list[int] = []
+    size = overhead
+    for i in part:
+        grown = size + len(encoded[i]) + (1 if current else 0)
+        if current and (grown > limit or len(current) >= MAX_RESULTS):
+            runs.append(current)
+            current, grown = [], overhead + len(encoded[i])
+        current.append(i)
+        size = grown
+    if current or not runs:
+        runs.append(current)
+    return runs
 
 
 def _connect_failure(url: str, exc: Exception) -> str:
@@ -343,16 +514,22 @@ def _connect_failure(url: str, exc: Exception) -> str:
     return f"could not connect to {where} ({type(exc).__name__}: {text})"
 
 
-def _workspace_from(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
+def _workspace_from(answer: _Answer) -> str:
+    import json
+
+    body: Any = None
+    if answer.cut is None:
+        try:
+            body = json.loads(answer.body)
+        except ValueError:
+            body = None
     workspace = body.get("workspace") if isinstance(body, dict) else None
     if not isinstance(workspace, str) or not workspace:
+        got = repr(redact(answer.text(120)))
+        if answer.cut is not None:
+            got = f"{got}… ({answer.cut})"
         raise ReportError(
-            'workspace lookup: expected JSON {"workspace": "<name>"}, '
-            f"got {redact(response.text[:120])!r}",
+            f'workspace lookup: expected JSON {{"workspace": "<name>"}}, got {got}',
             kind="bad_response",
         )
     return workspace
@@ -423,6 +600,9 @@ class HttpExporter:
         self._pid = os.getpid()
         self.retried = 0
         """HTTP retries so far (read by the reporter's counters)."""
+        # What 413 answers taught: later windows are cut to the largest body the backend
+        # accepted in an export that met a 413 (only ever a cutting hint: it never drops).
+        self._part_limit = MAX_BODY_BYTES
 
     def __repr__(self) -> str:  # never show the key
         return f"HttpExporter(api_base_url={self.api_base_url!r})"
@@ -463,23 +643,113 @@ class HttpExporter:
         system_info()
         inference_server_version()
 
-    def export(self, window: Window, metadata: Mapping[str, Any]) -> None:
-        """POST ``window`` as one report; raises :class:`ReportError` when it did not go.
+    def export(self, window: Window, metadata: Mapping[str, Any]) -> ExportResult | None:
+        """POST ``window``; raises :class:`ReportError` when nothing of it went.
 
         ``metadata``: ``timestamp`` (a datetime) and, with extensions, the ``mmagg``
         object (``aggregator_key``, ``frequency``, ``window_start``, ``window_end``).
+
+        A body over the backend's limit (:data:`mmagg.wire.MAX_BODY_BYTES`, or less once
+        a server answered 413) goes as several reports, each with its own part of the
+        results, the same system info and its own ``Idempotency-Key``. Returns ``None``
+        when the window went as one report, else an :class:`~mmagg.outcomes.ExportResult`
+        saying what was delivered, dropped (``too_large``: one class's result alone over
+        the limit) and left to send again.
         """
-        from mmagg.payload import build_payload
+        from mmagg.outcomes import ExportResult
+        from mmagg.payload import build_payload, encode_json
         from mmagg.wire import EXTENSION_KEY
 
-        payload = build_payload(
-            window.to_results(extensions=self.extensions),
-            device=self.device,
-            timestamp=metadata["timestamp"],
-        )
+        envelope = build_payload([], device=self.device, timestamp=metadata["timestamp"])
+        del envelope["inference_results"]
         if self.extensions:  # the opt-in "mmagg" object: the report's own metadata
-            payload[EXTENSION_KEY] = {k: v for k, v in metadata.items() if k != "timestamp"}
-        self.client.send(payload, idempotency_key=uuid.uuid4().hex)
+            envelope[EXTENSION_KEY] = {k: v for k, v in metadata.items() if k != "timestamp"}
+        # Every part is the same envelope with its own results spliced in: each result is
+        # encoded once, whatever the number of parts.
+        head = encode_json(envelope)[:-1] + b',"inference_results":['
+        entries = window.result_items(extensions=self.extensions)
+        encoded = [encode_json(item) for _, item, _ in entries]
+        client = self.client
+        end = time.monotonic() + client.retry.deadline
+        # The lookup first: its failure fails the whole window, and a 413 met below can only
+        # be the backend's answer to a body.
+        client.workspace(deadline=end)
+
+        def size(part: list[int]) -> int:
+            return len(head) + sum(len(encoded[i]) for i in part) + max(len(part) - 1, 0) + 2
+
+        result = ExportResult()
+        # Within this export: bodies are cut to `limit`; a body of `refused_at` bytes or more
+        # is refused (a 413 said so), so it is cut, or dropped if it holds one result.
+        limit, refused_at, largest_ok = self._part_limit, MAX_BODY_BYTES + 1, 0
+        overhead = len(head) + 2
+        queue = _partition(list(range(len(entries))), encoded, overhead, limit)
+        while queue:
+            part = queue.pop(0)
+            body_size = size(part)
+            if part and body_size >= refused_at:  # an empty report goes whatever its size
+                if len(part) > 1:
+                    queue[:0] = _partition(part, encoded, overhead, min(limit, refused_at - 1))
+                else:
+                    self._too_large(result, entries[part[0]], body_size)
+                continue
+            body = head + b",".join(encoded[i] for i in part) + b"]}"
+            try:
+                client.send(body, idempotency_key=uuid.uuid4().hex, deadline=end)
+            except ReportError as error:
+                if error.status == 413 and part:
+                    refused_at = min(refused_at, body_size)
+                    if len(part) == 1:
+                        self._too_large(result, entries[part[0]], body_size)
+                        continue
+                    # A server with a smaller limit: halve. Each step halves the body, so
+                    # this ends after log2(size) steps.
+                    limit = min(limit, max(body_size // 2, 1))
+                    queue[:0] = _partition(part, encoded, overhead, limit)
+                    continue
+                lost = sum(entries[i][2] for i in part)
+                if error.retryable:
+                    if result.reports == 0 and not result.dropped and result.error is None:
+                        raise  # nothing happened yet: the whole window fails as one
+                    left = part + [i for rest in queue for i in rest]
+                    result.undelivered = window.subset(entries[i][0] for i in left)
+                    result.error = error
+                    break
+                # Refused (4xx): this part is dropped; the others may still be accepted.
+                reason = f"http_{error.status}"
+                result.dropped[reason] = result.dropped.get(reason, 0) + lost
+                result.error = error
+                continue
+            result.reports += 1
+            result.delivered += sum(entries[i][2] for i in part)
+            largest_ok = max(largest_ok, body_size)
+        if refused_at <= MAX_BODY_BYTES and largest_ok:
+            # This backend takes less than the wire's limit: cut the next windows to what
+            # it accepted, so they need no 413 to learn it again.
+            self._part_limit = largest_ok
+        if result.reports == 1 and result.complete:
+            return None
+        refusal = result.error
+        if (
+            isinstance(refusal, ReportError)
+            and result.reports == 0
+            and result.undelivered is None
+            and list(result.dropped) == [f"http_{refusal.status}"]
+        ):
+            raise refusal  # refused as a whole, as one report would have been
+        return result
+
+    def _too_large(self, result: ExportResult, entry: tuple[Any, Any, int], size: int) -> None:
+        key, _, predictions = entry
+        result.dropped["too_large"] = result.dropped.get("too_large", 0) + predictions
+        logger.warning(
+            "mmagg: the result of class %r (model %r) alone makes a %d-byte body, over the "
+            "backend's limit: %s dropped",
+            key[1][:100],
+            key[0][:100],
+            size,
+            predictions_text(predictions),
+        )
 
     def shutdown(self, *, cancel: bool) -> None:
         """Stop: ``cancel`` interrupts a send waiting between retries; otherwise the

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mmagg.window import Window
 
 __all__ = [
     "MESSAGE_BACKGROUND",
@@ -15,6 +19,7 @@ __all__ = [
     "MESSAGE_SENT",
     "MISSING_API_KEY_MESSAGE",
     "Counters",
+    "ExportResult",
     "predictions_text",
 ]
 
@@ -49,13 +54,15 @@ class Counters:
 
     Attributes:
         collected: predictions taken into a window.
-        rejected: predictions refused (NaN/inf confidence) plus inputs refused as invalid.
+        rejected: predictions refused (confidence NaN, infinite or outside [0, 1]) plus
+            inputs refused as invalid.
         sent: reports the backend accepted.
         failed: reports that did not go through (each failure once).
         retried: HTTP retries inside reports.
         merged_back: failed windows merged back so that the next report carries them.
         dropped: predictions given up, by reason (``http_<status>`` when the backend
-            refused them, ``shutdown`` when the flush deadline passed, ``max_classes``).
+            refused them, ``shutdown`` when the flush deadline passed, ``max_classes``,
+            ``too_large`` when one class's result alone exceeds the backend's body limit).
     """
 
     collected: int = 0
@@ -83,3 +90,37 @@ class Counters:
             f"failed={self.failed}, retried={self.retried}, merged_back={self.merged_back}, "
             f"dropped={dict(self.dropped)!r})"
         )
+
+
+@dataclass(slots=True)
+class ExportResult:
+    """What one export of a window did, when it took more than one report.
+
+    A window whose body is over the backend's limit goes as several reports; some may
+    be delivered and others not. ``export`` returns this (``None`` means: one report, all
+    delivered) so that the reporter counts each part once and keeps only what is left.
+
+    Attributes:
+        reports: reports the backend accepted.
+        delivered: predictions in them.
+        dropped: predictions given up, by reason (``too_large``, ``http_<status>``).
+        undelivered: the part of the window still to send (a failure a later report may
+            cure); ``None`` when nothing is left.
+        error: the failure behind ``undelivered`` or the last refusal, if any.
+
+    Example:
+        >>> r = ExportResult(reports=2, delivered=30)
+        >>> r.complete
+        True
+    """
+
+    reports: int = 0
+    delivered: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    undelivered: Window | None = None
+    error: Exception | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Everything was delivered: nothing left, nothing dropped, no failure."""
+        return self.undelivered is None and not self.dropped and self.error is None

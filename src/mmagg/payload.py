@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import platform
 import re
@@ -21,6 +22,7 @@ __all__ = [
     "SYSTEM_INFO_KEYS",
     "build_payload",
     "device_id",
+    "encode_json",
     "inference_server_version",
     "system_info",
 ]
@@ -75,6 +77,17 @@ def inference_server_version() -> str:
 def device_id(explicit: str | None = None) -> str:
     """The argument, else ``DEVICE_ID``, else the host name."""
     return explicit or os.environ.get("DEVICE_ID") or socket.gethostname()
+
+
+def encode_json(body: Any) -> bytes:
+    """The body as sent: compact UTF-8 JSON; NaN and infinities are refused (ValueError),
+    as the backend would refuse them.
+
+    Example:
+        >>> encode_json({"class_name": "café", "confidence": 0.5})
+        b'{"class_name":"caf\\xc3\\xa9","confidence":0.5}'
+    """
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
 def build_payload(

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
     from mmagg.cache import Cache
     from mmagg.client import RetryPolicy
+    from mmagg.outcomes import ExportResult
     from mmagg.predictions import PredictionBatch
     from mmagg.tenant import Tenant
     from mmagg.window import Window
@@ -136,8 +137,10 @@ class Exporter(Protocol):
         """One-off set-up, called once on the thread that creates the reporter."""
         ...
 
-    def export(self, window: Window, metadata: Mapping[str, Any]) -> None:
-        """Send one report of ``window``."""
+    def export(self, window: Window, metadata: Mapping[str, Any]) -> ExportResult | None:
+        """Send ``window``: ``None`` when it went as one report, an
+        :class:`~mmagg.outcomes.ExportResult` when it took several (what went, what was
+        dropped, what is left); raises when nothing went."""
         ...
 
     def shutdown(self, *, cancel: bool) -> None:
@@ -446,6 +449,13 @@ class Reporter:
         self.tally.drop("max_classes", dropped_classes)
         self.tally.add("rejected", rejected)
         window.rejected_nonfinite = window.dropped_max_classes = 0  # counted once
+        if rejected:
+            logger.warning(
+                "mmagg: %s refused at collect time (%s): confidence not a number within "
+                "[0, 1] (NaN, infinite or out of range); counted as rejected",
+                predictions_text(rejected),
+                self.key,
+            )
         predictions = sum(s.count for s in stats.values())
         self._in_flight_predictions = predictions
         now = datetime.fromtimestamp(self._clock(), timezone.utc)
@@ -457,15 +467,49 @@ class Reporter:
             "window_end": now.isoformat(),
         }
         try:
-            self.exporter.export(window, metadata)
+            result = self.exporter.export(window, metadata)
         except Exception as error:  # a ReportError, or a bug: keep the data unless refused
             return self._failed(window, predictions, error)
         with self._cond:
             abandoned, self._abandoned = self._abandoned, False
         if abandoned:  # close() counted it as dropped: it arrived after all
             self.tally.drop("shutdown", -predictions)
-        self._window_started = now.timestamp()
-        self.tally.add("sent")
+        if result is None:  # one report, all delivered
+            self._window_started = now.timestamp()
+            self.tally.add("sent")
+            return False, MESSAGE_SENT
+        return self._partly_sent(result, now)
+
+    def _partly_sent(self, result: ExportResult, now: datetime) -> Outcome:
+        """Account for a window that went as several reports (over the body limit)."""
+        for reason, n in result.dropped.items():
+            self.tally.drop(reason, n)
+        if result.reports:
+            self._window_started = now.timestamp()
+            self.tally.add("sent", result.reports)
+        refused = {k: v for k, v in result.dropped.items() if k.startswith("http_")}
+        if refused:
+            logger.warning(
+                "mmagg: backend refused part of a report, dropped: %s; %s",
+                ", ".join(f"{predictions_text(n)} ({k})" for k, n in refused.items()),
+                redact(str(result.error)),
+            )
+        error = result.error
+        if result.undelivered is not None and error is not None:
+            leftover = result.undelivered
+            return self._failed(leftover, sum(s.count for s in leftover.stats().values()), error)
+        if error is not None:
+            self.tally.add("failed")
+            kind = getattr(error, "kind", type(error).__name__)
+            text = redact(str(error))
+            return True, f"{MESSAGE_ERROR_PREFIX}. Error type: {kind}. Details: {text}"
+        if not result.reports:  # every result alone was over the backend's body limit
+            self.tally.add("failed")
+            lost = predictions_text(sum(result.dropped.values()))
+            return True, (
+                f"{MESSAGE_ERROR_PREFIX}. Error type: too_large. Details: {lost} dropped: "
+                "each class's result alone exceeds the backend's body limit"
+            )
         return False, MESSAGE_SENT
 
     def _failed(self, window: Window, predictions: int, error: Exception) -> Outcome:
@@ -564,6 +608,10 @@ class Reporter:
     def close(self, timeout: float | None = None, *, grace: float = _CANCEL_GRACE) -> bool:
         """Flush within ``timeout`` then stop; what could not be sent is counted as dropped.
 
+        Returns ``True`` only if the final flush delivered everything it carried (nothing
+        dropped during close on the way out: deadline, refusal, ``too_large``; predictions
+        the cardinality guard refused at collect time are counted, not delivery failures).
+
         The counters read right after ``close`` include everything it dropped. ``grace``:
         after the deadline, how long to wait for the interrupted send's own outcome (its
         cause then appears in the log first); a send still in flight after it is counted
@@ -574,6 +622,7 @@ class Reporter:
             return True
         self._final = True
         dropped_before = self.tally.dropped["shutdown"]
+        all_dropped_before = self._dropped_total()
         done = self.flush(timeout)
         if not done:
             # Interrupt the send in flight (a wait between retries ends at once) and give
@@ -601,7 +650,15 @@ class Reporter:
             )
         else:
             self.exporter.shutdown(cancel=False)
-        return done and self.tally.dropped["shutdown"] == dropped_before
+        # True only if everything the final flush carried was delivered: a part refused
+        # (4xx) or too large for the backend is a loss as much as a missed deadline.
+        return done and self._dropped_total() == all_dropped_before
+
+    def _dropped_total(self) -> int:
+        """Predictions lost on the way out: all drops but the cardinality guard's, which
+        refuses at collect time (like a rejected prediction) and is counted at the send."""
+        with self.tally.lock:
+            return sum(n for reason, n in self.tally.dropped.items() if reason != "max_classes")
 
 
 class ReporterRegistry:

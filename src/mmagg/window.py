@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from mmagg.predictions import PredictionBatch
-from mmagg.wire import HISTOGRAM_BUCKETS
+from mmagg.wire import CONFIDENCE_MAX, CONFIDENCE_MIN, HISTOGRAM_BUCKETS
 
 __all__ = ["HISTOGRAM_BUCKETS", "ClassStats", "Key", "Sample", "Window"]
 
@@ -286,7 +286,8 @@ class Window:
 
     @property
     def rejected_nonfinite(self) -> int:
-        """Predictions refused because their confidence was NaN or infinite (folded so far)."""
+        """Predictions refused because their confidence was not a number within [0, 1] (NaN,
+        infinite or out of range; folded so far). The name is historical."""
         return self._table.rejected
 
     @rejected_nonfinite.setter
@@ -440,8 +441,22 @@ class Window:
     def to_results(self, *, extensions: bool = False) -> list[dict[str, Any]]:
         """``inference_results`` items, one per key; with ``extensions`` also
         ``source_id`` (when set) and ``stats``."""
+        return [item for _, item, _ in self.result_items(extensions=extensions)]
+
+    def result_items(self, *, extensions: bool = False) -> list[tuple[Key, dict[str, Any], int]]:
+        """``(key, inference_results item, predictions it stands for)`` per key, in the
+        order of :meth:`to_results`: what an exporter needs to split a window into parts.
+
+        Example:
+            >>> from mmagg.predictions import to_batch
+            >>> w = Window()
+            >>> batch = to_batch({"predictions": [{"class": "x", "confidence": 0.5}] * 3})
+            >>> _ = w.add(batch, model_id="m")
+            >>> [(key, item["class_name"], n) for key, item, n in w.result_items()]
+            [(('m', 'x', ''), 'x', 3)]
+        """
         best, stats, _, _ = self.snapshot()
-        results = []
+        items = []
         for key, sample in best.items():
             item = sample.to_result()
             if extensions:
@@ -449,8 +464,29 @@ class Window:
                     item["source_id"] = sample.source_id
                 if key in stats:
                     item["stats"] = stats[key].to_dict()
-            results.append(item)
-        return results
+            items.append((key, item, stats[key].count if key in stats else 1))
+        return items
+
+    def subset(self, keys: Iterable[Key]) -> Window:
+        """A new window holding only ``keys`` (best sample and statistics), e.g. the part
+        of a report that has to be sent again.
+
+        Example:
+            >>> from mmagg.predictions import to_batch
+            >>> w = Window()
+            >>> batch = to_batch({"predictions": [{"class": c, "confidence": 0.5} for c in "ab"]})
+            >>> _ = w.add(batch, model_id="m")
+            >>> sorted(k[1] for k in w.subset([("m", "b", "")]).keys())
+            ['b']
+        """
+        best, stats, _, _ = self.snapshot()
+        wanted = [key for key in keys if key in best]
+        part = Window(max_classes=self.max_classes)
+        part.merge_entries(
+            {key: best[key] for key in wanted},
+            {key: stats[key] for key in wanted if key in stats},
+        )
+        return part
 
     def __len__(self) -> int:
         """Number of keys (classes) held."""
@@ -505,10 +541,12 @@ def _fold_steps(table: _StatsTable, pending: list[_Pending], max_classes: int) -
         batches = [item[0] for item in group]
         conf = _concat([b.confidences for b in batches]).astype(np.float64, copy=False)
         where: npt.NDArray[np.intp] | None = None
-        finite = np.isfinite(conf)
-        if not finite.all():
-            table.rejected += int(conf.size - np.count_nonzero(finite))
-            where = np.flatnonzero(finite)
+        # A confidence is a probability: NaN, inf and anything outside [0, 1] are refused
+        # here, one prediction at a time (the backend would refuse the whole report).
+        valid = (conf >= CONFIDENCE_MIN) & (conf <= CONFIDENCE_MAX)
+        if not valid.all():
+            table.rejected += int(conf.size - np.count_nonzero(valid))
+            where = np.flatnonzero(valid)
             conf = conf[where]
             if conf.size == 0:
                 continue

@@ -13,6 +13,8 @@ Example:
 from __future__ import annotations
 
 __all__ = [
+    "CONFIDENCE_MAX",
+    "CONFIDENCE_MIN",
     "EXTENSION_KEY",
     "EXTENSION_RESULT_KEYS",
     "HISTOGRAM_BUCKETS",
@@ -54,6 +56,10 @@ RESULT_KEYS = ("class_name", "confidence", "inference_id", "model_type", "model_
 #: Opt-in keys of an item (``extensions=True``) and of the top level.
 EXTENSION_RESULT_KEYS = ("source_id", "stats")
 EXTENSION_KEY = "mmagg"
+#: Bounds of a confidence (both included): the client refuses a prediction outside them at
+#: collect time (counted as rejected), the backend refuses a report holding one (422).
+CONFIDENCE_MIN = 0.0
+CONFIDENCE_MAX = 1.0
 #: Buckets of the per-class confidence histogram: bucket ``i`` holds ``i/10 <= c < (i+1)/10``.
 HISTOGRAM_BUCKETS = 10
 #: Limits the backend enforces: body size (413), results per report and string length (422).

@@ -17,11 +17,17 @@ from mmagg.window import FOLD_THRESHOLD, HISTOGRAM_BUCKETS, naive_best
 
 CLASSES = ["", "car", "person", "helmet", "ünïcode", "a" * 300]
 MODELS = ["m/1", "m/2"]
-# A few fixed values make ties frequent; arbitrary floats cover the rest.
+# A few fixed values make ties frequent; arbitrary floats cover the rest, including values
+# outside [0, 1], which the window refuses (and counts) one prediction at a time.
 CONFIDENCES = st.one_of(
-    st.sampled_from([0.0, 0.25, 0.5, 0.5, 1.0]),
+    st.sampled_from([0.0, 0.25, 0.5, 0.5, 1.0, -0.0, 1.0000000000000002, -1e-300]),
     st.floats(min_value=-1.0, max_value=2.0, allow_nan=False),
 )
+
+
+def in_range(confidence: float) -> bool:
+    return 0.0 <= confidence <= 1.0
+
 
 Prediction = tuple[str, float, str, str]  # class, confidence, inference id, model type
 frame_strategy = st.tuples(
@@ -77,7 +83,8 @@ def naive_stats(frames: list[tuple[str, list[Prediction]]]) -> dict[tuple[str, s
     values: dict[tuple[str, str], list[float]] = {}
     for model, preds in frames:
         for name, conf, _, _ in preds:
-            values.setdefault((model, name), []).append(conf)
+            if in_range(conf):
+                values.setdefault((model, name), []).append(conf)
     return values
 
 
@@ -87,8 +94,10 @@ def test_window_equals_store_all_then_sort(
     frames: list[tuple[str, list[Prediction]]], ids: str
 ) -> None:
     window = fill(frames, ids=ids)
-    stream = ((m, n, c, i, t) for m, preds in frames for n, c, i, t in preds)
+    stream = ((m, n, c, i, t) for m, preds in frames for n, c, i, t in preds if in_range(c))
     assert results_of(window) == naive_best(stream)
+    out_of_range = sum(not in_range(c) for _, preds in frames for _, c, _, _ in preds)
+    assert window.snapshot()[2] == out_of_range
     stats = {(k[0], k[1]): v for k, v in window.stats().items()}
     for key, values in naive_stats(frames).items():
         s = stats[key]
@@ -164,6 +173,28 @@ def test_non_finite_confidences_are_rejected_and_counted() -> None:
     assert window.rejected_nonfinite == 3
 
 
+def test_out_of_range_confidences_are_rejected_and_counted() -> None:
+    window = Window()
+    window.add(
+        batch_of(
+            [
+                ("car", 1.5, "too-high", ""),
+                ("car", -0.1, "negative", ""),
+                ("car", 1.0, "edge-high", ""),
+                ("bus", 0.0, "edge-low", ""),
+                ("bus", 100.0, "percent", ""),
+            ]
+        ),
+        model_id="m",
+    )
+    assert sorted((s.class_name, s.confidence, s.inference_id) for s in window.samples()) == [
+        ("bus", 0.0, "edge-low"),
+        ("car", 1.0, "edge-high"),
+    ]
+    assert window.rejected_nonfinite == 3
+    assert {k[1]: s.count for k, s in window.stats().items()} == {"car": 1, "bus": 1}
+
+
 def test_cardinality_guard_counts_what_it_refuses() -> None:
     window = Window(max_classes=3)
     window.add(batch_of([(f"c{i}", 0.5, "", "") for i in range(5)]), model_id="m")
@@ -218,7 +249,7 @@ def expected_of(
     values: dict[tuple[str, str, str], list[float]] = {}
     for model, source, preds in frames:
         for name, conf, inference_id, model_type in preds:
-            if not math.isfinite(conf):
+            if not in_range(conf):  # NaN, inf and values outside [0, 1] are refused
                 continue
             key = (model, name, source)
             values.setdefault(key, []).append(conf)
@@ -244,8 +275,8 @@ def check_window(window: Window, frames: list[tuple[str, str, list[Prediction]]]
         for v in vals:
             hist[min(HISTOGRAM_BUCKETS - 1, max(0, math.floor(v * 10)))] += 1
         assert s.histogram == hist
-    non_finite = sum(1 for _, _, preds in frames for p in preds if not math.isfinite(p[1]))
-    assert window.rejected_nonfinite == non_finite
+    refused = sum(1 for _, _, preds in frames for p in preds if not in_range(p[1]))
+    assert window.rejected_nonfinite == refused
 
 
 @settings(max_examples=150, deadline=None)

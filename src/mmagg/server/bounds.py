@@ -18,9 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-# Confidences are probabilities; the histogram buckets and every mean assume [0, 1].
-CONFIDENCE_MIN = 0.0
-CONFIDENCE_MAX = 1.0
+from mmagg.wire import CONFIDENCE_MAX as CONFIDENCE_MAX
+from mmagg.wire import CONFIDENCE_MIN as CONFIDENCE_MIN
+
+# Confidences are probabilities; the histogram buckets and every mean assume [0, 1]
+# (CONFIDENCE_MIN/MAX, from mmagg.wire: the client refuses the same values per prediction).
 
 #: Predictions one report may stand for, over all its results (`sum(stats.count)`). A
 #: 64-bit SUM (SQLite's integer, PostgreSQL's bigint) holds 9.2e18: 9.2e9 reports at this
