@@ -25,6 +25,7 @@ from mmagg.cache import Cache
 if TYPE_CHECKING:
     import httpx
 
+    from mmagg._http import PoolLease
     from mmagg.window import Window
 
 __all__ = [
@@ -127,6 +128,7 @@ class ModelMonitoringClient:
         cancel: threading.Event | None = None,
         on_retry: Callable[[], None] | None = None,
         rng: Callable[[], float] | None = None,
+        http: httpx.Client | None = None,
     ) -> None:
         if not api_key:
             raise ValueError("api_key: expected a non-empty Roboflow API key, got nothing")
@@ -149,21 +151,27 @@ class ModelMonitoringClient:
         #: The latest failed attempt's text (``None`` after a success): what a log at
         #: shutdown names as the cause.
         self.last_error: str | None = None
-        import httpx  # deferred: `import mmagg` stays light
+        #: Whether :meth:`close` closes the pool: not when it is a shared one (``http``,
+        #: see :mod:`mmagg._http`), whose owner closes it.
+        self._owns_http = http is None
+        if http is None:
+            import httpx  # deferred: `import mmagg` stays light
 
-        self._http = httpx.Client(
-            transport=transport,
-            timeout=request_timeout,
-            headers={"User-Agent": "mmagg"},
-            follow_redirects=False,
-        )
+            http = httpx.Client(
+                transport=transport,
+                timeout=request_timeout,
+                headers={"User-Agent": "mmagg"},
+                follow_redirects=False,
+            )
+        self._http = http
 
     def __repr__(self) -> str:  # never show the key
         return f"ModelMonitoringClient(api_base_url={self.api_base_url!r})"
 
     def close(self) -> None:
-        """Close the connection pool."""
-        self._http.close()
+        """Close the connection pool (unless it is a shared one passed as ``http``)."""
+        if self._owns_http:
+            self._http.close()
 
     def cancel(self) -> None:
         """Stop waiting between retries (used at shutdown)."""
@@ -418,31 +426,42 @@ class HttpExporter:
         self._retry = retry
         self._cache = cache
         self._transport = transport
-        self._client: ModelMonitoringClient | None = None
         self._lock = threading.Lock()
-        self._pid = os.getpid()
         self.retried = 0
         """HTTP retries so far (read by the reporter's counters)."""
+        # Built now, not on the first report: the tenant's shared connection pool (httpx
+        # imported and the TLS context built once per process, see mmagg._http).
+        self._pid = os.getpid()
+        self._lease: PoolLease | None = None
+        self._client: ModelMonitoringClient | None = self._build_client()
 
     def __repr__(self) -> str:  # never show the key
         return f"HttpExporter(api_base_url={self.api_base_url!r})"
 
+    def _build_client(self) -> ModelMonitoringClient:
+        from mmagg._http import lease
+        from mmagg.tenant import Tenant
+
+        self._lease = lease(Tenant.of(self.api_base_url, self._api_key), self._transport)
+        return ModelMonitoringClient(
+            self._api_key,
+            api_base_url=self.api_base_url,
+            request_timeout=self._request_timeout,
+            retry=self._retry,
+            cache=self._cache,
+            on_retry=self._count_retry,
+            http=self._lease.http,
+        )
+
     @property
     def client(self) -> ModelMonitoringClient:
-        """The HTTP client, built on first use (again in a forked child: no shared sockets)."""
+        """The HTTP client over the tenant's shared pool, built with the exporter (again in
+        a forked child, over the child's own pool: no shared sockets)."""
         if self._pid != os.getpid():
             self._pid, self._lock, self._client = os.getpid(), threading.Lock(), None
         with self._lock:
             if self._client is None:
-                self._client = ModelMonitoringClient(
-                    self._api_key,
-                    api_base_url=self.api_base_url,
-                    request_timeout=self._request_timeout,
-                    retry=self._retry,
-                    cache=self._cache,
-                    transport=self._transport,
-                    on_retry=self._count_retry,
-                )
+                self._client = self._build_client()
             return self._client
 
     def _count_retry(self) -> None:
@@ -456,12 +475,9 @@ class HttpExporter:
 
     def prepare(self) -> None:
         """Do the one-off set-up now (httpx import, TLS context, system info): it holds the
-        GIL for tens of milliseconds, which a video loop would feel at the first report."""
-        from mmagg.payload import inference_server_version, system_info
-
+        GIL for tens of milliseconds, which a video loop would feel at the first report.
+        The constructor did it already (once per process); this checks the client exists."""
         _ = self.client
-        system_info()
-        inference_server_version()
 
     def export(self, window: Window, metadata: Mapping[str, Any]) -> None:
         """POST ``window`` as one report; raises :class:`ReportError` when it did not go.
@@ -482,11 +498,16 @@ class HttpExporter:
         self.client.send(payload, idempotency_key=uuid.uuid4().hex)
 
     def shutdown(self, *, cancel: bool) -> None:
-        """Stop: ``cancel`` interrupts a send waiting between retries; otherwise the
-        connection pool is closed (a send still in flight keeps its own connection)."""
+        """Stop: ``cancel`` interrupts a send waiting between retries. Either way this
+        exporter gives back its hold on the tenant's shared pool, which closes when no other
+        exporter (or block) of the tenant holds it."""
         client = self._client
         if client is None or self._pid != os.getpid():
             return
         client.cancel()
         if not cancel:
             client.close()
+        # The tenant's pool closes with its last user (a request still hanging in it then
+        # ends: its reporter has given up on it).
+        if self._lease is not None:
+            self._lease.release()
