@@ -168,6 +168,11 @@ class ModelMonitoringClient:
     def __repr__(self) -> str:  # never show the key
         return f"ModelMonitoringClient(api_base_url={self.api_base_url!r})"
 
+    @property
+    def http(self) -> httpx.Client:
+        """The connection pool this client sends through (shared per tenant by exporters)."""
+        return self._http
+
     def close(self) -> None:
         """Close the connection pool (unless it is a shared one passed as ``http``)."""
         if self._owns_http:
