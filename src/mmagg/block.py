@@ -142,7 +142,8 @@ def _hold_pool(block: object, api_base_url: str, api_key: str) -> None:
     from mmagg.tenant import Tenant
 
     held = lease(Tenant.of(api_base_url, api_key))
-    weakref.finalize(block, held.release)
+    # Not at exit: the reporters' final flush (after finalizers) may still need it.
+    weakref.finalize(block, held.release).atexit = False
 
 
 class ModelMonitoringInferenceAggregatorBlockV1:

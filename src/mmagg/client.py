@@ -14,6 +14,7 @@ import random
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -447,7 +448,10 @@ class HttpExporter:
         from mmagg._http import lease
         from mmagg.tenant import Tenant
 
-        self._lease = lease(Tenant.of(self.api_base_url, self._api_key), self._transport)
+        self._lease = held = lease(Tenant.of(self.api_base_url, self._api_key), self._transport)
+        # An exporter dropped without shutdown() still gives its hold back (not at exit:
+        # the reporters' final flush, which runs after finalizers, still needs the pool).
+        weakref.finalize(self, held.release).atexit = False
         return ModelMonitoringClient(
             self._api_key,
             api_base_url=self.api_base_url,

@@ -255,3 +255,50 @@ def test_docstring_examples_run() -> None:
 
     failures, tried = doctest.testmod(mmagg._http, optionflags=doctest.ELLIPSIS)
     assert tried > 0 and failures == 0
+
+
+def test_an_exporter_dropped_without_shutdown_gives_its_pool_back() -> None:
+    from mmagg.client import HttpExporter
+
+    gc.collect()
+    before = live_pools()
+    exporter = HttpExporter("dropped-key", api_base_url="http://127.0.0.1:9")
+    pool = exporter.client.http
+    assert live_pools() == before + 1
+    del exporter
+    gc.collect()
+    assert live_pools() == before and pool.is_closed
+
+
+def test_pools_are_closed_at_exit_after_the_final_flush(capture_server: Any) -> None:
+    """The last window still goes out at interpreter exit through the tenant's pool (the
+    pools close only after the reporters' final flush), without a warning."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-W",
+            "error::ResourceWarning",
+            "-c",
+            textwrap.dedent(
+                f"""
+                import mmagg
+                agg = mmagg.Aggregator("m/1", frequency=60, api_key="exit-key",
+                                       api_base_url={capture_server.url!r})
+                agg.collect({{"predictions": [{{"class": "first", "confidence": 0.5}}]}})
+                assert agg.flush(timeout=10)  # the pool now holds a kept-alive connection
+                agg.collect({{"predictions": [{{"class": "at-exit", "confidence": 0.5}}]}})
+                """
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "ResourceWarning" not in out.stderr and "unclosed" not in out.stderr, out.stderr
+    classes = [
+        r["class_name"]
+        for p in capture_server.wait_for_posts(2)
+        for r in p.json()["inference_results"]
+    ]
+    assert classes == ["first", "at-exit"]
