@@ -333,7 +333,8 @@ def main() -> int:
         f"(constructor median {statistics.median(r['ctor_ms'] for r in runs):.1f} ms, "
         f"second run median {statistics.median(r['second_ms'] for r in runs):.2f} ms)"
     )
-    print(f"   modules imported by the first run(): {leaked or 'none'}")
+    shown = ", ".join(leaked[:8]) + (f", ... ({len(leaked)} in all)" if len(leaked) > 8 else "")
+    print(f"   modules imported by the first run(): {shown or 'none'}")
     targets.append(
         (
             f"fresh first run() median <= {FIRST_RUN_MS:g} ms",
