@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
     from mmagg.tenant import Tenant
 
-__all__ = ["PoolLease", "close_all", "lease", "live_pools", "warm_up"]
+__all__ = ["PoolLease", "lease", "live_pools", "warm_up"]
 
 _lock = threading.Lock()
 _pid = os.getpid()
@@ -138,16 +138,6 @@ def lease(tenant: Tenant, transport: httpx.BaseTransport | None = None) -> PoolL
             )
         pool.leases += 1
         return PoolLease(pool.http, key, os.getpid())
-
-
-def close_all() -> None:
-    """Close every pool of this process (at exit, after the reporters' final flush)."""
-    with _lock:
-        _check_fork()
-        pools = list(_pools.values())
-        _pools.clear()
-    for pool in pools:
-        pool.http.close()
 
 
 def live_pools() -> int:

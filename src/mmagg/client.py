@@ -503,16 +503,17 @@ class HttpExporter:
         self.client.send(payload, idempotency_key=uuid.uuid4().hex)
 
     def shutdown(self, *, cancel: bool) -> None:
-        """Stop: ``cancel`` interrupts a send waiting between retries. Either way this
+        """Stop: ``cancel`` interrupts a send waiting between retries; otherwise this
         exporter gives back its hold on the tenant's shared pool, which closes when no other
         exporter (or block) of the tenant holds it."""
         client = self._client
         if client is None or self._pid != os.getpid():
             return
         client.cancel()
-        if not cancel:
-            client.close()
-        # The tenant's pool closes with its last user (a request still hanging in it then
-        # ends: its reporter has given up on it).
-        if self._lease is not None:
+        if cancel:
+            # A send may still be in flight on the pool: it keeps it until this exporter
+            # is dropped (the finalizer gives the hold back then).
+            return
+        client.close()
+        if self._lease is not None:  # the tenant's pool closes with its last holder
             self._lease.release()

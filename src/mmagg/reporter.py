@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import sys
 import threading
 import time
 from collections import Counter
@@ -764,13 +763,4 @@ def _workspace_cache(base_url: str) -> Cache:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=REPORTERS.after_fork_in_child)
-
-
-def _at_exit() -> None:
-    REPORTERS.close_all(default_flush_timeout())
-    http = sys.modules.get("mmagg._http")  # the tenants' pools, once nothing sends any more
-    if http is not None:
-        http.close_all()
-
-
-atexit.register(_at_exit)
+atexit.register(lambda: REPORTERS.close_all(default_flush_timeout()))

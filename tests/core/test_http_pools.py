@@ -270,9 +270,9 @@ def test_an_exporter_dropped_without_shutdown_gives_its_pool_back() -> None:
     assert live_pools() == before and pool.is_closed
 
 
-def test_pools_are_closed_at_exit_after_the_final_flush(capture_server: Any) -> None:
-    """The last window still goes out at interpreter exit through the tenant's pool (the
-    pools close only after the reporters' final flush), without a warning."""
+def test_the_final_flush_at_exit_goes_through_the_pool(capture_server: Any) -> None:
+    """The last window still goes out at interpreter exit through the tenant's pool (no
+    finalizer closes it before the reporters' final flush), without a warning."""
     out = subprocess.run(
         [
             sys.executable,
@@ -302,3 +302,48 @@ def test_pools_are_closed_at_exit_after_the_final_flush(capture_server: Any) -> 
         for r in p.json()["inference_results"]
     ]
     assert classes == ["first", "at-exit"]
+
+
+def test_a_close_that_gives_up_leaves_the_pool_to_the_send_in_flight(
+    capture_server: Any,
+) -> None:
+    """close() past its deadline interrupts waits, not the request on the wire: the pool
+    stays open for that send (its outcome still arrives), and is given back once the
+    exporter is dropped."""
+    import time
+
+    from tests.conftest import Reply
+
+    capture_server.replies.append(Reply(body={"status": "ok"}, delay=1.0))
+    gc.collect()
+    before = live_pools()
+    agg = _aggregator(capture_server.url, "slow-key", request_timeout=5.0)
+    agg.collect({"predictions": [{"class": "slow", "confidence": 0.5}]})
+    pool = agg._reporter.exporter.client.http  # type: ignore[attr-defined]
+    assert agg.close(timeout=0.2) is False  # the POST is still waiting for its answer
+    assert not pool.is_closed
+    assert len(capture_server.wait_for_posts(1)) == 1
+    reporter = agg._reporter
+    for _ in range(500):
+        if reporter.counters().sent == 1:
+            break
+        time.sleep(0.02)
+    assert reporter.counters().sent == 1
+    assert reporter.counters().dropped.get("shutdown", 0) == 0  # corrected: it arrived
+    del agg, reporter
+    # The registry forgets closed reporters when it builds the next one.
+    _aggregator(capture_server.url, "another-tenant").close(timeout=5)
+    gc.collect()
+    assert wait_for(lambda: gc.collect() >= 0 and live_pools() == before, 10.0)
+    assert pool.is_closed
+
+
+def wait_for(predicate: Any, timeout: float) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return bool(predicate())
