@@ -43,7 +43,7 @@ mypy
 
 log "benchmarks (smoke)"
 # soak.py is by hand only (minutes long).
-for bench in hot_path ingest redis_scale load; do
+for bench in hot_path ingest redis_scale load first_call; do
   python "benchmarks/$bench.py" --smoke
 done
 

@@ -132,6 +132,20 @@ class BlockManifest(BaseModel):
         return ">=1.3.0,<2.0.0"
 
 
+def _hold_pool(block: object, api_base_url: str, api_key: str) -> None:
+    """The one-off set-up, in the constructor rather than on the first ``run()``: httpx, the
+    TLS context, the system info and this tenant's connection pool, held while the block
+    lives so that the reporters its runs open (one per aggregator key) find it built."""
+    import weakref
+
+    from mmagg._http import lease
+    from mmagg.tenant import Tenant
+
+    held = lease(Tenant.of(api_base_url, api_key))
+    # Not at exit: the reporters' final flush (after finalizers) may still need it.
+    weakref.finalize(block, held.release).atexit = False
+
+
 class ModelMonitoringInferenceAggregatorBlockV1:
     """Aggregate predictions and report the most confident one per class every
     ``frequency`` seconds.
@@ -192,6 +206,8 @@ class ModelMonitoringInferenceAggregatorBlockV1:
         self._clock = clock
         self._reporters: dict[str, Reporter] = {}
         self._clocks: dict[str, CacheClock] = {}
+        if not disable_sinks:
+            _hold_pool(self, self._api_base_url, self._api_key)
 
     def __repr__(self) -> str:  # never show the key
         return f"ModelMonitoringInferenceAggregatorBlockV1(api_base_url={self._api_base_url!r})"

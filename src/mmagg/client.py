@@ -14,6 +14,7 @@ import random
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ from mmagg.wire import MAX_BODY_BYTES, MAX_RESULTS
 if TYPE_CHECKING:
     import httpx
 
+    from mmagg._http import PoolLease
     from mmagg.outcomes import ExportResult
     from mmagg.window import Window
 
@@ -157,6 +159,7 @@ class ModelMonitoringClient:
         cancel: threading.Event | None = None,
         on_retry: Callable[[], None] | None = None,
         rng: Callable[[], float] | None = None,
+        http: httpx.Client | None = None,
     ) -> None:
         if not api_key:
             raise ValueError("api_key: expected a non-empty Roboflow API key, got nothing")
@@ -179,21 +182,32 @@ class ModelMonitoringClient:
         #: The latest failed attempt's text (``None`` after a success): what a log at
         #: shutdown names as the cause.
         self.last_error: str | None = None
-        import httpx  # deferred: `import mmagg` stays light
+        #: Whether :meth:`close` closes the pool: not when it is a shared one (``http``,
+        #: see :mod:`mmagg._http`), whose owner closes it.
+        self._owns_http = http is None
+        if http is None:
+            import httpx  # deferred: `import mmagg` stays light
 
-        self._http = httpx.Client(
-            transport=transport,
-            timeout=request_timeout,
-            headers={"User-Agent": "mmagg"},
-            follow_redirects=False,
-        )
+            http = httpx.Client(
+                transport=transport,
+                timeout=request_timeout,
+                headers={"User-Agent": "mmagg"},
+                follow_redirects=False,
+            )
+        self._http = http
 
     def __repr__(self) -> str:  # never show the key
         return f"ModelMonitoringClient(api_base_url={self.api_base_url!r})"
 
+    @property
+    def http(self) -> httpx.Client:
+        """The connection pool this client sends through (shared per tenant by exporters)."""
+        return self._http
+
     def close(self) -> None:
-        """Close the connection pool."""
-        self._http.close()
+        """Close the connection pool (unless it is a shared one passed as ``http``)."""
+        if self._owns_http:
+            self._http.close()
 
     def cancel(self) -> None:
         """Stop waiting between retries (used at shutdown)."""
@@ -264,6 +278,17 @@ class ModelMonitoringClient:
         where = f"{method} {url}"
         attempt = 0
         last: ReportError | None = None
+        # Built (URL, query, body, headers) once: a retry only sends it again, so the sender
+        # holds the GIL for less Python work per attempt. Compressed answers would have to be
+        # inflated to be read (a small gzip body can unpack to gigabytes): ask for none, and
+        # inflate a bounded part of what comes anyway (see _inflated).
+        request = self._http.build_request(
+            method,
+            url,
+            params=params,
+            content=content,
+            headers={**(headers or {}), "Accept-Encoding": "identity"},
+        )
         while True:
             attempt += 1
             remaining = end - time.monotonic()
@@ -281,7 +306,7 @@ class ModelMonitoringClient:
             if hold > 0 and self._cancel.wait(hold):
                 raise self._given_up(where, last, "shutdown", attempt - 1)
             outcome, retry_now, wait = self._attempt(
-                method, url, params, content, headers, min(self.request_timeout, remaining)
+                request, url, min(self.request_timeout, remaining)
             )
             if not isinstance(outcome, ReportError):
                 self.last_error = None
@@ -314,35 +339,20 @@ class ModelMonitoringClient:
         )
 
     def _attempt(
-        self,
-        method: str,
-        url: str,
-        params: Mapping[str, str],
-        content: bytes | None,
-        headers: Mapping[str, str] | None,
-        timeout: float,
+        self, request: httpx.Request, url: str, timeout: float
     ) -> tuple[ReportError | _Answer, bool, float | None]:
-        """One request: the answer, or the error, whether to retry it now, and a
-        server-asked wait. The whole attempt, body included, ends within ``timeout``."""
+        """One try of ``request`` (to ``url``): the answer, or the error, whether to retry
+        it now, and a server-asked wait. The whole attempt, body included, ends within
+        ``timeout``."""
         import httpx
 
-        where = f"{method} {url}"
+        where = f"{request.method} {url}"
         end = time.monotonic() + timeout
         failure: str | None = None
         kind = "connection"
         answer: _Answer | None = None
         try:
-            request = self._http.build_request(
-                method,
-                url,
-                params=params,
-                content=content,
-                # Compressed answers would have to be inflated to be read: a small gzip
-                # body can unpack to gigabytes. Ask for none (and inflate a bounded part
-                # of what comes anyway, see _inflated).
-                headers={**(headers or {}), "Accept-Encoding": "identity"},
-                timeout=timeout,
-            )
+            request.extensions["timeout"] = httpx.Timeout(timeout).as_dict()
             response = self._http.send(request, stream=True)
             answer = _read_capped(response, end)
         except httpx.TimeoutException as exc:
@@ -595,34 +605,48 @@ class HttpExporter:
         self._retry = retry
         self._cache = cache
         self._transport = transport
-        self._client: ModelMonitoringClient | None = None
         self._lock = threading.Lock()
-        self._pid = os.getpid()
         self.retried = 0
         """HTTP retries so far (read by the reporter's counters)."""
         # What 413 answers taught: later windows are cut to the largest body the backend
         # accepted in an export that met a 413 (only ever a cutting hint: it never drops).
         self._part_limit = MAX_BODY_BYTES
+        # Built now, not on the first report: the tenant's shared connection pool (httpx
+        # imported and the TLS context built once per process, see mmagg._http).
+        self._pid = os.getpid()
+        self._lease: PoolLease | None = None
+        self._client: ModelMonitoringClient | None = self._build_client()
 
     def __repr__(self) -> str:  # never show the key
         return f"HttpExporter(api_base_url={self.api_base_url!r})"
 
+    def _build_client(self) -> ModelMonitoringClient:
+        from mmagg._http import lease
+        from mmagg.tenant import Tenant
+
+        self._lease = held = lease(Tenant.of(self.api_base_url, self._api_key), self._transport)
+        # An exporter dropped without shutdown() still gives its hold back (not at exit:
+        # the reporters' final flush, which runs after finalizers, still needs the pool).
+        weakref.finalize(self, held.release).atexit = False
+        return ModelMonitoringClient(
+            self._api_key,
+            api_base_url=self.api_base_url,
+            request_timeout=self._request_timeout,
+            retry=self._retry,
+            cache=self._cache,
+            on_retry=self._count_retry,
+            http=self._lease.http,
+        )
+
     @property
     def client(self) -> ModelMonitoringClient:
-        """The HTTP client, built on first use (again in a forked child: no shared sockets)."""
+        """The HTTP client over the tenant's shared pool, built with the exporter (again in
+        a forked child, over the child's own pool: no shared sockets)."""
         if self._pid != os.getpid():
             self._pid, self._lock, self._client = os.getpid(), threading.Lock(), None
         with self._lock:
             if self._client is None:
-                self._client = ModelMonitoringClient(
-                    self._api_key,
-                    api_base_url=self.api_base_url,
-                    request_timeout=self._request_timeout,
-                    retry=self._retry,
-                    cache=self._cache,
-                    transport=self._transport,
-                    on_retry=self._count_retry,
-                )
+                self._client = self._build_client()
             return self._client
 
     def _count_retry(self) -> None:
@@ -636,12 +660,9 @@ class HttpExporter:
 
     def prepare(self) -> None:
         """Do the one-off set-up now (httpx import, TLS context, system info): it holds the
-        GIL for tens of milliseconds, which a video loop would feel at the first report."""
-        from mmagg.payload import inference_server_version, system_info
-
+        GIL for tens of milliseconds, which a video loop would feel at the first report.
+        The constructor did it already (once per process); this checks the client exists."""
         _ = self.client
-        system_info()
-        inference_server_version()
 
     def export(self, window: Window, metadata: Mapping[str, Any]) -> ExportResult | None:
         """POST ``window``; raises :class:`ReportError` when nothing of it went.
@@ -752,11 +773,17 @@ class HttpExporter:
         )
 
     def shutdown(self, *, cancel: bool) -> None:
-        """Stop: ``cancel`` interrupts a send waiting between retries; otherwise the
-        connection pool is closed (a send still in flight keeps its own connection)."""
+        """Stop: ``cancel`` interrupts a send waiting between retries; otherwise this
+        exporter gives back its hold on the tenant's shared pool, which closes when no other
+        exporter (or block) of the tenant holds it."""
         client = self._client
         if client is None or self._pid != os.getpid():
             return
         client.cancel()
-        if not cancel:
-            client.close()
+        if cancel:
+            # A send may still be in flight on the pool: it keeps it until this exporter
+            # is dropped (the finalizer gives the hold back then).
+            return
+        client.close()
+        if self._lease is not None:  # the tenant's pool closes with its last holder
+            self._lease.release()
