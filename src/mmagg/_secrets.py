@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from urllib.parse import quote, quote_plus
 
 __all__ = ["REDACTED", "RedactingFilter", "get_logger", "redact", "register_secret"]
 
 REDACTED = "***"
+#: A secret shorter than this is replaced only where it stands as a whole token (not inside a
+#: word): a one-letter test key must not turn "makes" into "ma***es" in every message.
+SHORT_SECRET = 8
 _secrets: set[str] = set()
 _lock = threading.Lock()
 
@@ -28,6 +32,8 @@ def redact(text: str, *extra: str | None) -> str:
     Example:
         >>> redact("GET /?api_key=s3cr3t", "s3cr3t")
         'GET /?api_key=***'
+        >>> redact("key=k: the key makes it", "k")  # a short one only as a whole token
+        'key=***: the key makes it'
     """
     candidates = set(_secrets)
     for secret in extra:
@@ -35,8 +41,14 @@ def redact(text: str, *extra: str | None) -> str:
             candidates.update({secret, quote(secret, safe=""), quote_plus(secret)})
     # Longest first so that an encoded form is not left half-replaced.
     for secret in sorted(candidates, key=len, reverse=True):
-        if secret and secret in text:
+        if not secret or secret not in text:
+            continue
+        if len(secret) >= SHORT_SECRET:
             text = text.replace(secret, REDACTED)
+        else:
+            text = re.sub(
+                rf"(?<![A-Za-z0-9_-]){re.escape(secret)}(?![A-Za-z0-9_-])", REDACTED, text
+            )
     return text
 
 
