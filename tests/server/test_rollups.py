@@ -27,7 +27,7 @@ from server_payloads import report, result
 from server_support import RunningBackend
 from v01_schema import WORKSPACE, build_v01_database
 
-from mmagg.server import Database, queries, rollups
+from mmagg.server import Database, queries, rollups, trends
 from mmagg.server.bounds import Placement
 from mmagg.server.queries import TimeRange
 from mmagg.server.schemas import REPORT_ADAPTER
@@ -200,6 +200,21 @@ def test_every_read_from_rollups_equals_the_read_over_raw_rows(
                 conn, workspace_id, MODELS[1], span, names, source, device
             ),
             "histogram wide": lambda: queries.histogram(conn, workspace_id, MODELS[0], wide),
+            "trends": lambda: trends.class_trends(
+                conn,
+                workspace_id,
+                MODELS[0],
+                span,
+                bucket,
+                trends.Filter(None, names[0] if names else None, device, source),
+            ),
+            "trends wide": lambda: trends.class_trends(conn, workspace_id, MODELS[1], wide, 3600),
+            "drift": lambda: trends.drift_report(
+                conn, workspace_id, span.end, 3600, 2 * 3600, trends.Filter(), min_count=1
+            ),
+            "period stats": lambda: trends.period_stats(
+                conn, workspace_id, span, trends.Filter(MODELS[0], None, device, source)
+            ),
         }.items():
             rolled, raw = _both(call)
             assert_same(rolled, raw, label)

@@ -532,19 +532,6 @@ def _floor(conn: Connection, value: sa.ColumnElement[Any]) -> sa.ColumnElement[A
     return sa.case((value < truncated, truncated - 1), else_=truncated)
 
 
-def _sample_bucket(conn: Connection) -> sa.ColumnElement[Any]:
-    """`confidence_bucket` in SQL: [i/10, (i+1)/10), clamped to 0..9."""
-    scaled = results.c.confidence * HISTOGRAM_BUCKETS
-    floor = (
-        sa.func.floor(scaled) if conn.dialect.name == "postgresql" else sa.cast(scaled, sa.Integer)
-    )
-    return sa.case(
-        (results.c.confidence < 0, 0),
-        (scaled >= HISTOGRAM_BUCKETS - 1, HISTOGRAM_BUCKETS - 1),
-        else_=floor,
-    )
-
-
 def histogram(
     conn: Connection,
     workspace_id: int,
