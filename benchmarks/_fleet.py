@@ -51,9 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engines", default="sqlite,postgresql")
     parser.add_argument("--raw", action="store_true", help="also time reads over raw rows only")
     parser.add_argument("--smoke", action="store_true", help="5 devices, a report every 10 min")
-    parser.add_argument(
-        "--pg-dsn", default="host=127.0.0.1 port=5432 user=postgres dbname=test"
-    )
+    parser.add_argument("--pg-dsn", default="host=127.0.0.1 port=5432 user=postgres dbname=test")
 
 
 def _bucket(span: float) -> int:
@@ -105,9 +103,23 @@ def bulk_seed(db: Database, args: argparse.Namespace, now: float) -> int:
         model = MODELS[device % len(MODELS)]
         source = f"cam-{device:03d}"
         report_rows.append(
-            (report_id, workspace_id, ts, ts, device_id, "workflow", None, "0.1.0", SYSTEM_INFO,
-             None, args.interval, extension, len(classes),
-             datetime.fromtimestamp(ts, timezone.utc).isoformat(), "client")
+            (
+                report_id,
+                workspace_id,
+                ts,
+                ts,
+                device_id,
+                "workflow",
+                None,
+                "0.1.0",
+                SYSTEM_INFO,
+                None,
+                args.interval,
+                extension,
+                len(classes),
+                datetime.fromtimestamp(ts, timezone.utc).isoformat(),
+                "client",
+            )
         )
         facts = []
         for class_name in classes:
@@ -119,9 +131,23 @@ def bulk_seed(db: Database, args: argparse.Namespace, now: float) -> int:
             histogram[min(int(low * 10), 9)] += count - 1
             total = best + low * (count - 1)
             result_rows.append(
-                (report_id, workspace_id, ts, device_id, model, class_name, best,
-                 uuid.UUID(int=rng.getrandbits(128)).hex, "object-detection", source,
-                 count, total, low if count > 1 else best, best, *histogram)
+                (
+                    report_id,
+                    workspace_id,
+                    ts,
+                    device_id,
+                    model,
+                    class_name,
+                    best,
+                    uuid.UUID(int=rng.getrandbits(128)).hex,
+                    "object-detection",
+                    source,
+                    count,
+                    total,
+                    low if count > 1 else best,
+                    best,
+                    *histogram,
+                )
             )
             facts.append((model, class_name, device_id, source, best, count, total, histogram))
         rollups.merge_into(pending, rollups.contributions(workspace_id, ts, facts))
@@ -166,9 +192,7 @@ def reads(workspace_id: int, now: float, seconds: float) -> dict[str, Callable[[
         trends.class_trends(conn, workspace_id, model, span, bucket)
         queries.histogram(conn, workspace_id, model, span)
         queries.samples(conn, workspace_id, span, 50, model)
-        return trends.drift_report(
-            conn, workspace_id, now, window, baseline, trends.Filter(model)
-        )
+        return trends.drift_report(conn, workspace_id, now, window, baseline, trends.Filter(model))
 
     return {
         "inference-stats": lambda c: queries.inference_stats(c, workspace_id, span),
@@ -217,6 +241,21 @@ def _database(engine: str, directory: str, dsn: str) -> Iterator[Database]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def _sizes(db: Database) -> str:
+    """Bytes per row of each table with its indexes (PostgreSQL; the file size on SQLite)."""
+    with db.read() as conn:
+        if db.dialect != "postgresql":
+            pages = conn.exec_driver_sql("PRAGMA page_count").scalar() or 0
+            size = conn.exec_driver_sql("PRAGMA page_size").scalar() or 0
+            return f"file: {pages * size / 1e6:,.0f} MB"
+        parts = []
+        for table in ("reports", "results", "rollups"):
+            size = conn.exec_driver_sql(f"SELECT pg_total_relation_size('{table}')").scalar()
+            count = conn.exec_driver_sql(f"SELECT COUNT(*) FROM {table}").scalar() or 1
+            parts.append(f"{table} {size / 1e6:,.0f} MB ({size / count:.0f} B/row)")
+        return "sizes with indexes: " + ", ".join(parts)
+
+
 def run(args: argparse.Namespace, directory: str) -> int:
     if args.smoke:
         args.devices, args.interval = min(args.devices, 5), max(args.interval, 600.0)
@@ -230,8 +269,7 @@ def run(args: argparse.Namespace, directory: str) -> int:
                 conn.exec_driver_sql("ANALYZE")
             with db.read() as conn:
                 levels = dict(
-                    conn.exec_driver_sql("SELECT level, COUNT(*) FROM rollups GROUP BY level")
-                    .all()
+                    conn.exec_driver_sql("SELECT level, COUNT(*) FROM rollups GROUP BY level").all()
                 )
             print(
                 f"\n{engine}: seeded {written:,} results ({args.devices} devices x "
@@ -239,6 +277,7 @@ def run(args: argparse.Namespace, directory: str) -> int:
                 f"{time.perf_counter() - started:.0f} s; rollup rows: minute "
                 f"{levels.get(60, 0):,}, hour {levels.get(3600, 0):,}"
             )
+            print(_sizes(db))
             workspace_id = db.ensure_workspace(WORKSPACE)
             modes = [True, False] if args.raw else [True]
             header = f"{'read':22}" + "".join(f"{name:>10}" for name in ranges)
@@ -253,13 +292,9 @@ def run(args: argparse.Namespace, directory: str) -> int:
                     table: dict[str, dict[str, float]] = {}
                     for range_name, seconds in ranges.items():
                         for read_name, call in reads(workspace_id, now, seconds).items():
-                            table.setdefault(read_name, {})[range_name] = _timed(
-                                call, conn, repeat
-                            )
+                            table.setdefault(read_name, {})[range_name] = _timed(call, conn, repeat)
                     for read_name, row in table.items():
-                        line = f"{read_name:22}" + "".join(
-                            f"{row[r] * 1000:10.1f}" for r in ranges
-                        )
+                        line = f"{read_name:22}" + "".join(f"{row[r] * 1000:10.1f}" for r in ranges)
                         if "30 d" in row:
                             line += f"{row['30 d'] / row['1 h']:8.1f}"
                         print(line, flush=True)

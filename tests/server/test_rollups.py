@@ -350,3 +350,36 @@ def test_a_v01_database_gets_rollups_that_read_back_equal(v01_url: tuple[str, st
         assert again[1] == 2 * rows  # one minute row and one hour row per result
     finally:
         db.close()
+
+
+def test_pruning_keeps_reads_after_the_bound_equal(db: Database) -> None:
+    """Retention drops raw rows before the bound and rollup buckets that end by it; every
+    read that starts at or after the bound still equals the raw read."""
+    anchor = _anchor()
+    workspace = f"w{uuid.uuid4().hex[:12]}"
+    drawn = [
+        (
+            minute * 60_000 + 1_500,
+            "edge-a",
+            [("yard/1", "car", "cam-1", [0.1 * (minute % 10)], False)],
+        )
+        for minute in range(0, HOURS * 60, 7)
+    ]
+    _store(db, workspace, anchor, drawn)
+    workspace_id = db.ensure_workspace(workspace)
+    bound = anchor + 2 * 3600 + 90  # inside an hour and inside a minute
+    db.prune(before=bound)
+    with db.read() as conn:
+        left = conn.execute(
+            sa.text("SELECT MIN(bucket + level) FROM rollups WHERE workspace_id = :w"),
+            {"w": workspace_id},
+        ).scalar_one()
+        assert left > bound  # every bucket ending by the bound is gone
+        for start in (bound, anchor + 3 * 3600, bound + 0.5):
+            span = TimeRange(start, anchor + HOURS * 3600)
+            rolled, raw = _both(
+                lambda span=span: queries.classes(conn, workspace_id, "yard/1", span)  # type: ignore[misc]
+            )
+            assert_same(rolled, raw)
+            expected = sum(1 for m in range(0, HOURS * 60, 7) if anchor + m * 60 + 1.5 >= start)
+            assert rolled["classes"][0]["result_count"] == expected
