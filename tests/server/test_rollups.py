@@ -9,6 +9,7 @@ the same numbers added in another order, so they are compared to 1e-12 relative.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 import time
@@ -137,6 +138,8 @@ def _both(call: Any) -> tuple[Any, Any]:
 
 def assert_same(rolled: Any, raw: Any, where: str = "") -> None:
     """Equal, except floats (sums in another order) to 1e-12 relative."""
+    if dataclasses.is_dataclass(raw) and not isinstance(raw, type):
+        raw, rolled = dataclasses.asdict(raw), dataclasses.asdict(rolled)
     if isinstance(raw, float) and isinstance(rolled, float):
         assert math.isclose(rolled, raw, rel_tol=1e-12, abs_tol=1e-12), (where, rolled, raw)
     elif isinstance(raw, dict):
@@ -218,6 +221,47 @@ def test_every_read_from_rollups_equals_the_read_over_raw_rows(
         }.items():
             rolled, raw = _both(call)
             assert_same(rolled, raw, label)
+
+
+@settings(
+    max_examples=10,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    minutes=st.lists(st.integers(0, 3 * 1440 - 1), min_size=1, max_size=40),
+    start=st.integers(0, 2 * 86400),
+    length=st.integers(86400, 3 * 86400),
+    bucket=st.sampled_from([3600, 21600, 86400, 300]),
+)
+def test_reads_over_days_use_day_rows_and_stay_equal(
+    db: Database, minutes: list[int], start: int, length: int, bucket: int
+) -> None:
+    """Ranges over whole UTC days read the day level; still equal to the raw read."""
+    day = math.floor(time.time() / 86400) * 86400 - 4 * 86400
+    workspace = f"w{uuid.uuid4().hex[:12]}"
+    drawn = [
+        (
+            m * 60_000 + 250,
+            DEVICES[m % 3],
+            [(MODELS[m % 2], CLASSES[m % 3], None, [m % 7 / 7], m % 2 == 0)],
+        )
+        for m in minutes
+    ]
+    _store(db, workspace, day, drawn)
+    workspace_id = db.ensure_workspace(workspace)
+    span = TimeRange(day + start + 0.25, day + start + length)
+    with db.read() as conn:
+        for call in (
+            lambda: queries.inference_stats(conn, workspace_id, span),
+            lambda: queries.models(conn, workspace_id, span),
+            lambda: queries.classes(conn, workspace_id, MODELS[0], span),
+            lambda: queries.timeseries(conn, workspace_id, MODELS[1], span, bucket),
+            lambda: queries.histogram(conn, workspace_id, MODELS[0], span),
+            lambda: trends.class_trends(conn, workspace_id, MODELS[0], span, bucket),
+        ):
+            rolled, raw = _both(call)
+            assert_same(rolled, raw)
 
 
 def test_wide_reads_really_use_rollups(db: Database) -> None:
@@ -347,7 +391,7 @@ def test_a_v01_database_gets_rollups_that_read_back_equal(v01_url: tuple[str, st
             rollups.rebuild_rollups(conn)
         with db.read() as conn:
             again = conn.execute(sa.text("SELECT COUNT(*), SUM(results) FROM rollups")).one()
-        assert again[1] == 2 * rows  # one minute row and one hour row per result
+        assert again[1] == len(rollups.LEVELS) * rows  # one row per level and result
     finally:
         db.close()
 

@@ -1,24 +1,27 @@
 """Per-minute and per-hour aggregates of the stored results, and reads served from them.
 
-Every stored result adds to two rows of the `rollups` table, one per level (60 s and 3600 s),
-keyed by (workspace, level, bucket start, model, class, device, source). The rows are
+Every stored result adds to one row per level (1 min, 5 min, 1 h, 1 day) of the `rollups`
+table, keyed by (workspace, level, bucket start, model, class, device, source). The rows are
 written by the same transaction that stores the report (`Database.store_report`), so a
 committed report is always in its rollups and a rolled-back one never is: no watermark, no
 lag. docs/scale.md explains the choice and the numbers.
 
-A read over [start, end) is split into segments (`plan`): whole hours come from the hour
-rows, whole minutes around them from the minute rows and the sub-minute edges from the raw
-results; the partial aggregates of the segments are then merged (`Agg.merge`). Counts,
+A read over [start, end) is split into segments (`plan`): whole days from the day rows, whole
+hours around them from the hour rows, and so on down to minutes; the sub-minute edges come
+from the raw results. The partial aggregates of the segments are then merged (`Agg.merge`). Counts,
 minimums, maximums and histograms are exact; sums of confidences are the same numbers added
 in another order (equal to the raw sums up to float rounding, about 1e-15 relative).
 
 Example:
-    >>> [(s.start, s.end, s.level) for s in plan(30.0, 7300.0, None)][1:4]
-    [(60.0, 3600.0, 60), (3600.0, 7200.0, 3600), (7200.0, 7260.0, 60)]
+    >>> [(s.start, s.end, s.level) for s in plan(30.0, 7530.0, None)][:3]
+    [(30.0, 60.0, 0), (60.0, 300.0, 60), (300.0, 3600.0, 300)]
+    >>> [(s.start, s.end, s.level) for s in plan(30.0, 7530.0, None)][3:]
+    [(3600.0, 7200.0, 3600), (7200.0, 7500.0, 300), (7500.0, 7530.0, 0)]
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +33,9 @@ from sqlalchemy.engine import Connection
 from mmagg.server.tables import results, rollups
 from mmagg.wire import HISTOGRAM_BUCKETS
 
-LEVELS = (3600, 60)
+# Coarse to fine; each level divides the next coarser one (days are UTC days). The 300 s
+# level serves the dashboard's 5 to 30 minute buckets and trims a range's ragged edges.
+LEVELS = (86400, 3600, 300, 60)
 # Reads go to raw rows when this is False (benchmarks/read.py --raw measures both ways).
 ENABLED = True
 
@@ -217,6 +222,7 @@ def merge_into(
             _add(row, values)
 
 
+@functools.lru_cache(maxsize=256)
 def upsert_sql(dialect: str, rows: int) -> str:
     """One INSERT ... ON CONFLICT DO UPDATE for `rows` rows, in the driver's paramstyle."""
     placeholder = "?" if dialect == "sqlite" else "%s"
@@ -353,13 +359,18 @@ def _split(start: float, end: float, levels: Sequence[int]) -> list[Segment]:
     if not levels:
         return [Segment(start, end, 0)]
     level, finer = levels[0], levels[1:]
-    low = math.ceil(start / level) * level
-    high = math.floor(end / level) * level
+    low = float(math.ceil(start / level) * level)
+    high = float(math.floor(end / level) * level)
+    # The divisions round: never let a level's segment reach outside [start, end).
+    if low < start:
+        low += level
+    if high > end:
+        high -= level
     if low >= high:
         return _split(start, end, finer)
     return [
         *_split(start, low, finer),
-        Segment(float(low), float(high), level),
+        Segment(low, high, level),
         *_split(high, end, finer),
     ]
 
