@@ -9,6 +9,7 @@ the queries behind the read endpoints, median of `--repeat` runs each:
     python benchmarks/read.py --reports 2000 --repeat 3  # quick
     git show HEAD~1:src/mmagg/server/queries.py > /tmp/old_queries.py
     python benchmarks/read.py --compare /tmp/old_queries.py   # before/after on the same file
+    python benchmarks/read.py --days 30 --raw    # a fleet's month (benchmarks/_fleet.py)
 
 With `--compare FILE`, FILE is loaded as an alternative `mmagg.server.queries` and every
 query is also timed with it, on the same database, printing the ratio. For the models
@@ -32,6 +33,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import _fleet
 from _support import random_result
 from mmagg.server import queries
 from mmagg.server.db import Database
@@ -130,7 +132,11 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5, help="runs per query (median)")
     parser.add_argument("--database", type=Path, help="reuse/keep this SQLite file")
     parser.add_argument("--compare", type=Path, help="an older queries.py to time as well")
+    _fleet.add_arguments(parser)
     args = parser.parse_args()
+    if args.days is not None:
+        with tempfile.TemporaryDirectory() as directory:
+            return _fleet.run(args, directory)
 
     with tempfile.TemporaryDirectory() as directory:
         path = args.database or Path(directory) / "read.db"

@@ -21,6 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from mmagg.server import rollups as rollup_rows
 from mmagg.server.auth import (
     DEFAULT_SCOPES,
     LAST_USED_RESOLUTION_SECONDS,
@@ -37,6 +38,7 @@ from mmagg.server.tables import (
     migrate,
     reports,
     results,
+    rollups,
     workspaces,
 )
 from mmagg.wire import HISTOGRAM_BUCKETS
@@ -549,6 +551,13 @@ class Database:
                         if start:
                             time.sleep(0)  # hand the GIL over between slices
                         cursor.executemany(sql.insert_results, rows[start : start + INSERT_SLICE])
+                    rollup_rows.write(
+                        cursor,
+                        self.dialect,
+                        rollup_rows.contributions(
+                            principal.workspace_id, ts, _result_facts(report)
+                        ),
+                    )
                 finally:
                     cursor.close()
         except self._integrity_error:
@@ -598,6 +607,15 @@ class Database:
             removed += len(ids)
             if len(ids) < batch:
                 break
+        # Rollups go by whole buckets: a bucket is kept while any of it is younger than the
+        # bound (docs/scale.md, "Retention").
+        with self.write() as conn:
+            for level in rollup_rows.LEVELS:
+                conn.execute(
+                    sa.delete(rollups).where(
+                        rollups.c.level == level, rollups.c.bucket + level <= before
+                    )
+                )
         with self.write() as conn:
             conn.execute(
                 sa.delete(dashboard_sessions).where(dashboard_sessions.c.expires_at < time.time())
@@ -636,6 +654,24 @@ def _inserted_id(result: sa.CursorResult[Any]) -> int:
 
 
 _NO_HISTOGRAM = (None,) * HISTOGRAM_BUCKETS
+
+
+def _result_facts(report: Report) -> list[rollup_rows.ResultFacts]:
+    """What the rollups need of each result of `report`."""
+    device = report.device_id
+    return [
+        (
+            item.model_id,
+            item.class_name,
+            device,
+            item.source_id,
+            item.confidence,
+            item.stats.count if item.stats else None,
+            item.stats.sum if item.stats else None,
+            item.stats.histogram if item.stats else None,
+        )
+        for item in report.inference_results
+    ]
 
 
 def _result_rows(

@@ -21,6 +21,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from mmagg.server import rollups
+from mmagg.server.rollups import Filters
 from mmagg.server.tables import MEDIAN_FUNCTION, reports, results
 from mmagg.wire import HISTOGRAM_BUCKETS
 
@@ -105,32 +107,39 @@ def _groups(
     model_names: Sequence[str],
     with_median: bool,
 ) -> dict[tuple[str, str], _Group]:
-    where = _in_range(workspace_id, span)
-    if model_names:
-        where.append(results.c.model_id.in_(model_names))
-    median = _median(conn, results.c.confidence) if with_median else sa.null()
-    rows = conn.execute(
-        sa.select(
-            results.c.model_id,
-            results.c.class_name,
-            sa.func.count(),
-            sa.func.sum(results.c.confidence),
-            sa.func.sum(sa.func.coalesce(results.c.stats_count, 1)),
-            sa.func.sum(sa.func.coalesce(results.c.stats_sum, results.c.confidence)),
-            median,
-        )
-        .where(*where)
-        .group_by(results.c.model_id, results.c.class_name)
+    """Per (model, class): counts and sums from rollups where exact (mmagg.server.rollups);
+    the exact median needs every sampled confidence, so it alone reads raw rows."""
+    aggs = rollups.aggregate(
+        conn,
+        workspace_id,
+        span.start,
+        span.end,
+        ("model_id", "class_name"),
+        Filters(model_ids=model_names),
     )
+    medians: dict[tuple[str, str], float | None] = {}
+    if with_median and aggs:
+        where = _in_range(workspace_id, span)
+        if model_names:
+            where.append(results.c.model_id.in_(model_names))
+        rows = conn.execute(
+            sa.select(results.c.model_id, results.c.class_name, _median(conn, results.c.confidence))
+            .where(*where)
+            .group_by(results.c.model_id, results.c.class_name)
+        )
+        medians = {
+            (model_id, class_name): None if middle is None else float(middle)
+            for model_id, class_name, middle in rows
+        }
     return {
         (model_id, class_name): _Group(
-            int(count),
-            float(total),
-            int(predictions),
-            float(prediction_sum),
-            None if middle is None else float(middle),
+            agg.results,
+            agg.conf_sum,
+            agg.predictions,
+            agg.prediction_sum,
+            medians.get((model_id, class_name)),
         )
-        for model_id, class_name, count, total, predictions, prediction_sum, middle in rows
+        for (model_id, class_name), agg in aggs.items()
     }
 
 
@@ -236,28 +245,6 @@ def _reporting_interval(
     return (gap, "median_gap") if gap is not None else (None, None)
 
 
-def _devices_and_sources(
-    conn: Connection, where: list[sa.ColumnElement[bool]]
-) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """Per model, the sorted device ids and video source ids seen, from one scan."""
-    rows = conn.execute(
-        sa.select(results.c.model_id, results.c.device_id, results.c.source_id)
-        .where(*where)
-        .distinct()
-    )
-    devices: dict[str, set[str]] = defaultdict(set)
-    sources: dict[str, set[str]] = defaultdict(set)
-    for model_id, device_id, source_id in rows:
-        if device_id is not None:
-            devices[model_id].add(device_id)
-        if source_id is not None:
-            sources[model_id].add(source_id)
-    return (
-        {model: sorted(found) for model, found in devices.items()},
-        {model: sorted(found) for model, found in sources.items()},
-    )
-
-
 def _matching(device_id: str | None, source_id: str | None) -> list[sa.ColumnElement[bool]]:
     where = []
     if device_id is not None:
@@ -318,21 +305,34 @@ def models(
     the all-time ones included, to the results of that device / video source.
     """
     matching = _matching(device_id, source_id)
-    in_range = [*_in_range(workspace_id, span), *matching]
-    rows = conn.execute(
-        sa.select(
-            results.c.model_id,
-            sa.func.max(results.c.ts),
-            sa.func.count(sa.distinct(results.c.report_id)),
-            sa.func.count(),
-            sa.func.sum(sa.func.coalesce(results.c.stats_count, 1)),
-            sa.func.count(sa.distinct(results.c.class_name)),
-        )
-        .where(*in_range)
-        .group_by(results.c.model_id)
-    ).all()
-    activity = {row[0]: row[1:] for row in rows}
-    devices, sources = _devices_and_sources(conn, in_range)
+    filters = Filters(device_id=device_id, source_id=source_id)
+    per_model = rollups.aggregate(
+        conn, workspace_id, span.start, span.end, ("model_id",), filters, with_reports=True
+    )
+    activity = {
+        key[0]: (agg.last_ts, agg.reports, agg.results, agg.predictions, 0)
+        for key, agg in per_model.items()
+    }
+    class_names: dict[str, set[str]] = defaultdict(set)
+    found_devices: dict[str, set[str]] = defaultdict(set)
+    found_sources: dict[str, set[str]] = defaultdict(set)
+    for model_key, class_key, device_key, source_key in rollups.aggregate(
+        conn,
+        workspace_id,
+        span.start,
+        span.end,
+        ("model_id", "class_name", "device_id", "source_id"),
+        filters,
+    ):
+        class_names[model_key].add(class_key)
+        if device_key is not None:
+            found_devices[model_key].add(device_key)
+        if source_key is not None:
+            found_sources[model_key].add(source_key)
+    for model_key, values in activity.items():
+        activity[model_key] = (*values[:4], len(class_names[model_key]))
+    devices = {model: sorted(found) for model, found in found_devices.items()}
+    sources = {model: sorted(found) for model, found in found_sources.items()}
     last_ever = _last_reports(conn, workspace_id, matching)
     items = []
     for model_id in sorted(last_ever.keys() | activity.keys()):
@@ -362,35 +362,22 @@ def models(
 
 def classes(conn: Connection, workspace_id: int, model_id: str, span: TimeRange) -> dict[str, Any]:
     """The classes a model reported in the range, with sampled and prediction statistics."""
-    rows = conn.execute(
-        sa.select(
-            results.c.class_name,
-            sa.func.count(),
-            sa.func.avg(results.c.confidence),
-            sa.func.max(results.c.confidence),
-            sa.func.min(results.c.confidence),
-            sa.func.sum(sa.func.coalesce(results.c.stats_count, 1)),
-            sa.func.sum(sa.func.coalesce(results.c.stats_sum, results.c.confidence)),
-            sa.func.max(results.c.ts),
-            sa.func.count(results.c.stats_count),
-        )
-        .where(*_in_range(workspace_id, span), results.c.model_id == model_id)
-        .group_by(results.c.class_name)
-        .order_by(results.c.class_name)
+    aggs = rollups.aggregate(
+        conn, workspace_id, span.start, span.end, ("class_name",), Filters(model_ids=[model_id])
     )
     items = [
         {
             "class_name": name,
-            "result_count": int(count),
-            "avg_confidence": float(avg),
-            "max_confidence": float(best),
-            "min_confidence": float(worst),
-            "prediction_count": int(predictions),
-            "predictions_avg_confidence": _ratio(total, predictions),
-            "last_seen_at": iso(last),
-            "results_with_stats": int(with_stats),
+            "result_count": agg.results,
+            "avg_confidence": agg.conf_sum / agg.results,
+            "max_confidence": agg.conf_max,
+            "min_confidence": agg.conf_min,
+            "prediction_count": agg.predictions,
+            "predictions_avg_confidence": _ratio(agg.prediction_sum, agg.predictions),
+            "last_seen_at": iso(agg.last_ts),
+            "results_with_stats": agg.with_stats,
         }
-        for name, count, avg, best, worst, predictions, total, last, with_stats in rows
+        for (name,), agg in sorted(aggs.items())
     ]
     return {
         "model_id": model_id,
@@ -502,40 +489,29 @@ def timeseries(
             f"bucket_seconds: expected at most {MAX_SERIES_POINTS} buckets in the range, got "
             f"{(span.end - span.start) / bucket_seconds:.0f}; use a wider bucket"
         )
-    bucket = _floor(conn, results.c.ts / bucket_seconds).label("bucket")
-    rows = conn.execute(
-        sa.select(
-            results.c.class_name,
-            bucket,
-            sa.func.max(results.c.confidence),
-            sa.func.avg(results.c.confidence),
-            sa.func.min(results.c.confidence),
-            sa.func.count(),
-            sa.func.sum(sa.func.coalesce(results.c.stats_count, 1)),
-            sa.func.sum(sa.func.coalesce(results.c.stats_sum, results.c.confidence)),
-            sa.func.count(results.c.stats_count),
-        )
-        .where(
-            *_in_range(workspace_id, span),
-            *_filters(model_id, class_names, source_id, device_id),
-        )
-        .group_by(results.c.class_name, bucket)
-        .order_by(results.c.class_name, bucket)
+    aggs = rollups.aggregate(
+        conn,
+        workspace_id,
+        span.start,
+        span.end,
+        ("class_name",),
+        Filters([model_id], list(class_names), device_id, source_id),
+        bucket_seconds=bucket_seconds,
     )
     series: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for name, index, best, avg, worst, samples, predictions, total, with_stats in rows:
+    for (name, index), agg in sorted(aggs.items()):
         start = float(index) * bucket_seconds
         series[name].append(
             {
                 "t": start,
                 "time": iso(start),
-                "max_confidence": float(best),
-                "avg_confidence": float(avg),
-                "min_confidence": float(worst),
-                "samples": int(samples),
-                "results_with_stats": int(with_stats),
-                "prediction_count": int(predictions),
-                "predictions_avg_confidence": _ratio(total, predictions),
+                "max_confidence": agg.conf_max,
+                "avg_confidence": agg.conf_sum / agg.results,
+                "min_confidence": agg.conf_min,
+                "samples": agg.results,
+                "results_with_stats": agg.with_stats,
+                "prediction_count": agg.predictions,
+                "predictions_avg_confidence": _ratio(agg.prediction_sum, agg.predictions),
             }
         )
     return {
@@ -556,19 +532,6 @@ def _floor(conn: Connection, value: sa.ColumnElement[Any]) -> sa.ColumnElement[A
     return sa.case((value < truncated, truncated - 1), else_=truncated)
 
 
-def _sample_bucket(conn: Connection) -> sa.ColumnElement[Any]:
-    """`confidence_bucket` in SQL: [i/10, (i+1)/10), clamped to 0..9."""
-    scaled = results.c.confidence * HISTOGRAM_BUCKETS
-    floor = (
-        sa.func.floor(scaled) if conn.dialect.name == "postgresql" else sa.cast(scaled, sa.Integer)
-    )
-    return sa.case(
-        (results.c.confidence < 0, 0),
-        (scaled >= HISTOGRAM_BUCKETS - 1, HISTOGRAM_BUCKETS - 1),
-        else_=floor,
-    )
-
-
 def histogram(
     conn: Connection,
     workspace_id: int,
@@ -583,38 +546,26 @@ def histogram(
     A result with `stats` contributes its whole `stats.histogram`; one without contributes
     its sampled confidence once.
     """
-    bucket = _sample_bucket(conn)
-    sampled = results.c.stats_count.is_(None)
-    sums = [
-        sa.func.sum(
-            sa.func.coalesce(
-                results.c[f"hist_{i}"], sa.case((sa.and_(sampled, bucket == i), 1), else_=0)
-            )
-        )
-        for i in range(HISTOGRAM_BUCKETS)
-    ]
-    rows = conn.execute(
-        sa.select(
-            results.c.class_name, sa.func.count(), sa.func.count(results.c.stats_count), *sums
-        )
-        .where(
-            *_in_range(workspace_id, span),
-            *_filters(model_id, class_names, source_id, device_id),
-        )
-        .group_by(results.c.class_name)
-        .order_by(results.c.class_name)
+    aggs = rollups.aggregate(
+        conn,
+        workspace_id,
+        span.start,
+        span.end,
+        ("class_name",),
+        Filters([model_id], list(class_names), device_id, source_id),
+        with_hist=True,
     )
     items = []
-    for name, result_count, with_stats, *counts in rows:
-        buckets = [int(c) for c in counts]
+    for (name,), agg in sorted(aggs.items()):
+        buckets = list(agg.hist)
         items.append(
             {
                 "class_name": name,
                 "counts": buckets,
                 "total": sum(buckets),
                 "median_estimate": histogram_median(buckets),
-                "result_count": int(result_count),
-                "results_with_stats": int(with_stats),
+                "result_count": agg.results,
+                "results_with_stats": agg.with_stats,
             }
         )
     return {

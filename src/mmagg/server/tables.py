@@ -16,7 +16,7 @@ from sqlalchemy.pool import StaticPool
 
 from mmagg.wire import HISTOGRAM_BUCKETS
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 metadata = sa.MetaData()
 
@@ -104,6 +104,47 @@ results = sa.Table(
     *(sa.Column(f"hist_{i}", sa.Integer, nullable=True) for i in range(HISTOGRAM_BUCKETS)),
     sa.Index("ix_results_ws_model_ts", "workspace_id", "model_id", "ts"),
     sa.Index("ix_results_ws_ts", "workspace_id", "ts"),
+)
+
+# Step 5 (issue 15, docs/scale.md): per-minute (level 60) and per-hour (level 3600) aggregates
+# of `results`, written in the ingest transaction (mmagg.server.rollups). A missing device or
+# source is the key "" and a present one is "=" + the id, so that the key never holds NULL and
+# one unique constraint serves the upsert on both engines.
+rollups = sa.Table(
+    "rollups",
+    metadata,
+    sa.Column("workspace_id", sa.Integer, nullable=False),
+    sa.Column("level", sa.Integer, nullable=False),
+    sa.Column("bucket", sa.Float(53), nullable=False),
+    sa.Column("model_id", sa.String(1024), nullable=False),
+    sa.Column("class_name", sa.String(1024), nullable=False),
+    sa.Column("device_key", sa.String(1025), nullable=False),
+    sa.Column("source_key", sa.String(1025), nullable=False),
+    sa.Column("results", sa.Integer, nullable=False),
+    sa.Column("conf_sum", sa.Float(53), nullable=False),
+    sa.Column("conf_min", sa.Float(53), nullable=False),
+    sa.Column("conf_max", sa.Float(53), nullable=False),
+    sa.Column("best_ts", sa.Float(53), nullable=False),
+    sa.Column("last_ts", sa.Float(53), nullable=False),
+    sa.Column("with_stats", sa.Integer, nullable=False),
+    sa.Column("predictions", sa.Integer, nullable=False),
+    sa.Column("prediction_sum", sa.Float(53), nullable=False),
+    *(sa.Column(f"hist_{i}", sa.Integer, nullable=False) for i in range(HISTOGRAM_BUCKETS)),
+    # Each report counts once per model (model_reports) and once per model and source
+    # (source_reports), on the row of its first class, so that sums count distinct reports.
+    sa.Column("model_reports", sa.Integer, nullable=False),
+    sa.Column("source_reports", sa.Integer, nullable=False),
+    sa.UniqueConstraint(
+        "workspace_id",
+        "level",
+        "bucket",
+        "model_id",
+        "class_name",
+        "device_key",
+        "source_key",
+        name="uq_rollups_key",
+    ),
+    sa.Index("ix_rollups_ws_model_level_bucket", "workspace_id", "model_id", "level", "bucket"),
 )
 
 dashboard_sessions = sa.Table(
@@ -280,12 +321,21 @@ def _step_4(conn: Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
+def _step_5(conn: Connection) -> None:
+    """Rollups (issue 15): create the table if missing and build it from the stored results."""
+    from mmagg.server.rollups import rebuild_rollups
+
+    rollups.create(conn, checkfirst=True)
+    rebuild_rollups(conn)
+
+
 # Step n upgrades a database at version n - 1 to version n; append, never edit.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: _step_1,
     2: _step_2,
     3: _step_3,
     4: _step_4,
+    5: _step_5,
 }
 
 

@@ -16,8 +16,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from mmagg.server import drift
-from mmagg.server.queries import TimeRange, _sample_bucket, iso
+from mmagg.server import drift, rollups
+from mmagg.server.queries import TimeRange, iso
 from mmagg.server.tables import results
 from mmagg.window import HISTOGRAM_BUCKETS
 
@@ -65,45 +65,36 @@ class Filter:
             where.append(results.c.source_id == self.source_id)
         return where
 
-
-def _aggregates(conn: Connection) -> list[sa.ColumnElement[Any]]:
-    bucket = _sample_bucket(conn)
-    sampled = results.c.stats_count.is_(None)
-    return [
-        sa.func.sum(sa.func.coalesce(results.c.stats_count, 1)),
-        sa.func.sum(sa.func.coalesce(results.c.stats_sum, results.c.confidence)),
-        sa.func.max(results.c.confidence),
-        *(
-            sa.func.sum(
-                sa.func.coalesce(
-                    results.c[f"hist_{i}"], sa.case((sa.and_(sampled, bucket == i), 1), else_=0)
-                )
-            )
-            for i in range(HISTOGRAM_BUCKETS)
-        ),
-    ]
+    def filters(self) -> rollups.Filters:
+        """The same restrictions for `rollups.aggregate`."""
+        return rollups.Filters(
+            [] if self.model_id is None else [self.model_id],
+            [] if self.class_name is None else [self.class_name],
+            self.device_id,
+            self.source_id,
+        )
 
 
-def _stats(row: Any) -> Stats:
-    predictions, total, best, *hist = row
-    return Stats(int(predictions or 0), float(total or 0.0), best, [int(h or 0) for h in hist])
+def _from_agg(agg: rollups.Agg) -> Stats:
+    return Stats(agg.predictions, agg.prediction_sum, agg.conf_max, list(agg.hist))
 
 
 def period_stats(
     conn: Connection, workspace_id: int, span: TimeRange, where: Filter = Filter()
 ) -> dict[tuple[str, str], Stats]:
-    """Per (model_id, class_name): predictions, their sum, the best sample and the histogram."""
-    rows = conn.execute(
-        sa.select(results.c.model_id, results.c.class_name, *_aggregates(conn))
-        .where(
-            results.c.workspace_id == workspace_id,
-            results.c.ts >= span.start,
-            results.c.ts < span.end,
-            *where.where(),
-        )
-        .group_by(results.c.model_id, results.c.class_name)
+    """Per (model_id, class_name): predictions, their sum, the best sample and the histogram.
+
+    Served from rollups where exact (mmagg.server.rollups), raw rows elsewhere."""
+    aggs = rollups.aggregate(
+        conn,
+        workspace_id,
+        span.start,
+        span.end,
+        ("model_id", "class_name"),
+        where.filters(),
+        with_hist=True,
     )
-    return {(row[0], row[1]): _stats(row[2:]) for row in rows}
+    return {(key[0], key[1]): _from_agg(agg) for key, agg in aggs.items()}
 
 
 def last_seen(
@@ -134,26 +125,21 @@ def class_trends(
     where: Filter = Filter(),
 ) -> dict[str, Any]:
     """Per class and time bucket: mean, median, p10 and best confidence, predictions per minute."""
-    scaled = results.c.ts / bucket_seconds
-    bucket = (
-        sa.func.floor(scaled) if conn.dialect.name == "postgresql" else sa.cast(scaled, sa.Integer)
-    ).label("bucket")
-    rows = conn.execute(
-        sa.select(results.c.class_name, bucket, *_aggregates(conn))
-        .where(
-            results.c.workspace_id == workspace_id,
-            results.c.model_id == model_id,
-            results.c.ts >= span.start,
-            results.c.ts < span.end,
-            *where.where(),
-        )
-        .group_by(results.c.class_name, bucket)
-        .order_by(results.c.class_name, bucket)
+    aggs = rollups.aggregate(
+        conn,
+        workspace_id,
+        span.start,
+        span.end,
+        ("class_name",),
+        Filter(model_id, where.class_name, where.device_id, where.source_id).filters(),
+        bucket_seconds=bucket_seconds,
+        with_hist=True,
     )
+    rows = [(key[0], key[1], agg) for key, agg in sorted(aggs.items())]
     series: dict[str, list[dict[str, Any]]] = defaultdict(list)
     per_minute = 60.0 / bucket_seconds
     for row in rows:
-        stats = _stats(row[2:])
+        stats = _from_agg(row[2])
         start = float(row[1]) * bucket_seconds
         series[row[0]].append(
             {

@@ -1,0 +1,302 @@
+"""`benchmarks/read.py --days N`: a fleet's month, read over 1 h, 24 h, 7 d and 30 d.
+
+Seeds `--devices` devices (each one video source and one of two models) reporting `--classes`
+classes every `--interval` seconds for `--days` days before now, on SQLite (a file) and on
+PostgreSQL (a fresh database, dropped after), through the bulk loader below, then times the
+read queries (median of `--repeat` runs) and the dashboard's overview and model views,
+from rollups and (with `--raw`) from raw rows only, on the same database.
+
+The bulk loader writes what `Database.store_report` writes for the same reports: the same
+`reports` and `results` columns (`_REPORT_COLUMNS`, `_RESULT_COLUMNS`), and the rollups
+through the same `rollups.contributions` / `rollups.write`; only in big batches (COPY on
+PostgreSQL, executemany on SQLite) instead of one transaction per report.
+
+    python benchmarks/read.py --days 30                # 50 devices x 5 classes, every 60 s
+    python benchmarks/read.py --days 30 --raw          # also time the raw-row reads (slow)
+    python benchmarks/read.py --days 1 --smoke         # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any
+
+import sqlalchemy as sa
+
+from mmagg.server import Database, queries, rollups, trends
+from mmagg.server.db import _REPORT_COLUMNS, _RESULT_COLUMNS
+from mmagg.server.queries import TimeRange
+
+CLASS_NAMES = ("person", "car", "truck", "helmet", "forklift", "bicycle", "dog", "pallet")
+MODELS = ("site-a/1", "site-b/1")
+WORKSPACE = "fleet"
+RANGES = {"1 h": 3600, "24 h": 86400, "7 d": 7 * 86400, "30 d": 30 * 86400}
+NICE_BUCKETS = (60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
+SYSTEM_INFO = json.dumps({"platform": "Linux", "hostname": "edge"})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--days", type=float, help="fleet mode: days of data to seed and read")
+    parser.add_argument("--devices", type=int, default=50)
+    parser.add_argument("--classes", type=int, default=5)
+    parser.add_argument("--interval", type=float, default=60.0, help="seconds between reports")
+    parser.add_argument("--engines", default="sqlite,postgresql")
+    parser.add_argument("--raw", action="store_true", help="also time reads over raw rows only")
+    parser.add_argument("--smoke", action="store_true", help="5 devices, a report every 10 min")
+    parser.add_argument("--pg-dsn", default="host=127.0.0.1 port=5432 user=postgres dbname=test")
+
+
+def _bucket(span: float) -> int:
+    """The dashboard's bucket for a range (about 120 points, at least a minute)."""
+    return next((b for b in NICE_BUCKETS if b >= span / 120), NICE_BUCKETS[-1])
+
+
+def _reports(args: argparse.Namespace, now: float) -> Iterator[tuple[float, int]]:
+    """(ts, device) of every report, in time order."""
+    start = now - args.days * 86400
+    ticks = int(args.days * 86400 / args.interval)
+    for tick in range(ticks):
+        for device in range(args.devices):
+            ts = start + tick * args.interval + device * args.interval / args.devices + 0.123
+            if ts < now:
+                yield ts, device
+
+
+def bulk_seed(db: Database, args: argparse.Namespace, now: float) -> int:
+    """Load the fleet's reports; return the number of results written."""
+    workspace_id = db.ensure_workspace(WORKSPACE)
+    rng = random.Random(7)
+    classes = CLASS_NAMES[: args.classes]
+    dialect = db.dialect
+    with db.read() as conn:
+        first_id = int(conn.execute(sa.text("SELECT COALESCE(MAX(id), 0) FROM reports")).scalar())
+    report_id = first_id
+    report_rows: list[tuple[Any, ...]] = []
+    result_rows: list[tuple[Any, ...]] = []
+    pending: dict[tuple[Any, ...], list[Any]] = {}
+    written = 0
+    extension = json.dumps({"frequency": args.interval})
+
+    def flush() -> None:
+        nonlocal report_rows, result_rows, pending
+        with db.write() as conn:
+            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            try:
+                _copy(cursor, dialect, "reports", ("id", *_REPORT_COLUMNS), report_rows)
+                _copy(cursor, dialect, "results", _RESULT_COLUMNS, result_rows)
+                rollups.write(cursor, dialect, pending)
+            finally:
+                cursor.close()
+        report_rows, result_rows, pending = [], [], {}
+
+    for ts, device in _reports(args, now):
+        report_id += 1
+        device_id = f"edge-{device:03d}"
+        model = MODELS[device % len(MODELS)]
+        source = f"cam-{device:03d}"
+        report_rows.append(
+            (
+                report_id,
+                workspace_id,
+                ts,
+                ts,
+                device_id,
+                "workflow",
+                None,
+                "0.1.0",
+                SYSTEM_INFO,
+                None,
+                args.interval,
+                extension,
+                len(classes),
+                datetime.fromtimestamp(ts, timezone.utc).isoformat(),
+                "client",
+            )
+        )
+        facts = []
+        for class_name in classes:
+            best = round(rng.uniform(0.3, 1.0), 4)
+            count = rng.randint(1, 12)
+            low = round(best * 0.6, 4)
+            histogram = [0] * 10
+            histogram[min(int(best * 10), 9)] += 1
+            histogram[min(int(low * 10), 9)] += count - 1
+            total = best + low * (count - 1)
+            result_rows.append(
+                (
+                    report_id,
+                    workspace_id,
+                    ts,
+                    device_id,
+                    model,
+                    class_name,
+                    best,
+                    uuid.UUID(int=rng.getrandbits(128)).hex,
+                    "object-detection",
+                    source,
+                    count,
+                    total,
+                    low if count > 1 else best,
+                    best,
+                    *histogram,
+                )
+            )
+            facts.append((model, class_name, device_id, source, best, count, total, histogram))
+        rollups.merge_into(pending, rollups.contributions(workspace_id, ts, facts))
+        written += len(classes)
+        if len(result_rows) >= 200_000:
+            flush()
+    flush()
+    if dialect == "postgresql":
+        with db.write() as conn:
+            conn.exec_driver_sql(
+                "SELECT setval(pg_get_serial_sequence('reports', 'id'), "
+                "(SELECT MAX(id) FROM reports))"
+            )
+    return written
+
+
+def _copy(cursor: Any, dialect: str, table: str, columns: tuple[str, ...], rows: list[Any]) -> None:
+    if not rows:
+        return
+    if dialect == "postgresql":
+        with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        return
+    marks = ", ".join("?" * len(columns))
+    cursor.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows)
+
+
+def reads(workspace_id: int, now: float, seconds: float) -> dict[str, Callable[[Any], Any]]:
+    """Read name -> call(conn) over the `seconds` before now."""
+    span = TimeRange(now - seconds, now)
+    model = MODELS[0]
+    bucket = _bucket(seconds)
+    window = max(1.0, round(seconds / 4))
+    baseline = max(1.0, round(seconds - seconds / 4))
+
+    def overview(conn: Any) -> Any:
+        queries.models(conn, workspace_id, span)
+        return trends.drift_report(conn, workspace_id, now, window, baseline)
+
+    def model_view(conn: Any) -> Any:
+        trends.class_trends(conn, workspace_id, model, span, bucket)
+        queries.histogram(conn, workspace_id, model, span)
+        queries.samples(conn, workspace_id, span, 50, model)
+        return trends.drift_report(conn, workspace_id, now, window, baseline, trends.Filter(model))
+
+    return {
+        "inference-stats": lambda c: queries.inference_stats(c, workspace_id, span),
+        "models": lambda c: queries.models(c, workspace_id, span),
+        "classes": lambda c: queries.classes(c, workspace_id, model, span),
+        "devices": lambda c: queries.devices(c, workspace_id, span),
+        "timeseries": lambda c: queries.timeseries(c, workspace_id, model, span, bucket),
+        "histogram": lambda c: queries.histogram(c, workspace_id, model, span),
+        "samples": lambda c: queries.samples(c, workspace_id, span, 50, model),
+        "trends": lambda c: trends.class_trends(c, workspace_id, model, span, bucket),
+        "drift": lambda c: trends.drift_report(c, workspace_id, now, window, baseline),
+        "dashboard overview": overview,
+        "dashboard model view": model_view,
+    }
+
+
+def _timed(call: Callable[[Any], Any], conn: Any, repeat: int) -> float:
+    seconds = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        call(conn)
+        seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds)
+
+
+@contextmanager
+def _database(engine: str, directory: str, dsn: str) -> Iterator[Database]:
+    if engine == "sqlite":
+        db = Database(f"sqlite:///{directory}/fleet.db")
+        try:
+            yield db
+        finally:
+            db.close()
+        return
+    import psycopg
+
+    name = f"mmagg_fleet_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    db = Database(f"postgresql://postgres@127.0.0.1:5432/{name}")
+    try:
+        yield db
+    finally:
+        db.close()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _sizes(db: Database) -> str:
+    """Bytes per row of each table with its indexes (PostgreSQL; the file size on SQLite)."""
+    with db.read() as conn:
+        if db.dialect != "postgresql":
+            pages = conn.exec_driver_sql("PRAGMA page_count").scalar() or 0
+            size = conn.exec_driver_sql("PRAGMA page_size").scalar() or 0
+            return f"file: {pages * size / 1e6:,.0f} MB"
+        parts = []
+        for table in ("reports", "results", "rollups"):
+            size = conn.exec_driver_sql(f"SELECT pg_total_relation_size('{table}')").scalar()
+            count = conn.exec_driver_sql(f"SELECT COUNT(*) FROM {table}").scalar() or 1
+            parts.append(f"{table} {size / 1e6:,.0f} MB ({size / count:.0f} B/row)")
+        return "sizes with indexes: " + ", ".join(parts)
+
+
+def run(args: argparse.Namespace, directory: str) -> int:
+    if args.smoke:
+        args.devices, args.interval = min(args.devices, 5), max(args.interval, 600.0)
+    now = time.time()
+    ranges = {name: s for name, s in RANGES.items() if s <= args.days * 86400}
+    for engine in args.engines.split(","):
+        with _database(engine, directory, args.pg_dsn) as db:
+            started = time.perf_counter()
+            written = bulk_seed(db, args, now)
+            with db.write() as conn:
+                conn.exec_driver_sql("ANALYZE")
+            with db.read() as conn:
+                levels = dict(
+                    conn.exec_driver_sql("SELECT level, COUNT(*) FROM rollups GROUP BY level").all()
+                )
+            print(
+                f"\n{engine}: seeded {written:,} results ({args.devices} devices x "
+                f"{args.classes} classes every {args.interval:g} s for {args.days:g} d) in "
+                f"{time.perf_counter() - started:.0f} s; rollup rows: minute "
+                f"{levels.get(60, 0):,}, hour {levels.get(3600, 0):,}"
+            )
+            print(_sizes(db))
+            workspace_id = db.ensure_workspace(WORKSPACE)
+            modes = [True, False] if args.raw else [True]
+            header = f"{'read':22}" + "".join(f"{name:>10}" for name in ranges)
+            for enabled in modes:
+                rollups.ENABLED = enabled
+                # Raw reads of a month take seconds each: one run is enough to see them.
+                repeat = args.repeat if enabled else 1
+                mode = "rollups" if enabled else "raw rows only"
+                print(f"-- {mode} (ms, median of {repeat})")
+                print(header + f"{'30d/1h':>8}" if "30 d" in ranges else header)
+                with db.read() as conn:
+                    table: dict[str, dict[str, float]] = {}
+                    for range_name, seconds in ranges.items():
+                        for read_name, call in reads(workspace_id, now, seconds).items():
+                            table.setdefault(read_name, {})[range_name] = _timed(call, conn, repeat)
+                    for read_name, row in table.items():
+                        line = f"{read_name:22}" + "".join(f"{row[r] * 1000:10.1f}" for r in ranges)
+                        if "30 d" in row:
+                            line += f"{row['30 d'] / row['1 h']:8.1f}"
+                        print(line, flush=True)
+            rollups.ENABLED = True
+    return 0

@@ -1,0 +1,594 @@
+"""Per-minute and per-hour aggregates of the stored results, and reads served from them.
+
+Every stored result adds to one row per level (1 min, 5 min, 1 h, 1 day) of the `rollups`
+table, keyed by (workspace, level, bucket start, model, class, device, source). The rows are
+written by the same transaction that stores the report (`Database.store_report`), so a
+committed report is always in its rollups and a rolled-back one never is: no watermark, no
+lag. docs/scale.md explains the choice and the numbers.
+
+A read over [start, end) is split into segments (`plan`): whole days from the day rows, whole
+hours around them from the hour rows, and so on down to minutes; the sub-minute edges come
+from the raw results. The partial aggregates of the segments are then merged (`Agg.merge`). Counts,
+minimums, maximums and histograms are exact; sums of confidences are the same numbers added
+in another order (equal to the raw sums up to float rounding, about 1e-15 relative).
+
+Example:
+    >>> [(s.start, s.end, s.level) for s in plan(30.0, 7530.0, None)][:3]
+    [(30.0, 60.0, 0), (60.0, 300.0, 60), (300.0, 3600.0, 300)]
+    >>> [(s.start, s.end, s.level) for s in plan(30.0, 7530.0, None)][3:]
+    [(3600.0, 7200.0, 3600), (7200.0, 7500.0, 300), (7500.0, 7530.0, 0)]
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from mmagg.server.tables import results, rollups
+from mmagg.wire import HISTOGRAM_BUCKETS
+
+# Coarse to fine; each level divides the next coarser one (days are UTC days). The 300 s
+# level serves the dashboard's 5 to 30 minute buckets and trims a range's ragged edges.
+LEVELS = (86400, 3600, 300, 60)
+# Reads go to raw rows when this is False (benchmarks/read.py --raw measures both ways).
+ENABLED = True
+
+_KEY_COLUMNS = (
+    "workspace_id",
+    "level",
+    "bucket",
+    "model_id",
+    "class_name",
+    "device_key",
+    "source_key",
+)
+_VALUE_COLUMNS = (
+    "results",
+    "conf_sum",
+    "conf_min",
+    "conf_max",
+    "best_ts",
+    "last_ts",
+    "with_stats",
+    "predictions",
+    "prediction_sum",
+    *(f"hist_{i}" for i in range(HISTOGRAM_BUCKETS)),
+    "model_reports",
+    "source_reports",
+)
+ROLLUP_COLUMNS = _KEY_COLUMNS + _VALUE_COLUMNS
+_ADDED = (
+    "results",
+    "conf_sum",
+    "with_stats",
+    "predictions",
+    "prediction_sum",
+    *(f"hist_{i}" for i in range(HISTOGRAM_BUCKETS)),
+    "model_reports",
+    "source_reports",
+)
+
+
+def encode_key(value: str | None) -> str:
+    """The rollup key of a device / source id: "" for none, "=" + the id otherwise.
+
+    >>> encode_key(None), encode_key("cam-1")
+    ('', '=cam-1')
+    """
+    return "" if value is None else "=" + value
+
+
+def decode_key(key: str) -> str | None:
+    """The inverse of `encode_key`."""
+    return None if key == "" else key[1:]
+
+
+def bucket_start(ts: float, level: int) -> float:
+    """The start of the `level`-second bucket holding `ts`, computed exactly (no division).
+
+    >>> bucket_start(1_700_000_059.999, 60), bucket_start(-1.5, 60)
+    (1700000040.0, -60.0)
+    """
+    start = ts - math.fmod(ts, level)
+    while start > ts:
+        start -= level
+    while start + level <= ts:
+        start += level
+    return start
+
+
+def sample_bucket(confidence: float) -> int:
+    """The histogram bucket a result without stats adds to (the read's SQL rule)."""
+    if confidence < 0:
+        return 0
+    scaled = confidence * HISTOGRAM_BUCKETS
+    if scaled >= HISTOGRAM_BUCKETS - 1:
+        return HISTOGRAM_BUCKETS - 1
+    return int(math.floor(scaled))
+
+
+# One result as the rollups see it: (model, class, device, source, confidence, stats_count,
+# stats_sum, histogram or None).
+ResultFacts = tuple[
+    str,
+    str,
+    "str | None",
+    "str | None",
+    float,
+    "int | None",
+    "float | None",
+    "Sequence[int | None] | None",
+]
+
+
+def contributions(
+    workspace_id: int, ts: float, facts: Iterable[ResultFacts]
+) -> dict[tuple[Any, ...], list[Any]]:
+    """The rollup rows one report adds: key tuple -> value list (`ROLLUP_COLUMNS` order).
+
+    A report counts once per model (`model_reports`, on its smallest (class, source) key)
+    and once per model and source (`source_reports`, on its smallest class there).
+    """
+    items = list(facts)
+    first_of_model: dict[str, tuple[str, str]] = {}
+    first_of_source: dict[tuple[str, str], str] = {}
+    for model, class_name, _device, source, *_rest in items:
+        source_key = encode_key(source)
+        mark = (class_name, source_key)
+        if model not in first_of_model or mark < first_of_model[model]:
+            first_of_model[model] = mark
+        known = first_of_source.get((model, source_key))
+        if known is None or class_name < known:
+            first_of_source[(model, source_key)] = class_name
+    found: dict[tuple[Any, ...], list[Any]] = {}
+    for level in LEVELS:
+        start = bucket_start(ts, level)
+        for model, class_name, device, source, confidence, count, total, histogram in items:
+            source_key = encode_key(source)
+            key = (workspace_id, level, start, model, class_name, encode_key(device), source_key)
+            hist = [0] * HISTOGRAM_BUCKETS
+            for i in range(HISTOGRAM_BUCKETS):
+                value = histogram[i] if histogram is not None else None
+                if value is not None:
+                    hist[i] = int(value)
+                elif count is None and sample_bucket(confidence) == i:
+                    hist[i] = 1
+            values = [
+                1,
+                confidence,
+                confidence,
+                confidence,
+                ts,
+                ts,
+                0 if count is None else 1,
+                1 if count is None else count,
+                confidence if total is None else total,
+                *hist,
+                0,
+                0,
+            ]
+            row = found.get(key)
+            if row is None:
+                found[key] = values
+            else:
+                _add(row, values)
+        for model, (class_name, source_key) in first_of_model.items():
+            found[(workspace_id, level, start, model, class_name, _device_of(items), source_key)][
+                -2
+            ] = 1
+        for (model, source_key), class_name in first_of_source.items():
+            found[(workspace_id, level, start, model, class_name, _device_of(items), source_key)][
+                -1
+            ] = 1
+    return found
+
+
+def _device_of(items: Sequence[ResultFacts]) -> str:
+    """The device key of a report's results (one device per report)."""
+    return encode_key(items[0][2])
+
+
+def _add(row: list[Any], other: Sequence[Any]) -> None:
+    """Merge value list `other` into `row` (same layout as `_VALUE_COLUMNS`)."""
+    row[0] += other[0]
+    row[1] += other[1]
+    if other[2] < row[2]:
+        row[2] = other[2]
+    if other[3] > row[3] or (other[3] == row[3] and other[4] > row[4]):
+        row[4] = other[4]
+    if other[3] > row[3]:
+        row[3] = other[3]
+    if other[5] > row[5]:
+        row[5] = other[5]
+    for i in range(6, len(row)):
+        row[i] += other[i]
+
+
+def merge_into(
+    target: dict[tuple[Any, ...], list[Any]], more: dict[tuple[Any, ...], list[Any]]
+) -> None:
+    """Add the rows of `more` into `target` (in memory, before an upsert)."""
+    for key, values in more.items():
+        row = target.get(key)
+        if row is None:
+            target[key] = list(values)
+        else:
+            _add(row, values)
+
+
+@functools.lru_cache(maxsize=256)
+def upsert_sql(dialect: str, rows: int) -> str:
+    """One INSERT ... ON CONFLICT DO UPDATE for `rows` rows, in the driver's paramstyle."""
+    placeholder = "?" if dialect == "sqlite" else "%s"
+    one = "(" + ", ".join([placeholder] * len(ROLLUP_COLUMNS)) + ")"
+    sets = [f"{name} = rollups.{name} + excluded.{name}" for name in _ADDED]
+    sets += [
+        "conf_min = CASE WHEN excluded.conf_min < rollups.conf_min THEN excluded.conf_min "
+        "ELSE rollups.conf_min END",
+        "conf_max = CASE WHEN excluded.conf_max > rollups.conf_max THEN excluded.conf_max "
+        "ELSE rollups.conf_max END",
+        "best_ts = CASE WHEN excluded.conf_max > rollups.conf_max OR (excluded.conf_max = "
+        "rollups.conf_max AND excluded.best_ts > rollups.best_ts) THEN excluded.best_ts "
+        "ELSE rollups.best_ts END",
+        "last_ts = CASE WHEN excluded.last_ts > rollups.last_ts THEN excluded.last_ts "
+        "ELSE rollups.last_ts END",
+    ]
+    return (
+        f"INSERT INTO rollups ({', '.join(ROLLUP_COLUMNS)}) VALUES "
+        + ", ".join([one] * rows)
+        + f" ON CONFLICT ({', '.join(_KEY_COLUMNS)}) DO UPDATE SET "
+        + ", ".join(sets)
+    )
+
+
+# Rows per upsert statement: SQLite allows 32,766 parameters, 29 columns each.
+UPSERT_ROWS = 500
+
+
+def write(cursor: Any, dialect: str, rows: dict[tuple[Any, ...], list[Any]]) -> None:
+    """Upsert `rows` on a DBAPI cursor, in key order (the same lock order in every writer)."""
+    ordered = sorted(rows.items())
+    for start in range(0, len(ordered), UPSERT_ROWS):
+        chunk = ordered[start : start + UPSERT_ROWS]
+        params: list[Any] = []
+        for key, values in chunk:
+            params.extend(key)
+            params.extend(values)
+        cursor.execute(upsert_sql(dialect, len(chunk)), params)
+
+
+def rebuild_rollups(conn: Connection, batch: int = 20_000) -> int:
+    """Recompute every rollup row from the stored results; return the results read.
+
+    Used by schema step 5 (a database from before rollups) and by `mmagg` operators after
+    restoring raw rows by hand. Reads the results report by report, in batches.
+    """
+    conn.execute(sa.delete(rollups))
+    hist_columns = [results.c[f"hist_{i}"] for i in range(HISTOGRAM_BUCKETS)]
+    query = sa.select(
+        results.c.report_id,
+        results.c.workspace_id,
+        results.c.ts,
+        results.c.model_id,
+        results.c.class_name,
+        results.c.device_id,
+        results.c.source_id,
+        results.c.confidence,
+        results.c.stats_count,
+        results.c.stats_sum,
+        *hist_columns,
+    ).order_by(results.c.report_id)
+    pending: dict[tuple[Any, ...], list[Any]] = {}
+    seen = 0
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        for report in _by_report(conn.execute(query)):
+            workspace_id, ts = report[0][1], report[0][2]
+            facts = [
+                (
+                    r[3],
+                    r[4],
+                    r[5],
+                    r[6],
+                    r[7],
+                    r[8],
+                    r[9],
+                    None if all(v is None for v in r[10:]) else r[10:],
+                )
+                for r in report
+            ]
+            merge_into(pending, contributions(workspace_id, ts, facts))
+            seen += len(report)
+            if len(pending) >= batch:
+                write(cursor, conn.dialect.name, pending)
+                pending = {}
+        if pending:
+            write(cursor, conn.dialect.name, pending)
+    finally:
+        cursor.close()
+    return seen
+
+
+def _by_report(rows: Iterable[Any]) -> Iterator[list[Any]]:
+    current: list[Any] = []
+    for row in rows:
+        if current and row[0] != current[0][0]:
+            yield current
+            current = []
+        current.append(row)
+    if current:
+        yield current
+
+
+# ---------------------------------------------------------------------------------- reads
+
+
+@dataclass(frozen=True)
+class Segment:
+    """[start, end) read from raw rows (level 0) or from the rollups of `level`."""
+
+    start: float
+    end: float
+    level: int
+
+
+def plan(start: float, end: float, bucket_seconds: float | None) -> list[Segment]:
+    """Split [start, end) into the coarsest segments that keep the read exact.
+
+    A level serves a read only if its buckets fit inside the read's time buckets
+    (`bucket_seconds` a multiple of the level; None: no time buckets).
+    """
+    usable = [
+        level
+        for level in LEVELS
+        if ENABLED
+        and (bucket_seconds is None or (bucket_seconds % level == 0 and bucket_seconds >= level))
+    ]
+    return _split(start, end, usable)
+
+
+def _split(start: float, end: float, levels: Sequence[int]) -> list[Segment]:
+    if start >= end:
+        return []
+    if not levels:
+        return [Segment(start, end, 0)]
+    level, finer = levels[0], levels[1:]
+    low = float(math.ceil(start / level) * level)
+    high = float(math.floor(end / level) * level)
+    # The divisions round: never let a level's segment reach outside [start, end).
+    if low < start:
+        low += level
+    if high > end:
+        high -= level
+    if low >= high:
+        return _split(start, end, finer)
+    return [
+        *_split(start, low, finer),
+        Segment(low, high, level),
+        *_split(high, end, finer),
+    ]
+
+
+@dataclass
+class Agg:
+    """What every read needs of a group of results."""
+
+    results: int = 0
+    conf_sum: float = 0.0
+    conf_min: float | None = None
+    conf_max: float | None = None
+    last_ts: float | None = None
+    with_stats: int = 0
+    predictions: int = 0
+    prediction_sum: float = 0.0
+    hist: list[int] = field(default_factory=lambda: [0] * HISTOGRAM_BUCKETS)
+    reports: int = 0
+
+    def merge(self, row: Sequence[Any]) -> None:
+        """Add one aggregate row: results, sum, min, max, last, with_stats, predictions,
+        prediction_sum, reports, hist_0..9."""
+        count, total, low, high, last, with_stats, predictions, prediction_sum, reports = row[:9]
+        self.results += int(count)
+        self.conf_sum += float(total)
+        if low is not None and (self.conf_min is None or low < self.conf_min):
+            self.conf_min = float(low)
+        if high is not None and (self.conf_max is None or high > self.conf_max):
+            self.conf_max = float(high)
+        if last is not None and (self.last_ts is None or last > self.last_ts):
+            self.last_ts = float(last)
+        self.with_stats += int(with_stats)
+        self.predictions += int(predictions)
+        self.prediction_sum += float(prediction_sum)
+        self.reports += int(reports or 0)
+        for i, value in enumerate(row[9:]):
+            self.hist[i] += int(value or 0)
+
+
+_RAW_KEYS = {
+    "model_id": results.c.model_id,
+    "class_name": results.c.class_name,
+    "device_id": results.c.device_id,
+    "source_id": results.c.source_id,
+}
+_ROLLUP_KEYS = {
+    "model_id": rollups.c.model_id,
+    "class_name": rollups.c.class_name,
+    "device_id": rollups.c.device_key,
+    "source_id": rollups.c.source_key,
+}
+
+
+@dataclass(frozen=True)
+class Filters:
+    """The restrictions of a read: models, classes, one device, one source."""
+
+    model_ids: Sequence[str] = ()
+    class_names: Sequence[str] = ()
+    device_id: str | None = None
+    source_id: str | None = None
+
+
+def _floor(conn: Connection, value: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+    if conn.dialect.name == "postgresql":
+        return sa.func.floor(value)
+    truncated = sa.cast(value, sa.Integer)
+    return sa.case((value < truncated, truncated - 1), else_=truncated)
+
+
+def _raw_hist(conn: Connection) -> list[sa.ColumnElement[Any]]:
+    scaled = results.c.confidence * HISTOGRAM_BUCKETS
+    floor = (
+        sa.func.floor(scaled) if conn.dialect.name == "postgresql" else sa.cast(scaled, sa.Integer)
+    )
+    bucket = sa.case(
+        (results.c.confidence < 0, 0),
+        (scaled >= HISTOGRAM_BUCKETS - 1, HISTOGRAM_BUCKETS - 1),
+        else_=floor,
+    )
+    sampled = results.c.stats_count.is_(None)
+    return [
+        sa.func.sum(
+            sa.func.coalesce(
+                results.c[f"hist_{i}"], sa.case((sa.and_(sampled, bucket == i), 1), else_=0)
+            )
+        )
+        for i in range(HISTOGRAM_BUCKETS)
+    ]
+
+
+def aggregate(
+    conn: Connection,
+    workspace_id: int,
+    start: float,
+    end: float,
+    keys: Sequence[str],
+    filters: Filters = Filters(),
+    bucket_seconds: float | None = None,
+    with_reports: bool = False,
+    with_hist: bool = False,
+) -> dict[tuple[Any, ...], Agg]:
+    """Group the results in [start, end) by `keys` (and the time bucket index last, when
+    `bucket_seconds` is given), from rollups where exact and raw rows elsewhere.
+
+    `with_reports` counts distinct reports; it is exact for `keys == ("model_id",)` only.
+    """
+    found: dict[tuple[Any, ...], Agg] = {}
+    for segment in plan(start, end, bucket_seconds):
+        if segment.level == 0:
+            rows = _raw(
+                conn, workspace_id, segment, keys, filters, bucket_seconds, with_reports, with_hist
+            )
+            decode = False
+        else:
+            rows = _rolled(
+                conn, workspace_id, segment, keys, filters, bucket_seconds, with_reports, with_hist
+            )
+            decode = True
+        width = len(keys) + (bucket_seconds is not None)
+        for row in rows:
+            key = tuple(row[:width])
+            if decode:
+                key = (
+                    tuple(
+                        decode_key(v) if name in ("device_id", "source_id") else v
+                        for name, v in zip(keys, key, strict=False)
+                    )
+                    + key[len(keys) :]
+                )
+            if bucket_seconds is not None:
+                key = key[:-1] + (int(key[-1]),)
+            found.setdefault(key, Agg()).merge(row[width:])
+    return found
+
+
+def _raw(
+    conn: Connection,
+    workspace_id: int,
+    segment: Segment,
+    keys: Sequence[str],
+    filters: Filters,
+    bucket_seconds: float | None,
+    with_reports: bool,
+    with_hist: bool,
+) -> Sequence[Any]:
+    group: list[sa.ColumnElement[Any]] = [_RAW_KEYS[k] for k in keys]
+    if bucket_seconds is not None:
+        group.append(_floor(conn, results.c.ts / bucket_seconds))
+    where = [
+        results.c.workspace_id == workspace_id,
+        results.c.ts >= segment.start,
+        results.c.ts < segment.end,
+    ]
+    if filters.model_ids:
+        where.append(results.c.model_id.in_(list(filters.model_ids)))
+    if filters.class_names:
+        where.append(results.c.class_name.in_(list(filters.class_names)))
+    if filters.device_id is not None:
+        where.append(results.c.device_id == filters.device_id)
+    if filters.source_id is not None:
+        where.append(results.c.source_id == filters.source_id)
+    columns = [
+        *group,
+        sa.func.count(),
+        sa.func.sum(results.c.confidence),
+        sa.func.min(results.c.confidence),
+        sa.func.max(results.c.confidence),
+        sa.func.max(results.c.ts),
+        sa.func.count(results.c.stats_count),
+        sa.func.sum(sa.func.coalesce(results.c.stats_count, 1)),
+        sa.func.sum(sa.func.coalesce(results.c.stats_sum, results.c.confidence)),
+        sa.func.count(sa.distinct(results.c.report_id)) if with_reports else sa.literal(0),
+        *(_raw_hist(conn) if with_hist else []),
+    ]
+    return conn.execute(sa.select(*columns).where(*where).group_by(*group)).all()
+
+
+def _rolled(
+    conn: Connection,
+    workspace_id: int,
+    segment: Segment,
+    keys: Sequence[str],
+    filters: Filters,
+    bucket_seconds: float | None,
+    with_reports: bool,
+    with_hist: bool,
+) -> Sequence[Any]:
+    r = rollups.c
+    group: list[sa.ColumnElement[Any]] = [_ROLLUP_KEYS[k] for k in keys]
+    if bucket_seconds is not None:
+        group.append(_floor(conn, r.bucket / bucket_seconds))
+    where = [
+        r.workspace_id == workspace_id,
+        r.level == segment.level,
+        r.bucket >= segment.start,
+        r.bucket < segment.end,
+    ]
+    if filters.model_ids:
+        where.append(r.model_id.in_(list(filters.model_ids)))
+    if filters.class_names:
+        where.append(r.class_name.in_(list(filters.class_names)))
+    if filters.device_id is not None:
+        where.append(r.device_key == encode_key(filters.device_id))
+    if filters.source_id is not None:
+        where.append(r.source_key == encode_key(filters.source_id))
+    report_column = r.source_reports if filters.source_id is not None else r.model_reports
+    columns = [
+        *group,
+        sa.func.sum(r.results),
+        sa.func.sum(r.conf_sum),
+        sa.func.min(r.conf_min),
+        sa.func.max(r.conf_max),
+        sa.func.max(r.last_ts),
+        sa.func.sum(r.with_stats),
+        sa.func.sum(r.predictions),
+        sa.func.sum(r.prediction_sum),
+        sa.func.sum(report_column) if with_reports else sa.literal(0),
+        *([sa.func.sum(r[f"hist_{i}"]) for i in range(HISTOGRAM_BUCKETS)] if with_hist else []),
+    ]
+    return conn.execute(sa.select(*columns).where(*where).group_by(*group)).all()
