@@ -15,6 +15,7 @@ from server_payloads import report, result
 from server_support import RunningBackend
 
 from mmagg.server import tables
+from mmagg.server.rollups import rebuild_rollups
 
 NOW_RANGE = {"startTime": "0"}
 
@@ -191,6 +192,8 @@ def _legacy_result(backend: RunningBackend, key: str, ts: float, **columns: Any)
                 **columns,
             )
         )
+        # A v0.1 database gets its rollups built from its results by the upgrade (step 5).
+        rebuild_rollups(conn)
 
 
 def test_a_zero_count_left_by_an_older_release_never_divides(
