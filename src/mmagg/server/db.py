@@ -320,20 +320,7 @@ class Database:
 
     def list_keys(self, workspace: str | None = None) -> list[KeyInfo]:
         """Every key (of `workspace`, if given), oldest first, without any secret."""
-        query = (
-            sa.select(
-                api_keys.c.id,
-                api_keys.c.prefix,
-                workspaces.c.name,
-                api_keys.c.created_at,
-                api_keys.c.revoked_at,
-                api_keys.c.scopes,
-                api_keys.c.expires_at,
-                api_keys.c.last_used_at,
-            )
-            .join(workspaces, workspaces.c.id == api_keys.c.workspace_id)
-            .order_by(api_keys.c.id)
-        )
+        query = _key_info_query()
         if workspace is not None:
             query = query.where(workspaces.c.name == workspace)
         with self.read() as conn:
@@ -353,21 +340,7 @@ class Database:
             (True, False)
         """
         text = str(key_id).strip().rstrip("…")
-        query = (
-            sa.select(
-                api_keys.c.id,
-                api_keys.c.prefix,
-                workspaces.c.name,
-                api_keys.c.created_at,
-                api_keys.c.revoked_at,
-                api_keys.c.scopes,
-                api_keys.c.expires_at,
-                api_keys.c.last_used_at,
-            )
-            .join(workspaces, workspaces.c.id == api_keys.c.workspace_id)
-            .where(api_keys.c.revoked_at.is_(None))
-            .order_by(api_keys.c.id)
-        )
+        query = _key_info_query().where(api_keys.c.revoked_at.is_(None))
         if workspace is not None:
             query = query.where(workspaces.c.name == workspace)
         if isinstance(key_id, int) or text.isdigit():
@@ -643,6 +616,24 @@ def _key_info(row: Any) -> KeyInfo:
         scopes=stored_scopes(row[5]),
         expires_at=row[6],
         last_used_at=row[7],
+    )
+
+
+def _key_info_query() -> sa.Select[Any]:
+    """The columns `_key_info` reads, one row per key, oldest first (never a secret)."""
+    return (
+        sa.select(
+            api_keys.c.id,
+            api_keys.c.prefix,
+            workspaces.c.name,
+            api_keys.c.created_at,
+            api_keys.c.revoked_at,
+            api_keys.c.scopes,
+            api_keys.c.expires_at,
+            api_keys.c.last_used_at,
+        )
+        .join(workspaces, workspaces.c.id == api_keys.c.workspace_id)
+        .order_by(api_keys.c.id)
     )
 
 
