@@ -16,7 +16,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -306,26 +305,6 @@ def test_http_reads_over_hours_count_every_result(backend: RunningBackend) -> No
     assert stats["person"]["num_inferences"] == sent
     assert stats["car"]["avg_confidence"] == pytest.approx(0.25)
     assert read.json()["num_inferences"] == 2 * sent
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def v01_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
-    """An empty database of its own for the frozen v0.1 DDL: (url, kind)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'v01.db'}", "sqlite"
-        return
-    request.getfixturevalue("pg_database_url")
-    import psycopg
-
-    name = f"mmagg_v01r_{uuid.uuid4().hex[:12]}"
-    dsn = "host=127.0.0.1 port=5432 user=postgres dbname=test"
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}", "postgresql"
-    finally:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_a_v01_database_gets_rollups_that_read_back_equal(v01_url: tuple[str, str]) -> None:

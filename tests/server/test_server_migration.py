@@ -11,12 +11,8 @@ granted to old keys) manage keys.
 from __future__ import annotations
 
 import secrets
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
-import pytest
 import sqlalchemy as sa
 from server_payloads import report, result
 from server_support import start_server
@@ -25,26 +21,6 @@ from v01_schema import WORKSPACE, build_v01_database
 
 from mmagg.cli import app as cli_app
 from mmagg.server import Database, create_app, tables
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def v01_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
-    """An empty database of its own (the v0.1 DDL needs a clean slate): (url, kind)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'v01.db'}", "sqlite"
-        return
-    request.getfixturevalue("pg_database_url")  # skips when PostgreSQL is not reachable
-    import psycopg
-
-    name = f"mmagg_v01_{uuid.uuid4().hex[:12]}"
-    dsn = "host=127.0.0.1 port=5432 user=postgres dbname=test"
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}", "postgresql"
-    finally:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_a_v01_key_keeps_every_power_after_the_upgrade(v01_url: tuple[str, str]) -> None:
