@@ -114,15 +114,16 @@ def _checked_principal(
     """
     if key is None:
         raise ApiError(401, _MISSING_KEY, reason="unauthorized")
-    wait = limiter.retry_after(client)
-    if wait:
-        raise ApiError(
-            429,
-            f"too many failed API key attempts from this address: retry in {wait} s",
-            reason="rate_limited",
-            headers={"Retry-After": str(wait)},
-        )
-    principal = db.authenticate(key)
+    with db.read() as conn:  # one checkout for the limit and the key
+        wait = limiter.retry_after(client, conn)
+        if wait:
+            raise ApiError(
+                429,
+                f"too many failed API key attempts from this address: retry in {wait} s",
+                reason="rate_limited",
+                headers={"Retry-After": str(wait)},
+            )
+        principal = db.authenticate(key, conn)
     if principal is None:
         limiter.failed(client)
         raise ApiError(401, _BAD_KEY, reason="unauthorized")

@@ -30,6 +30,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy.engine import Connection
+
 from mmagg.server.db import Database
 
 logger = logging.getLogger("mmagg.server")
@@ -79,18 +81,23 @@ class FailureLimiter(ABC):
             key = f"{self.namespace}:#" + hashlib.sha256(client.encode()).hexdigest()
         return key
 
-    def tokens(self, client: str) -> float:
-        """Tokens left in `client`'s bucket now (`capacity` when nothing is stored)."""
-        stored = self._load(self.key(client))
+    def tokens(self, client: str, conn: Connection | None = None) -> float:
+        """Tokens left in `client`'s bucket now (`capacity` when nothing is stored).
+
+        `conn`: an open connection to the backend's database that a database store reads
+        through instead of checking out its own (the key check that follows uses it too).
+        """
+        stored = self._load(self.key(client), conn)
         if stored is None:
             return self.capacity
         tokens, updated = stored
         elapsed = max(0.0, self._clock() - updated)
         return min(self.capacity, tokens + elapsed * self.rate)
 
-    def retry_after(self, client: str) -> int:
-        """0 if `client` may try now, else the whole seconds until it may."""
-        tokens = self.tokens(client)
+    def retry_after(self, client: str, conn: Connection | None = None) -> int:
+        """0 if `client` may try now, else the whole seconds until it may (`conn`: as for
+        `tokens`)."""
+        tokens = self.tokens(client, conn)
         if tokens >= 1:
             return 0
         return max(1, math.ceil((1 - tokens) / self.rate))
@@ -103,7 +110,7 @@ class FailureLimiter(ABC):
         """Release connections the limiter holds of its own (none by default)."""
 
     @abstractmethod
-    def _load(self, key: str) -> tuple[float, float] | None:
+    def _load(self, key: str, conn: Connection | None) -> tuple[float, float] | None:
         """The stored (tokens, updated) of bucket `key`, None when there is none."""
 
     @abstractmethod
@@ -152,15 +159,17 @@ class DatabaseFailureLimiter(FailureLimiter):
         self._swept = -math.inf
         self._sweep_lock = threading.Lock()
 
-    def _load(self, key: str) -> tuple[float, float] | None:
-        with self.db.read() as conn:
-            # The DBAPI cursor directly: this runs before every key check, ingest included.
-            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-            try:
-                cursor.execute(self._load_sql, (key,))
-                row = cursor.fetchone()
-            finally:
-                cursor.close()
+    def _load(self, key: str, conn: Connection | None) -> tuple[float, float] | None:
+        if conn is None:
+            with self.db.read() as own:
+                return self._load(key, own)
+        # The DBAPI cursor directly: this runs before every key check, ingest included.
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute(self._load_sql, (key,))
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
         return None if row is None else (float(row[0]), float(row[1]))
 
     def _take(self, key: str, now: float) -> None:
@@ -257,7 +266,7 @@ class RedisFailureLimiter(FailureLimiter):
         """Close the connection pool."""
         self._redis.close()
 
-    def _load(self, key: str) -> tuple[float, float] | None:
+    def _load(self, key: str, conn: Connection | None) -> tuple[float, float] | None:
         try:
             tokens, updated = self._redis.hmget(key, "tokens", "updated")
         except self._errors as error:
