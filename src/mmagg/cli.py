@@ -247,6 +247,11 @@ def serve(
     err_console.print(
         f"mmagg backend on {bound}  (dashboard: {bound}/dashboard), {workers} worker processes"
     )
+    if database_url.startswith("sqlite"):
+        err_console.print(
+            "note: SQLite takes one write at a time: more workers serve more reads, not more "
+            "reports (measured in docs/scale.md); PostgreSQL scales both"
+        )
     freeze_startup_heap()  # before fork: the workers share the start-up heap's pages
     supervisor = WorkerSupervisor(sock, worker, workers, report=_report_error)
     code = supervisor.run()

@@ -366,6 +366,20 @@ def current_version(conn: Connection) -> int:
     return int(version or 0)
 
 
+# Any constant: the key of the advisory lock that serialises migrations on PostgreSQL.
+_MIGRATION_LOCK = 0x6D6D616767  # "mmagg"
+
+
+def _one_migration_at_a_time(conn: Connection) -> None:
+    """Hold the database's migration lock until `conn`'s transaction ends, so that several
+    processes starting together on a new or older database migrate it once: the others wait,
+    then find it at the current version."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
+    elif conn.dialect.name == "sqlite":
+        conn.connection.dbapi_connection.execute("BEGIN IMMEDIATE")  # type: ignore[union-attr]
+
+
 def migrate(engine: Engine) -> int:
     """Upgrade the database step by step to `SCHEMA_VERSION` and return the version.
 
@@ -376,7 +390,11 @@ def migrate(engine: Engine) -> int:
         >>> migrate(create_db_engine("sqlite://")) == SCHEMA_VERSION
         True
     """
+    with engine.connect() as conn:
+        if current_version(conn) == SCHEMA_VERSION:
+            return SCHEMA_VERSION  # the usual start: nothing to lock
     with engine.begin() as conn:
+        _one_migration_at_a_time(conn)
         version = current_version(conn)
         if version > SCHEMA_VERSION:
             raise SchemaTooNewError(
