@@ -103,31 +103,15 @@ def alive(pid: int) -> bool:
 
 
 @pytest.fixture
-def own_pg_url(pg_database_url: str) -> Iterator[str]:
-    """A PostgreSQL database for one test (the limit's buckets and the leases start empty)."""
-    import psycopg
-
-    name = f"mmagg_proc_{uuid.uuid4().hex[:12]}"
-    dsn = "host=127.0.0.1 port=5432 user=postgres dbname=test"
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@pytest.fixture
-def two_instances(own_pg_url: str, tmp_path: Path) -> Iterator[tuple[Serve, Serve, str]]:
+def two_instances(fresh_pg_url: str, tmp_path: Path) -> Iterator[tuple[Serve, Serve, str]]:
     """Instances A and B of `mmagg serve` on one PostgreSQL database, and a key."""
-    db = Database(own_pg_url)
+    db = Database(fresh_pg_url)
     key = db.create_key("acme", {"ingest", "read"})
     db.close()
     options = ("--retention-days", "30", "--login-failures-per-minute", str(FAILURES))
-    first = start_serve(own_pg_url, tmp_path / "a.log", *options)
+    first = start_serve(fresh_pg_url, tmp_path / "a.log", *options)
     try:
-        second = start_serve(own_pg_url, tmp_path / "b.log", *options)
+        second = start_serve(fresh_pg_url, tmp_path / "b.log", *options)
     except BaseException:
         first.stop()
         raise
@@ -165,7 +149,7 @@ def _post(base_url: str, key: str, body: dict[str, object], idempotency_key: str
 
 
 def test_same_idempotency_key_on_two_instances_is_stored_once(
-    two_instances: tuple[Serve, Serve, str], own_pg_url: str
+    two_instances: tuple[Serve, Serve, str], fresh_pg_url: str
 ) -> None:
     first, second, key = two_instances
     body = report([result("person", 0.9)], device_id="cam-1")
@@ -184,7 +168,7 @@ def test_same_idempotency_key_on_two_instances_is_stored_once(
         pair = answers[2 * n : 2 * n + 2]
         assert pair[0].json()["report_id"] == pair[1].json()["report_id"]
         assert sorted(a.headers.get("idempotent-replayed", "") for a in pair) == ["", "true"]
-    assert sorted(k or "" for k in _stored(own_pg_url)) == sorted(keys)
+    assert sorted(k or "" for k in _stored(fresh_pg_url)) == sorted(keys)
 
 
 def test_a_session_from_one_instance_is_valid_on_the_other(
@@ -226,7 +210,7 @@ def test_failed_logins_on_two_instances_share_one_limit(
     assert _spread_failures(first, second, key) == [401] * FAILURES + [429, 429]
 
 
-def test_failed_logins_share_one_limit_in_redis(own_pg_url: str, tmp_path: Path) -> None:
+def test_failed_logins_share_one_limit_in_redis(fresh_pg_url: str, tmp_path: Path) -> None:
     redis = pytest.importorskip("redis")
     redis_url = f"redis://127.0.0.1:6379/{REDIS_DB}"
     connection = redis.Redis.from_url(redis_url)
@@ -237,16 +221,16 @@ def test_failed_logins_share_one_limit_in_redis(own_pg_url: str, tmp_path: Path)
         pytest.skip(f"Redis not reachable at 127.0.0.1:6379 ({error})")
     bucket = "mmagg:failures:login:127.0.0.1"
     connection.delete(bucket)
-    db = Database(own_pg_url)
+    db = Database(fresh_pg_url)
     key = db.create_key("acme", {"ingest", "read"})
     db.close()
     options = ("--login-failures-per-minute", str(FAILURES), "--redis-url", redis_url)
-    first = start_serve(own_pg_url, tmp_path / "a.log", *options)
-    second = start_serve(own_pg_url, tmp_path / "b.log", *options)
+    first = start_serve(fresh_pg_url, tmp_path / "a.log", *options)
+    second = start_serve(fresh_pg_url, tmp_path / "b.log", *options)
     try:
         assert _spread_failures(first, second, key) == [401] * FAILURES + [429, 429]
         assert connection.exists(bucket)
-        with Database(own_pg_url, migrate_schema=False).engine.connect() as conn:
+        with Database(fresh_pg_url, migrate_schema=False).engine.connect() as conn:
             assert conn.execute(sa.text("SELECT count(*) FROM failure_buckets")).scalar() == 0
     finally:
         assert second.stop() in (0, 130) and first.stop() in (0, 130)
@@ -262,7 +246,7 @@ def _retention_runs(server: Serve) -> float:
 
 
 def test_retention_runs_in_one_instance(
-    two_instances: tuple[Serve, Serve, str], own_pg_url: str
+    two_instances: tuple[Serve, Serve, str], fresh_pg_url: str
 ) -> None:
     first, second, _ = two_instances
     deadline = time.monotonic() + 10
@@ -270,7 +254,7 @@ def test_retention_runs_in_one_instance(
         time.sleep(0.1)
     time.sleep(1.0)  # time enough for a second pass, were there one
     assert sorted([_retention_runs(first), _retention_runs(second)]) == [0.0, 1.0]
-    db = Database(own_pg_url, migrate_schema=False)
+    db = Database(fresh_pg_url, migrate_schema=False)
     try:
         with db.read() as conn:
             holders = conn.execute(
@@ -285,7 +269,7 @@ def test_retention_runs_in_one_instance(
 def workers_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'workers.db'}"
-    url: str = request.getfixturevalue("own_pg_url")
+    url: str = request.getfixturevalue("fresh_pg_url")
     return url
 
 
