@@ -149,7 +149,7 @@ def serve(
     redis_url: Annotated[
         str | None,
         typer.Option(
-            envvar="MMAGG_REDIS_URL",
+            envvar="MMAGG_SERVER_REDIS_URL",
             help="Keep the failed-key-check limit in Redis (redis://host:6379/0) instead of "
             "the database; needs the redis extra.",
         ),
