@@ -499,8 +499,8 @@ def create_app(
     seconds while the app runs (docs/alerts.md).
     Failed key checks on every other keyed route (ingest, reads) count the same. The
     buckets are in the database, or in Redis at `redis_url` (`mmagg.server.ratelimit`), so
-    every process serving the database shares them; so is the retention job, which one
-    process at a time runs (`mmagg.server.lease`).
+    that every process serving the database shares them. Retention runs in one of those
+    processes at a time (a database lease, `mmagg.server.lease`).
     `X-Forwarded-For` names the client only on requests from `trusted_proxies` (addresses
     or networks, a list or a comma-separated string; `mmagg.server.clients`).
 
