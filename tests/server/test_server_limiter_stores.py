@@ -204,3 +204,17 @@ def test_redis_down_does_not_stop_key_checks(tmp_path: Path) -> None:
         assert limiter.retry_after("10.0.0.1") == 0
     finally:
         limiter.close()
+
+
+def test_refilled_buckets_leave_the_store(make_limiter: MakeLimiter) -> None:
+    clock = Clock(1_700_000_000.0)
+    limiter = make_limiter(2, 60.0, clock, uuid.uuid4().hex)
+    limiter.failed("10.0.0.8")
+    if isinstance(limiter, RedisFailureLimiter):
+        # Redis expires the hash once it would be full again.
+        assert 0 < limiter._redis.pttl(limiter.key("10.0.0.8")) <= 60_000
+        return
+    clock.now += 60.5  # refilled; the next failure sweeps this limiter's full buckets
+    limiter.failed("10.0.0.9")
+    assert limiter._load(limiter.key("10.0.0.8"), None) is None
+    assert limiter._load(limiter.key("10.0.0.9"), None) is not None

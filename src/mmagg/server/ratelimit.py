@@ -130,7 +130,8 @@ ON CONFLICT (client) DO UPDATE SET
 """
 _LOAD_SQL = "SELECT tokens, updated FROM failure_buckets WHERE client = {p}"
 # Buckets that refilled completely (`period` after their last failure) mean the same as none.
-_SWEEP_SQL = "DELETE FROM failure_buckets WHERE client >= {p} AND client < {p} AND updated < {p}"
+# By prefix with substr, not a range: a locale's collation may not order ':' before ';'.
+_SWEEP_SQL = "DELETE FROM failure_buckets WHERE updated < {p} AND substr(client, 1, {p}) = {p}"
 
 
 class DatabaseFailureLimiter(FailureLimiter):
@@ -180,11 +181,8 @@ class DatabaseFailureLimiter(FailureLimiter):
                     self._take_sql, (key, self.capacity - 1, now, self.capacity, self.rate)
                 )
                 if self._sweep_due(now):
-                    # The namespace's keys are those between "namespace:" and "namespace;".
-                    cursor.execute(
-                        self._sweep_sql,
-                        (f"{self.namespace}:", f"{self.namespace};", now - self.period),
-                    )
+                    prefix = f"{self.namespace}:"  # this limiter's buckets only
+                    cursor.execute(self._sweep_sql, (now - self.period, len(prefix), prefix))
             finally:
                 cursor.close()
 
