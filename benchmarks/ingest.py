@@ -152,9 +152,9 @@ def start_server(database_url: str, port: int, workers: int = 1) -> subprocess.P
         database_url,
         "--log-level",
         "warning",
-        "--workers",
-        str(workers),
     ]
+    if workers > 1:
+        command += ["--workers", str(workers)]
     process = subprocess.Popen(command)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
