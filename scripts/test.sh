@@ -46,6 +46,7 @@ log "benchmarks (smoke)"
 for bench in hot_path ingest redis_scale load first_call; do
   python "benchmarks/$bench.py" --smoke
 done
+python benchmarks/ingest.py --smoke --workers 2  # one process, then two workers
 
 log "pytest"
 python -m pytest -q "$@"

@@ -138,6 +138,22 @@ def serve(
         float,
         typer.Option(min=0.1, help="Seconds a client gets to send its request headers."),
     ] = 10.0,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Processes serving the one port (POSIX). Each has its own database "
+            "connections; limits, sessions and jobs are shared through the database.",
+        ),
+    ] = 1,
+    redis_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MMAGG_SERVER_REDIS_URL",
+            help="Keep the failed-key-check limit in Redis (redis://host:6379/0) instead of "
+            "the database; needs the redis extra.",
+        ),
+    ] = None,
 ) -> None:
     """Run the self-hosted Model Monitoring backend (Roboflow-compatible API + dashboard)."""
     _require(SERVER_MODULES, "server")
@@ -149,47 +165,134 @@ def serve(
     except ValueError as error:
         err_console.print(f"[red]error:[/red] --trusted-proxies: {escape(str(error))}")
         raise typer.Exit(2) from None
-    db = _database(database_url)
-    engine = None
+    if workers > 1 and _in_memory(database_url):
+        err_console.print(
+            "[red]error:[/red] --workers: an in-memory SQLite database cannot be shared by "
+            "processes: pass --database-url sqlite:///path.db or postgresql://..."
+        )
+        raise typer.Exit(2)
+    if redis_url is not None:
+        _check_redis(redis_url)
+    db = _database(database_url)  # migrates, once, before any worker starts
     if alerts is not None:
-        from mmagg.server.alert_rules import RulesError
-        from mmagg.server.alerts import AlertEngine, install_sighup
+        from mmagg.server.alert_rules import RulesError, load_rules
 
         try:
-            engine = AlertEngine.from_file(
-                db, alerts, interval=alert_interval, external_url=f"http://{host}:{port}"
-            )
+            rule_count = len(load_rules(alerts).rules)
         except (RulesError, OSError) as error:
             err_console.print(f"[red]error:[/red] alert rules: {escape(str(error))}")
             raise typer.Exit(2) from None
-        install_sighup(engine)
-        err_console.print(f"alerts: {len(engine.rules.rules)} rules, every {alert_interval:g} s")
-    application = create_app(
-        db=db,
-        body_limit=body_limit,
-        secure_cookies=secure_cookies,
-        retention_days=retention_days,
-        login_failures_per_minute=login_failures_per_minute,
-        alerts=engine,
-        trusted_proxies=trusted_proxies,
-    )
+        err_console.print(f"alerts: {rule_count} rules, every {alert_interval:g} s")
+
+    def application(database: Any) -> Any:
+        engine = None
+        if alerts is not None:
+            from mmagg.server.alerts import AlertEngine, install_sighup
+
+            engine = AlertEngine.from_file(
+                database, alerts, interval=alert_interval, external_url=f"http://{host}:{port}"
+            )
+            install_sighup(engine)
+        return create_app(
+            db=database,
+            body_limit=body_limit,
+            secure_cookies=secure_cookies,
+            retention_days=retention_days,
+            login_failures_per_minute=login_failures_per_minute,
+            alerts=engine,
+            trusted_proxies=trusted_proxies,
+            redis_url=redis_url,
+        )
+
     from mmagg.server.gcguard import freeze_startup_heap
     from mmagg.server.protocols import guarded_protocol
-    from mmagg.server.runner import bind_socket, serve_on
-
-    sock = bind_socket(host, port)  # before announcing: the printed URL is one that listens
-    bound = f"http://{host}:{sock.getsockname()[1]}"
-    err_console.print(f"mmagg backend on {bound}  (dashboard: {bound}/dashboard)")
-    freeze_startup_heap()
-    serve_on(
-        sock,
-        application,
-        access_log=access_log,
-        log_level=log_level,
-        http=guarded_protocol(header_timeout),
-        # X-Forwarded-For is the app's decision (--trusted-proxies), never uvicorn's.
-        proxy_headers=False,
+    from mmagg.server.runner import (
+        BindError,
+        WorkerSupervisor,
+        bind_socket,
+        quiet_lifecycle_logs,
+        serve_on,
     )
+
+    uvicorn_options: dict[str, Any] = {
+        "access_log": access_log,
+        "log_level": log_level,
+        "http": guarded_protocol(header_timeout),
+        # X-Forwarded-For is the app's decision (--trusted-proxies), never uvicorn's.
+        "proxy_headers": False,
+    }
+    try:
+        sock = bind_socket(host, port)  # before announcing: the printed URL is one that listens
+    except BindError:
+        db.close()
+        raise
+    bound = f"http://{host}:{sock.getsockname()[1]}"
+    if workers == 1:
+        served = application(db)
+        err_console.print(f"mmagg backend on {bound}  (dashboard: {bound}/dashboard)")
+        freeze_startup_heap()
+        serve_on(sock, served, **uvicorn_options)
+        return
+    # Each worker opens its own connections: none may be inherited across fork.
+    db.close()
+
+    def worker(listening: Any) -> None:
+        from mmagg.server.db import Database
+
+        quiet_lifecycle_logs()
+        serve_on(
+            listening, application(Database(database_url, migrate_schema=False)), **uvicorn_options
+        )
+
+    err_console.print(
+        f"mmagg backend on {bound}  (dashboard: {bound}/dashboard), {workers} worker processes"
+    )
+    if database_url.startswith("sqlite"):
+        err_console.print(
+            "note: SQLite takes one write at a time: more workers serve more reads, not more "
+            "reports (measured in docs/scale.md); PostgreSQL scales both"
+        )
+    freeze_startup_heap()  # before fork: the workers share the start-up heap's pages
+    supervisor = WorkerSupervisor(sock, worker, workers, report=_report_error)
+    code = supervisor.run()
+    err_console.print("mmagg backend stopped" if code == 0 else "mmagg backend failed")
+    if code:
+        raise typer.Exit(code)
+
+
+def _report_error(message: str) -> None:
+    err_console.print(f"[red]error:[/red] {escape(message)}")
+
+
+def _in_memory(database_url: str) -> bool:
+    """True for SQLite URLs without a file (`sqlite://`, `sqlite:///:memory:`)."""
+    if not database_url.startswith("sqlite"):
+        return False
+    path = database_url.split("://", 1)[1].lstrip("/") if "://" in database_url else ""
+    return path in ("", ":memory:")
+
+
+def _check_redis(url: str) -> None:
+    """Exit with a message naming the (password-redacted) URL when Redis is not reachable."""
+    _require(("redis",), "redis")
+    from mmagg.server.ratelimit import RedisFailureLimiter
+    from mmagg.stores.redis import redact_url
+
+    try:
+        limiter = RedisFailureLimiter(url, timeout=2.0)
+    except ValueError as error:
+        err_console.print(f"[red]error:[/red] --redis-url: {escape(str(error))}")
+        raise typer.Exit(2) from None
+    try:
+        limiter.ping()
+    except Exception as error:  # any failure to talk to it: say so before serving
+        err_console.print(
+            f"[red]error:[/red] --redis-url: cannot reach Redis at {escape(redact_url(url))} "
+            f"({type(error).__name__})"
+        )
+        raise typer.Exit(2) from None
+    finally:
+        limiter.close()
 
 
 @keys_app.command("create")

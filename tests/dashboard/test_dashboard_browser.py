@@ -88,12 +88,15 @@ def test_bad_key_is_refused_with_a_clear_message_then_good_key_logs_in(
 
 
 def test_too_many_wrong_keys_are_refused_with_a_message(dashboard: DashboardPage) -> None:
-    from mmagg.server.ratelimit import FailureLimiter
+    from mmagg.server.ratelimit import DatabaseFailureLimiter
 
     app = dashboard.backend.app
     shared = app.state.login_limiter
-    # A limiter of its own (two failures a minute), so the other tests' logins are unaffected.
-    app.state.login_limiter = FailureLimiter(failures=2, period=60.0)
+    # A limiter of its own (two failures a minute, buckets apart from the app's), so the other
+    # tests' logins are unaffected.
+    app.state.login_limiter = DatabaseFailureLimiter(
+        app.state.db, failures=2, period=60.0, namespace="too-many"
+    )
     try:
         dashboard.goto()
         page = dashboard.page

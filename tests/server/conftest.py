@@ -72,21 +72,26 @@ def client(backend: RunningBackend) -> Iterator[httpx.Client]:
         yield http
 
 
+@pytest.fixture
+def fresh_pg_url(pg_database_url: str) -> Iterator[str]:
+    """A PostgreSQL database of the test's own, created empty and dropped after it."""
+    import psycopg
+
+    name = f"mmagg_t_{uuid.uuid4().hex[:12]}"
+    dsn = "host=127.0.0.1 port=5432 user=postgres dbname=test"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def v01_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
     """An empty database of its own (the v0.1 DDL needs a clean slate): (url, kind)."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'v01.db'}", "sqlite"
         return
-    request.getfixturevalue("pg_database_url")  # skips when PostgreSQL is not reachable
-    import psycopg
-
-    name = f"mmagg_v01_{uuid.uuid4().hex[:12]}"
-    dsn = "host=127.0.0.1 port=5432 user=postgres dbname=test"
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}", "postgresql"
-    finally:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    yield request.getfixturevalue("fresh_pg_url"), "postgresql"

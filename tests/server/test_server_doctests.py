@@ -22,6 +22,7 @@ MODULES = [
     "mmagg.server.gcguard",
     "mmagg.server.guards",
     "mmagg.server.keys_api",
+    "mmagg.server.lease",
     "mmagg.server.metrics",
     "mmagg.server.protocols",
     "mmagg.server.ratelimit",

@@ -87,3 +87,36 @@ def test_step_2_is_idempotent_on_an_upgraded_or_new_database(v01_url: tuple[str,
             assert [sorted(k.scopes) for k in db.list_keys()] == [["admin", "ingest", "read"]]
         finally:
             db.close()
+
+
+def test_processes_starting_together_migrate_once(v01_url: tuple[str, str]) -> None:
+    """Instances started at once on a new database (a deployment's replicas) all come up."""
+    import threading
+
+    url, _ = v01_url
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def open_database() -> None:
+        start.wait()
+        try:
+            Database(url).close()
+        except BaseException as error:  # collected: the assertion below names it
+            errors.append(error)
+
+    threads = [threading.Thread(target=open_database) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    db = Database(url)
+    try:
+        with db.read() as conn:
+            assert tables.current_version(conn) == tables.SCHEMA_VERSION
+            assert (
+                conn.execute(sa.select(sa.func.count()).select_from(tables.schema_version)).scalar()
+                == 1
+            )
+    finally:
+        db.close()

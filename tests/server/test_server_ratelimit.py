@@ -8,10 +8,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import sqlalchemy as sa
 from server_support import ServerThread, start_server
 
 from mmagg.server import Database, create_app
-from mmagg.server.ratelimit import FailureLimiter
+from mmagg.server.ratelimit import DatabaseFailureLimiter
+from mmagg.server.tables import failure_buckets
 
 FAILURES = 3  # per minute: one token every 20 s
 
@@ -105,7 +107,8 @@ def test_the_limit_is_per_client_address(served: tuple[ServerThread, str]) -> No
 def test_tokens_come_back_with_time(served: tuple[ServerThread, str]) -> None:
     running, key = served
     # A token every 0.5 s, so that the test need not wait 20 s.
-    running.server.config.app.state.login_limiter = FailureLimiter(failures=2, period=1.0)
+    state = running.server.config.app.state
+    state.login_limiter = DatabaseFailureLimiter(state.db, failures=2, period=1.0, namespace="fast")
     with httpx.Client(base_url=running.base_url, timeout=10) as http:
         assert [_login(http, "mmk_wrong").status_code for _ in range(2)] == [401, 401]
         limited = _login(http, key)
@@ -114,16 +117,25 @@ def test_tokens_come_back_with_time(served: tuple[ServerThread, str]) -> None:
         assert _login(http, key).status_code == 200
 
 
-def test_limiter_bookkeeping_stays_bounded() -> None:
-    now = [0.0]
-    limiter = FailureLimiter(failures=2, period=60.0, clock=lambda: now[0])
-    limiter.MAX_CLIENTS = 100
-    for i in range(1_000):
-        limiter.failed(f"10.0.{i // 256}.{i % 256}")
-        now[0] += 0.001
-    assert len(limiter._buckets) <= limiter.MAX_CLIENTS
-    assert limiter.retry_after("10.0.3.231") == 0  # the newest failures are remembered ...
-    limiter.failed("10.0.3.231")
-    assert limiter.retry_after("10.0.3.231") == 30  # ... at one token left: now empty
-    with pytest.raises(ValueError, match="failures"):
-        FailureLimiter(failures=0)
+def test_refilled_buckets_are_swept(tmp_path: Path) -> None:
+    now = [1000.0]
+    db = Database(f"sqlite:///{tmp_path / 'sweep.db'}")
+    try:
+        limiter = DatabaseFailureLimiter(db, failures=2, period=60.0, clock=lambda: now[0])
+        other = DatabaseFailureLimiter(db, failures=2, period=1.0, namespace="other")
+        other.failed("10.0.0.9")  # another namespace's bucket: not this limiter's to sweep
+        for i in range(100):
+            limiter.failed(f"10.0.0.{i}")
+            now[0] += 0.1
+        now[0] += 60.0  # every bucket refilled; the next failure sweeps them
+        limiter.failed("10.0.1.1")
+        with db.read() as conn:
+            left = sorted(conn.execute(sa.select(failure_buckets.c.client)).scalars())
+        assert left == ["login:10.0.1.1", "other:10.0.0.9"]
+        assert limiter.retry_after("10.0.1.1") == 0
+        limiter.failed("10.0.1.1")
+        assert limiter.retry_after("10.0.1.1") == 30  # at one token left: now empty
+        with pytest.raises(ValueError, match="failures"):
+            DatabaseFailureLimiter(db, failures=0)
+    finally:
+        db.close()

@@ -30,7 +30,6 @@ import logging
 import signal
 import threading
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,8 +49,9 @@ from mmagg.server import trends
 from mmagg.server.alert_rules import EMPTY_RULES, Receiver, Rule, RulesError, RuleSet, load_rules
 from mmagg.server.db import Database
 from mmagg.server.drift import class_mix, psi
+from mmagg.server.lease import Lease
 from mmagg.server.queries import TimeRange
-from mmagg.server.tables import alert_events, alert_lease, alert_state, workspaces
+from mmagg.server.tables import alert_events, alert_state, workspaces
 
 logger = logging.getLogger("mmagg.server.alerts")
 
@@ -288,8 +288,13 @@ class AlertEngine:
         self.clock = clock
         self.rules_path = Path(rules_path) if rules_path is not None else None
         self.external_url = (rules.external_url or external_url).rstrip("/")
-        self.lease_ttl = lease_ttl if lease_ttl is not None else max(3 * interval, 30.0)
-        self.instance = instance or uuid.uuid4().hex[:16]
+        self.lease = Lease(
+            db,
+            LEASE_NAME,
+            ttl=lease_ttl if lease_ttl is not None else max(3 * interval, 30.0),
+            holder=instance,
+        )
+        self.instance = self.lease.holder
         self.on_notify = on_notify
         self.metrics = AlertMetrics()
         self._retry = (retry_attempts, retry_backoff)
@@ -313,15 +318,7 @@ class AlertEngine:
 
     def close(self) -> None:
         """Release the lease (so another replica takes over at once) and the HTTP client."""
-        try:
-            with self.db.write() as conn:
-                conn.execute(
-                    sa.delete(alert_lease).where(
-                        alert_lease.c.name == LEASE_NAME, alert_lease.c.holder == self.instance
-                    )
-                )
-        except Exception:  # shutting down: the lease expires by itself
-            logger.warning("mmagg: could not release the alert lease")
+        self.lease.release()
         self.sender.close()
 
     # rules
@@ -349,34 +346,7 @@ class AlertEngine:
 
     def is_leader(self, now: float) -> bool:
         """Take or renew the evaluator lease; False while another replica holds it."""
-        try:
-            with self.db.write() as conn:
-                row = conn.execute(
-                    sa.select(alert_lease.c.holder, alert_lease.c.expires_at).where(
-                        alert_lease.c.name == LEASE_NAME
-                    )
-                ).first()
-                if row is None:
-                    conn.execute(
-                        sa.insert(alert_lease).values(
-                            name=LEASE_NAME, holder=self.instance, expires_at=now + self.lease_ttl
-                        )
-                    )
-                    return True
-                if row.holder != self.instance and row.expires_at >= now:
-                    return False
-                updated = conn.execute(
-                    sa.update(alert_lease)
-                    .where(
-                        alert_lease.c.name == LEASE_NAME,
-                        alert_lease.c.holder == row.holder,
-                        alert_lease.c.expires_at == row.expires_at,
-                    )
-                    .values(holder=self.instance, expires_at=now + self.lease_ttl)
-                )
-                return bool(updated.rowcount == 1)
-        except sa.exc.IntegrityError:
-            return False  # another replica inserted the lease first
+        return self.lease.acquire(now)
 
     # evaluation
 

@@ -46,9 +46,10 @@ from mmagg.server.guards import BodyLimitMiddleware, install_log_redaction
 from mmagg.server.guards import RedactApiKeys as RedactApiKeys  # re-exported
 from mmagg.server.guards import redact_keys as redact_keys  # re-exported
 from mmagg.server.keys_api import build_keys_router
+from mmagg.server.lease import Lease
 from mmagg.server.metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
 from mmagg.server.monitoring_api import build_monitoring_router
-from mmagg.server.ratelimit import FailureLimiter
+from mmagg.server.ratelimit import DatabaseFailureLimiter, FailureLimiter, RedisFailureLimiter
 from mmagg.server.responses import (
     ErrorResponse,
     HealthResponse,
@@ -113,15 +114,16 @@ def _checked_principal(
     """
     if key is None:
         raise ApiError(401, _MISSING_KEY, reason="unauthorized")
-    wait = limiter.retry_after(client)
-    if wait:
-        raise ApiError(
-            429,
-            f"too many failed API key attempts from this address: retry in {wait} s",
-            reason="rate_limited",
-            headers={"Retry-After": str(wait)},
-        )
-    principal = db.authenticate(key)
+    with db.read() as conn:  # one checkout for the limit and the key
+        wait = limiter.retry_after(client, conn)
+        if wait:
+            raise ApiError(
+                429,
+                f"too many failed API key attempts from this address: retry in {wait} s",
+                reason="rate_limited",
+                headers={"Retry-After": str(wait)},
+            )
+        principal = db.authenticate(key, conn)
     if principal is None:
         limiter.failed(client)
         raise ApiError(401, _BAD_KEY, reason="unauthorized")
@@ -446,18 +448,30 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 
 
 PRUNE_INTERVAL_SECONDS = 3600.0
+RETENTION_LEASE = "retention"
 
 
-async def _prune_forever(db: Database, retention_days: float) -> None:
+async def _prune_forever(
+    db: Database, retention_days: float, lease: Lease, metrics: Metrics
+) -> None:
+    """Every hour, delete what is past retention, in whichever process holds the lease.
+
+    The lease outlives two intervals, so the holder keeps it from one pass to the next and
+    the other processes (workers, instances on the same database) skip theirs; when the
+    holder stops, another one takes over at its next pass after the lease expired.
+    """
     while True:
-        cutoff = time.time() - retention_days * 86400
         try:
-            removed = await anyio.to_thread.run_sync(db.prune, cutoff)
+            if await anyio.to_thread.run_sync(lease.acquire, time.time()):
+                cutoff = time.time() - retention_days * 86400
+                removed = await anyio.to_thread.run_sync(db.prune, cutoff)
+                metrics.retention_runs.inc()
+                if removed:
+                    logger.info(
+                        "mmagg: pruned %d reports older than %s days", removed, retention_days
+                    )
         except Exception:  # a failed prune must not take the server down; retried next hour
             logger.exception("mmagg: pruning reports older than %s days failed", retention_days)
-        else:
-            if removed:
-                logger.info("mmagg: pruned %d reports older than %s days", removed, retention_days)
         await anyio.sleep(PRUNE_INTERVAL_SECONDS)
 
 
@@ -472,6 +486,7 @@ def create_app(
     login_failures_per_minute: int = DEFAULT_LOGIN_FAILURES_PER_MINUTE,
     alerts: AlertEngine | None = None,
     trusted_proxies: Sequence[str] | str | None = None,
+    redis_url: str | None = None,
 ) -> FastAPI:
     """Build the backend app on `database_url` (or an open `db`), migrating its schema.
 
@@ -482,7 +497,10 @@ def create_app(
     `GET /?api_key=` per minute, in bursts of as many; past that, 429 with `Retry-After`.
     `alerts` (an `AlertEngine` on the same database) is evaluated every `alerts.interval`
     seconds while the app runs (docs/alerts.md).
-    Failed key checks on every other keyed route (ingest, reads) count the same.
+    Failed key checks on every other keyed route (ingest, reads) count the same. The
+    buckets are in the database, or in Redis at `redis_url` (`mmagg.server.ratelimit`), so
+    that every process serving the database shares them. Retention runs in one of those
+    processes at a time (a database lease, `mmagg.server.lease`).
     `X-Forwarded-For` names the client only on requests from `trusted_proxies` (addresses
     or networks, a list or a comma-separated string; `mmagg.server.clients`).
 
@@ -497,18 +515,27 @@ def create_app(
     metrics = Metrics()
     owned_db = db
     install_log_redaction()
+    limiter: FailureLimiter
+    if redis_url is not None:
+        limiter = RedisFailureLimiter(redis_url, failures=login_failures_per_minute, period=60.0)
+    else:
+        limiter = DatabaseFailureLimiter(db, failures=login_failures_per_minute, period=60.0)
+    retention_lease = Lease(db, RETENTION_LEASE, ttl=2 * PRUNE_INTERVAL_SECONDS)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         async with anyio.create_task_group() as tasks:
             if retention_days is not None:
-                tasks.start_soon(_prune_forever, owned_db, retention_days)
+                tasks.start_soon(_prune_forever, owned_db, retention_days, retention_lease, metrics)
             if alerts is not None:
                 tasks.start_soon(alerts.run)
             yield
             tasks.cancel_scope.cancel()
         if alerts is not None:
             alerts.close()
+        if retention_days is not None:
+            retention_lease.release()
+        limiter.close()
         owned_db.close()
 
     app = FastAPI(
@@ -522,7 +549,7 @@ def create_app(
     app.state.alerts = alerts
     if alerts is not None:
         alerts.attach_metrics(metrics.registry)
-    app.state.login_limiter = FailureLimiter(failures=login_failures_per_minute, period=60.0)
+    app.state.login_limiter = limiter
     app.state.trusted_proxies = (
         TrustedProxies.parse(trusted_proxies)
         if isinstance(trusted_proxies, str) or trusted_proxies is None

@@ -221,12 +221,18 @@ class Database:
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
-        """A write transaction, serialised in-process on SQLite."""
+        """A write transaction, serialised in-process on SQLite.
+
+        On SQLite it starts with `BEGIN IMMEDIATE`: a transaction that reads before it
+        writes would otherwise fail at once with "database is locked" when another process
+        (`serve --workers`, `mmagg keys`) committed in between, instead of waiting its turn.
+        """
         if self._write_lock is None:
             with self.engine.begin() as conn:
                 yield conn
             return
         with self._write_lock, self.engine.begin() as conn:
+            conn.connection.dbapi_connection.execute("BEGIN IMMEDIATE")  # type: ignore[union-attr]
             yield conn
 
     @contextmanager

@@ -42,6 +42,11 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.retention_runs = Counter(
+            "mmagg_retention_runs",
+            "Retention passes this process ran (one process at a time holds the lease).",
+            registry=self.registry,
+        )
         self.latency = Histogram(
             "mmagg_request_duration_seconds",
             "Request latency by method, route template and status class.",

@@ -1,12 +1,20 @@
-"""Serve an app with uvicorn from a background thread (the demo and embedding use it)."""
+"""Serve an app with uvicorn: on a bound socket, in N worker processes sharing one socket
+(`mmagg serve --workers N`), or from a background thread (the demo and embedding use it)."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import logging
+import os
+import signal
 import socket
+import sys
 import threading
 import time
-from types import TracebackType
+import traceback
+from collections.abc import Callable
+from types import FrameType, TracebackType
 from typing import Any
 
 import uvicorn
@@ -76,6 +84,169 @@ def serve_on(sock: socket.socket, app: Any, **config: Any) -> None:
         server.run(sockets=[sock])
     finally:
         sock.close()
+
+
+# uvicorn's per-process life-cycle lines; with N workers the supervisor says it once instead.
+_LIFECYCLE = (
+    "Started server process",
+    "Waiting for application startup",
+    "Application startup complete",
+    "Shutting down",
+    "Waiting for application shutdown",
+    "Application shutdown complete",
+    "Finished server process",
+)
+
+
+def quiet_lifecycle_logs() -> None:
+    """Drop uvicorn's start/stop lines in this process (a worker of `serve_workers`)."""
+    logging.getLogger("uvicorn.error").addFilter(
+        lambda record: not record.getMessage().startswith(_LIFECYCLE)
+    )
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Have the kernel send this (forked) process SIGTERM when the supervisor dies, even
+    by SIGKILL, so that no worker outlives it (Linux; elsewhere a no-op)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # no prctl here: the supervisor's own stop remains
+            pass
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
+
+
+def describe_exit(status: int) -> str:
+    """`os.wait` status in words: "exit code 3" or "signal SIGKILL"."""
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            return f"signal {signal.Signals(number).name}"
+        except ValueError:
+            return f"signal {number}"
+    return f"exit code {os.waitstatus_to_exitcode(status)}"
+
+
+class WorkerSupervisor:
+    """Fork `workers` processes that each run `target(sock)` on one listening socket, and
+    watch them until they stop (`mmagg serve --workers N`).
+
+    The kernel spreads the connections the socket accepts over the processes. SIGINT and
+    SIGTERM stop every worker gracefully (SIGTERM to each; SIGKILL to any still running
+    after `grace` seconds); SIGHUP is passed on (alert rules reload). Each worker also gets
+    SIGTERM from the kernel should the supervisor itself die. A worker that dies while the
+    others serve is reported, the others are stopped, and `run` returns 1: restarting is
+    left to what runs `mmagg serve` (systemd, a container's restart policy), which then
+    sees the failure instead of a crash loop hidden inside. POSIX only (needs `os.fork`).
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        target: Callable[[socket.socket], None],
+        workers: int,
+        *,
+        report: Callable[[str], None] = print,
+        grace: float = 30.0,
+    ) -> None:
+        if workers < 1:
+            raise ValueError(f"workers: expected at least 1, got {workers}")
+        if not hasattr(os, "fork"):
+            raise RuntimeError("--workers needs os.fork (Linux, macOS): run one process here")
+        self.sock = sock
+        self.target = target
+        self.workers = workers
+        self.report = report
+        self.grace = grace
+        self.pids: dict[int, int] = {}  # pid -> worker number
+        self._stop_requested: int | None = None
+        self._stopping_since: float | None = None
+
+    def _spawn(self, number: int) -> int:
+        parent = os.getpid()
+        pid = os.fork()
+        if pid:
+            return pid
+        code = 1
+        try:  # the worker: never returns into the supervisor's code
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            # The supervisor passes SIGHUP on to every worker: one without alert rules (which
+            # install their own handler) must not die of it.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            _exit_with_parent(parent)
+            self.target(self.sock)
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return 0  # unreachable
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            self._send(signal.SIGHUP)
+        elif self._stop_requested is None:
+            self._stop_requested = signum
+
+    def _send(self, signum: int) -> None:
+        for pid in self.pids:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def _stop(self) -> None:
+        if self._stopping_since is None:
+            self._stopping_since = time.monotonic()
+            self._send(signal.SIGTERM)
+
+    def run(self) -> int:
+        """Start the workers and supervise them; 0 after a requested stop, 1 if one died."""
+        handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        previous = {signum: signal.signal(signum, self._on_signal) for signum in handled}
+        failed = False
+        try:
+            for number in range(1, self.workers + 1):
+                self.pids[self._spawn(number)] = number
+            while self.pids:
+                if self._stop_requested is not None:
+                    self._stop()
+                if (
+                    self._stopping_since is not None
+                    and time.monotonic() - self._stopping_since > self.grace
+                ):
+                    self.report(f"workers still running after {self.grace:g} s: killing them")
+                    self._send(signal.SIGKILL)
+                    self._stopping_since = time.monotonic()  # and wait for them to go
+                pid, status = os.waitpid(-1, os.WNOHANG)
+                if pid == 0:
+                    time.sleep(0.1)
+                    continue
+                number = self.pids.pop(pid, 0)
+                if not number or self._stop_requested is not None:
+                    continue  # a worker stopping as asked (Ctrl-C reaches workers directly)
+                if self._stopping_since is not None:
+                    continue
+                failed = True
+                self.report(
+                    f"worker {number} (pid {pid}) stopped with {describe_exit(status)}: "
+                    f"stopping the other {len(self.pids)} and exiting"
+                )
+                self._stop()
+        finally:
+            if self.pids:  # an error in the supervisor itself: leave nothing behind
+                self._send(signal.SIGKILL)
+                for pid in list(self.pids):
+                    os.waitpid(pid, 0)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            self.sock.close()
+        return 1 if failed else 0
 
 
 class BackgroundServer:

@@ -16,7 +16,7 @@ from sqlalchemy.pool import StaticPool
 
 from mmagg.wire import HISTOGRAM_BUCKETS
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 metadata = sa.MetaData()
 
@@ -197,12 +197,25 @@ alert_events = sa.Table(
     sa.Index("ix_alert_events_ws_at", "workspace_id", "at"),
 )
 
+# Named leases (`mmagg.server.lease`): the alert evaluator's, and since schema 6 the
+# retention job's. The table kept the name it got with the first lease.
 alert_lease = sa.Table(
     "alert_lease",
     metadata,
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("holder", sa.String(64), nullable=False),
     sa.Column("expires_at", sa.Float(53), nullable=False),
+)
+
+# The token buckets of failed key checks (`mmagg.server.ratelimit`), shared by every backend
+# process on the database. A row whose bucket has refilled means the same as no row.
+failure_buckets = sa.Table(
+    "failure_buckets",
+    metadata,
+    sa.Column("client", sa.String(160), primary_key=True),
+    sa.Column("tokens", sa.Float(53), nullable=False),
+    sa.Column("updated", sa.Float(53), nullable=False),
+    sa.Index("ix_failure_buckets_updated", "updated"),
 )
 
 
@@ -329,6 +342,11 @@ def _step_5(conn: Connection) -> None:
     rebuild_rollups(conn)
 
 
+def _step_6(conn: Connection) -> None:
+    """The shared failed-key-check buckets (issue 15, more than one process); idempotent."""
+    failure_buckets.create(conn, checkfirst=True)
+
+
 # Step n upgrades a database at version n - 1 to version n; append, never edit.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: _step_1,
@@ -336,6 +354,7 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     3: _step_3,
     4: _step_4,
     5: _step_5,
+    6: _step_6,
 }
 
 
@@ -345,6 +364,20 @@ def current_version(conn: Connection) -> int:
         return 0
     version = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
     return int(version or 0)
+
+
+# Any constant: the key of the advisory lock that serialises migrations on PostgreSQL.
+_MIGRATION_LOCK = 0x6D6D616767  # "mmagg"
+
+
+def _one_migration_at_a_time(conn: Connection) -> None:
+    """Hold the database's migration lock until `conn`'s transaction ends, so that several
+    processes starting together on a new or older database migrate it once: the others wait,
+    then find it at the current version."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
+    elif conn.dialect.name == "sqlite":
+        conn.connection.dbapi_connection.execute("BEGIN IMMEDIATE")  # type: ignore[union-attr]
 
 
 def migrate(engine: Engine) -> int:
@@ -357,7 +390,11 @@ def migrate(engine: Engine) -> int:
         >>> migrate(create_db_engine("sqlite://")) == SCHEMA_VERSION
         True
     """
+    with engine.connect() as conn:
+        if current_version(conn) == SCHEMA_VERSION:
+            return SCHEMA_VERSION  # the usual start: nothing to lock
     with engine.begin() as conn:
+        _one_migration_at_a_time(conn)
         version = current_version(conn)
         if version > SCHEMA_VERSION:
             raise SchemaTooNewError(
