@@ -39,9 +39,18 @@ from mmagg.server.api import (
 from mmagg.server.auth import ADMIN, INGEST, READ, require_dashboard_scope, require_scope
 from mmagg.server.bounds import TimestampError, place, unstorable_reason
 from mmagg.server.clients import TrustedProxies
-from mmagg.server.db import SESSION_TTL_SECONDS, Database, Principal
+from mmagg.server.db import (
+    SESSION_TTL_SECONDS,
+    Database,
+    KeyRevokedError,
+    PendingReport,
+    Principal,
+    StoredReport,
+    hash_secret,
+)
 from mmagg.server.errors import ApiError, BodyTooLargeError
 from mmagg.server.gcguard import collector_paused
+from mmagg.server.groupcommit import GroupCommit
 from mmagg.server.guards import BodyLimitMiddleware, install_log_redaction
 from mmagg.server.guards import RedactApiKeys as RedactApiKeys  # re-exported
 from mmagg.server.guards import redact_keys as redact_keys  # re-exported
@@ -103,6 +112,8 @@ def _checked_principal(
     key: str | None,
     workspace: str | None,
     scope: str | None = None,
+    *,
+    cached: bool = False,
 ) -> Principal:
     """The principal of `key`, behind the per-client limit on failed key checks (429).
 
@@ -110,6 +121,7 @@ def _checked_principal(
     the same few attempts a minute wherever they try. A missing key takes no token (nothing
     was guessed: a health check probing `GET /`, say), nor does a valid key of another
     workspace (403) or a valid key without `scope` (403 naming the scope).
+    With `cached`, a key checked lately is not looked up again (`Database.cached_principal`).
     """
     if key is None:
         raise ApiError(401, _MISSING_KEY, reason="unauthorized")
@@ -121,7 +133,11 @@ def _checked_principal(
             reason="rate_limited",
             headers={"Retry-After": str(wait)},
         )
-    principal = db.authenticate(key)
+    # `cached`: ingest's fast path, whose report is stored only if its key is still active
+    # when the storing transaction checks it again (`PendingReport.key_digest`).
+    principal = db.cached_principal(key) if cached else None
+    if principal is None:
+        principal = db.authenticate(key)
     if principal is None:
         limiter.failed(client)
         raise ApiError(401, _BAD_KEY, reason="unauthorized")
@@ -194,35 +210,54 @@ class _IngestContext:
     retention_seconds: float | None
 
 
-def _ingest(
+def _prepare(
     ctx: _IngestContext,
     key: str,
     workspace: str,
     body: bytes,
     idempotency_key: str | None,
-) -> JSONResponse:
-    db, metrics = ctx.db, ctx.metrics
-    principal = _checked_principal(db, ctx.limiter, ctx.client, key, workspace, INGEST)
+) -> PendingReport | JSONResponse:
+    """Authenticate and validate one report: the report to store, or the 422 to answer.
+
+    The key check may come from memory (`cached`); before a 422 the key is looked up for
+    real, so a revoked key still gets its 401 whatever the body.
+    """
+    principal = _checked_principal(
+        ctx.db, ctx.limiter, ctx.client, key, workspace, INGEST, cached=True
+    )
     received_at = time.time()
     try:
         report = parse_report(body, sliced_above=INLINE_INGEST_BYTES)
     except ReportInvalidError as error:
-        metrics.reject("invalid")
+        _checked_principal(ctx.db, ctx.limiter, ctx.client, key, workspace, INGEST)
+        ctx.metrics.reject("invalid")
         return JSONResponse({"detail": error_details(error.errors, secret=key)}, status_code=422)
     try:
         placement = place(report.timestamp, received_at, ctx.retention_seconds)
     except TimestampError as error:
+        _checked_principal(ctx.db, ctx.limiter, ctx.client, key, workspace, INGEST)
         raise ApiError(422, f"timestamp: {error}", reason="invalid", field="timestamp") from None
-    stored = db.store_report(principal, report, idempotency_key, placement)
+    return PendingReport(principal, report, idempotency_key, placement, hash_secret(key))
+
+
+def _answer(ctx: _IngestContext, outcome: StoredReport | Exception) -> JSONResponse:
+    """The response to a stored report (or the error storing it raised)."""
+    if isinstance(outcome, KeyRevokedError):
+        # Revoked (or expired) after the request was let in: nothing was stored.
+        ctx.limiter.failed(ctx.client)
+        raise ApiError(401, _BAD_KEY, reason="unauthorized")
+    if isinstance(outcome, Exception):
+        raise outcome
+    metrics = ctx.metrics
     headers = {}
-    if stored.duplicate:
+    if outcome.duplicate:
         metrics.duplicates.inc()
         headers["Idempotent-Replayed"] = "true"
     else:
         metrics.reports_received.inc()
-        metrics.results_stored.inc(stored.result_count)
+        metrics.results_stored.inc(outcome.result_count)
     return JSONResponse(
-        {"status": "ok", "report_id": stored.report_id, "results": stored.result_count},
+        {"status": "ok", "report_id": outcome.report_id, "results": outcome.result_count},
         headers=headers,
     )
 
@@ -255,21 +290,40 @@ async def ingest(request: Request) -> JSONResponse:
         _client_address(request),
         state.retention_seconds,
     )
-    if ctx.db.dialect == "sqlite" and len(body) <= INLINE_INGEST_BYTES:
-        # A small report on SQLite (serialised writes, mostly Python-side CPU) costs less
-        # on the event loop than a thread hop and its GIL hand-offs.
-        return _ingest(ctx, key, workspace, body, idempotency_key)
-    # Anything larger would hold the event loop (and every other request) for as long as
-    # it takes to validate and write: auth, validation and the write share one
-    # worker-thread hop instead.
-    return await anyio.to_thread.run_sync(_ingest_large, ctx, key, workspace, body, idempotency_key)
+    if len(body) > INLINE_INGEST_BYTES:
+        # A large report would hold the event loop (and every other request) for as long
+        # as it takes to validate and write: auth, validation and the write share one
+        # worker-thread hop instead, outside the group commit.
+        return await anyio.to_thread.run_sync(
+            _ingest_large, ctx, key, workspace, body, idempotency_key
+        )
+    if ctx.db.dialect != "sqlite" and ctx.db.cached_principal(key) is None:
+        # A key not checked lately costs a database round trip: off the event loop.
+        prepared = await anyio.to_thread.run_sync(
+            _prepare, ctx, key, workspace, body, idempotency_key
+        )
+    else:
+        # Small reports are validated on the event loop (cheaper than a thread hop) and
+        # stored by the group commit with the reports of concurrent requests.
+        prepared = _prepare(ctx, key, workspace, body, idempotency_key)
+    if isinstance(prepared, JSONResponse):
+        return prepared
+    writer: GroupCommit = state.group_commit
+    try:
+        outcome: StoredReport | Exception = await writer.store(prepared)
+    except KeyRevokedError as error:
+        outcome = error
+    return _answer(ctx, outcome)
 
 
 def _ingest_large(
     ctx: _IngestContext, key: str, workspace: str, body: bytes, idempotency_key: str | None
 ) -> JSONResponse:
     with collector_paused():
-        return _ingest(ctx, key, workspace, body, idempotency_key)
+        prepared = _prepare(ctx, key, workspace, body, idempotency_key)
+        if isinstance(prepared, JSONResponse):
+            return prepared
+        return _answer(ctx, ctx.db.store_reports([prepared])[0])
 
 
 def _routes(session_ttl: float, secure_cookies: bool) -> tuple[APIRouter, APIRouter]:
@@ -518,6 +572,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.db = db
+    app.state.group_commit = GroupCommit(db)
     app.state.metrics = metrics
     app.state.alerts = alerts
     if alerts is not None:
