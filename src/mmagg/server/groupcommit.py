@@ -19,7 +19,7 @@ than a thread hop); elsewhere it runs in a worker thread, one batch at a time.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import anyio.to_thread
 
@@ -34,6 +34,8 @@ Outcome = StoredReport | Exception
 class GroupCommit:
     """Stores reports handed over by concurrent requests, several per transaction.
 
+    `on_batch` is called with the size of every batch written (the app's metrics).
+
     Example:
         >>> writer = GroupCommit(Database("sqlite://"))
         >>> writer.inline
@@ -41,9 +43,15 @@ class GroupCommit:
     """
 
     def __init__(
-        self, db: Database, *, inline: bool | None = None, max_batch: int = MAX_BATCH
+        self,
+        db: Database,
+        *,
+        inline: bool | None = None,
+        max_batch: int = MAX_BATCH,
+        on_batch: Callable[[int], object] | None = None,
     ) -> None:
         self.db = db
+        self.on_batch = on_batch
         self.inline = db.dialect == "sqlite" if inline is None else inline
         self.max_batch = max_batch
         self._pending: list[tuple[PendingReport, asyncio.Future[Outcome]]] = []
@@ -110,6 +118,8 @@ class GroupCommit:
             return [error] * len(items)
         self.batches += 1
         self.reports += len(items)
+        if self.on_batch is not None:
+            self.on_batch(len(items))
         return outcomes
 
     @staticmethod
