@@ -298,8 +298,12 @@ UPSERT_ROWS = 500
 
 
 def write(cursor: Any, dialect: str, rows: dict[tuple[Any, ...], list[Any]]) -> None:
-    """Upsert `rows` on a DBAPI cursor, in key order (the same lock order in every writer)."""
-    ordered = sorted(rows.items())
+    """Upsert `rows` on a DBAPI cursor.
+
+    On PostgreSQL in key order: concurrent writers then lock rows in the same order and
+    cannot deadlock. SQLite has one writer at a time and takes them as they come.
+    """
+    ordered = sorted(rows.items()) if dialect != "sqlite" else list(rows.items())
     for start in range(0, len(ordered), UPSERT_ROWS):
         chunk = ordered[start : start + UPSERT_ROWS]
         if dialect == "postgresql":
@@ -307,10 +311,7 @@ def write(cursor: Any, dialect: str, rows: dict[tuple[Any, ...], list[Any]]) -> 
 
             cursor.execute(upsert_json_sql(), (json_rows([(*k, *v) for k, v in chunk]),))
             continue
-        params: list[Any] = []
-        for key, values in chunk:
-            params.extend(key)
-            params.extend(values)
+        params = [value for key, values in chunk for value in (*key, *values)]
         cursor.execute(upsert_sql(dialect, len(chunk)), params)
 
 

@@ -210,6 +210,50 @@ class Report(_Model):
 
 
 REPORT_ADAPTER: TypeAdapter[Report] = TypeAdapter(Report)
+
+# The same models for a body that is ASCII without any `\u` escape, whose strings
+# `check_text` always accepts: no NUL (JSON strings hold no raw control characters), no
+# lone surrogate (those need a `\u` escape), as many UTF-8 bytes as characters (and
+# `max_length` bounds those). Validating such a body without the per-string Python call
+# is the same validation, about a third cheaper; `parse_report` picks it.
+_PlainStr = Annotated[str, Field(max_length=MAX_STRING)]
+
+
+class _PlainInferenceResult(InferenceResult):
+    class_name: _PlainStr = ""
+    inference_id: _PlainStr | None = None
+    model_type: _PlainStr | None = None
+    model_id: Annotated[_PlainStr, Field(min_length=1)]
+    source_id: _PlainStr | None = None
+
+
+class _PlainMmaggExtension(MmaggExtension):
+    aggregator_key: _PlainStr | None = None
+
+
+class _PlainReport(Report):
+    source: _PlainStr | None = None
+    source_info: _PlainStr | None = None
+    device_id: _PlainStr | None = None
+    inference_server_version: _PlainStr | None = None
+    platform: _PlainStr | None = None
+    platform_release: _PlainStr | None = None
+    platform_version: _PlainStr | None = None
+    architecture: _PlainStr | None = None
+    hostname: _PlainStr | None = None
+    ip_address: _PlainStr | None = None
+    mac_address: _PlainStr | None = None
+    processor: _PlainStr | None = None
+    inference_results: Annotated[list[_PlainInferenceResult], Field(max_length=MAX_RESULTS)]
+    mmagg: _PlainMmaggExtension | None = None
+
+
+_PLAIN_ADAPTER: TypeAdapter[_PlainReport] = TypeAdapter(_PlainReport)
+
+
+def _plain_text(body: bytes) -> bool:
+    """True when every string of JSON `body` is one `check_text` accepts, unread."""
+    return body.isascii() and b"\\u" not in body
 _RESULTS_ADAPTER: TypeAdapter[list[InferenceResult]] = TypeAdapter(list[InferenceResult])
 
 #: Results validated per slice by `parse_report`; between slices the thread yields the GIL.
@@ -237,6 +281,11 @@ def parse_report(body: bytes, sliced_above: int = 32 * 1024) -> Report:
         >>> parse_report(b'{"timestamp": "2026-01-01T00:00:00Z", "inference_results": []}').mmagg
     """
     if len(body) <= sliced_above:
+        if _plain_text(body):
+            try:
+                return _PLAIN_ADAPTER.validate_json(body)
+            except ValidationError:
+                pass  # the errors as the full models word them, below
         try:
             return REPORT_ADAPTER.validate_json(body)
         except ValidationError as error:
