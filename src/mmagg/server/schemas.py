@@ -244,7 +244,9 @@ class _PlainReport(Report):
     ip_address: _PlainStr | None = None
     mac_address: _PlainStr | None = None
     processor: _PlainStr | None = None
-    inference_results: Annotated[list[_PlainInferenceResult], Field(max_length=MAX_RESULTS)]
+    inference_results: Annotated[  # type: ignore[assignment]  # a list of the subclass
+        list[_PlainInferenceResult], Field(max_length=MAX_RESULTS)
+    ]
     mmagg: _PlainMmaggExtension | None = None
 
 
@@ -254,6 +256,8 @@ _PLAIN_ADAPTER: TypeAdapter[_PlainReport] = TypeAdapter(_PlainReport)
 def _plain_text(body: bytes) -> bool:
     """True when every string of JSON `body` is one `check_text` accepts, unread."""
     return body.isascii() and b"\\u" not in body
+
+
 _RESULTS_ADAPTER: TypeAdapter[list[InferenceResult]] = TypeAdapter(list[InferenceResult])
 
 #: Results validated per slice by `parse_report`; between slices the thread yields the GIL.
