@@ -51,6 +51,21 @@ def _bucket(confidence: float) -> int:
     return min(max(int(confidence * HISTOGRAM_BUCKETS), 0), HISTOGRAM_BUCKETS - 1)
 
 
+def _first_nonzero(histogram: list[int]) -> int | None:
+    # Plain loops: these checks run for every result of every report (ingest's hot path).
+    for i, n in enumerate(histogram):
+        if n:
+            return i
+    return None
+
+
+def _last_nonzero(histogram: list[int]) -> int | None:
+    for i in range(len(histogram) - 1, -1, -1):
+        if histogram[i]:
+            return i
+    return None
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -81,7 +96,7 @@ class ResultStats(_Model):
     @classmethod
     def _min_in_first_bucket(cls, value: float, info: ValidationInfo) -> float:
         histogram = info.data.get("histogram")
-        first = next((i for i, n in enumerate(histogram or ()) if n), None)
+        first = _first_nonzero(histogram) if histogram else None
         if first is not None:
             if _bucket(value) != first:
                 raise ValueError(
@@ -97,7 +112,7 @@ class ResultStats(_Model):
         if low is not None and value < low:
             raise ValueError(f"expected at least min={low!r}, got {value!r}")
         histogram = info.data.get("histogram")
-        last = max((i for i, n in enumerate(histogram or ()) if n), default=None)
+        last = _last_nonzero(histogram) if histogram else None
         if last is not None:
             if _bucket(value) != last:
                 upper = ")" if last < HISTOGRAM_BUCKETS - 1 else "]"
@@ -110,7 +125,8 @@ class ResultStats(_Model):
     @field_validator("sum")
     @classmethod
     def _sum_within_extremes(cls, value: float, info: ValidationInfo) -> float:
-        count, low, high = (info.data.get(k) for k in ("count", "min", "max"))
+        data = info.data
+        count, low, high = data.get("count"), data.get("min"), data.get("max")
         if count is None or low is None or high is None:
             return value
         if not (
