@@ -116,9 +116,45 @@ def json_row_columns(table: sa.Table, columns: tuple[str, ...]) -> str:
     return ", ".join(casts)
 
 
+# PostgreSQL's fixed type OIDs (pg_type) of the columns ingest copies.
+_PG_OIDS = {"int4": 23, "int8": 20, "float8": 701, "text": 25}
+
+
+def copy_types(table: sa.Table, columns: tuple[str, ...]) -> list[int]:
+    """The PostgreSQL type OIDs of `columns` for a binary COPY (`Copy.set_types`).
+
+    Binary COPY sends numbers as their 4 or 8 bytes: no float is formatted as text, which
+    is most of what a JSON or text parameter costs for rows of doubles. OIDs, not names:
+    psycopg would look each name up again on every COPY.
+    """
+    kinds = []
+    for name in columns:
+        kind = table.c[name].type
+        if isinstance(kind, sa.Float):
+            kinds.append(_PG_OIDS["float8"])
+        elif isinstance(kind, sa.BigInteger):
+            kinds.append(_PG_OIDS["int8"])
+        elif isinstance(kind, sa.Integer):
+            kinds.append(_PG_OIDS["int4"])
+        else:
+            kinds.append(_PG_OIDS["text"])
+    return kinds
+
+
+def copy_rows(cursor: Any, sql: str, kinds: list[int], rows: Iterable[Sequence[Any]]) -> None:
+    """COPY `rows` in binary on a psycopg cursor (`sql`: `COPY ... FROM STDIN (FORMAT BINARY)`)."""
+    with cursor.copy(sql) as copy:
+        copy.set_types(kinds)
+        for row in rows:
+            copy.write_row(row)
+
+
 def json_rows(rows: Iterable[Sequence[Any]]) -> str:
     """`rows` as the JSON parameter of `_pg_json_insert` (floats keep every bit)."""
     return json.dumps(rows if isinstance(rows, list) else list(rows), ensure_ascii=False)
+
+
+_RESULT_COPY_TYPES = copy_types(results, _RESULT_COLUMNS)
 
 
 # The key columns a batch re-checks at commit (`Database.store_reports`).
@@ -137,8 +173,9 @@ class _WriteSql:
 
     Ingest runs them on the DBAPI cursor directly: SQLAlchemy's per-execution bookkeeping
     costs more than SQLite's insert itself, and this is the one path hit hundreds of
-    times a second. On PostgreSQL a batch of reports takes three statements whatever its
-    size: report ids from the sequence, then one INSERT of JSON rows per table.
+    times a second. On PostgreSQL a batch of reports takes a few statements whatever its
+    size: report ids from the sequence, one INSERT of JSON rows for the reports, a binary
+    COPY of the results.
     """
 
     placeholder: str
@@ -170,7 +207,11 @@ class _WriteSql:
             insert_reports_many=(
                 _pg_json_insert(reports, ("id", *_REPORT_COLUMNS)) if postgres else None
             ),
-            insert_results_many=_pg_json_insert(results, _RESULT_COLUMNS) if postgres else None,
+            insert_results_many=(
+                f"COPY results ({', '.join(_RESULT_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
+                if postgres
+                else None
+            ),
             touch=_TOUCH_SQL.format(p=placeholder),
         )
 
@@ -731,7 +772,7 @@ class Database:
                 time.sleep(0)  # hand the GIL over between slices
             chunk = rows[start : start + INSERT_SLICE]
             if many is not None:
-                cursor.execute(many, (json_rows(chunk),))
+                copy_rows(cursor, many, _RESULT_COPY_TYPES, chunk)
             else:
                 cursor.executemany(self._sql.insert_results, chunk)
 
