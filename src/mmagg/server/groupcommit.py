@@ -13,7 +13,8 @@ whatever arrives while it writes waits for the next batch. Under light load a ba
 report (no added wait); under heavy load batches grow and the cost per report falls.
 
 On SQLite the writer runs on the event loop (writes are serialised anyway and cost less
-than a thread hop); elsewhere it runs in a worker thread, one batch at a time.
+than a thread hop); elsewhere writers run in worker threads, up to `THREAD_WRITERS` batches
+at a time (one waits for its commit while the next is written).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from mmagg.server.db import Database, PendingReport, StoredReport
 
 #: Reports stored per transaction at most; more pending ones go into the next batch.
 MAX_BATCH = 64
+#: Batches written at once when writing in worker threads (not on SQLite).
+THREAD_WRITERS = 2
 
 Outcome = StoredReport | Exception
 
@@ -48,14 +51,19 @@ class GroupCommit:
         *,
         inline: bool | None = None,
         max_batch: int = MAX_BATCH,
+        writers: int = THREAD_WRITERS,
         on_batch: Callable[[int], object] | None = None,
     ) -> None:
         self.db = db
         self.on_batch = on_batch
         self.inline = db.dialect == "sqlite" if inline is None else inline
         self.max_batch = max_batch
+        # One writer on the event loop; in threads, a second batch may be written while the
+        # first waits for its commit (PostgreSQL takes both).
+        self.writers = 1 if self.inline else max(1, writers)
         self._pending: list[tuple[PendingReport, asyncio.Future[Outcome]]] = []
         self._busy = False
+        self._running = 0
         #: Batches written and reports in them (for benchmarks and tests).
         self.batches = 0
         self.reports = 0
@@ -68,14 +76,15 @@ class GroupCommit:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Outcome] = loop.create_future()
         self._pending.append((item, future))
-        if not self._busy:
-            self._busy = True
-            # After the callbacks already queued: requests that arrived in the same
-            # event-loop turn join this batch.
-            if self.inline:
+        # After the callbacks already queued: requests that arrived in the same event-loop
+        # turn join this batch.
+        if self.inline:
+            if not self._busy:
+                self._busy = True
                 loop.call_soon(self._write_inline, loop)
-            else:
-                loop.create_task(self._write_in_thread())
+        elif self._running < self.writers and len(self._pending) == 1:
+            self._running += 1
+            loop.create_task(self._write_in_thread())
         outcome = await future
         if isinstance(outcome, Exception):
             raise outcome
@@ -109,7 +118,7 @@ class GroupCommit:
                     raise
                 self._settle(batch, outcomes)
         finally:
-            self._busy = False
+            self._running -= 1
 
     def _store(self, items: list[PendingReport]) -> Sequence[Outcome]:
         try:
