@@ -39,9 +39,18 @@ from mmagg.server.api import (
 from mmagg.server.auth import ADMIN, INGEST, READ, require_dashboard_scope, require_scope
 from mmagg.server.bounds import TimestampError, place, unstorable_reason
 from mmagg.server.clients import TrustedProxies
-from mmagg.server.db import SESSION_TTL_SECONDS, Database, Principal
+from mmagg.server.db import (
+    SESSION_TTL_SECONDS,
+    Database,
+    KeyRevokedError,
+    PendingReport,
+    Principal,
+    StoredReport,
+    hash_secret,
+)
 from mmagg.server.errors import ApiError, BodyTooLargeError
 from mmagg.server.gcguard import collector_paused
+from mmagg.server.groupcommit import GroupCommit
 from mmagg.server.guards import BodyLimitMiddleware, install_log_redaction
 from mmagg.server.guards import RedactApiKeys as RedactApiKeys  # re-exported
 from mmagg.server.guards import redact_keys as redact_keys  # re-exported
@@ -104,6 +113,8 @@ def _checked_principal(
     key: str | None,
     workspace: str | None,
     scope: str | None = None,
+    *,
+    cached: bool = False,
 ) -> Principal:
     """The principal of `key`, behind the per-client limit on failed key checks (429).
 
@@ -111,6 +122,7 @@ def _checked_principal(
     the same few attempts a minute wherever they try. A missing key takes no token (nothing
     was guessed: a health check probing `GET /`, say), nor does a valid key of another
     workspace (403) or a valid key without `scope` (403 naming the scope).
+    With `cached`, a key checked lately is not looked up again (`Database.cached_principal`).
     """
     if key is None:
         raise ApiError(401, _MISSING_KEY, reason="unauthorized")
@@ -123,7 +135,11 @@ def _checked_principal(
                 reason="rate_limited",
                 headers={"Retry-After": str(wait)},
             )
-        principal = db.authenticate(key, conn)
+        # `cached`: ingest's fast path, whose report is stored only if its key is still
+        # active when the storing transaction checks it again (`PendingReport.key_digest`).
+        principal = db.cached_principal(key) if cached else None
+        if principal is None:
+            principal = db.authenticate(key, conn)
     if principal is None:
         limiter.failed(client)
         raise ApiError(401, _BAD_KEY, reason="unauthorized")
@@ -196,35 +212,54 @@ class _IngestContext:
     retention_seconds: float | None
 
 
-def _ingest(
+def _prepare(
     ctx: _IngestContext,
     key: str,
     workspace: str,
     body: bytes,
     idempotency_key: str | None,
-) -> JSONResponse:
-    db, metrics = ctx.db, ctx.metrics
-    principal = _checked_principal(db, ctx.limiter, ctx.client, key, workspace, INGEST)
+) -> PendingReport | JSONResponse:
+    """Authenticate and validate one report: the report to store, or the 422 to answer.
+
+    The key check may come from memory (`cached`); before a 422 the key is looked up for
+    real, so a revoked key still gets its 401 whatever the body.
+    """
+    principal = _checked_principal(
+        ctx.db, ctx.limiter, ctx.client, key, workspace, INGEST, cached=True
+    )
     received_at = time.time()
     try:
         report = parse_report(body, sliced_above=INLINE_INGEST_BYTES)
     except ReportInvalidError as error:
-        metrics.reject("invalid")
+        _checked_principal(ctx.db, ctx.limiter, ctx.client, key, workspace, INGEST)
+        ctx.metrics.reject("invalid")
         return JSONResponse({"detail": error_details(error.errors, secret=key)}, status_code=422)
     try:
         placement = place(report.timestamp, received_at, ctx.retention_seconds)
     except TimestampError as error:
+        _checked_principal(ctx.db, ctx.limiter, ctx.client, key, workspace, INGEST)
         raise ApiError(422, f"timestamp: {error}", reason="invalid", field="timestamp") from None
-    stored = db.store_report(principal, report, idempotency_key, placement)
+    return PendingReport(principal, report, idempotency_key, placement, hash_secret(key))
+
+
+def _answer(ctx: _IngestContext, outcome: StoredReport | Exception) -> JSONResponse:
+    """The response to a stored report (or the error storing it raised)."""
+    if isinstance(outcome, KeyRevokedError):
+        # Revoked (or expired) after the request was let in: nothing was stored.
+        ctx.limiter.failed(ctx.client)
+        raise ApiError(401, _BAD_KEY, reason="unauthorized")
+    if isinstance(outcome, Exception):
+        raise outcome
+    metrics = ctx.metrics
     headers = {}
-    if stored.duplicate:
+    if outcome.duplicate:
         metrics.duplicates.inc()
         headers["Idempotent-Replayed"] = "true"
     else:
         metrics.reports_received.inc()
-        metrics.results_stored.inc(stored.result_count)
+        metrics.results_stored.inc(outcome.result_count)
     return JSONResponse(
-        {"status": "ok", "report_id": stored.report_id, "results": stored.result_count},
+        {"status": "ok", "report_id": outcome.report_id, "results": outcome.result_count},
         headers=headers,
     )
 
@@ -257,21 +292,40 @@ async def ingest(request: Request) -> JSONResponse:
         _client_address(request),
         state.retention_seconds,
     )
-    if ctx.db.dialect == "sqlite" and len(body) <= INLINE_INGEST_BYTES:
-        # A small report on SQLite (serialised writes, mostly Python-side CPU) costs less
-        # on the event loop than a thread hop and its GIL hand-offs.
-        return _ingest(ctx, key, workspace, body, idempotency_key)
-    # Anything larger would hold the event loop (and every other request) for as long as
-    # it takes to validate and write: auth, validation and the write share one
-    # worker-thread hop instead.
-    return await anyio.to_thread.run_sync(_ingest_large, ctx, key, workspace, body, idempotency_key)
+    if len(body) > INLINE_INGEST_BYTES:
+        # A large report would hold the event loop (and every other request) for as long
+        # as it takes to validate and write: auth, validation and the write share one
+        # worker-thread hop instead, outside the group commit.
+        return await anyio.to_thread.run_sync(
+            _ingest_large, ctx, key, workspace, body, idempotency_key
+        )
+    if ctx.db.dialect != "sqlite" and ctx.db.cached_principal(key) is None:
+        # A key not checked lately costs a database round trip: off the event loop.
+        prepared = await anyio.to_thread.run_sync(
+            _prepare, ctx, key, workspace, body, idempotency_key
+        )
+    else:
+        # Small reports are validated on the event loop (cheaper than a thread hop) and
+        # stored by the group commit with the reports of concurrent requests.
+        prepared = _prepare(ctx, key, workspace, body, idempotency_key)
+    if isinstance(prepared, JSONResponse):
+        return prepared
+    writer: GroupCommit = state.group_commit
+    try:
+        outcome: StoredReport | Exception = await writer.store(prepared)
+    except KeyRevokedError as error:
+        outcome = error
+    return _answer(ctx, outcome)
 
 
 def _ingest_large(
     ctx: _IngestContext, key: str, workspace: str, body: bytes, idempotency_key: str | None
 ) -> JSONResponse:
     with collector_paused():
-        return _ingest(ctx, key, workspace, body, idempotency_key)
+        prepared = _prepare(ctx, key, workspace, body, idempotency_key)
+        if isinstance(prepared, JSONResponse):
+            return prepared
+        return _answer(ctx, ctx.db.store_reports([prepared])[0])
 
 
 def _routes(session_ttl: float, secure_cookies: bool) -> tuple[APIRouter, APIRouter]:
@@ -415,15 +469,111 @@ def _install_openapi(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def _api_error_response(metrics: Metrics, request: Request, error: ApiError) -> JSONResponse:
+    """The response to an `ApiError`, counted, the request's key blanked out of it."""
+    metrics.reject(error.reason)
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    secret = request_api_key(request)
+    if secret and secret in error.detail:
+        error.detail = error.detail.replace(secret, "***")
+    return error.response(headers)
+
+
+def _route_path(scope: Any) -> str:
+    """The path the router matches: `path` without the `root_path` mount prefix."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
+        return path[len(root) :]
+    return path
+
+
+class IngestFastPath:
+    """The app's outermost layer: `POST /{workspace}/inference-stats` straight to `ingest`.
+
+    Ingest takes nearly all the traffic, and the middleware stack (FastAPI's server-error,
+    telemetry, body-limit, exception and exit-stack layers, ours for metrics and the body
+    limit) with the router and the request wrapper cost it about as much CPU as validating
+    its report. So a report with a declared `Content-Length` within the limit is served
+    here, doing what those layers do for it: routing's fields (`endpoint`, `route`,
+    `path_params`) set as the router sets them, the latency observed under the route
+    template, an `ApiError` answered as the app's exception handler answers it, any other
+    error answered 500 and re-raised to the server's log, as Starlette's server-error
+    middleware does. Everything else (other routes, a chunked or oversized body) goes
+    through the full stack untouched, which answers the 413s.
+    """
+
+    def __init__(self, app: Any, fastapi_app: FastAPI, route: Any, metrics: Metrics, limit: int):
+        self.app = app
+        self.fastapi_app = fastapi_app
+        self.route = route
+        self.metrics = metrics
+        self.limit = limit
+        self._latency: dict[int, Any] = {}
+
+    def _declared_within_limit(self, scope: Any) -> bool:
+        declared = None
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if declared is not None or not value.isdigit():
+                    return False
+                declared = int(value)
+            elif name == b"transfer-encoding":
+                return False
+        return declared is not None and declared <= self.limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            match = self.route.path_regex.match(_route_path(scope))
+            if match is not None and self._declared_within_limit(scope):
+                await self._ingest(scope, receive, send, match.groupdict())
+                return
+        await self.app(scope, receive, send)
+
+    async def _ingest(self, scope: Any, receive: Any, send: Any, params: dict[str, str]) -> None:
+        started = time.perf_counter()
+        scope["app"] = self.fastapi_app
+        scope["endpoint"] = ingest
+        scope["route"] = self.route
+        scope["path_params"] = {**scope.get("path_params", {}), **params}
+        request = Request(scope, receive, send)
+        try:
+            try:
+                response = await ingest(request)
+            except ApiError as error:
+                response = _api_error_response(self.metrics, request, error)
+        except Exception:
+            self._observe(500, started)
+            await PlainTextResponse("Internal Server Error", status_code=500)(scope, receive, send)
+            raise
+        await response(scope, receive, send)
+        self._observe(response.status_code, started)
+
+    def _observe(self, status: int, started: float) -> None:
+        """What `MetricsMiddleware` records for a request (children made on first use)."""
+        child = self._latency.get(status // 100)
+        if child is None:
+            child = self.metrics.latency.labels(
+                method="POST", route=self.route.path, status=f"{status // 100}xx"
+            )
+            self._latency[status // 100] = child
+        child.observe(time.perf_counter() - started)
+
+
+def _wrap_stack(app: FastAPI, wrapper: Any) -> None:
+    """Put `wrapper(stack)` outside the middleware stack Starlette builds on first call."""
+    build = app.build_middleware_stack
+
+    def build_wrapped() -> Any:
+        return wrapper(build())
+
+    app.build_middleware_stack = build_wrapped  # type: ignore[method-assign]
+
+
 def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     async def api_error(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, ApiError)
-        metrics.reject(error.reason)
-        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-        secret = request_api_key(request)
-        if secret and secret in error.detail:
-            error.detail = error.detail.replace(secret, "***")
-        return error.response(headers)
+        return _api_error_response(metrics, request, error)
 
     async def too_large(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, BodyTooLargeError)
@@ -545,6 +695,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.db = db
+    app.state.group_commit = GroupCommit(db, on_batch=metrics.batch_reports.observe)
     app.state.metrics = metrics
     app.state.alerts = alerts
     if alerts is not None:
@@ -560,10 +711,11 @@ def create_app(
 
     dashboard_api, public = _routes(session_ttl, secure_cookies)
     # Routes are tried in order. Ingest takes nearly all the traffic, so it comes first, as
-    # a plain Starlette route: no dependency solving on the hottest path (the body is parsed
-    # by the pydantic adapter in `_ingest`). Then the fixed /dashboard routes, which the
-    # /{workspace}/... routes would otherwise capture.
+    # a plain Starlette route (served by `IngestFastPath`, which matches its template before
+    # the router): no dependency solving on the hottest path. Then the fixed /dashboard
+    # routes, which the /{workspace}/... routes would otherwise capture.
     app.router.add_route("/{workspace}/inference-stats", ingest, methods=["POST"])
+    ingest_route = app.router.routes[-1]
     app.include_router(dashboard_api)
     page = _dashboard_page_router()
     if page is not None:
@@ -573,6 +725,10 @@ def create_app(
     _install_openapi(app)
     app.add_middleware(BodyLimitMiddleware, limit=body_limit, metrics=metrics)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    _wrap_stack(
+        app,
+        lambda stack: IngestFastPath(stack, app, ingest_route, metrics, body_limit),
+    )
     return app
 
 

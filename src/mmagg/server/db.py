@@ -13,7 +13,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +50,9 @@ KEY_DISPLAY_CHARS = 8
 SESSION_TTL_SECONDS = 12 * 3600
 # Result rows per executemany call (store_report).
 INSERT_SLICE = 500
+# Keys whose principal ingest keeps in memory, and for how long (`cached_principal`).
+PRINCIPAL_CACHE_SIZE = 10_000
+PRINCIPAL_CACHE_SECONDS = 60.0
 
 # Names the backend routes under; a workspace called like this would be unreachable.
 RESERVED_WORKSPACES = frozenset({"dashboard", "metrics", "healthz", "api", "static", "docs"})
@@ -78,28 +81,138 @@ def _insert_sql(table: sa.Table, columns: tuple[str, ...], placeholder: str) -> 
     return f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({values})"
 
 
+def _pg_json_insert(table: sa.Table, columns: tuple[str, ...]) -> str:
+    """A multi-row INSERT taking every row in one JSON parameter (PostgreSQL).
+
+    The text is short and the same whatever the row count, so the driver parses it once and
+    the server plans it once; the rows travel as one `json.dumps` string (C code on our side)
+    instead of hundreds of parameters the driver would adapt one by one in Python.
+    """
+    return (
+        f"INSERT INTO {table.name} ({', '.join(columns)}) "
+        f"SELECT {json_row_columns(table, columns)} FROM json_array_elements(%s::json) AS e"
+    )
+
+
+def json_row_columns(table: sa.Table, columns: tuple[str, ...]) -> str:
+    """`(e->>0)::type, (e->>1)::type, ...`: the columns of JSON array `e`, as `table` types.
+
+    Strings are cast to `text`, not to the column's `varchar(n)` (an explicit cast would
+    cut a long value short; the insert's own assignment checks the length instead).
+    Numbers go through their text form, which reads back the same double exactly.
+    """
+    casts = []
+    for i, name in enumerate(columns):
+        kind = table.c[name].type
+        if isinstance(kind, sa.Float):
+            sql_type = "double precision"
+        elif isinstance(kind, sa.BigInteger):
+            sql_type = "bigint"
+        elif isinstance(kind, sa.Integer):
+            sql_type = "integer"
+        else:
+            sql_type = "text"
+        casts.append(f"(e->>{i})::{sql_type}")
+    return ", ".join(casts)
+
+
+# PostgreSQL's fixed type OIDs (pg_type) of the columns ingest copies.
+_PG_OIDS = {"int4": 23, "int8": 20, "float8": 701, "text": 25}
+
+
+def copy_types(table: sa.Table, columns: tuple[str, ...]) -> list[int]:
+    """The PostgreSQL type OIDs of `columns` for a binary COPY (`Copy.set_types`).
+
+    Binary COPY sends numbers as their 4 or 8 bytes: no float is formatted as text, which
+    is most of what a JSON or text parameter costs for rows of doubles. OIDs, not names:
+    psycopg would look each name up again on every COPY.
+    """
+    kinds = []
+    for name in columns:
+        kind = table.c[name].type
+        if isinstance(kind, sa.Float):
+            kinds.append(_PG_OIDS["float8"])
+        elif isinstance(kind, sa.BigInteger):
+            kinds.append(_PG_OIDS["int8"])
+        elif isinstance(kind, sa.Integer):
+            kinds.append(_PG_OIDS["int4"])
+        else:
+            kinds.append(_PG_OIDS["text"])
+    return kinds
+
+
+def copy_rows(cursor: Any, sql: str, kinds: list[int], rows: Iterable[Sequence[Any]]) -> None:
+    """COPY `rows` in binary on a psycopg cursor (`sql`: `COPY ... FROM STDIN (FORMAT BINARY)`)."""
+    with cursor.copy(sql) as copy:
+        copy.set_types(kinds)
+        for row in rows:
+            copy.write_row(row)
+
+
+def json_rows(rows: Iterable[Sequence[Any]]) -> str:
+    """`rows` as the JSON parameter of `_pg_json_insert` (floats keep every bit)."""
+    return json.dumps(rows if isinstance(rows, list) else list(rows), ensure_ascii=False)
+
+
+_RESULT_COPY_TYPES = copy_types(results, _RESULT_COLUMNS)
+
+
+# The key columns a batch re-checks at commit (`Database.store_reports`).
+_KEY_CHECK_SQL = (
+    "SELECT key_hash, expires_at FROM api_keys WHERE revoked_at IS NULL AND key_hash IN ({})"
+)
+_TOUCH_SQL = (
+    "UPDATE api_keys SET last_used_at = {p} WHERE id = {p} "
+    "AND (last_used_at IS NULL OR last_used_at <= {p})"
+)
+
+
 @dataclass(frozen=True)
 class _WriteSql:
-    """The ingest INSERTs in the driver's own paramstyle.
+    """The ingest statements in the driver's own paramstyle.
 
     Ingest runs them on the DBAPI cursor directly: SQLAlchemy's per-execution bookkeeping
     costs more than SQLite's insert itself, and this is the one path hit hundreds of
-    times a second.
+    times a second. On PostgreSQL a batch of reports takes a few statements whatever its
+    size: report ids from the sequence, one INSERT of JSON rows for the reports, a binary
+    COPY of the results.
     """
 
+    placeholder: str
     insert_report: str
     insert_results: str
     returning: bool
+    report_ids: str | None
+    insert_reports_many: str | None
+    insert_results_many: str | None
+    touch: str
 
     @classmethod
     def for_dialect(cls, dialect: str) -> _WriteSql:
         placeholder = "?" if dialect == "sqlite" else "%s"
+        postgres = dialect == "postgresql"
         returning = dialect != "sqlite"
         report_sql = _insert_sql(reports, _REPORT_COLUMNS, placeholder)
         return cls(
+            placeholder=placeholder,
             insert_report=report_sql + (" RETURNING id" if returning else ""),
             insert_results=_insert_sql(results, _RESULT_COLUMNS, placeholder),
             returning=returning,
+            report_ids=(
+                "SELECT nextval(pg_get_serial_sequence('reports', 'id')) "
+                "FROM generate_series(1, %s)"
+                if postgres
+                else None
+            ),
+            insert_reports_many=(
+                _pg_json_insert(reports, ("id", *_REPORT_COLUMNS)) if postgres else None
+            ),
+            insert_results_many=(
+                f"COPY results ({', '.join(_RESULT_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
+                if postgres
+                else None
+            ),
+            touch=_TOUCH_SQL.format(p=placeholder),
         )
 
 
@@ -181,6 +294,26 @@ class StoredReport:
     duplicate: bool
 
 
+@dataclass(frozen=True)
+class PendingReport:
+    """A validated report waiting to be stored (`Database.store_reports`).
+
+    With `key_digest` (the hash of the API key it came with), the key is checked again in
+    the transaction that stores it: a key revoked or expired since the request was let in
+    stores nothing (`KeyRevokedError`).
+    """
+
+    principal: Principal
+    report: Report
+    idempotency_key: str | None
+    placement: Placement
+    key_digest: str | None = None
+
+
+class KeyRevokedError(Exception):
+    """The API key of a report was revoked or expired before the report could be stored."""
+
+
 class Database:
     """The backend's storage: one engine, the writes, keys and sessions.
 
@@ -203,6 +336,9 @@ class Database:
         self.clock = clock
         # key id -> when this process last wrote its last_used_at.
         self._last_used_written: dict[int, float] = {}
+        # key hash -> (principal, expires_at, when checked): ingest's key check without a
+        # query (`cached_principal`); every report is checked again as it is stored.
+        self._principals: dict[str, tuple[Principal, float | None, float]] = {}
         self.engine = create_db_engine(database_url)
         self.dialect = self.engine.dialect.name
         # SQLite allows one writer; serialising in-process writers here avoids SQLITE_BUSY
@@ -369,6 +505,7 @@ class Database:
                 .where(api_keys.c.id == matches[0].id, api_keys.c.revoked_at.is_(None))
                 .values(revoked_at=self.clock())
             )
+            self._forget_principal(matches[0].id)
             return updated.rowcount == 1
 
     def authenticate(self, api_key: str, conn: Connection | None = None) -> Principal | None:
@@ -389,12 +526,40 @@ class Database:
             return None
         key_id = int(row[3])
         self.touch_key(key_id, now)
-        return Principal(
+        principal = Principal(
             workspace_id=int(row[1]),
             workspace=str(row[2]),
             key_id=key_id,
             scopes=stored_scopes(row[4]),
         )
+        if len(self._principals) >= PRINCIPAL_CACHE_SIZE:
+            self._principals.clear()
+        self._principals[digest] = (principal, row[5], now)
+        return principal
+
+    def cached_principal(self, api_key: str) -> Principal | None:
+        """The principal `authenticate` found for `api_key` lately, without a query; None if
+        there is none (then call `authenticate`).
+
+        Only for a report about to be stored with `PendingReport.key_digest` set: the
+        transaction storing it checks the key again, so a key revoked since (by any
+        process) still stores nothing. An expired key is never answered from here.
+        """
+        entry = self._principals.get(hash_secret(api_key))
+        if entry is None:
+            return None
+        principal, expires_at, checked = entry
+        now = self.clock()
+        if now - checked > PRINCIPAL_CACHE_SECONDS:
+            return None
+        if expires_at is not None and expires_at <= now:
+            return None
+        return principal
+
+    def _forget_principal(self, key_id: int) -> None:
+        for digest, entry in list(self._principals.items()):
+            if entry[0].key_id == key_id:
+                self._principals.pop(digest, None)
 
     def touch_key(self, key_id: int, now: float | None = None) -> None:
         """Record that key `key_id` was used: at most one write per key and minute.
@@ -495,58 +660,136 @@ class Database:
         """
         if placement is None:
             placement = place(report.timestamp, time.time())
-        ts = placement.ts
-        ext = report.mmagg
-        row = (
-            principal.workspace_id,
-            placement.received_at,
-            ts,
-            report.device_id,
-            report.source,
-            report.source_info,
-            report.inference_server_version,
-            json.dumps(report.system_info()),
-            idempotency_key,
-            ext.frequency if ext is not None else None,
-            ext.model_dump_json() if ext is not None else None,
-            len(report.inference_results),
-            placement.client_timestamp,
-            placement.rule,
-        )
-        sql = self._sql
+        return self._store_alone(PendingReport(principal, report, idempotency_key, placement))
+
+    def store_reports(self, items: Sequence[PendingReport]) -> list[StoredReport | Exception]:
+        """Store several reports in one transaction (group commit); one outcome each.
+
+        Each outcome is the `StoredReport` or the exception storing that report raised
+        (`KeyRevokedError` for a key revoked since its request was let in). When the shared
+        transaction fails (an Idempotency-Key stored before or twice in the batch, or any
+        database error), it is rolled back and every report is stored in a transaction of
+        its own: one bad report fails only itself, and none is stored twice.
+        """
+        if len(items) > 1:
+            try:
+                return list(self._write_batch(items))
+            except Exception as error:  # each report on its own, below
+                logger.debug("mmagg: batch of %d reports failed (%s)", len(items), error)
+        outcomes: list[StoredReport | Exception] = []
+        for item in items:
+            try:
+                outcomes.append(self._store_alone(item))
+            except Exception as error:  # handed to the request that sent it
+                outcomes.append(error)
+        return outcomes
+
+    def _store_alone(self, item: PendingReport) -> StoredReport:
+        """One report in its own transaction; a replayed Idempotency-Key answers the first."""
         try:
-            with self.write() as conn:
-                cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-                try:
-                    cursor.execute(sql.insert_report, row)
-                    fetched = cursor.fetchone() if sql.returning else (cursor.lastrowid,)
-                    if fetched is None or fetched[0] is None:
-                        raise RuntimeError("the database returned no id for the report")
-                    report_id = int(fetched[0])
-                    rows = _result_rows(report, report_id, principal.workspace_id, ts)
-                    # In slices: a driver's executemany of 10,000 rows can hold the GIL (and
-                    # so every other request) for its whole run.
-                    for start in range(0, len(rows), INSERT_SLICE):
-                        if start:
-                            time.sleep(0)  # hand the GIL over between slices
-                        cursor.executemany(sql.insert_results, rows[start : start + INSERT_SLICE])
-                    rollup_rows.write(
-                        cursor,
-                        self.dialect,
-                        rollup_rows.contributions(
-                            principal.workspace_id, ts, _result_facts(report)
-                        ),
-                    )
-                finally:
-                    cursor.close()
+            outcome = self._write_batch([item])[0]
         except self._integrity_error:
-            if idempotency_key is None:
+            if item.idempotency_key is None:
                 raise
-            existing = self._find_idempotent(principal.workspace_id, idempotency_key)
+            existing = self._find_idempotent(item.principal.workspace_id, item.idempotency_key)
             if existing is None:
                 raise
             return existing
-        return StoredReport(report_id, len(report.inference_results), duplicate=False)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def _write_batch(self, items: Sequence[PendingReport]) -> list[StoredReport | Exception]:
+        """Write `items` in one transaction; raises (rolled back) if any insert fails."""
+        outcomes: list[StoredReport | Exception] = []
+        touched: dict[int, float] = {}
+        now = self.clock()
+        with self.write() as conn:
+            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            try:
+                live = self._live_keys(cursor, items)
+                kept = [i for i in items if i.key_digest is None or i.key_digest in live]
+                ids = self._insert_reports(cursor, kept)
+                rows: list[tuple[Any, ...]] = []
+                pending: dict[tuple[Any, ...], list[Any]] = {}
+                found = iter(ids)
+                for item in items:
+                    if item.key_digest is not None and item.key_digest not in live:
+                        outcomes.append(KeyRevokedError())
+                        continue
+                    report_id = next(found)
+                    report, ts = item.report, item.placement.ts
+                    workspace_id = item.principal.workspace_id
+                    rows.extend(_result_rows(report, report_id, workspace_id, ts))
+                    rollup_rows.contributions_into(pending, workspace_id, ts, _result_facts(report))
+                    outcomes.append(StoredReport(report_id, len(report.inference_results), False))
+                    if item.key_digest is not None:
+                        touched.setdefault(item.principal.key_id, now)
+                self._insert_results(cursor, rows)
+                rollup_rows.write(cursor, self.dialect, pending)
+                self._touch_keys(cursor, touched)
+            finally:
+                cursor.close()
+        return outcomes
+
+    def _live_keys(self, cursor: Any, items: Sequence[PendingReport]) -> frozenset[str]:
+        """The key hashes of `items` still active now (neither revoked nor expired)."""
+        digests = sorted({item.key_digest for item in items if item.key_digest is not None})
+        if not digests:
+            return frozenset()
+        marks = ", ".join([self._sql.placeholder] * len(digests))
+        cursor.execute(_KEY_CHECK_SQL.format(marks), digests)
+        now = self.clock()
+        live = frozenset(str(row[0]) for row in cursor.fetchall() if row[1] is None or row[1] > now)
+        for digest in digests:
+            if digest not in live:
+                self._principals.pop(digest, None)
+        return live
+
+    def _insert_reports(self, cursor: Any, items: Sequence[PendingReport]) -> list[int]:
+        """Insert the report rows of `items`; their ids, in order."""
+        sql = self._sql
+        rows = [_report_row(item) for item in items]
+        if not rows:
+            return []
+        if sql.insert_reports_many is not None and sql.report_ids is not None:
+            cursor.execute(sql.report_ids, (len(rows),))
+            ids = [int(row[0]) for row in cursor.fetchall()]
+            cursor.execute(
+                sql.insert_reports_many,
+                (json_rows([(i, *row) for i, row in zip(ids, rows, strict=True)]),),
+            )
+            return ids
+        ids = []
+        for row in rows:
+            cursor.execute(sql.insert_report, row)
+            fetched = cursor.fetchone() if sql.returning else (cursor.lastrowid,)
+            if fetched is None or fetched[0] is None:
+                raise RuntimeError("the database returned no id for the report")
+            ids.append(int(fetched[0]))
+        return ids
+
+    def _insert_results(self, cursor: Any, rows: list[tuple[Any, ...]]) -> None:
+        # In slices: a driver's executemany of 10,000 rows can hold the GIL (and so every
+        # other request) for its whole run.
+        many = self._sql.insert_results_many
+        for start in range(0, len(rows), INSERT_SLICE):
+            if start:
+                time.sleep(0)  # hand the GIL over between slices
+            chunk = rows[start : start + INSERT_SLICE]
+            if many is not None:
+                copy_rows(cursor, many, _RESULT_COPY_TYPES, chunk)
+            else:
+                cursor.executemany(self._sql.insert_results, chunk)
+
+    def _touch_keys(self, cursor: Any, used: dict[int, float]) -> None:
+        """`touch_key` for the keys of a batch, inside its transaction."""
+        for key_id, now in used.items():
+            last = self._last_used_written.get(key_id)
+            if last is not None and now - last < LAST_USED_RESOLUTION_SECONDS:
+                continue
+            cursor.execute(self._sql.touch, (now, key_id, now - LAST_USED_RESOLUTION_SECONDS))
+            self._last_used_written[key_id] = now
 
     def _find_idempotent(self, workspace_id: int, key: str) -> StoredReport | None:
         query = sa.select(reports.c.id, reports.c.result_count).where(
@@ -698,3 +941,25 @@ def _result_rows(
             )
         )
     return rows
+
+
+def _report_row(item: PendingReport) -> tuple[Any, ...]:
+    """The `reports` row of `item`, in `_REPORT_COLUMNS` order."""
+    report, placement = item.report, item.placement
+    ext = report.mmagg
+    return (
+        item.principal.workspace_id,
+        placement.received_at,
+        placement.ts,
+        report.device_id,
+        report.source,
+        report.source_info,
+        report.inference_server_version,
+        json.dumps(report.system_info()),
+        item.idempotency_key,
+        ext.frequency if ext is not None else None,
+        ext.model_dump_json() if ext is not None else None,
+        len(report.inference_results),
+        placement.client_timestamp,
+        placement.rule,
+    )

@@ -47,6 +47,12 @@ class Metrics:
             "Retention passes this process ran (one process at a time holds the lease).",
             registry=self.registry,
         )
+        self.batch_reports = Histogram(
+            "mmagg_ingest_batch_reports",
+            "Reports stored per transaction by the group commit.",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
+        )
         self.latency = Histogram(
             "mmagg_request_duration_seconds",
             "Request latency by method, route template and status class.",

@@ -135,58 +135,82 @@ def contributions(
     A report counts once per model (`model_reports`, on its smallest (class, source) key)
     and once per model and source (`source_reports`, on its smallest class there).
     """
+    found: dict[tuple[Any, ...], list[Any]] = {}
+    contributions_into(found, workspace_id, ts, facts)
+    return found
+
+
+def contributions_into(
+    target: dict[tuple[Any, ...], list[Any]],
+    workspace_id: int,
+    ts: float,
+    facts: Iterable[ResultFacts],
+) -> None:
+    """Add the rollup rows of one report (`contributions`) into `target`.
+
+    The values of each result are computed once and then filed under every level: the
+    levels differ only in the bucket of the key.
+    """
     items = list(facts)
+    if not items:
+        return
     first_of_model: dict[str, tuple[str, str]] = {}
     first_of_source: dict[tuple[str, str], str] = {}
-    for model, class_name, _device, source, *_rest in items:
-        source_key = encode_key(source)
+    # (model, class, device key, source key) -> values, the same at every level.
+    base: dict[tuple[Any, ...], list[Any]] = {}
+    for model, class_name, device, source, confidence, count, total, histogram in items:
+        source_key = "" if source is None else "=" + source
         mark = (class_name, source_key)
-        if model not in first_of_model or mark < first_of_model[model]:
+        known_mark = first_of_model.get(model)
+        if known_mark is None or mark < known_mark:
             first_of_model[model] = mark
         known = first_of_source.get((model, source_key))
         if known is None or class_name < known:
             first_of_source[(model, source_key)] = class_name
-    found: dict[tuple[Any, ...], list[Any]] = {}
-    for level in LEVELS:
-        start = bucket_start(ts, level)
-        for model, class_name, device, source, confidence, count, total, histogram in items:
-            source_key = encode_key(source)
-            key = (workspace_id, level, start, model, class_name, encode_key(device), source_key)
+        if histogram is None:
             hist = [0] * HISTOGRAM_BUCKETS
-            for i in range(HISTOGRAM_BUCKETS):
-                value = histogram[i] if histogram is not None else None
-                if value is not None:
-                    hist[i] = int(value)
-                elif count is None and sample_bucket(confidence) == i:
-                    hist[i] = 1
-            values = [
-                1,
-                confidence,
-                confidence,
-                confidence,
-                ts,
-                ts,
-                0 if count is None else 1,
-                1 if count is None else count,
-                confidence if total is None else total,
-                *hist,
-                0,
-                0,
-            ]
-            row = found.get(key)
+            if count is None:
+                hist[sample_bucket(confidence)] = 1
+        else:
+            hist = [0 if value is None else int(value) for value in histogram]
+            if count is None:
+                sampled = sample_bucket(confidence)
+                if histogram[sampled] is None:
+                    hist[sampled] = 1
+        values = [
+            1,
+            confidence,
+            confidence,
+            confidence,
+            ts,
+            ts,
+            0 if count is None else 1,
+            1 if count is None else count,
+            confidence if total is None else total,
+            *hist,
+            0,
+            0,
+        ]
+        tail = (model, class_name, "" if device is None else "=" + device, source_key)
+        row = base.get(tail)
+        if row is None:
+            base[tail] = values
+        else:
+            _add(row, values)
+    device_key = _device_of(items)
+    for model, (class_name, source_key) in first_of_model.items():
+        base[(model, class_name, device_key, source_key)][-2] = 1
+    for (model, source_key), class_name in first_of_source.items():
+        base[(model, class_name, device_key, source_key)][-1] = 1
+    for level in LEVELS:
+        head = (workspace_id, level, bucket_start(ts, level))
+        for tail, values in base.items():
+            key = head + tail
+            row = target.get(key)
             if row is None:
-                found[key] = values
+                target[key] = list(values)
             else:
                 _add(row, values)
-        for model, (class_name, source_key) in first_of_model.items():
-            found[(workspace_id, level, start, model, class_name, _device_of(items), source_key)][
-                -2
-            ] = 1
-        for (model, source_key), class_name in first_of_source.items():
-            found[(workspace_id, level, start, model, class_name, _device_of(items), source_key)][
-                -1
-            ] = 1
-    return found
 
 
 def _device_of(items: Sequence[ResultFacts]) -> str:
@@ -222,11 +246,8 @@ def merge_into(
             _add(row, values)
 
 
-@functools.lru_cache(maxsize=256)
-def upsert_sql(dialect: str, rows: int) -> str:
-    """One INSERT ... ON CONFLICT DO UPDATE for `rows` rows, in the driver's paramstyle."""
-    placeholder = "?" if dialect == "sqlite" else "%s"
-    one = "(" + ", ".join([placeholder] * len(ROLLUP_COLUMNS)) + ")"
+def _update_clause() -> str:
+    """What an upsert does to a rollup row that exists: add, keep the min / max / best."""
     sets = [f"{name} = rollups.{name} + excluded.{name}" for name in _ADDED]
     sets += [
         "conf_min = CASE WHEN excluded.conf_min < rollups.conf_min THEN excluded.conf_min "
@@ -239,12 +260,62 @@ def upsert_sql(dialect: str, rows: int) -> str:
         "last_ts = CASE WHEN excluded.last_ts > rollups.last_ts THEN excluded.last_ts "
         "ELSE rollups.last_ts END",
     ]
+    return f" ON CONFLICT ({', '.join(_KEY_COLUMNS)}) DO UPDATE SET " + ", ".join(sets)
+
+
+@functools.lru_cache(maxsize=256)
+def upsert_sql(dialect: str, rows: int) -> str:
+    """One INSERT ... ON CONFLICT DO UPDATE for `rows` rows, in the driver's paramstyle."""
+    placeholder = "?" if dialect == "sqlite" else "%s"
+    one = "(" + ", ".join([placeholder] * len(ROLLUP_COLUMNS)) + ")"
     return (
         f"INSERT INTO rollups ({', '.join(ROLLUP_COLUMNS)}) VALUES "
         + ", ".join([one] * rows)
-        + f" ON CONFLICT ({', '.join(_KEY_COLUMNS)}) DO UPDATE SET "
-        + ", ".join(sets)
+        + _update_clause()
     )
+
+
+# Rows to upsert are copied into this session-local table first (PostgreSQL).
+_STAGING = "mmagg_rollups_in"
+
+
+@functools.lru_cache(maxsize=1)
+def _staging_sql() -> tuple[str, str, str]:
+    """(create the staging table, COPY into it, upsert from it in key order)."""
+    columns = ", ".join(ROLLUP_COLUMNS)
+    return (
+        f"CREATE TEMP TABLE IF NOT EXISTS {_STAGING} (LIKE rollups) ON COMMIT DELETE ROWS",
+        f"COPY {_STAGING} ({columns}) FROM STDIN (FORMAT BINARY)",
+        # Emptied by the same statement: several chunks may go in one transaction.
+        f"WITH moved AS (DELETE FROM {_STAGING} RETURNING {columns}) "
+        f"INSERT INTO rollups ({columns}) SELECT {columns} FROM moved "
+        f"ORDER BY {', '.join(_KEY_COLUMNS)}" + _update_clause(),
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _copy_kinds() -> list[int]:
+    from mmagg.server.db import copy_types
+
+    return copy_types(rollups, ROLLUP_COLUMNS)
+
+
+def _copy_upsert(cursor: Any, chunk: Sequence[tuple[tuple[Any, ...], list[Any]]]) -> None:
+    """The PostgreSQL upsert: a binary COPY into a temporary table, then one upsert from it.
+
+    A VALUES list of 32 rows has 928 parameters: psycopg parses such a long text again on
+    every execution (its statement cache skips long texts) and adapts each parameter in
+    Python, which cost more CPU than the rest of a report's ingest; JSON or text rows spend
+    most of theirs formatting doubles. Binary COPY sends the doubles as 8 bytes each (C code
+    in psycopg), and the upsert text is short and the same every time. The temporary table
+    is the session's own; the upsert empties it.
+    """
+    from mmagg.server.db import copy_rows
+
+    create, copy, upsert = _staging_sql()
+    cursor.execute(create)
+    copy_rows(cursor, copy, _copy_kinds(), ((*k, *v) for k, v in chunk))
+    cursor.execute(upsert)
 
 
 # Rows per upsert statement: SQLite allows 32,766 parameters, 29 columns each.
@@ -252,14 +323,18 @@ UPSERT_ROWS = 500
 
 
 def write(cursor: Any, dialect: str, rows: dict[tuple[Any, ...], list[Any]]) -> None:
-    """Upsert `rows` on a DBAPI cursor, in key order (the same lock order in every writer)."""
-    ordered = sorted(rows.items())
+    """Upsert `rows` on a DBAPI cursor.
+
+    On PostgreSQL in key order: concurrent writers then lock rows in the same order and
+    cannot deadlock. SQLite has one writer at a time and takes them as they come.
+    """
+    ordered = sorted(rows.items()) if dialect != "sqlite" else list(rows.items())
     for start in range(0, len(ordered), UPSERT_ROWS):
         chunk = ordered[start : start + UPSERT_ROWS]
-        params: list[Any] = []
-        for key, values in chunk:
-            params.extend(key)
-            params.extend(values)
+        if dialect == "postgresql":
+            _copy_upsert(cursor, chunk)
+            continue
+        params = [value for key, values in chunk for value in (*key, *values)]
         cursor.execute(upsert_sql(dialect, len(chunk)), params)
 
 

@@ -51,6 +51,21 @@ def _bucket(confidence: float) -> int:
     return min(max(int(confidence * HISTOGRAM_BUCKETS), 0), HISTOGRAM_BUCKETS - 1)
 
 
+def _first_nonzero(histogram: list[int]) -> int | None:
+    # Plain loops: these checks run for every result of every report (ingest's hot path).
+    for i, n in enumerate(histogram):
+        if n:
+            return i
+    return None
+
+
+def _last_nonzero(histogram: list[int]) -> int | None:
+    for i in range(len(histogram) - 1, -1, -1):
+        if histogram[i]:
+            return i
+    return None
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -81,7 +96,7 @@ class ResultStats(_Model):
     @classmethod
     def _min_in_first_bucket(cls, value: float, info: ValidationInfo) -> float:
         histogram = info.data.get("histogram")
-        first = next((i for i, n in enumerate(histogram or ()) if n), None)
+        first = _first_nonzero(histogram) if histogram else None
         if first is not None:
             if _bucket(value) != first:
                 raise ValueError(
@@ -97,7 +112,7 @@ class ResultStats(_Model):
         if low is not None and value < low:
             raise ValueError(f"expected at least min={low!r}, got {value!r}")
         histogram = info.data.get("histogram")
-        last = max((i for i, n in enumerate(histogram or ()) if n), default=None)
+        last = _last_nonzero(histogram) if histogram else None
         if last is not None:
             if _bucket(value) != last:
                 upper = ")" if last < HISTOGRAM_BUCKETS - 1 else "]"
@@ -110,7 +125,8 @@ class ResultStats(_Model):
     @field_validator("sum")
     @classmethod
     def _sum_within_extremes(cls, value: float, info: ValidationInfo) -> float:
-        count, low, high = (info.data.get(k) for k in ("count", "min", "max"))
+        data = info.data
+        count, low, high = data.get("count"), data.get("min"), data.get("max")
         if count is None or low is None or high is None:
             return value
         if not (
@@ -210,6 +226,54 @@ class Report(_Model):
 
 
 REPORT_ADAPTER: TypeAdapter[Report] = TypeAdapter(Report)
+
+# The same models for a body that is ASCII without any `\u` escape, whose strings
+# `check_text` always accepts: no NUL (JSON strings hold no raw control characters), no
+# lone surrogate (those need a `\u` escape), as many UTF-8 bytes as characters (and
+# `max_length` bounds those). Validating such a body without the per-string Python call
+# is the same validation, about a third cheaper; `parse_report` picks it.
+_PlainStr = Annotated[str, Field(max_length=MAX_STRING)]
+
+
+class _PlainInferenceResult(InferenceResult):
+    class_name: _PlainStr = ""
+    inference_id: _PlainStr | None = None
+    model_type: _PlainStr | None = None
+    model_id: Annotated[_PlainStr, Field(min_length=1)]
+    source_id: _PlainStr | None = None
+
+
+class _PlainMmaggExtension(MmaggExtension):
+    aggregator_key: _PlainStr | None = None
+
+
+class _PlainReport(Report):
+    source: _PlainStr | None = None
+    source_info: _PlainStr | None = None
+    device_id: _PlainStr | None = None
+    inference_server_version: _PlainStr | None = None
+    platform: _PlainStr | None = None
+    platform_release: _PlainStr | None = None
+    platform_version: _PlainStr | None = None
+    architecture: _PlainStr | None = None
+    hostname: _PlainStr | None = None
+    ip_address: _PlainStr | None = None
+    mac_address: _PlainStr | None = None
+    processor: _PlainStr | None = None
+    inference_results: Annotated[  # type: ignore[assignment]  # a list of the subclass
+        list[_PlainInferenceResult], Field(max_length=MAX_RESULTS)
+    ]
+    mmagg: _PlainMmaggExtension | None = None
+
+
+_PLAIN_ADAPTER: TypeAdapter[_PlainReport] = TypeAdapter(_PlainReport)
+
+
+def _plain_text(body: bytes) -> bool:
+    """True when every string of JSON `body` is one `check_text` accepts, unread."""
+    return body.isascii() and b"\\u" not in body
+
+
 _RESULTS_ADAPTER: TypeAdapter[list[InferenceResult]] = TypeAdapter(list[InferenceResult])
 
 #: Results validated per slice by `parse_report`; between slices the thread yields the GIL.
@@ -237,6 +301,11 @@ def parse_report(body: bytes, sliced_above: int = 32 * 1024) -> Report:
         >>> parse_report(b'{"timestamp": "2026-01-01T00:00:00Z", "inference_results": []}').mmagg
     """
     if len(body) <= sliced_above:
+        if _plain_text(body):
+            try:
+                return _PLAIN_ADAPTER.validate_json(body)
+            except ValidationError:
+                pass  # the errors as the full models word them, below
         try:
             return REPORT_ADAPTER.validate_json(body)
         except ValidationError as error:
