@@ -21,6 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from mmagg.server import partitions
 from mmagg.server import rollups as rollup_rows
 from mmagg.server.auth import (
     DEFAULT_SCOPES,
@@ -214,6 +215,14 @@ class Database:
         self._integrity_error: type[Exception] = self.engine.dialect.loaded_dbapi.IntegrityError
         if migrate_schema:
             migrate(self.engine)
+        # PostgreSQL with `results` partitioned by day (schema step 7): the days that exist.
+        self.partitions: partitions.PartitionSet | None = None
+        if self.dialect == "postgresql":
+            with self.engine.connect() as conn:
+                partitioned = partitions.is_partitioned(conn)
+            if partitioned:
+                self.partitions = partitions.PartitionSet(self.engine, clock)
+                self.partitions.prepare()
 
     def close(self) -> None:
         """Release every pooled connection."""
@@ -481,6 +490,8 @@ class Database:
         report: Report,
         idempotency_key: str | None,
         placement: Placement | None = None,
+        *,
+        _retried: bool = False,
     ) -> StoredReport:
         """Store a report and its results in one transaction, at most once per key.
 
@@ -508,6 +519,8 @@ class Database:
             placement.rule,
         )
         sql = self._sql
+        if self.partitions is not None:
+            self.partitions.ready(ts)
         try:
             with self.write() as conn:
                 cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
@@ -533,7 +546,14 @@ class Database:
                     )
                 finally:
                     cursor.close()
-        except self._integrity_error:
+        except self._integrity_error as error:
+            if self.partitions is not None and partitions.missing_partition(error) and not _retried:
+                # Another process's prune dropped the day this process still knew: make it
+                # again and store the report (whose transaction rolled back) once more.
+                self.partitions.forget(ts)
+                return self.store_report(
+                    principal, report, idempotency_key, placement, _retried=True
+                )
             if idempotency_key is None:
                 raise
             existing = self._find_idempotent(principal.workspace_id, idempotency_key)
@@ -553,7 +573,9 @@ class Database:
     def prune(self, before: float, batch: int = 1_000) -> int:
         """Delete reports (and their results) timestamped before `before`; return how many.
 
-        Works in batches of `batch` reports, each its own short transaction, so that ingest
+        On PostgreSQL (schema step 7) the days of `results` that end by the bound are
+        dropped as whole partitions first (`mmagg.server.partitions`); the rest goes row by
+        row, in batches of `batch` reports, each its own short transaction, so that ingest
         (which shares the SQLite write lock) waits for one batch at most. Expired dashboard
         sessions go too.
 
@@ -562,6 +584,9 @@ class Database:
             0
         """
         removed = 0
+        if self.partitions is not None:
+            # Whole days before the bound go as partitions; their reports rows below.
+            self.partitions.drop_before(before)
         while True:
             with self.write() as conn:
                 ids = (
@@ -575,7 +600,13 @@ class Database:
                     .all()
                 )
                 if ids:
-                    conn.execute(sa.delete(results).where(results.c.report_id.in_(ids)))
+                    # results.ts is its report's ts: the bound lets PostgreSQL skip every
+                    # partition but the one holding it.
+                    conn.execute(
+                        sa.delete(results).where(
+                            results.c.report_id.in_(ids), results.c.ts < before
+                        )
+                    )
                     conn.execute(sa.delete(reports).where(reports.c.id.in_(ids)))
             removed += len(ids)
             if len(ids) < batch:

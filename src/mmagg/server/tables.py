@@ -16,7 +16,7 @@ from sqlalchemy.pool import StaticPool
 
 from mmagg.wire import HISTOGRAM_BUCKETS
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 7
 
 metadata = sa.MetaData()
 
@@ -329,6 +329,18 @@ def _step_5(conn: Connection) -> None:
     rebuild_rollups(conn)
 
 
+def _step_6_reserved(conn: Connection) -> None:
+    """Placeholder, replaced on merge (another branch adds schema step 6)."""
+
+
+def _step_7(conn: Connection) -> None:
+    """PostgreSQL: `results` partitioned by day, keeping its rows (docs/scale.md,
+    "Partitions"); idempotent, nothing on SQLite."""
+    from mmagg.server.partitions import convert_results
+
+    convert_results(conn)
+
+
 # Step n upgrades a database at version n - 1 to version n; append, never edit.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: _step_1,
@@ -336,6 +348,8 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     3: _step_3,
     4: _step_4,
     5: _step_5,
+    6: _step_6_reserved,  # placeholder, replaced on merge
+    7: _step_7,
 }
 
 

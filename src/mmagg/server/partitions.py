@@ -1,0 +1,296 @@
+"""PostgreSQL: `results` partitioned by day, so that retention drops whole days.
+
+On PostgreSQL (schema step 7) `results` is a declaratively partitioned table,
+`PARTITION BY RANGE (ts)`, one partition per UTC day named `results_pYYYYMMDD`
+(docs/scale.md, "Partitions"). SQLite keeps one plain table; nothing here runs there.
+
+- **Layout.** Only `results` is partitioned: it holds five or more rows per report and nearly
+  all the bytes. `reports` stays one table, because its unique (workspace, Idempotency-Key)
+  constraint must hold across all time: a retried report is not always filed at the same
+  `ts` (a naive or a future timestamp is filed at the receive time), and a unique key on a
+  partitioned table has to contain the partition key. `results` keeps no foreign key to
+  `reports` on PostgreSQL (the writer inserts both in one transaction): every deleted report
+  would otherwise cost a lookup in every partition.
+- **Ahead of time and on demand.** `PartitionSet.prepare` creates today's partition and the
+  next `AHEAD_DAYS` (at start-up and hourly); `PartitionSet.ready` creates the day of a late
+  report when it arrives. There is no DEFAULT partition: a missing partition is created
+  before the insert, never lost. A partition is made as a plain table and then attached
+  (`ATTACH PARTITION` locks the parent in SHARE UPDATE EXCLUSIVE mode, which neither ingest
+  nor reads wait for); two processes creating the same day at once both succeed.
+- **Retention.** `drop_before` detaches (`DETACH PARTITION … CONCURRENTLY`, no lock that
+  blocks ingest) and drops every partition that ends by the bound; the partition holding the
+  bound is pruned row by row, as on SQLite.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+logger = logging.getLogger("mmagg.server")
+
+#: One partition per UTC day. Retention is set in days, so a day is the finest cut it ever
+#: needs, and the projected fleet (docs/scale.md) writes ~860 M results a day: months would
+#: keep up to a month of it (terabytes) past the bound, hours would give the planner 24x
+#: more partitions to consider for no finer retention.
+PARTITION_SECONDS = 86_400
+
+#: Partitions created ahead of time: today and this many days after it.
+AHEAD_DAYS = 2
+
+TABLE = "results"
+_PREFIX = TABLE + "_p"
+_NAME_RE = re.compile(r"^results_p(\d{8})$")
+_BOUND_RE = re.compile(r"FROM \('?([-0-9.e+]+)'?\) TO \('?([-0-9.e+]+)'?\)")
+
+
+def day_of(ts: float) -> int:
+    """The partition (days since 1970-01-01 UTC) that holds time `ts`.
+
+    Example:
+        >>> day_of(86_399.5), day_of(86_400.0)
+        (0, 1)
+    """
+    return int(ts // PARTITION_SECONDS)
+
+
+def partition_name(day: int) -> str:
+    """`results_pYYYYMMDD` for a day number.
+
+    Example:
+        >>> partition_name(0)
+        'results_p19700101'
+    """
+    return _PREFIX + datetime.fromtimestamp(day * PARTITION_SECONDS, timezone.utc).strftime(
+        "%Y%m%d"
+    )
+
+
+def _day_of_name(name: str) -> int | None:
+    match = _NAME_RE.match(name)
+    if match is None:
+        return None
+    moment = datetime.strptime(match.group(1), "%Y%m%d").replace(tzinfo=timezone.utc)
+    return day_of(moment.timestamp())
+
+
+def is_partitioned(conn: Connection) -> bool:
+    """Whether `results` is a partitioned table (always False on SQLite)."""
+    if conn.dialect.name != "postgresql":
+        return False
+    kind = conn.exec_driver_sql(
+        "SELECT c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relname = %(t)s AND n.nspname = current_schema()",
+        {"t": TABLE},
+    ).scalar()
+    return kind == "p"
+
+
+def attached(conn: Connection) -> dict[int, tuple[str, float, float, bool]]:
+    """Day -> (name, lower bound, upper bound, detach pending) of every partition."""
+    rows = conn.exec_driver_sql(
+        "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid), i.inhdetachpending "
+        "FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "WHERE i.inhparent = %(t)s::regclass",
+        {"t": TABLE},
+    ).all()
+    found: dict[int, tuple[str, float, float, bool]] = {}
+    for name, bound, pending in rows:
+        match = _BOUND_RE.search(str(bound))
+        if match is None:  # not a range partition of ours (e.g. a DEFAULT one): leave it
+            continue
+        low, high = float(match.group(1)), float(match.group(2))
+        found[day_of(low)] = (str(name), low, high, bool(pending))
+    return found
+
+
+def _create_sql(day: int, parent: str = TABLE) -> tuple[str, str]:
+    """(CREATE, ATTACH) statements for the partition of `day` (bounds are whole seconds)."""
+    name = partition_name(day)
+    low, high = day * PARTITION_SECONDS, (day + 1) * PARTITION_SECONDS
+    return (
+        f"CREATE TABLE IF NOT EXISTS {name} (LIKE {parent})",
+        f"ALTER TABLE {parent} ATTACH PARTITION {name} FOR VALUES FROM ({low}) TO ({high})",
+    )
+
+
+def create_partition(conn: Connection, day: int) -> bool:
+    """Create and attach the partition of `day` in `conn`'s transaction, unless it exists.
+
+    Returns True if it was created here.
+    """
+    if day in attached(conn):
+        return False
+    create, attach = _create_sql(day)
+    conn.exec_driver_sql(create)
+    conn.exec_driver_sql(attach)
+    return True
+
+
+class PartitionSet:
+    """The days this process knows to have a partition, and the DDL that adds or drops one.
+
+    Thread-safe. The set is a cache: a day another process dropped since is found again by
+    the insert that fails (`missing_partition`), which then calls `forget` and retries.
+    """
+
+    def __init__(self, engine: Engine, clock: Callable[[], float] = time.time) -> None:
+        self.engine = engine
+        self.clock = clock
+        self._known: set[int] = set()
+        self._lock = threading.Lock()
+        with engine.connect() as conn:
+            self._known.update(attached(conn))
+
+    def ready(self, ts: float) -> None:
+        """Make sure the partition holding `ts` exists (one set lookup when it is known)."""
+        day = day_of(ts)
+        if day not in self._known:
+            self.ensure(day)
+
+    def forget(self, ts: float) -> None:
+        """Drop the cached knowledge of the day holding `ts` (it went missing)."""
+        self._known.discard(day_of(ts))
+
+    def ensure(self, day: int) -> None:
+        """Create the partition of `day` if missing; safe against other processes doing the
+        same at the same moment."""
+        with self._lock:
+            if day in self._known:
+                return
+            try:
+                with self.engine.begin() as conn:
+                    created = create_partition(conn, day)
+            except sa.exc.DBAPIError:
+                # Another process created it between our check and our DDL (duplicate
+                # table name, or "already a partition"): fine if it is there now.
+                with self.engine.connect() as conn:
+                    if day not in attached(conn):
+                        raise
+                created = False
+            if created:
+                logger.info("mmagg: created partition %s", partition_name(day))
+            self._known.add(day)
+
+    def prepare(self, now: float | None = None) -> None:
+        """Create today's partition and the next `AHEAD_DAYS` ones (start-up, hourly)."""
+        today = day_of(self.clock() if now is None else now)
+        for day in range(today, today + AHEAD_DAYS + 1):
+            self.ensure(day)
+
+    def drop_before(self, before: float) -> list[str]:
+        """Detach and drop every partition whose days all lie before `before`; their names.
+
+        Each partition goes in its own statements, outside any transaction
+        (`DETACH … CONCURRENTLY` cannot run in one). A partition a crashed run left
+        detach-pending is finished (`FINALIZE`); a table a crashed run left detached but not
+        dropped is dropped.
+        """
+        dropped: list[str] = []
+        with self.engine.connect() as conn:
+            auto = conn.execution_options(isolation_level="AUTOCOMMIT")
+            for day, (name, _low, high, pending) in sorted(attached(auto).items()):
+                if high > before:
+                    continue
+                self._known.discard(day)
+                try:
+                    mode = "FINALIZE" if pending else "CONCURRENTLY"
+                    auto.exec_driver_sql(f"ALTER TABLE {TABLE} DETACH PARTITION {name} {mode}")
+                except sa.exc.DBAPIError as error:
+                    # Another process's prune got there first: its DROP will finish the job.
+                    logger.warning("mmagg: could not detach %s: %s", name, type(error).__name__)
+                    continue
+                auto.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
+                dropped.append(name)
+            for name in _detached_leftovers(auto):
+                day = _day_of_name(name)
+                if day is not None and (day + 1) * PARTITION_SECONDS <= before:
+                    auto.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
+                    dropped.append(name)
+        return dropped
+
+
+def _detached_leftovers(conn: Connection) -> list[str]:
+    """Tables named like a partition that are no partition (a prune stopped between its
+    DETACH and its DROP)."""
+    rows = conn.exec_driver_sql(
+        "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = current_schema() AND c.relkind = 'r' AND NOT c.relispartition "
+        "AND c.relname LIKE 'results\\_p%%'"
+    ).scalars()
+    return [str(name) for name in rows if _NAME_RE.match(str(name))]
+
+
+def missing_partition(error: BaseException) -> bool:
+    """Whether a failed insert failed for want of a partition (SQLSTATE 23514)."""
+    original = getattr(error, "orig", error)
+    if getattr(original, "sqlstate", None) != "23514":
+        return False
+    return "no partition of relation" in str(original)
+
+
+def convert_results(conn: Connection, now: float | None = None) -> bool:
+    """Schema step 7 on PostgreSQL: make a plain `results` table partitioned, keeping its rows.
+
+    In `conn`'s transaction: a partitioned `results_partitioned` with the same columns (`id`
+    now a bigint), a partition for every day that holds rows plus today and the next
+    `AHEAD_DAYS`, every row copied, the old table dropped, the new one renamed, its primary
+    key (`id`, `ts`) and indexes built after the copy, the id sequence moved over and widened
+    to bigint. Returns False (and does nothing) on SQLite or when `results` is already
+    partitioned.
+    """
+    from mmagg.server.tables import results
+
+    if conn.dialect.name != "postgresql" or is_partitioned(conn):
+        return False
+    new = "results_partitioned"
+    sequence = conn.exec_driver_sql("SELECT pg_get_serial_sequence('results', 'id')").scalar()
+    if sequence is None:
+        sequence = "results_id_seq"
+        conn.exec_driver_sql(f"CREATE SEQUENCE IF NOT EXISTS {sequence} AS bigint")
+        conn.exec_driver_sql(
+            f"SELECT setval('{sequence}', COALESCE((SELECT MAX(id) FROM results), 0) + 1, false)"
+        )
+    conn.exec_driver_sql(f"ALTER SEQUENCE {sequence} OWNED BY NONE")
+    conn.exec_driver_sql(f"ALTER SEQUENCE {sequence} AS bigint")
+    definitions = []
+    for column in results.columns:
+        if column.name == "id":
+            definitions.append(f"id BIGINT NOT NULL DEFAULT nextval('{sequence}'::regclass)")
+            continue
+        kind = column.type.compile(dialect=conn.dialect)
+        definitions.append(f"{column.name} {kind}{'' if column.nullable else ' NOT NULL'}")
+    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {new}")
+    conn.exec_driver_sql(
+        f"CREATE TABLE {new} ({', '.join(definitions)}) PARTITION BY RANGE (ts)"
+    )
+    days = {
+        int(day)
+        for day in conn.exec_driver_sql(
+            f"SELECT DISTINCT floor(ts / {PARTITION_SECONDS})::bigint FROM results"
+        ).scalars()
+    }
+    today = day_of(time.time() if now is None else now)
+    days.update(range(today, today + AHEAD_DAYS + 1))
+    for day in sorted(days):
+        low, high = day * PARTITION_SECONDS, (day + 1) * PARTITION_SECONDS
+        conn.exec_driver_sql(
+            f"CREATE TABLE {partition_name(day)} PARTITION OF {new} "
+            f"FOR VALUES FROM ({low}) TO ({high})"
+        )
+    columns = ", ".join(column.name for column in results.columns)
+    conn.exec_driver_sql(f"INSERT INTO {new} ({columns}) SELECT {columns} FROM results")
+    conn.exec_driver_sql("DROP TABLE results")
+    conn.exec_driver_sql(f"ALTER TABLE {new} RENAME TO results")
+    conn.exec_driver_sql("ALTER TABLE results ADD CONSTRAINT results_pkey PRIMARY KEY (id, ts)")
+    for index in sorted(results.indexes, key=lambda index: str(index.name)):
+        conn.execute(sa.schema.CreateIndex(index))
+    conn.exec_driver_sql(f"ALTER SEQUENCE {sequence} OWNED BY results.id")
+    return True
