@@ -199,7 +199,12 @@ def test_two_writers_for_a_new_day_both_succeed(pg_url: str) -> None:
         for ts in days:
             barrier = threading.Barrier(2)
 
-            def write(db: Database, principal: Principal, ts: float = ts) -> None:
+            def write(
+                db: Database,
+                principal: Principal,
+                ts: float = ts,
+                barrier: threading.Barrier = barrier,
+            ) -> None:
                 try:
                     barrier.wait(timeout=10)
                     _store(db, principal, ts)

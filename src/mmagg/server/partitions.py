@@ -210,8 +210,8 @@ class PartitionSet:
                 auto.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
                 dropped.append(name)
             for name in _detached_leftovers(auto):
-                day = _day_of_name(name)
-                if day is not None and (day + 1) * PARTITION_SECONDS <= before:
+                leftover = _day_of_name(name)
+                if leftover is not None and (leftover + 1) * PARTITION_SECONDS <= before:
                     auto.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
                     dropped.append(name)
         return dropped
@@ -268,9 +268,7 @@ def convert_results(conn: Connection, now: float | None = None) -> bool:
         kind = column.type.compile(dialect=conn.dialect)
         definitions.append(f"{column.name} {kind}{'' if column.nullable else ' NOT NULL'}")
     conn.exec_driver_sql(f"DROP TABLE IF EXISTS {new}")
-    conn.exec_driver_sql(
-        f"CREATE TABLE {new} ({', '.join(definitions)}) PARTITION BY RANGE (ts)"
-    )
+    conn.exec_driver_sql(f"CREATE TABLE {new} ({', '.join(definitions)}) PARTITION BY RANGE (ts)")
     days = {
         int(day)
         for day in conn.exec_driver_sql(
