@@ -33,6 +33,7 @@ import sqlalchemy as sa
 
 from mmagg.server import Database, queries, rollups, trends
 from mmagg.server.db import _REPORT_COLUMNS, _RESULT_COLUMNS
+from mmagg.server.partitions import day_of
 from mmagg.server.queries import TimeRange
 
 CLASS_NAMES = ("person", "car", "truck", "helmet", "forklift", "bicycle", "dog", "pallet")
@@ -97,6 +98,9 @@ def bulk_seed(db: Database, args: argparse.Namespace, now: float) -> int:
                 cursor.close()
         report_rows, result_rows, pending = [], [], {}
 
+    if db.partitions is not None:  # PostgreSQL: the days' partitions, made ahead of the COPY
+        for day in range(day_of(now - args.days * 86400), day_of(now) + 1):
+            db.partitions.ensure(day)
     for ts, device in _reports(args, now):
         report_id += 1
         device_id = f"edge-{device:03d}"

@@ -5,7 +5,7 @@ report every `--interval` s for `--days` days before now) once into a PostgreSQL
 whose `results` is the plain table (schema step 7 left out: the layout before partitioning,
 with its foreign key to `reports`), then per repeat clones it twice (`CREATE DATABASE …
 TEMPLATE`): one copy stays plain, the other is converted by schema step 7
-(`partitions.convert_results`, timed: the upgrade's cost). Both copies are vacuumed and
+(`partitions.convert`, timed: the upgrade's cost). Both copies are vacuumed and
 analysed, then `Database.prune` (what `mmagg prune --older-than KEEP` runs) cuts everything
 older than `--keep` days, on the plain copy (row deletes) and on the partitioned copy (whole
 days dropped, the boundary day row by row), back to back. Both must remove the same reports
@@ -28,7 +28,7 @@ import uuid
 import _fleet
 from _support import verdict
 from mmagg.server import Database, tables
-from mmagg.server.partitions import PartitionSet, convert_results
+from mmagg.server.partitions import PartitionSet, convert
 
 TARGET_SPEEDUP = 3.0
 
@@ -118,7 +118,7 @@ def main() -> int:
             started = time.perf_counter()
             engine = tables.create_db_engine(_url(parted_name))
             with engine.begin() as conn:
-                assert convert_results(conn, now)
+                assert convert(conn, now)
             engine.dispose()
             converts.append(time.perf_counter() - started)
             for name in (plain_name, parted_name):
@@ -136,8 +136,8 @@ def main() -> int:
                 finally:
                     db.close()
         rows, parts = statistics.median(times["rows"]), statistics.median(times["partitions"])
-        convert = statistics.median(converts)
-        print(f"step 7 conversion (INSERT … SELECT into day partitions): {convert:.2f} s")
+        conversion = statistics.median(converts)
+        print(f"step 7 conversion (INSERT … SELECT into day partitions): {conversion:.2f} s")
         print(f"  of the partitioned prune, DETACH + DROP of whole days: {drops}")
         print(f"prune, rows deleted (plain results):   {rows:.2f} s  runs {times['rows']}")
         print(f"prune, partitions dropped:             {parts:.2f} s  runs {times['partitions']}")

@@ -30,7 +30,7 @@ from mmagg.server.db import Principal
 from mmagg.server.partitions import (
     PARTITION_SECONDS,
     attached,
-    convert_results,
+    convert,
     day_of,
     is_partitioned,
     partition_name,
@@ -93,6 +93,12 @@ def _rows_by_partition(db: Database) -> list[tuple[str, float]]:
     return [(str(name), float(ts)) for name, ts in rows]
 
 
+def _rollups_by_partition(db: Database) -> list[tuple[str, float]]:
+    with db.read() as conn:
+        rows = conn.exec_driver_sql("SELECT tableoid::regclass::text, bucket FROM rollups").all()
+    return [(str(name), float(bucket)) for name, bucket in rows]
+
+
 def _partitions(db: Database) -> set[str]:
     """Leaf partitions of `results`, from pg_partition_tree."""
     with db.read() as conn:
@@ -106,8 +112,9 @@ def test_a_new_postgresql_database_is_partitioned_with_days_ahead(pg_url: str) -
     db = Database(pg_url)
     try:
         with db.read() as conn:
-            assert is_partitioned(conn)
+            assert is_partitioned(conn) and is_partitioned(conn, "rollups")
             days = set(attached(conn))
+            assert set(attached(conn, "rollups")) == days
         today = day_of(time.time())
         assert {today, today + 1, today + 2} <= days
         assert {partition_name(d) for d in days} == _partitions(db)
@@ -138,6 +145,12 @@ def test_reports_over_several_days_land_in_their_partitions(pg_url: str) -> None
         assert sorted(ts for _, ts in placed) == sorted(stamps)
         for name, ts in placed:
             assert name == partition_name(day_of(ts)), (name, ts)
+        rolled = _rollups_by_partition(db)
+        with db.read() as conn:
+            daily = conn.exec_driver_sql("SELECT SUM(results) FROM rollups WHERE level = 86400")
+            assert daily.scalar() == len(stamps)
+        for name, bucket in rolled:
+            assert name == partition_name(day_of(bucket), "rollups"), (name, bucket)
         assert {partition_name(day_of(ts)) for ts in stamps} <= _partitions(db)
         # The parent holds no row of its own (there is no DEFAULT partition either).
         with db.read() as conn:
@@ -256,12 +269,18 @@ def pair(pg_url: str, tmp_path: Path) -> Iterator[tuple[Database, Database]]:
         pg.close()
 
 
-def _remaining(db: Database) -> list[tuple[float, str]]:
+def _remaining(db: Database) -> list[tuple[Any, ...]]:
+    """Every kept result (with its report) and every kept rollup row."""
     with db.read() as conn:
         rows = conn.exec_driver_sql(
             "SELECT r.ts, s.class_name FROM reports r JOIN results s ON s.report_id = r.id"
         ).all()
-    return sorted((float(ts), str(name)) for ts, name in rows)
+        rolled = conn.exec_driver_sql(
+            "SELECT level, bucket, class_name, results FROM rollups"
+        ).all()
+    return sorted((float(ts), str(name)) for ts, name in rows) + sorted(
+        (int(level), float(bucket), str(name), int(count)) for level, bucket, name, count in rolled
+    )
 
 
 @settings(
@@ -294,10 +313,10 @@ def test_retention_drops_partitions_and_keeps_what_sqlite_keeps(
     removed = [db.prune(before=cut) for db in pair]
     assert removed[0] == removed[1] == sum(1 for o in offsets if base + o / 1000 < cut)
     assert _remaining(lite) == _remaining(pg)
-    assert all(ts >= cut for ts, _ in _remaining(pg))
+    assert all(row[0] >= cut for row in _remaining(pg) if len(row) == 2)
     with pg.read() as conn:
-        left = attached(conn)
-    assert all(high > cut for _, _, high, _ in left.values())
+        for table in ("results", "rollups"):
+            assert all(high > cut for _, _, high, _ in attached(conn, table).values())
     # The day holding the bound stays (pruned row by row) if it held rows or was made.
     for name, ts in _rows_by_partition(pg):
         assert name == partition_name(day_of(ts))
@@ -407,7 +426,7 @@ def test_a_v01_database_is_partitioned_and_reads_back_equal(
             with plain.read() as conn:
                 assert not is_partitioned(conn)
             with upgraded.read() as conn:
-                assert is_partitioned(conn)
+                assert is_partitioned(conn) and is_partitioned(conn, "rollups")
                 assert tables.current_version(conn) == tables.SCHEMA_VERSION
                 ids = conn.exec_driver_sql("SELECT id, report_id FROM results ORDER BY id")
                 upgraded_ids = ids.all()
@@ -418,6 +437,10 @@ def test_a_v01_database_is_partitioned_and_reads_back_equal(
             placed = _rows_by_partition(upgraded)
             assert len({name for name, _ in placed}) >= 4
             assert all(name == partition_name(day_of(ts)) for name, ts in placed)
+            rolled = _rollups_by_partition(upgraded)
+            assert all(name == partition_name(day_of(b), "rollups") for name, b in rolled)
+            with plain.read() as conn:
+                assert conn.exec_driver_sql("SELECT COUNT(*) FROM rollups").scalar() == len(rolled)
 
             span = (anchor - 3600, time.time() + 60)
             assert _read_everything(upgraded, key, *span) == _read_everything(plain, key, *span)
@@ -435,10 +458,11 @@ def test_a_v01_database_is_partitioned_and_reads_back_equal(
 
             # Step 7 again (an already partitioned database) is left alone.
             with upgraded.write() as conn:
-                before = sorted(attached(conn).items())
-                assert convert_results(conn) is False
+                before = [sorted(attached(conn, t).items()) for t in ("results", "rollups")]
+                assert convert(conn) == []
                 tables.MIGRATIONS[7](conn)
-                assert sorted(attached(conn).items()) == before
+                after = [sorted(attached(conn, t).items()) for t in ("results", "rollups")]
+                assert after == before
         finally:
             plain.close()
             upgraded.close()
@@ -452,7 +476,7 @@ def test_step_7_does_nothing_on_sqlite(tmp_path: Path) -> None:
     try:
         assert db.partitions is None
         with db.write() as conn:
-            assert convert_results(conn) is False
+            assert convert(conn) == []
             assert not is_partitioned(conn)
     finally:
         db.close()

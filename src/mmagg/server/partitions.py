@@ -1,25 +1,29 @@
-"""PostgreSQL: `results` partitioned by day, so that retention drops whole days.
+"""PostgreSQL: `results` and `rollups` partitioned by day, so that retention drops whole days.
 
-On PostgreSQL (schema step 7) `results` is a declaratively partitioned table,
-`PARTITION BY RANGE (ts)`, one partition per UTC day named `results_pYYYYMMDD`
-(docs/scale.md, "Partitions"). SQLite keeps one plain table; nothing here runs there.
+On PostgreSQL (schema step 7) `results` (`PARTITION BY RANGE (ts)`) and `rollups`
+(`PARTITION BY RANGE (bucket)`) are declaratively partitioned tables, one partition per UTC
+day, named `results_pYYYYMMDD` and `rollups_pYYYYMMDD` (docs/scale.md, "Partitions"). SQLite
+keeps plain tables; nothing here runs there.
 
-- **Layout.** Only `results` is partitioned: it holds five or more rows per report and nearly
-  all the bytes. `reports` stays one table, because its unique (workspace, Idempotency-Key)
+- **Layout.** `results` holds five or more rows per report and most of the bytes; `rollups`
+  holds a row per key, level and bucket, and its unique key already contains `bucket`. Every
+  level divides a day and buckets are aligned, so a rollup row lies in its day's partition
+  and ends by that day's end: a day that ends by the retention bound holds only rows that
+  retention deletes. `reports` stays one table, because its unique (workspace, Idempotency-Key)
   constraint must hold across all time: a retried report is not always filed at the same
   `ts` (a naive or a future timestamp is filed at the receive time), and a unique key on a
   partitioned table has to contain the partition key. `results` keeps no foreign key to
   `reports` on PostgreSQL (the writer inserts both in one transaction): every deleted report
   would otherwise cost a lookup in every partition.
-- **Ahead of time and on demand.** `PartitionSet.prepare` creates today's partition and the
-  next `AHEAD_DAYS` (at start-up and hourly); `PartitionSet.ready` creates the day of a late
-  report when it arrives. There is no DEFAULT partition: a missing partition is created
+- **Ahead of time and on demand.** `PartitionSet.prepare` creates the partitions of today and
+  the next `AHEAD_DAYS` days (at start-up and hourly); `PartitionSet.ready` creates the day of
+  a late report when it arrives. There is no DEFAULT partition: a missing partition is created
   before the insert, never lost. A partition is made as a plain table and then attached
   (`ATTACH PARTITION` locks the parent in SHARE UPDATE EXCLUSIVE mode, which neither ingest
   nor reads wait for); two processes creating the same day at once both succeed.
 - **Retention.** `drop_before` detaches (`DETACH PARTITION … CONCURRENTLY`, no lock that
-  blocks ingest) and drops every partition that ends by the bound; the partition holding the
-  bound is pruned row by row, as on SQLite.
+  blocks ingest) and drops every partition that ends by the bound; the day holding the bound
+  is pruned row by row, as on SQLite.
 """
 
 from __future__ import annotations
@@ -45,9 +49,9 @@ PARTITION_SECONDS = 86_400
 #: Partitions created ahead of time: today and this many days after it.
 AHEAD_DAYS = 2
 
-TABLE = "results"
-_PREFIX = TABLE + "_p"
-_NAME_RE = re.compile(r"^results_p(\d{8})$")
+#: The partitioned tables and their partition keys.
+TABLES = {"results": "ts", "rollups": "bucket"}
+_NAME_RE = re.compile(r"^(results|rollups)_p(\d{8})$")
 _BOUND_RE = re.compile(r"FROM \('?([-0-9.e+]+)'?\) TO \('?([-0-9.e+]+)'?\)")
 
 
@@ -61,45 +65,48 @@ def day_of(ts: float) -> int:
     return int(ts // PARTITION_SECONDS)
 
 
-def partition_name(day: int) -> str:
-    """`results_pYYYYMMDD` for a day number.
+def partition_name(day: int, table: str = "results") -> str:
+    """`results_pYYYYMMDD` (or `rollups_p…`) for a day number.
 
     Example:
-        >>> partition_name(0)
-        'results_p19700101'
+        >>> partition_name(0), partition_name(1, "rollups")
+        ('results_p19700101', 'rollups_p19700102')
     """
-    return _PREFIX + datetime.fromtimestamp(day * PARTITION_SECONDS, timezone.utc).strftime(
-        "%Y%m%d"
-    )
+    moment = datetime.fromtimestamp(day * PARTITION_SECONDS, timezone.utc)
+    return f"{table}_p{moment.strftime('%Y%m%d')}"
 
 
 def _day_of_name(name: str) -> int | None:
     match = _NAME_RE.match(name)
     if match is None:
         return None
-    moment = datetime.strptime(match.group(1), "%Y%m%d").replace(tzinfo=timezone.utc)
+    moment = datetime.strptime(match.group(2), "%Y%m%d").replace(tzinfo=timezone.utc)
     return day_of(moment.timestamp())
 
 
-def is_partitioned(conn: Connection) -> bool:
-    """Whether `results` is a partitioned table (always False on SQLite)."""
-    if conn.dialect.name != "postgresql":
-        return False
+def _relkind(conn: Connection, table: str) -> str | None:
     kind = conn.exec_driver_sql(
         "SELECT c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE c.relname = %(t)s AND n.nspname = current_schema()",
-        {"t": TABLE},
+        {"t": table},
     ).scalar()
-    return kind == "p"
+    return None if kind is None else str(kind)
 
 
-def attached(conn: Connection) -> dict[int, tuple[str, float, float, bool]]:
-    """Day -> (name, lower bound, upper bound, detach pending) of every partition."""
+def is_partitioned(conn: Connection, table: str = "results") -> bool:
+    """Whether `table` is a partitioned table (always False on SQLite)."""
+    if conn.dialect.name != "postgresql":
+        return False
+    return _relkind(conn, table) == "p"
+
+
+def attached(conn: Connection, table: str = "results") -> dict[int, tuple[str, float, float, bool]]:
+    """Day -> (name, lower bound, upper bound, detach pending) of every partition of `table`."""
     rows = conn.exec_driver_sql(
         "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid), i.inhdetachpending "
         "FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
         "WHERE i.inhparent = %(t)s::regclass",
-        {"t": TABLE},
+        {"t": table},
     ).all()
     found: dict[int, tuple[str, float, float, bool]] = {}
     for name, bound, pending in rows:
@@ -111,31 +118,39 @@ def attached(conn: Connection) -> dict[int, tuple[str, float, float, bool]]:
     return found
 
 
-def _create_sql(day: int, parent: str = TABLE) -> tuple[str, str]:
-    """(CREATE, ATTACH) statements for the partition of `day` (bounds are whole seconds)."""
-    name = partition_name(day)
-    low, high = day * PARTITION_SECONDS, (day + 1) * PARTITION_SECONDS
-    return (
-        f"CREATE TABLE IF NOT EXISTS {name} (LIKE {parent})",
-        f"ALTER TABLE {parent} ATTACH PARTITION {name} FOR VALUES FROM ({low}) TO ({high})",
-    )
-
-
 def create_partition(conn: Connection, day: int) -> bool:
-    """Create and attach the partition of `day` in `conn`'s transaction, unless it exists.
+    """Create and attach the partitions of `day` (both tables) in `conn`'s transaction,
+    unless they exist. Returns True if any was created here.
 
-    Returns True if it was created here.
+    Each is made as a plain table and then attached, which locks the parent in SHARE UPDATE
+    EXCLUSIVE mode only (`CREATE TABLE … PARTITION OF` would take ACCESS EXCLUSIVE, queueing
+    every insert behind the longest running read).
     """
-    if day in attached(conn):
-        return False
-    create, attach = _create_sql(day)
-    conn.exec_driver_sql(create)
-    conn.exec_driver_sql(attach)
-    return True
+    created = False
+    low, high = day * PARTITION_SECONDS, (day + 1) * PARTITION_SECONDS
+    for table in TABLES:
+        if day in attached(conn, table):
+            continue
+        name = partition_name(day, table)
+        conn.exec_driver_sql(f"CREATE TABLE IF NOT EXISTS {name} (LIKE {table})")
+        conn.exec_driver_sql(
+            f"ALTER TABLE {table} ATTACH PARTITION {name} FOR VALUES FROM ({low}) TO ({high})"
+        )
+        created = True
+    return created
+
+
+def _known_days(conn: Connection) -> set[int]:
+    """Days that have a partition in every partitioned table."""
+    days: set[int] | None = None
+    for table in TABLES:
+        here = set(attached(conn, table))
+        days = here if days is None else days & here
+    return days or set()
 
 
 class PartitionSet:
-    """The days this process knows to have a partition, and the DDL that adds or drops one.
+    """The days this process knows to have partitions, and the DDL that adds or drops them.
 
     Thread-safe. The set is a cache: a day another process dropped since is found again by
     the insert that fails (`missing_partition`), which then calls `forget` and retries.
@@ -147,10 +162,10 @@ class PartitionSet:
         self._known: set[int] = set()
         self._lock = threading.Lock()
         with engine.connect() as conn:
-            self._known.update(attached(conn))
+            self._known.update(_known_days(conn))
 
     def ready(self, ts: float) -> None:
-        """Make sure the partition holding `ts` exists (one set lookup when it is known)."""
+        """Make sure the partitions holding `ts` exist (one set lookup when they are known)."""
         day = day_of(ts)
         if day not in self._known:
             self.ensure(day)
@@ -160,7 +175,7 @@ class PartitionSet:
         self._known.discard(day_of(ts))
 
     def ensure(self, day: int) -> None:
-        """Create the partition of `day` if missing; safe against other processes doing the
+        """Create the partitions of `day` if missing; safe against other processes doing the
         same at the same moment."""
         with self._lock:
             if day in self._known:
@@ -169,18 +184,18 @@ class PartitionSet:
                 with self.engine.begin() as conn:
                     created = create_partition(conn, day)
             except sa.exc.DBAPIError:
-                # Another process created it between our check and our DDL (duplicate
-                # table name, or "already a partition"): fine if it is there now.
+                # Another process created them between our check and our DDL (duplicate
+                # table name, or "already a partition"): fine if they are there now.
                 with self.engine.connect() as conn:
-                    if day not in attached(conn):
+                    if day not in _known_days(conn):
                         raise
                 created = False
             if created:
-                logger.info("mmagg: created partition %s", partition_name(day))
+                logger.info("mmagg: created the partitions of %s", partition_name(day)[-8:])
             self._known.add(day)
 
     def prepare(self, now: float | None = None) -> None:
-        """Create today's partition and the next `AHEAD_DAYS` ones (start-up, hourly)."""
+        """Create the partitions of today and the next `AHEAD_DAYS` days (start-up, hourly)."""
         today = day_of(self.clock() if now is None else now)
         for day in range(today, today + AHEAD_DAYS + 1):
             self.ensure(day)
@@ -196,19 +211,20 @@ class PartitionSet:
         dropped: list[str] = []
         with self.engine.connect() as conn:
             auto = conn.execution_options(isolation_level="AUTOCOMMIT")
-            for day, (name, _low, high, pending) in sorted(attached(auto).items()):
-                if high > before:
-                    continue
-                self._known.discard(day)
-                try:
-                    mode = "FINALIZE" if pending else "CONCURRENTLY"
-                    auto.exec_driver_sql(f"ALTER TABLE {TABLE} DETACH PARTITION {name} {mode}")
-                except sa.exc.DBAPIError as error:
-                    # Another process's prune got there first: its DROP will finish the job.
-                    logger.warning("mmagg: could not detach %s: %s", name, type(error).__name__)
-                    continue
-                auto.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
-                dropped.append(name)
+            for table in TABLES:
+                for day, (name, _low, high, pending) in sorted(attached(auto, table).items()):
+                    if high > before:
+                        continue
+                    self._known.discard(day)
+                    try:
+                        mode = "FINALIZE" if pending else "CONCURRENTLY"
+                        auto.exec_driver_sql(f"ALTER TABLE {table} DETACH PARTITION {name} {mode}")
+                    except sa.exc.DBAPIError as error:
+                        # Another process's prune got there first: its DROP finishes the job.
+                        logger.warning("mmagg: could not detach %s: %s", name, type(error).__name__)
+                        continue
+                    auto.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
+                    dropped.append(name)
             for name in _detached_leftovers(auto):
                 leftover = _day_of_name(name)
                 if leftover is not None and (leftover + 1) * PARTITION_SECONDS <= before:
@@ -223,7 +239,7 @@ def _detached_leftovers(conn: Connection) -> list[str]:
     rows = conn.exec_driver_sql(
         "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE n.nspname = current_schema() AND c.relkind = 'r' AND NOT c.relispartition "
-        "AND c.relname LIKE 'results\\_p%%'"
+        "AND (c.relname LIKE 'results\\_p%%' OR c.relname LIKE 'rollups\\_p%%')"
     ).scalars()
     return [str(name) for name in rows if _NAME_RE.match(str(name))]
 
@@ -236,43 +252,61 @@ def missing_partition(error: BaseException) -> bool:
     return "no partition of relation" in str(original)
 
 
-def convert_results(conn: Connection, now: float | None = None) -> bool:
-    """Schema step 7 on PostgreSQL: make a plain `results` table partitioned, keeping its rows.
+def convert(conn: Connection, now: float | None = None) -> list[str]:
+    """Schema step 7 on PostgreSQL: partition `results` and `rollups`, keeping their rows.
 
-    In `conn`'s transaction: a partitioned `results_partitioned` with the same columns (`id`
-    now a bigint), a partition for every day that holds rows plus today and the next
-    `AHEAD_DAYS`, every row copied, the old table dropped, the new one renamed, its primary
-    key (`id`, `ts`) and indexes built after the copy, the id sequence moved over and widened
-    to bigint. Returns False (and does nothing) on SQLite or when `results` is already
-    partitioned.
+    Returns the tables converted: none on SQLite or when they are already partitioned.
     """
-    from mmagg.server.tables import results
+    from mmagg.server.tables import results, rollups
 
-    if conn.dialect.name != "postgresql" or is_partitioned(conn):
+    if conn.dialect.name != "postgresql":
+        return []
+    done = []
+    for table in (results, rollups):
+        if _convert_table(conn, table, TABLES[table.name], now):
+            done.append(table.name)
+    return done
+
+
+def _convert_table(conn: Connection, table: sa.Table, key: str, now: float | None) -> bool:
+    """Make plain `table` partitioned by day on `key`, in `conn`'s transaction.
+
+    A partitioned `<table>_partitioned` with the same columns (an `id` becomes a bigint), a
+    partition for every day that holds rows plus today and the next `AHEAD_DAYS`, every row
+    copied, the old table dropped, the new one renamed, then its keys and indexes built after
+    the copy (a primary key `id` becomes (`id`, `key`): a unique key on a partitioned table
+    must hold the partition key), and an id sequence moved over and widened to bigint.
+    """
+    name = table.name
+    if _relkind(conn, name) != "r":
         return False
-    new = "results_partitioned"
-    sequence = conn.exec_driver_sql("SELECT pg_get_serial_sequence('results', 'id')").scalar()
-    if sequence is None:
-        sequence = "results_id_seq"
-        conn.exec_driver_sql(f"CREATE SEQUENCE IF NOT EXISTS {sequence} AS bigint")
-        conn.exec_driver_sql(
-            f"SELECT setval('{sequence}', COALESCE((SELECT MAX(id) FROM results), 0) + 1, false)"
-        )
-    conn.exec_driver_sql(f"ALTER SEQUENCE {sequence} OWNED BY NONE")
-    conn.exec_driver_sql(f"ALTER SEQUENCE {sequence} AS bigint")
+    new = f"{name}_partitioned"
+    sequence = None
+    if "id" in table.c:
+        sequence = conn.exec_driver_sql(f"SELECT pg_get_serial_sequence('{name}', 'id')").scalar()
+        if sequence is None:
+            sequence = f"{name}_id_seq"
+            conn.exec_driver_sql(f"CREATE SEQUENCE IF NOT EXISTS {sequence} AS bigint")
+            conn.exec_driver_sql(
+                f"SELECT setval('{sequence}', COALESCE((SELECT MAX(id) FROM {name}), 0) + 1, false)"
+            )
+        conn.exec_driver_sql(f"ALTER SEQUENCE {sequence} OWNED BY NONE")
+        conn.exec_driver_sql(f"ALTER SEQUENCE {sequence} AS bigint")
     definitions = []
-    for column in results.columns:
+    for column in table.columns:
         if column.name == "id":
             definitions.append(f"id BIGINT NOT NULL DEFAULT nextval('{sequence}'::regclass)")
             continue
         kind = column.type.compile(dialect=conn.dialect)
         definitions.append(f"{column.name} {kind}{'' if column.nullable else ' NOT NULL'}")
     conn.exec_driver_sql(f"DROP TABLE IF EXISTS {new}")
-    conn.exec_driver_sql(f"CREATE TABLE {new} ({', '.join(definitions)}) PARTITION BY RANGE (ts)")
+    conn.exec_driver_sql(
+        f"CREATE TABLE {new} ({', '.join(definitions)}) PARTITION BY RANGE ({key})"
+    )
     days = {
         int(day)
         for day in conn.exec_driver_sql(
-            f"SELECT DISTINCT floor(ts / {PARTITION_SECONDS})::bigint FROM results"
+            f"SELECT DISTINCT floor({key} / {PARTITION_SECONDS})::bigint FROM {name}"
         ).scalars()
     }
     today = day_of(time.time() if now is None else now)
@@ -280,15 +314,24 @@ def convert_results(conn: Connection, now: float | None = None) -> bool:
     for day in sorted(days):
         low, high = day * PARTITION_SECONDS, (day + 1) * PARTITION_SECONDS
         conn.exec_driver_sql(
-            f"CREATE TABLE {partition_name(day)} PARTITION OF {new} "
+            f"CREATE TABLE {partition_name(day, name)} PARTITION OF {new} "
             f"FOR VALUES FROM ({low}) TO ({high})"
         )
-    columns = ", ".join(column.name for column in results.columns)
-    conn.exec_driver_sql(f"INSERT INTO {new} ({columns}) SELECT {columns} FROM results")
-    conn.exec_driver_sql("DROP TABLE results")
-    conn.exec_driver_sql(f"ALTER TABLE {new} RENAME TO results")
-    conn.exec_driver_sql("ALTER TABLE results ADD CONSTRAINT results_pkey PRIMARY KEY (id, ts)")
-    for index in sorted(results.indexes, key=lambda index: str(index.name)):
+    columns = ", ".join(column.name for column in table.columns)
+    conn.exec_driver_sql(f"INSERT INTO {new} ({columns}) SELECT {columns} FROM {name}")
+    conn.exec_driver_sql(f"DROP TABLE {name}")
+    conn.exec_driver_sql(f"ALTER TABLE {new} RENAME TO {name}")
+    if sequence is not None:
+        conn.exec_driver_sql(
+            f"ALTER TABLE {name} ADD CONSTRAINT {name}_pkey PRIMARY KEY (id, {key})"
+        )
+        conn.exec_driver_sql(f"ALTER SEQUENCE {sequence} OWNED BY {name}.id")
+    for constraint in table.constraints:
+        if isinstance(constraint, sa.UniqueConstraint) and constraint.name:
+            columns = ", ".join(column.name for column in constraint.columns)
+            conn.exec_driver_sql(
+                f"ALTER TABLE {name} ADD CONSTRAINT {constraint.name} UNIQUE ({columns})"
+            )
+    for index in sorted(table.indexes, key=lambda index: str(index.name)):
         conn.execute(sa.schema.CreateIndex(index))
-    conn.exec_driver_sql(f"ALTER SEQUENCE {sequence} OWNED BY results.id")
     return True

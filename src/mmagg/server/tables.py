@@ -334,11 +334,11 @@ def _step_6_reserved(conn: Connection) -> None:
 
 
 def _step_7(conn: Connection) -> None:
-    """PostgreSQL: `results` partitioned by day, keeping its rows (docs/scale.md,
-    "Partitions"); idempotent, nothing on SQLite."""
-    from mmagg.server.partitions import convert_results
+    """PostgreSQL: `results` and `rollups` partitioned by day, keeping their rows
+    (docs/scale.md, "Partitions"); idempotent, nothing on SQLite."""
+    from mmagg.server.partitions import convert
 
-    convert_results(conn)
+    convert(conn)
 
 
 # Step n upgrades a database at version n - 1 to version n; append, never edit.
