@@ -455,6 +455,17 @@ def test_a_v01_database_is_partitioned_and_reads_back_equal(
                     "SELECT pg_get_serial_sequence('results', 'id')"
                 ).scalar_one()
             assert newest > max(i for i, _ in upgraded_ids) and owner is not None
+            with upgraded.read() as conn:
+                kinds = conn.exec_driver_sql(
+                    "SELECT table_name, column_name, data_type FROM information_schema.columns "
+                    "WHERE (table_name, column_name) IN "
+                    "(('results', 'id'), ('results', 'report_id'), ('reports', 'id'))"
+                ).all()
+            assert sorted(kinds) == [
+                ("reports", "id", "bigint"),
+                ("results", "id", "bigint"),
+                ("results", "report_id", "bigint"),
+            ]
 
             # Step 7 again (an already partitioned database) is left alone.
             with upgraded.write() as conn:

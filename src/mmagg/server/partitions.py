@@ -265,16 +265,32 @@ def convert(conn: Connection, now: float | None = None) -> list[str]:
     for table in (results, rollups):
         if _convert_table(conn, table, TABLES[table.name], now):
             done.append(table.name)
+    _widen_report_ids(conn)
     return done
+
+
+def _widen_report_ids(conn: Connection) -> None:
+    """`reports.id` as a bigint: a 32-bit id runs out after ~12 days at 2,000 reports/s,
+    whatever the retention (docs/scale.md). Rewrites `reports` once; idempotent."""
+    kind = conn.exec_driver_sql(
+        "SELECT data_type FROM information_schema.columns WHERE table_schema = "
+        "current_schema() AND table_name = 'reports' AND column_name = 'id'"
+    ).scalar()
+    if kind is None or kind == "bigint":
+        return
+    conn.exec_driver_sql("ALTER TABLE reports ALTER COLUMN id TYPE bigint")
+    sequence = conn.exec_driver_sql("SELECT pg_get_serial_sequence('reports', 'id')").scalar()
+    if sequence is not None:
+        conn.exec_driver_sql(f"ALTER SEQUENCE {sequence} AS bigint")
 
 
 def _convert_table(conn: Connection, table: sa.Table, key: str, now: float | None) -> bool:
     """Make plain `table` partitioned by day on `key`, in `conn`'s transaction.
 
-    A partitioned `<table>_partitioned` with the same columns (an `id` becomes a bigint), a
-    partition for every day that holds rows plus today and the next `AHEAD_DAYS`, every row
-    copied, the old table dropped, the new one renamed, then its keys and indexes built after
-    the copy (a primary key `id` becomes (`id`, `key`): a unique key on a partitioned table
+    A partitioned `<table>_partitioned` with the same columns (`id` and `report_id` become
+    bigints), a partition for every day that holds rows plus today and the next `AHEAD_DAYS`,
+    every row copied, the old table dropped, the new one renamed, then its keys and indexes
+    built after the copy (a primary key `id` becomes (`id`, `key`): a unique key on a partitioned table
     must hold the partition key), and an id sequence moved over and widened to bigint.
     """
     name = table.name
@@ -296,6 +312,9 @@ def _convert_table(conn: Connection, table: sa.Table, key: str, now: float | Non
     for column in table.columns:
         if column.name == "id":
             definitions.append(f"id BIGINT NOT NULL DEFAULT nextval('{sequence}'::regclass)")
+            continue
+        if column.name == "report_id":  # reports.id is widened too (_widen_report_ids)
+            definitions.append("report_id BIGINT NOT NULL")
             continue
         kind = column.type.compile(dialect=conn.dialect)
         definitions.append(f"{column.name} {kind}{'' if column.nullable else ' NOT NULL'}")
