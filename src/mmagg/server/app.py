@@ -462,7 +462,7 @@ async def _prune_forever(db: Database, retention_days: float) -> None:
 
 
 async def _partitions_forever(db: Database) -> None:
-    """PostgreSQL: keep today's partition of `results` and the next days' made ahead."""
+    """PostgreSQL: keep the partitions of today and the next days made ahead (hourly)."""
     partition_set = db.partitions
     while partition_set is not None:
         await anyio.sleep(PRUNE_INTERVAL_SECONDS)

@@ -215,7 +215,7 @@ class Database:
         self._integrity_error: type[Exception] = self.engine.dialect.loaded_dbapi.IntegrityError
         if migrate_schema:
             migrate(self.engine)
-        # PostgreSQL with `results` partitioned by day (schema step 7): the days that exist.
+        # PostgreSQL, `results` and `rollups` partitioned by day (step 7): the days that exist.
         self.partitions: partitions.PartitionSet | None = None
         if self.dialect == "postgresql":
             with self.engine.connect() as conn:
@@ -573,11 +573,11 @@ class Database:
     def prune(self, before: float, batch: int = 1_000) -> int:
         """Delete reports (and their results) timestamped before `before`; return how many.
 
-        On PostgreSQL (schema step 7) the days of `results` that end by the bound are
-        dropped as whole partitions first (`mmagg.server.partitions`); the rest goes row by
-        row, in batches of `batch` reports, each its own short transaction, so that ingest
-        (which shares the SQLite write lock) waits for one batch at most. Expired dashboard
-        sessions go too.
+        On PostgreSQL (schema step 7) the days of `results` and `rollups` that end by the
+        bound are dropped as whole partitions first (`mmagg.server.partitions`); the rest
+        goes row by row, in batches of `batch` reports, each its own short transaction, so
+        that ingest (which shares the SQLite write lock) waits for one batch at most. Expired
+        dashboard sessions go too.
 
         Example:
             >>> Database("sqlite://").prune(before=0.0)

@@ -245,11 +245,14 @@ def _detached_leftovers(conn: Connection) -> list[str]:
 
 
 def missing_partition(error: BaseException) -> bool:
-    """Whether a failed insert failed for want of a partition (SQLSTATE 23514)."""
+    """Whether a failed insert may have failed for want of a partition.
+
+    PostgreSQL reports "no partition of relation … found for row" as SQLSTATE 23514
+    (check_violation); the tables written at ingest have no CHECK constraint, so that code is
+    this (the message itself is translated with `lc_messages`). The caller retries once.
+    """
     original = getattr(error, "orig", error)
-    if getattr(original, "sqlstate", None) != "23514":
-        return False
-    return "no partition of relation" in str(original)
+    return getattr(original, "sqlstate", None) == "23514"
 
 
 def convert(conn: Connection, now: float | None = None) -> list[str]:
@@ -290,8 +293,9 @@ def _convert_table(conn: Connection, table: sa.Table, key: str, now: float | Non
     A partitioned `<table>_partitioned` with the same columns (`id` and `report_id` become
     bigints), a partition for every day that holds rows plus today and the next `AHEAD_DAYS`,
     every row copied, the old table dropped, the new one renamed, then its keys and indexes
-    built after the copy (a primary key `id` becomes (`id`, `key`): a unique key on a partitioned table
-    must hold the partition key), and an id sequence moved over and widened to bigint.
+    built after the copy (a primary key `id` becomes (`id`, `key`): a unique key on a
+    partitioned table must hold the partition key), and an id sequence moved over and widened
+    to bigint.
     """
     name = table.name
     if _relkind(conn, name) != "r":
