@@ -51,6 +51,10 @@ KEY_DISPLAY_CHARS = 8
 SESSION_TTL_SECONDS = 12 * 3600
 # Result rows per executemany call (store_report).
 INSERT_SLICE = 500
+# Reports per prune transaction: SQLite's one write lock is shared with ingest, so short;
+# PostgreSQL only locks the old rows themselves, and each commit costs a WAL flush.
+PRUNE_BATCH = 1_000
+PRUNE_BATCH_PG = 20_000
 
 # Names the backend routes under; a workspace called like this would be unreachable.
 RESERVED_WORKSPACES = frozenset({"dashboard", "metrics", "healthz", "api", "static", "docs"})
@@ -570,19 +574,21 @@ class Database:
             row = conn.execute(query).first()
         return None if row is None else StoredReport(int(row[0]), int(row[1]), duplicate=True)
 
-    def prune(self, before: float, batch: int = 1_000) -> int:
+    def prune(self, before: float, batch: int | None = None) -> int:
         """Delete reports (and their results) timestamped before `before`; return how many.
 
         On PostgreSQL (schema step 7) the days of `results` and `rollups` that end by the
         bound are dropped as whole partitions first (`mmagg.server.partitions`); the rest
-        goes row by row, in batches of `batch` reports, each its own short transaction, so
-        that ingest (which shares the SQLite write lock) waits for one batch at most. Expired
-        dashboard sessions go too.
+        goes row by row, in batches of `batch` reports (`PRUNE_BATCH`, `PRUNE_BATCH_PG`), each
+        its own short transaction, so that ingest (which shares the SQLite write lock) waits
+        for one batch at most. Expired dashboard sessions go too.
 
         Example:
             >>> Database("sqlite://").prune(before=0.0)
             0
         """
+        if batch is None:
+            batch = PRUNE_BATCH_PG if self.dialect == "postgresql" else PRUNE_BATCH
         removed = 0
         if self.partitions is not None:
             # Whole days before the bound go as partitions; their reports rows below.
