@@ -23,6 +23,7 @@ MODULES = [
     "mmagg.server.guards",
     "mmagg.server.keys_api",
     "mmagg.server.metrics",
+    "mmagg.server.partitions",
     "mmagg.server.protocols",
     "mmagg.server.ratelimit",
     "mmagg.server.runner",
