@@ -254,7 +254,11 @@ def _sizes(db: Database) -> str:
             return f"file: {pages * size / 1e6:,.0f} MB"
         parts = []
         for table in ("reports", "results", "rollups"):
-            size = conn.exec_driver_sql(f"SELECT pg_total_relation_size('{table}')").scalar()
+            # Summed over the partitions (a partitioned parent itself has no storage).
+            size = conn.exec_driver_sql(
+                "SELECT COALESCE(SUM(pg_total_relation_size(relid)), 0) "
+                f"FROM pg_partition_tree('{table}')"
+            ).scalar()
             count = conn.exec_driver_sql(f"SELECT COUNT(*) FROM {table}").scalar() or 1
             parts.append(f"{table} {size / 1e6:,.0f} MB ({size / count:.0f} B/row)")
         return "sizes with indexes: " + ", ".join(parts)
