@@ -491,3 +491,26 @@ def test_step_7_does_nothing_on_sqlite(tmp_path: Path) -> None:
             assert not is_partitioned(conn)
     finally:
         db.close()
+
+
+def test_a_prune_that_stopped_between_detach_and_drop_is_finished(pg_url: str) -> None:
+    """A day detached but not dropped (a prune that died in between) goes with the next
+    prune; it is never attached again with its old rows."""
+    db = Database(pg_url)
+    try:
+        principal = _principal(db)
+        old = _day_start(30) + 60
+        _store(db, principal, old)
+        name = partition_name(day_of(old))
+        with db.engine.connect() as conn:
+            auto = conn.execution_options(isolation_level="AUTOCOMMIT")
+            auto.exec_driver_sql(f"ALTER TABLE results DETACH PARTITION {name}")
+        assert name not in _partitions(db)
+        with db.read() as conn:
+            assert conn.exec_driver_sql(f"SELECT COUNT(*) FROM {name}").scalar() == 1
+        db.prune(before=_day_start(29))
+        with db.read() as conn:
+            assert conn.exec_driver_sql("SELECT to_regclass(%(n)s)", {"n": name}).scalar() is None
+        assert db.count_reports() == 0
+    finally:
+        db.close()
