@@ -514,3 +514,40 @@ def test_a_prune_that_stopped_between_detach_and_drop_is_finished(pg_url: str) -
         assert db.count_reports() == 0
     finally:
         db.close()
+
+
+def test_two_processes_upgrading_at_once_both_start(pg_database_url: str) -> None:
+    """Two servers started together on a v0.1 database with rows: one converts, the other
+    waits for it and finds nothing left to do; no row is lost."""
+    name = f"mmagg_v01c_{uuid.uuid4().hex[:10]}"
+    try:
+        url = _create_database(name)
+        build_v01_database(url, "postgresql", "mmk_" + secrets.token_urlsafe(24), "t")
+        rows = _insert_v01_rows(url, _day_start(3) + 77.0)
+        opened: list[Database] = []
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(2)
+
+        def start() -> None:
+            try:
+                barrier.wait(timeout=10)
+                opened.append(Database(url))
+            except BaseException as error:  # reported below, in the test's thread
+                errors.append(error)
+
+        threads = [threading.Thread(target=start) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        try:
+            assert errors == [] and len(opened) == 2
+            assert all(db.partitions is not None for db in opened)
+            with opened[0].read() as conn:
+                count = conn.exec_driver_sql("SELECT COUNT(*) FROM results").scalar()
+            assert count == rows
+        finally:
+            for db in opened:
+                db.close()
+    finally:
+        _drop_database(name)

@@ -353,6 +353,10 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {
 }
 
 
+# The PostgreSQL advisory lock `migrate` holds for its transaction (an arbitrary constant).
+MIGRATION_LOCK = 0x6D6D6167  # "mmag"
+
+
 def current_version(conn: Connection) -> int:
     """The schema version stored in the database, 0 for an empty database."""
     if not sa.inspect(conn).has_table("schema_version"):
@@ -372,6 +376,10 @@ def migrate(engine: Engine) -> int:
         True
     """
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Processes starting together upgrade one at a time; the others then find the
+            # new version and have nothing left to do (step 7 rewrites whole tables).
+            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%(k)s)", {"k": MIGRATION_LOCK})
         version = current_version(conn)
         if version > SCHEMA_VERSION:
             raise SchemaTooNewError(
