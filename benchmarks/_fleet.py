@@ -33,6 +33,7 @@ import sqlalchemy as sa
 
 from mmagg.server import Database, queries, rollups, trends
 from mmagg.server.db import _REPORT_COLUMNS, _RESULT_COLUMNS
+from mmagg.server.partitions import day_of
 from mmagg.server.queries import TimeRange
 
 CLASS_NAMES = ("person", "car", "truck", "helmet", "forklift", "bicycle", "dog", "pallet")
@@ -97,6 +98,9 @@ def bulk_seed(db: Database, args: argparse.Namespace, now: float) -> int:
                 cursor.close()
         report_rows, result_rows, pending = [], [], {}
 
+    if db.partitions is not None:  # PostgreSQL: the days' partitions, made ahead of the COPY
+        for day in range(day_of(now - args.days * 86400), day_of(now) + 1):
+            db.partitions.ensure(day)
     for ts, device in _reports(args, now):
         report_id += 1
         device_id = f"edge-{device:03d}"
@@ -250,7 +254,11 @@ def _sizes(db: Database) -> str:
             return f"file: {pages * size / 1e6:,.0f} MB"
         parts = []
         for table in ("reports", "results", "rollups"):
-            size = conn.exec_driver_sql(f"SELECT pg_total_relation_size('{table}')").scalar()
+            # Summed over the partitions (a partitioned parent itself has no storage).
+            size = conn.exec_driver_sql(
+                "SELECT COALESCE(SUM(pg_total_relation_size(relid)), 0) "
+                f"FROM pg_partition_tree('{table}')"
+            ).scalar()
             count = conn.exec_driver_sql(f"SELECT COUNT(*) FROM {table}").scalar() or 1
             parts.append(f"{table} {size / 1e6:,.0f} MB ({size / count:.0f} B/row)")
         return "sizes with indexes: " + ", ".join(parts)

@@ -170,6 +170,8 @@ def _legacy_result(backend: RunningBackend, key: str, ts: float, **columns: Any)
     """A row as a v0.1 server could have stored it (before these bounds)."""
     principal = backend.db.authenticate(key)
     assert principal is not None
+    if backend.db.partitions is not None:  # PostgreSQL: the day's partition, as the upgrade
+        backend.db.partitions.ready(ts)  # (step 7) makes one for every day holding rows
     with backend.db.write() as conn:
         report_id = conn.execute(
             sa.insert(tables.reports).values(

@@ -24,6 +24,7 @@ MODULES = [
     "mmagg.server.keys_api",
     "mmagg.server.lease",
     "mmagg.server.metrics",
+    "mmagg.server.partitions",
     "mmagg.server.protocols",
     "mmagg.server.ratelimit",
     "mmagg.server.runner",

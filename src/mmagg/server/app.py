@@ -625,6 +625,17 @@ async def _prune_forever(
         await anyio.sleep(PRUNE_INTERVAL_SECONDS)
 
 
+async def _partitions_forever(db: Database) -> None:
+    """PostgreSQL: keep the partitions of today and the next days made ahead (hourly)."""
+    partition_set = db.partitions
+    while partition_set is not None:
+        await anyio.sleep(PRUNE_INTERVAL_SECONDS)
+        try:
+            await anyio.to_thread.run_sync(partition_set.prepare)
+        except Exception:  # retried next hour; a report's own day is made on arrival anyway
+            logger.exception("mmagg: creating the next days' partitions failed")
+
+
 def create_app(
     database_url: str | None = None,
     *,
@@ -677,6 +688,8 @@ def create_app(
         async with anyio.create_task_group() as tasks:
             if retention_days is not None:
                 tasks.start_soon(_prune_forever, owned_db, retention_days, retention_lease, metrics)
+            if owned_db.partitions is not None:
+                tasks.start_soon(_partitions_forever, owned_db)
             if alerts is not None:
                 tasks.start_soon(alerts.run)
             yield

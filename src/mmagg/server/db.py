@@ -21,6 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from mmagg.server import partitions
 from mmagg.server import rollups as rollup_rows
 from mmagg.server.auth import (
     DEFAULT_SCOPES,
@@ -53,6 +54,11 @@ INSERT_SLICE = 500
 # Keys whose principal ingest keeps in memory, and for how long (`cached_principal`).
 PRINCIPAL_CACHE_SIZE = 10_000
 PRINCIPAL_CACHE_SECONDS = 60.0
+
+# Reports per prune transaction: SQLite's one write lock is shared with ingest, so short;
+# PostgreSQL only locks the old rows themselves, and each commit costs a WAL flush.
+PRUNE_BATCH = 1_000
+PRUNE_BATCH_PG = 20_000
 
 # Names the backend routes under; a workspace called like this would be unreachable.
 RESERVED_WORKSPACES = frozenset({"dashboard", "metrics", "healthz", "api", "static", "docs"})
@@ -350,6 +356,14 @@ class Database:
         self._integrity_error: type[Exception] = self.engine.dialect.loaded_dbapi.IntegrityError
         if migrate_schema:
             migrate(self.engine)
+        # PostgreSQL, `results` and `rollups` partitioned by day (step 7): the days that exist.
+        self.partitions: partitions.PartitionSet | None = None
+        if self.dialect == "postgresql":
+            with self.engine.connect() as conn:
+                partitioned = partitions.is_partitioned(conn)
+            if partitioned:
+                self.partitions = partitions.PartitionSet(self.engine, clock)
+                self.partitions.prepare()
 
     def close(self) -> None:
         """Release every pooled connection."""
@@ -684,11 +698,16 @@ class Database:
                 outcomes.append(error)
         return outcomes
 
-    def _store_alone(self, item: PendingReport) -> StoredReport:
+    def _store_alone(self, item: PendingReport, *, retried: bool = False) -> StoredReport:
         """One report in its own transaction; a replayed Idempotency-Key answers the first."""
         try:
             outcome = self._write_batch([item])[0]
-        except self._integrity_error:
+        except self._integrity_error as error:
+            if self.partitions is not None and partitions.missing_partition(error) and not retried:
+                # Another process's prune dropped the day this process still knew: make it
+                # again and store the report (whose transaction rolled back) once more.
+                self.partitions.forget(item.placement.ts)
+                return self._store_alone(item, retried=True)
             if item.idempotency_key is None:
                 raise
             existing = self._find_idempotent(item.principal.workspace_id, item.idempotency_key)
@@ -704,6 +723,9 @@ class Database:
         outcomes: list[StoredReport | Exception] = []
         touched: dict[int, float] = {}
         now = self.clock()
+        if self.partitions is not None:
+            for ts in {item.placement.ts for item in items}:
+                self.partitions.ready(ts)
         with self.write() as conn:
             cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
             try:
@@ -799,35 +821,50 @@ class Database:
             row = conn.execute(query).first()
         return None if row is None else StoredReport(int(row[0]), int(row[1]), duplicate=True)
 
-    def prune(self, before: float, batch: int = 1_000) -> int:
+    def prune(self, before: float, batch: int | None = None) -> int:
         """Delete reports (and their results) timestamped before `before`; return how many.
 
-        Works in batches of `batch` reports, each its own short transaction, so that ingest
-        (which shares the SQLite write lock) waits for one batch at most. Expired dashboard
-        sessions go too.
+        On PostgreSQL (schema step 7) the days of `results` and `rollups` that end by the
+        bound are dropped as whole partitions first (`mmagg.server.partitions`); the rest
+        goes row by row, in batches of `batch` reports (`PRUNE_BATCH`, `PRUNE_BATCH_PG`), each
+        its own short transaction, so that ingest (which shares the SQLite write lock) waits
+        for one batch at most. Expired dashboard sessions go too.
 
         Example:
             >>> Database("sqlite://").prune(before=0.0)
             0
         """
+        if batch is None:
+            batch = PRUNE_BATCH_PG if self.dialect == "postgresql" else PRUNE_BATCH
         removed = 0
+        if self.partitions is not None:
+            # Whole days before the bound go as partitions; their reports rows below.
+            self.partitions.drop_before(before)
         while True:
             with self.write() as conn:
-                ids = (
-                    conn.execute(
-                        sa.select(reports.c.id)
-                        .where(reports.c.ts < before)
-                        .order_by(reports.c.id)
-                        .limit(batch)
+                if self.dialect == "postgresql":
+                    # One statement per batch, the ids never leave the server: binding
+                    # thousands of ids from Python cost 20x the deletes themselves.
+                    count = int(
+                        conn.execute(_PRUNE_BATCH_PG, {"b": before, "n": batch}).scalar_one()
                     )
-                    .scalars()
-                    .all()
-                )
-                if ids:
-                    conn.execute(sa.delete(results).where(results.c.report_id.in_(ids)))
-                    conn.execute(sa.delete(reports).where(reports.c.id.in_(ids)))
-            removed += len(ids)
-            if len(ids) < batch:
+                else:
+                    ids = (
+                        conn.execute(
+                            sa.select(reports.c.id)
+                            .where(reports.c.ts < before)
+                            .order_by(reports.c.id)
+                            .limit(batch)
+                        )
+                        .scalars()
+                        .all()
+                    )
+                    count = len(ids)
+                    if ids:
+                        conn.execute(sa.delete(results).where(results.c.report_id.in_(ids)))
+                        conn.execute(sa.delete(reports).where(reports.c.id.in_(ids)))
+            removed += count
+            if count < batch:
                 break
         # Rollups go by whole buckets: a bucket is kept while any of it is younger than the
         # bound (docs/scale.md, "Retention").
@@ -835,7 +872,10 @@ class Database:
             for level in rollup_rows.LEVELS:
                 conn.execute(
                     sa.delete(rollups).where(
-                        rollups.c.level == level, rollups.c.bucket + level <= before
+                        rollups.c.level == level,
+                        rollups.c.bucket + level <= before,
+                        # Implied by the line above; lets PostgreSQL skip the later days.
+                        rollups.c.bucket < before,
                     )
                 )
         with self.write() as conn:
@@ -853,6 +893,16 @@ class Database:
             )
         with self.read() as conn:
             return int(conn.execute(query).scalar() or 0)
+
+
+# A batch of `Database.prune` on PostgreSQL. results.ts is its report's ts, so the bound on
+# it lets PostgreSQL skip every partition of `results` but the one holding the bound.
+_PRUNE_BATCH_PG = sa.text(
+    "WITH doomed AS (DELETE FROM reports WHERE id IN "
+    "(SELECT id FROM reports WHERE ts < :b ORDER BY id LIMIT :n) RETURNING id), "
+    "gone AS (DELETE FROM results WHERE ts < :b AND report_id IN (SELECT id FROM doomed)) "
+    "SELECT COUNT(*) FROM doomed"
+)
 
 
 def _key_info(row: Any) -> KeyInfo:

@@ -1,0 +1,360 @@
+"""PostgreSQL: `results` and `rollups` partitioned by day, so that retention drops whole days.
+
+On PostgreSQL (schema step 7) `results` (`PARTITION BY RANGE (ts)`) and `rollups`
+(`PARTITION BY RANGE (bucket)`) are declaratively partitioned tables, one partition per UTC
+day, named `results_pYYYYMMDD` and `rollups_pYYYYMMDD` (docs/scale.md, "Partitions"). SQLite
+keeps plain tables; nothing here runs there.
+
+- **Layout.** `results` holds five or more rows per report and most of the bytes; `rollups`
+  holds a row per key, level and bucket, and its unique key already contains `bucket`. Every
+  level divides a day and buckets are aligned, so a rollup row lies in its day's partition
+  and ends by that day's end: a day that ends by the retention bound holds only rows that
+  retention deletes. `reports` stays one table, because its unique (workspace, Idempotency-Key)
+  constraint must hold across all time: a retried report is not always filed at the same
+  `ts` (a naive or a future timestamp is filed at the receive time), and a unique key on a
+  partitioned table has to contain the partition key. `results` keeps no foreign key to
+  `reports` on PostgreSQL (the writer inserts both in one transaction): every deleted report
+  would otherwise cost a lookup in every partition.
+- **Ahead of time and on demand.** `PartitionSet.prepare` creates the partitions of today and
+  the next `AHEAD_DAYS` days (at start-up and hourly); `PartitionSet.ready` creates the day of
+  a late report when it arrives. There is no DEFAULT partition: a missing partition is created
+  before the insert, never lost. A partition is made as a plain table and then attached
+  (`ATTACH PARTITION` locks the parent in SHARE UPDATE EXCLUSIVE mode, which neither ingest
+  nor reads wait for); two processes creating the same day at once both succeed.
+- **Retention.** `drop_before` detaches (`DETACH PARTITION … CONCURRENTLY`, no lock that
+  blocks ingest) and drops every partition that ends by the bound; the day holding the bound
+  is pruned row by row, as on SQLite.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+logger = logging.getLogger("mmagg.server")
+
+#: One partition per UTC day. Retention is set in days, so a day is the finest cut it ever
+#: needs, and the projected fleet (docs/scale.md) writes ~860 M results a day: months would
+#: keep up to a month of it (terabytes) past the bound, hours would give the planner 24x
+#: more partitions to consider for no finer retention.
+PARTITION_SECONDS = 86_400
+
+#: Partitions created ahead of time: today and this many days after it.
+AHEAD_DAYS = 2
+
+#: The partitioned tables and their partition keys.
+TABLES = {"results": "ts", "rollups": "bucket"}
+_NAME_RE = re.compile(r"^(results|rollups)_p(\d{8})$")
+_BOUND_RE = re.compile(r"FROM \('?([-0-9.e+]+)'?\) TO \('?([-0-9.e+]+)'?\)")
+
+
+def day_of(ts: float) -> int:
+    """The partition (days since 1970-01-01 UTC) that holds time `ts`.
+
+    Example:
+        >>> day_of(86_399.5), day_of(86_400.0)
+        (0, 1)
+    """
+    return int(ts // PARTITION_SECONDS)
+
+
+def partition_name(day: int, table: str = "results") -> str:
+    """`results_pYYYYMMDD` (or `rollups_p…`) for a day number.
+
+    Example:
+        >>> partition_name(0), partition_name(1, "rollups")
+        ('results_p19700101', 'rollups_p19700102')
+    """
+    moment = datetime.fromtimestamp(day * PARTITION_SECONDS, timezone.utc)
+    return f"{table}_p{moment.strftime('%Y%m%d')}"
+
+
+def _day_of_name(name: str) -> int | None:
+    match = _NAME_RE.match(name)
+    if match is None:
+        return None
+    moment = datetime.strptime(match.group(2), "%Y%m%d").replace(tzinfo=timezone.utc)
+    return day_of(moment.timestamp())
+
+
+def _relkind(conn: Connection, table: str) -> str | None:
+    kind = conn.exec_driver_sql(
+        "SELECT c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relname = %(t)s AND n.nspname = current_schema()",
+        {"t": table},
+    ).scalar()
+    return None if kind is None else str(kind)
+
+
+def is_partitioned(conn: Connection, table: str = "results") -> bool:
+    """Whether `table` is a partitioned table (always False on SQLite)."""
+    if conn.dialect.name != "postgresql":
+        return False
+    return _relkind(conn, table) == "p"
+
+
+def attached(conn: Connection, table: str = "results") -> dict[int, tuple[str, float, float, bool]]:
+    """Day -> (name, lower bound, upper bound, detach pending) of every partition of `table`."""
+    rows = conn.exec_driver_sql(
+        "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid), i.inhdetachpending "
+        "FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "WHERE i.inhparent = %(t)s::regclass",
+        {"t": table},
+    ).all()
+    found: dict[int, tuple[str, float, float, bool]] = {}
+    for name, bound, pending in rows:
+        match = _BOUND_RE.search(str(bound))
+        if match is None:  # not a range partition of ours (e.g. a DEFAULT one): leave it
+            continue
+        low, high = float(match.group(1)), float(match.group(2))
+        found[day_of(low)] = (str(name), low, high, bool(pending))
+    return found
+
+
+def create_partition(conn: Connection, day: int) -> bool:
+    """Create and attach the partitions of `day` (both tables) in `conn`'s transaction,
+    unless they exist. Returns True if any was created here.
+
+    Each is made as a plain table and then attached, which locks the parent in SHARE UPDATE
+    EXCLUSIVE mode only (`CREATE TABLE … PARTITION OF` would take ACCESS EXCLUSIVE, queueing
+    every insert behind the longest running read).
+    """
+    created = False
+    low, high = day * PARTITION_SECONDS, (day + 1) * PARTITION_SECONDS
+    for table in TABLES:
+        if day in attached(conn, table):
+            continue
+        name = partition_name(day, table)
+        conn.exec_driver_sql(f"CREATE TABLE IF NOT EXISTS {name} (LIKE {table})")
+        conn.exec_driver_sql(
+            f"ALTER TABLE {table} ATTACH PARTITION {name} FOR VALUES FROM ({low}) TO ({high})"
+        )
+        created = True
+    return created
+
+
+def _known_days(conn: Connection) -> set[int]:
+    """Days that have a partition in every partitioned table."""
+    days: set[int] | None = None
+    for table in TABLES:
+        here = set(attached(conn, table))
+        days = here if days is None else days & here
+    return days or set()
+
+
+class PartitionSet:
+    """The days this process knows to have partitions, and the DDL that adds or drops them.
+
+    Thread-safe. The set is a cache: a day another process dropped since is found again by
+    the insert that fails (`missing_partition`), which then calls `forget` and retries.
+    """
+
+    def __init__(self, engine: Engine, clock: Callable[[], float] = time.time) -> None:
+        self.engine = engine
+        self.clock = clock
+        self._known: set[int] = set()
+        self._lock = threading.Lock()
+        with engine.connect() as conn:
+            self._known.update(_known_days(conn))
+
+    def ready(self, ts: float) -> None:
+        """Make sure the partitions holding `ts` exist (one set lookup when they are known)."""
+        day = day_of(ts)
+        if day not in self._known:
+            self.ensure(day)
+
+    def forget(self, ts: float) -> None:
+        """Drop the cached knowledge of the day holding `ts` (it went missing)."""
+        self._known.discard(day_of(ts))
+
+    def ensure(self, day: int) -> None:
+        """Create the partitions of `day` if missing; safe against other processes doing the
+        same at the same moment."""
+        with self._lock:
+            if day in self._known:
+                return
+            try:
+                with self.engine.begin() as conn:
+                    created = create_partition(conn, day)
+            except sa.exc.DBAPIError:
+                # Another process created them between our check and our DDL (duplicate
+                # table name, or "already a partition"): fine if they are there now.
+                with self.engine.connect() as conn:
+                    if day not in _known_days(conn):
+                        raise
+                created = False
+            if created:
+                logger.info("mmagg: created the partitions of %s", partition_name(day)[-8:])
+            self._known.add(day)
+
+    def prepare(self, now: float | None = None) -> None:
+        """Create the partitions of today and the next `AHEAD_DAYS` days (start-up, hourly)."""
+        today = day_of(self.clock() if now is None else now)
+        for day in range(today, today + AHEAD_DAYS + 1):
+            self.ensure(day)
+
+    def drop_before(self, before: float) -> list[str]:
+        """Detach and drop every partition whose days all lie before `before`; their names.
+
+        Each partition goes in its own statements, outside any transaction
+        (`DETACH … CONCURRENTLY` cannot run in one). A partition a crashed run left
+        detach-pending is finished (`FINALIZE`); a table a crashed run left detached but not
+        dropped is dropped.
+        """
+        dropped: list[str] = []
+        with self.engine.connect() as conn:
+            auto = conn.execution_options(isolation_level="AUTOCOMMIT")
+            for table in TABLES:
+                for day, (name, _low, high, pending) in sorted(attached(auto, table).items()):
+                    if high > before:
+                        continue
+                    self._known.discard(day)
+                    try:
+                        mode = "FINALIZE" if pending else "CONCURRENTLY"
+                        auto.exec_driver_sql(f"ALTER TABLE {table} DETACH PARTITION {name} {mode}")
+                    except sa.exc.DBAPIError as error:
+                        # Another process's prune got there first: its DROP finishes the job.
+                        logger.warning("mmagg: could not detach %s: %s", name, type(error).__name__)
+                        continue
+                    auto.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
+                    dropped.append(name)
+            for name in _detached_leftovers(auto):
+                leftover = _day_of_name(name)
+                if leftover is not None and (leftover + 1) * PARTITION_SECONDS <= before:
+                    auto.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
+                    dropped.append(name)
+        return dropped
+
+
+def _detached_leftovers(conn: Connection) -> list[str]:
+    """Tables named like a partition that are no partition (a prune stopped between its
+    DETACH and its DROP)."""
+    rows = conn.exec_driver_sql(
+        "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = current_schema() AND c.relkind = 'r' AND NOT c.relispartition "
+        "AND (c.relname LIKE 'results\\_p%%' OR c.relname LIKE 'rollups\\_p%%')"
+    ).scalars()
+    return [str(name) for name in rows if _NAME_RE.match(str(name))]
+
+
+def missing_partition(error: BaseException) -> bool:
+    """Whether a failed insert may have failed for want of a partition.
+
+    PostgreSQL reports "no partition of relation … found for row" as SQLSTATE 23514
+    (check_violation); the tables written at ingest have no CHECK constraint, so that code is
+    this (the message itself is translated with `lc_messages`). The caller retries once.
+    """
+    original = getattr(error, "orig", error)
+    return getattr(original, "sqlstate", None) == "23514"
+
+
+def convert(conn: Connection, now: float | None = None) -> list[str]:
+    """Schema step 7 on PostgreSQL: partition `results` and `rollups`, keeping their rows.
+
+    Returns the tables converted: none on SQLite or when they are already partitioned.
+    """
+    from mmagg.server.tables import results, rollups
+
+    if conn.dialect.name != "postgresql":
+        return []
+    done = []
+    for table in (results, rollups):
+        if _convert_table(conn, table, TABLES[table.name], now):
+            done.append(table.name)
+    _widen_report_ids(conn)
+    return done
+
+
+def _widen_report_ids(conn: Connection) -> None:
+    """`reports.id` as a bigint: a 32-bit id runs out after ~12 days at 2,000 reports/s,
+    whatever the retention (docs/scale.md). Rewrites `reports` once; idempotent."""
+    kind = conn.exec_driver_sql(
+        "SELECT data_type FROM information_schema.columns WHERE table_schema = "
+        "current_schema() AND table_name = 'reports' AND column_name = 'id'"
+    ).scalar()
+    if kind is None or kind == "bigint":
+        return
+    conn.exec_driver_sql("ALTER TABLE reports ALTER COLUMN id TYPE bigint")
+    sequence = conn.exec_driver_sql("SELECT pg_get_serial_sequence('reports', 'id')").scalar()
+    if sequence is not None:
+        conn.exec_driver_sql(f"ALTER SEQUENCE {sequence} AS bigint")
+
+
+def _convert_table(conn: Connection, table: sa.Table, key: str, now: float | None) -> bool:
+    """Make plain `table` partitioned by day on `key`, in `conn`'s transaction.
+
+    A partitioned `<table>_partitioned` with the same columns (`id` and `report_id` become
+    bigints), a partition for every day that holds rows plus today and the next `AHEAD_DAYS`,
+    every row copied, the old table dropped, the new one renamed, then its keys and indexes
+    built after the copy (a primary key `id` becomes (`id`, `key`): a unique key on a
+    partitioned table must hold the partition key), and an id sequence moved over and widened
+    to bigint.
+    """
+    name = table.name
+    if _relkind(conn, name) != "r":
+        return False
+    new = f"{name}_partitioned"
+    sequence = None
+    if "id" in table.c:
+        sequence = conn.exec_driver_sql(f"SELECT pg_get_serial_sequence('{name}', 'id')").scalar()
+        if sequence is None:
+            sequence = f"{name}_id_seq"
+            conn.exec_driver_sql(f"CREATE SEQUENCE IF NOT EXISTS {sequence} AS bigint")
+            conn.exec_driver_sql(
+                f"SELECT setval('{sequence}', COALESCE((SELECT MAX(id) FROM {name}), 0) + 1, false)"
+            )
+        conn.exec_driver_sql(f"ALTER SEQUENCE {sequence} OWNED BY NONE")
+        conn.exec_driver_sql(f"ALTER SEQUENCE {sequence} AS bigint")
+    definitions = []
+    for column in table.columns:
+        if column.name == "id":
+            definitions.append(f"id BIGINT NOT NULL DEFAULT nextval('{sequence}'::regclass)")
+            continue
+        if column.name == "report_id":  # reports.id is widened too (_widen_report_ids)
+            definitions.append("report_id BIGINT NOT NULL")
+            continue
+        kind = column.type.compile(dialect=conn.dialect)
+        definitions.append(f"{column.name} {kind}{'' if column.nullable else ' NOT NULL'}")
+    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {new}")
+    conn.exec_driver_sql(
+        f"CREATE TABLE {new} ({', '.join(definitions)}) PARTITION BY RANGE ({key})"
+    )
+    days = {
+        int(day)
+        for day in conn.exec_driver_sql(
+            f"SELECT DISTINCT floor({key} / {PARTITION_SECONDS})::bigint FROM {name}"
+        ).scalars()
+    }
+    today = day_of(time.time() if now is None else now)
+    days.update(range(today, today + AHEAD_DAYS + 1))
+    for day in sorted(days):
+        low, high = day * PARTITION_SECONDS, (day + 1) * PARTITION_SECONDS
+        conn.exec_driver_sql(
+            f"CREATE TABLE {partition_name(day, name)} PARTITION OF {new} "
+            f"FOR VALUES FROM ({low}) TO ({high})"
+        )
+    columns = ", ".join(column.name for column in table.columns)
+    conn.exec_driver_sql(f"INSERT INTO {new} ({columns}) SELECT {columns} FROM {name}")
+    conn.exec_driver_sql(f"DROP TABLE {name}")
+    conn.exec_driver_sql(f"ALTER TABLE {new} RENAME TO {name}")
+    if sequence is not None:
+        conn.exec_driver_sql(
+            f"ALTER TABLE {name} ADD CONSTRAINT {name}_pkey PRIMARY KEY (id, {key})"
+        )
+        conn.exec_driver_sql(f"ALTER SEQUENCE {sequence} OWNED BY {name}.id")
+    for constraint in table.constraints:
+        if isinstance(constraint, sa.UniqueConstraint) and constraint.name:
+            columns = ", ".join(column.name for column in constraint.columns)
+            conn.exec_driver_sql(
+                f"ALTER TABLE {name} ADD CONSTRAINT {constraint.name} UNIQUE ({columns})"
+            )
+    for index in sorted(table.indexes, key=lambda index: str(index.name)):
+        conn.execute(sa.schema.CreateIndex(index))
+    return True
