@@ -27,7 +27,7 @@ from server_payloads import report, result
 from server_support import RunningBackend
 from v01_schema import WORKSPACE, build_v01_database
 
-from mmagg.server import Database, queries, rollups, trends
+from mmagg.server import Database, queries, rollups, tables, trends
 from mmagg.server.bounds import Placement
 from mmagg.server.queries import TimeRange
 from mmagg.server.schemas import REPORT_ADAPTER
@@ -487,3 +487,62 @@ def test_pruning_keeps_reads_after_the_bound_equal(db: Database) -> None:
             assert_same(rolled, raw)
             expected = sum(1 for m in range(0, HOURS * 60, 7) if anchor + m * 60 + 1.5 >= start)
             assert rolled["classes"][0]["result_count"] == expected
+
+
+def test_step_8_upgrades_version_7_rollups_for_devices(v01_url: tuple[str, str]) -> None:
+    """A version-7 database (rollups without the device counters and the 6-hour level) gets
+    them from step 8: `devices` and 6-hour buckets then read equal to the raw rows; running
+    the step again changes nothing."""
+    url, _kind = v01_url
+    anchor = _anchor()
+    db = Database(url)
+    try:
+        workspace = "w" + uuid.uuid4().hex[:12]
+        drawn = [
+            (
+                minute * 60_000 + 700,
+                DEVICES[minute % 3],
+                [
+                    (MODELS[minute % 2], CLASSES[minute % 3], SOURCES[minute % 3], [0.5], False),
+                    (MODELS[0], CLASSES[0], SOURCES[(minute + 1) % 3], [0.25], True),
+                ],
+            )
+            for minute in range(0, HOURS * 60, 11)
+        ]
+        _store(db, workspace, anchor, drawn)
+        workspace_id = db.ensure_workspace(workspace)
+        with db.write() as conn:  # back to what version 7 had
+            conn.exec_driver_sql("DELETE FROM rollups WHERE level = 21600")
+            conn.exec_driver_sql("ALTER TABLE rollups DROP COLUMN device_reports")
+            conn.exec_driver_sql("ALTER TABLE rollups DROP COLUMN device_source_reports")
+            conn.exec_driver_sql("UPDATE schema_version SET version = 7")
+    finally:
+        db.close()
+    db = Database(url)  # runs step 8
+    try:
+        span = TimeRange(anchor - 7200, anchor + HOURS * 3600 + 7200)
+        with db.read() as conn:
+            assert tables.current_version(conn) == tables.SCHEMA_VERSION
+            for call in (
+                lambda: queries.devices(conn, workspace_id, span),
+                lambda: queries.devices(conn, workspace_id, span, MODELS[0]),
+                lambda: queries.timeseries(conn, workspace_id, MODELS[0], span, 21600),
+            ):
+                rolled, raw = _both(call)
+                assert_same(rolled, raw)
+            before = conn.exec_driver_sql(
+                "SELECT level, SUM(results), SUM(device_reports), SUM(device_source_reports) "
+                "FROM rollups GROUP BY level ORDER BY level"
+            ).all()
+        assert [row[0] for row in before] == sorted(rollups.LEVELS)
+        assert all(row[2] == len(drawn) for row in before)  # every report once per level
+        with db.write() as conn:
+            tables.MIGRATIONS[8](conn)  # idempotent
+        with db.read() as conn:
+            after = conn.exec_driver_sql(
+                "SELECT level, SUM(results), SUM(device_reports), SUM(device_source_reports) "
+                "FROM rollups GROUP BY level ORDER BY level"
+            ).all()
+        assert after == before
+    finally:
+        db.close()
