@@ -184,11 +184,15 @@ def reads(workspace_id: int, now: float, seconds: float) -> dict[str, Callable[[
     window = max(1.0, round(seconds / 4))
     baseline = max(1.0, round(seconds - seconds / 4))
 
+    # Each view with the `devices` call the dashboard makes on every refresh for its
+    # device / source filter list (loadFilters in dashboard.js).
     def overview(conn: Any) -> Any:
         queries.models(conn, workspace_id, span)
+        queries.devices(conn, workspace_id, span)
         return trends.drift_report(conn, workspace_id, now, window, baseline)
 
     def model_view(conn: Any) -> Any:
+        queries.devices(conn, workspace_id, span, model)
         trends.class_trends(conn, workspace_id, model, span, bucket)
         queries.histogram(conn, workspace_id, model, span)
         queries.samples(conn, workspace_id, span, 50, model)
