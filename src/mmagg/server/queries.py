@@ -406,9 +406,19 @@ def devices(
         filters,
         with_reports=True,
     )
-    per_device = rollups.aggregate(
-        conn, workspace_id, span.start, span.end, ("device_id",), filters, with_reports=True
-    )
+    sources_of: dict[str | None, list[int]] = defaultdict(list)
+    for (device_id, _source_id), agg in per_source.items():
+        sources_of[device_id].append(agg.reports)
+    # A device seen with one source only: each of its reports has that source, so the
+    # source's count is the device's. Only devices with several sources need a second pass.
+    report_counts = {
+        device_id: counts[0] for device_id, counts in sources_of.items() if len(counts) == 1
+    }
+    if len(report_counts) < len(sources_of):
+        per_device = rollups.aggregate(
+            conn, workspace_id, span.start, span.end, ("device_id",), filters, with_reports=True
+        )
+        report_counts = {key[0]: agg.reports for key, agg in per_device.items()}
     by_device: dict[str | None, dict[str, Any]] = {}
     for (device_id, source_id), agg in per_source.items():
         device = by_device.setdefault(
@@ -431,8 +441,7 @@ def devices(
     for device_id in sorted(by_device, key=lambda d: (d is None, d or "")):
         device = by_device[device_id]
         device.pop("_last", None)
-        found = per_device.get((device_id,))
-        device["report_count"] = found.reports if found is not None else 0
+        device["report_count"] = report_counts.get(device_id, 0)
         device["sources"].sort(key=lambda s: (s["source_id"] is None, s["source_id"] or ""))
         items.append(device)
     return {"start_time": iso(span.start), "end_time": iso(span.end), "devices": items}
