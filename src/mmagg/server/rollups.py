@@ -1,13 +1,13 @@
-"""Per-minute and per-hour aggregates of the stored results, and reads served from them.
+"""Per-minute to per-day aggregates of the stored results, and reads served from them.
 
-Every stored result adds to one row per level (1 min, 5 min, 1 h, 1 day) of the `rollups`
+Every stored result adds to one row per level (1 min, 5 min, 1 h, 6 h, 1 day) of the `rollups`
 table, keyed by (workspace, level, bucket start, model, class, device, source). The rows are
 written by the same transaction that stores the report (`Database.store_report`), so a
 committed report is always in its rollups and a rolled-back one never is: no watermark, no
 lag. docs/scale.md explains the choice and the numbers.
 
 A read over [start, end) is split into segments (`plan`): whole days from the day rows, whole
-hours around them from the hour rows, and so on down to minutes; the sub-minute edges come
+6-hour blocks and hours around them, and so on down to minutes; the sub-minute edges come
 from the raw results. The partial aggregates of the segments are then merged (`Agg.merge`). Counts,
 minimums, maximums and histograms are exact; sums of confidences are the same numbers added
 in another order (equal to the raw sums up to float rounding, about 1e-15 relative).
