@@ -356,8 +356,11 @@ def test_wide_reads_really_use_rollups(db: Database) -> None:
         conn.exec_driver_sql(f"DELETE FROM results WHERE workspace_id = {workspace_id}")
     with db.read() as conn:
         rolled, raw = _both(lambda: queries.classes(conn, workspace_id, "yard/1", span))
+        devices, no_devices = _both(lambda: queries.devices(conn, workspace_id, span))
     assert [c["result_count"] for c in rolled["classes"]] == [1]
     assert raw["classes"] == []
+    assert [(d["device_id"], d["report_count"]) for d in devices["devices"]] == [("edge-a", 1)]
+    assert no_devices["devices"] == []
 
 
 def test_http_reads_over_hours_count_every_result(backend: RunningBackend) -> None:
