@@ -27,10 +27,11 @@ from server_payloads import report, result
 from server_support import RunningBackend
 from v01_schema import WORKSPACE, build_v01_database
 
-from mmagg.server import Database, queries, rollups, trends
+from mmagg.server import Database, queries, rollups, tables, trends
 from mmagg.server.bounds import Placement
 from mmagg.server.queries import TimeRange
 from mmagg.server.schemas import REPORT_ADAPTER
+from mmagg.server.tables import reports, results
 
 MODELS = ("yard/1", "dock/2")
 CLASSES = ("car", "person", "truck")
@@ -97,7 +98,7 @@ offsets = st.one_of(
     st.integers(-120_000, HOURS * 3600_000 + 120_000),
     st.integers(0, HOURS * 60).map(lambda m: m * 60_000),
 )
-buckets = st.sampled_from([60, 120, 300, 900, 3600, 7200, 45, 90.5])
+buckets = st.sampled_from([60, 120, 300, 900, 3600, 7200, 21600, 43200, 45, 90.5])
 
 
 def _store(db: Database, workspace: str, anchor: float, drawn: list[Any]) -> None:
@@ -121,6 +122,75 @@ def _store(db: Database, workspace: str, anchor: float, drawn: list[Any]) -> Non
             body["device_id"] = device
         placement = Placement(ts, time.time(), when.isoformat(), "client")
         db.store_report(principal, REPORT_ADAPTER.validate_python(body), None, placement)
+
+
+def _devices_before_rollups(
+    conn: sa.Connection, workspace_id: int, span: TimeRange, model_id: str | None
+) -> dict[str, Any]:
+    """The `devices` read as it was before rollups served it (its SQL, kept here as an
+    independent reference): per (device, source) over `results`, report counts per device
+    from `reports` (or distinct report ids for one model)."""
+    where = [results.c.workspace_id == workspace_id, results.c.ts >= span.start]
+    where.append(results.c.ts < span.end)
+    if model_id is not None:
+        where.append(results.c.model_id == model_id)
+    rows = conn.execute(
+        sa.select(
+            results.c.device_id,
+            results.c.source_id,
+            sa.func.max(results.c.ts),
+            sa.func.count(sa.distinct(results.c.report_id)),
+            sa.func.count(),
+        )
+        .where(*where)
+        .group_by(results.c.device_id, results.c.source_id)
+    ).all()
+    if model_id is None:
+        per_device = sa.select(reports.c.device_id, sa.func.count()).where(
+            reports.c.workspace_id == workspace_id,
+            reports.c.ts >= span.start,
+            reports.c.ts < span.end,
+            reports.c.result_count > 0,
+        )
+    else:
+        per_device = sa.select(
+            results.c.device_id, sa.func.count(sa.distinct(results.c.report_id))
+        ).where(*where)
+    counts = dict(conn.execute(per_device.group_by(sa.column("device_id"))).all())
+    found: dict[str | None, dict[str, Any]] = {}
+    for device_id, source_id, last, report_count, result_count in rows:
+        device = found.setdefault(
+            device_id, {"device_id": device_id, "last": last, "result_count": 0, "sources": []}
+        )
+        device["last"] = max(device["last"], last)
+        device["result_count"] += result_count
+        device["sources"].append(
+            {
+                "source_id": source_id,
+                "last_report_at": queries.iso(last),
+                "report_count": report_count,
+                "result_count": result_count,
+            }
+        )
+    items = []
+    for device_id in sorted(found, key=lambda d: (d is None, d or "")):
+        device = found[device_id]
+        items.append(
+            {
+                "device_id": device_id,
+                "last_report_at": queries.iso(device.pop("last")),
+                "result_count": device["result_count"],
+                "sources": sorted(
+                    device["sources"], key=lambda s: (s["source_id"] is None, s["source_id"] or "")
+                ),
+                "report_count": counts.get(device_id, 0),
+            }
+        )
+    return {
+        "start_time": queries.iso(span.start),
+        "end_time": queries.iso(span.end),
+        "devices": items,
+    }
 
 
 def _both(call: Any) -> tuple[Any, Any]:
@@ -192,6 +262,9 @@ def test_every_read_from_rollups_equals_the_read_over_raw_rows(
             "models device": lambda: queries.models(conn, workspace_id, span, device_id=device),
             "models source": lambda: queries.models(conn, workspace_id, span, source_id=source),
             "classes": lambda: queries.classes(conn, workspace_id, MODELS[0], span),
+            "devices": lambda: queries.devices(conn, workspace_id, span),
+            "devices wide": lambda: queries.devices(conn, workspace_id, wide),
+            "devices model": lambda: queries.devices(conn, workspace_id, span, MODELS[1]),
             "timeseries": lambda: queries.timeseries(
                 conn, workspace_id, MODELS[0], span, bucket, names, source, device
             ),
@@ -220,6 +293,12 @@ def test_every_read_from_rollups_equals_the_read_over_raw_rows(
         }.items():
             rolled, raw = _both(call)
             assert_same(rolled, raw, label)
+        for model in (None, MODELS[0]):
+            assert_same(
+                queries.devices(conn, workspace_id, span, model),
+                _devices_before_rollups(conn, workspace_id, span, model),
+                f"devices {model} before rollups",
+            )
 
 
 @settings(
@@ -231,7 +310,7 @@ def test_every_read_from_rollups_equals_the_read_over_raw_rows(
     minutes=st.lists(st.integers(0, 3 * 1440 - 1), min_size=1, max_size=40),
     start=st.integers(0, 2 * 86400),
     length=st.integers(86400, 3 * 86400),
-    bucket=st.sampled_from([3600, 21600, 86400, 300]),
+    bucket=st.sampled_from([3600, 21600, 43200, 86400, 300]),
 )
 def test_reads_over_days_use_day_rows_and_stay_equal(
     db: Database, minutes: list[int], start: int, length: int, bucket: int
@@ -255,6 +334,8 @@ def test_reads_over_days_use_day_rows_and_stay_equal(
             lambda: queries.inference_stats(conn, workspace_id, span),
             lambda: queries.models(conn, workspace_id, span),
             lambda: queries.classes(conn, workspace_id, MODELS[0], span),
+            lambda: queries.devices(conn, workspace_id, span),
+            lambda: queries.devices(conn, workspace_id, span, MODELS[1]),
             lambda: queries.timeseries(conn, workspace_id, MODELS[1], span, bucket),
             lambda: queries.histogram(conn, workspace_id, MODELS[0], span),
             lambda: trends.class_trends(conn, workspace_id, MODELS[0], span, bucket),
@@ -275,8 +356,11 @@ def test_wide_reads_really_use_rollups(db: Database) -> None:
         conn.exec_driver_sql(f"DELETE FROM results WHERE workspace_id = {workspace_id}")
     with db.read() as conn:
         rolled, raw = _both(lambda: queries.classes(conn, workspace_id, "yard/1", span))
+        devices, no_devices = _both(lambda: queries.devices(conn, workspace_id, span))
     assert [c["result_count"] for c in rolled["classes"]] == [1]
     assert raw["classes"] == []
+    assert [(d["device_id"], d["report_count"]) for d in devices["devices"]] == [("edge-a", 1)]
+    assert no_devices["devices"] == []
 
 
 def test_http_reads_over_hours_count_every_result(backend: RunningBackend) -> None:
@@ -406,3 +490,62 @@ def test_pruning_keeps_reads_after_the_bound_equal(db: Database) -> None:
             assert_same(rolled, raw)
             expected = sum(1 for m in range(0, HOURS * 60, 7) if anchor + m * 60 + 1.5 >= start)
             assert rolled["classes"][0]["result_count"] == expected
+
+
+def test_step_8_upgrades_version_7_rollups_for_devices(v01_url: tuple[str, str]) -> None:
+    """A version-7 database (rollups without the device counters and the 6-hour level) gets
+    them from step 8: `devices` and 6-hour buckets then read equal to the raw rows; running
+    the step again changes nothing."""
+    url, _kind = v01_url
+    anchor = _anchor()
+    db = Database(url)
+    try:
+        workspace = "w" + uuid.uuid4().hex[:12]
+        drawn = [
+            (
+                minute * 60_000 + 700,
+                DEVICES[minute % 3],
+                [
+                    (MODELS[minute % 2], CLASSES[minute % 3], SOURCES[minute % 3], [0.5], False),
+                    (MODELS[0], CLASSES[0], SOURCES[(minute + 1) % 3], [0.25], True),
+                ],
+            )
+            for minute in range(0, HOURS * 60, 11)
+        ]
+        _store(db, workspace, anchor, drawn)
+        workspace_id = db.ensure_workspace(workspace)
+        with db.write() as conn:  # back to what version 7 had
+            conn.exec_driver_sql("DELETE FROM rollups WHERE level = 21600")
+            conn.exec_driver_sql("ALTER TABLE rollups DROP COLUMN device_reports")
+            conn.exec_driver_sql("ALTER TABLE rollups DROP COLUMN device_source_reports")
+            conn.exec_driver_sql("UPDATE schema_version SET version = 7")
+    finally:
+        db.close()
+    db = Database(url)  # runs step 8
+    try:
+        span = TimeRange(anchor - 7200, anchor + HOURS * 3600 + 7200)
+        with db.read() as conn:
+            assert tables.current_version(conn) == tables.SCHEMA_VERSION
+            for call in (
+                lambda: queries.devices(conn, workspace_id, span),
+                lambda: queries.devices(conn, workspace_id, span, MODELS[0]),
+                lambda: queries.timeseries(conn, workspace_id, MODELS[0], span, 21600),
+            ):
+                rolled, raw = _both(call)
+                assert_same(rolled, raw)
+            before = conn.exec_driver_sql(
+                "SELECT level, SUM(results), SUM(device_reports), SUM(device_source_reports) "
+                "FROM rollups GROUP BY level ORDER BY level"
+            ).all()
+        assert [row[0] for row in before] == sorted(rollups.LEVELS)
+        assert all(row[2] == len(drawn) for row in before)  # every report once per level
+        with db.write() as conn:
+            tables.MIGRATIONS[8](conn)  # idempotent
+        with db.read() as conn:
+            after = conn.exec_driver_sql(
+                "SELECT level, SUM(results), SUM(device_reports), SUM(device_source_reports) "
+                "FROM rollups GROUP BY level ORDER BY level"
+            ).all()
+        assert after == before
+    finally:
+        db.close()

@@ -390,64 +390,58 @@ def classes(conn: Connection, workspace_id: int, model_id: str, span: TimeRange)
 def devices(
     conn: Connection, workspace_id: int, span: TimeRange, model_id: str | None = None
 ) -> dict[str, Any]:
-    """Devices (and the video sources seen on each) that reported in the range."""
-    where = _in_range(workspace_id, span)
-    if model_id is not None:
-        where.append(results.c.model_id == model_id)
-    rows = conn.execute(
-        sa.select(
-            results.c.device_id,
-            results.c.source_id,
-            sa.func.max(results.c.ts),
-            sa.func.count(sa.distinct(results.c.report_id)),
-            sa.func.count(),
-        )
-        .where(*where)
-        .group_by(results.c.device_id, results.c.source_id)
+    """Devices (and the video sources seen on each) that reported in the range.
+
+    Served from rollups where exact (mmagg.server.rollups): report counts are the counters
+    `device_reports` / `device_source_reports` (or, for one model, `model_reports` /
+    `source_reports`), which count each report once per device and per source.
+    """
+    filters = Filters(model_ids=[] if model_id is None else [model_id])
+    per_source = rollups.aggregate(
+        conn,
+        workspace_id,
+        span.start,
+        span.end,
+        ("device_id", "source_id"),
+        filters,
+        with_reports=True,
     )
+    sources_of: dict[str | None, list[int]] = defaultdict(list)
+    for (device_id, _source_id), agg in per_source.items():
+        sources_of[device_id].append(agg.reports)
+    # A device seen with one source only: each of its reports has that source, so the
+    # source's count is the device's. Only devices with several sources need a second pass.
+    report_counts = {
+        device_id: counts[0] for device_id, counts in sources_of.items() if len(counts) == 1
+    }
+    if len(report_counts) < len(sources_of):
+        per_device = rollups.aggregate(
+            conn, workspace_id, span.start, span.end, ("device_id",), filters, with_reports=True
+        )
+        report_counts = {key[0]: agg.reports for key, agg in per_device.items()}
     by_device: dict[str | None, dict[str, Any]] = {}
-    for device_id, source_id, last, report_count, result_count in rows:
+    for (device_id, source_id), agg in per_source.items():
         device = by_device.setdefault(
             device_id,
             {"device_id": device_id, "last_report_at": None, "result_count": 0, "sources": []},
         )
-        device["result_count"] += int(result_count)
-        if device["last_report_at"] is None or last > device["_last"]:
-            device["_last"] = last
-            device["last_report_at"] = iso(last)
+        device["result_count"] += agg.results
+        if device["last_report_at"] is None or (agg.last_ts or 0.0) > device["_last"]:
+            device["_last"] = agg.last_ts
+            device["last_report_at"] = iso(agg.last_ts)
         device["sources"].append(
             {
                 "source_id": source_id,
-                "last_report_at": iso(last),
-                "report_count": int(report_count),
-                "result_count": int(result_count),
+                "last_report_at": iso(agg.last_ts),
+                "report_count": agg.reports,
+                "result_count": agg.results,
             }
         )
-    if model_id is None:
-        # A report has one device: count reports (with results) in their own table, an
-        # eighth of the rows of a typical results scan and no DISTINCT.
-        per_device = (
-            sa.select(reports.c.device_id, sa.func.count())
-            .where(
-                reports.c.workspace_id == workspace_id,
-                reports.c.ts >= span.start,
-                reports.c.ts < span.end,
-                reports.c.result_count > 0,
-            )
-            .group_by(reports.c.device_id)
-        )
-    else:
-        per_device = (
-            sa.select(results.c.device_id, sa.func.count(sa.distinct(results.c.report_id)))
-            .where(*where)
-            .group_by(results.c.device_id)
-        )
-    report_counts: dict[str | None, int] = dict(conn.execute(per_device).all())
     items = []
     for device_id in sorted(by_device, key=lambda d: (d is None, d or "")):
         device = by_device[device_id]
         device.pop("_last", None)
-        device["report_count"] = int(report_counts.get(device_id, 0))
+        device["report_count"] = report_counts.get(device_id, 0)
         device["sources"].sort(key=lambda s: (s["source_id"] is None, s["source_id"] or ""))
         items.append(device)
     return {"start_time": iso(span.start), "end_time": iso(span.end), "devices": items}

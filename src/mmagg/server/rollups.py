@@ -1,13 +1,13 @@
-"""Per-minute and per-hour aggregates of the stored results, and reads served from them.
+"""Per-minute to per-day aggregates of the stored results, and reads served from them.
 
-Every stored result adds to one row per level (1 min, 5 min, 1 h, 1 day) of the `rollups`
+Every stored result adds to one row per level (1 min, 5 min, 1 h, 6 h, 1 day) of the `rollups`
 table, keyed by (workspace, level, bucket start, model, class, device, source). The rows are
 written by the same transaction that stores the report (`Database.store_report`), so a
 committed report is always in its rollups and a rolled-back one never is: no watermark, no
 lag. docs/scale.md explains the choice and the numbers.
 
 A read over [start, end) is split into segments (`plan`): whole days from the day rows, whole
-hours around them from the hour rows, and so on down to minutes; the sub-minute edges come
+6-hour blocks and hours around them, and so on down to minutes; the sub-minute edges come
 from the raw results. The partial aggregates of the segments are then merged (`Agg.merge`). Counts,
 minimums, maximums and histograms are exact; sums of confidences are the same numbers added
 in another order (equal to the raw sums up to float rounding, about 1e-15 relative).
@@ -34,8 +34,9 @@ from mmagg.server.tables import results, rollups
 from mmagg.wire import HISTOGRAM_BUCKETS
 
 # Coarse to fine; each level divides the next coarser one (days are UTC days). The 300 s
-# level serves the dashboard's 5 to 30 minute buckets and trims a range's ragged edges.
-LEVELS = (86400, 3600, 300, 60)
+# level serves the dashboard's 5 to 30 minute buckets and trims a range's ragged edges; the
+# 21600 s level serves its 6 and 12 hour buckets (a month's and two months' charts).
+LEVELS = (86400, 21600, 3600, 300, 60)
 # Reads go to raw rows when this is False (benchmarks/read.py --raw measures both ways).
 ENABLED = True
 
@@ -61,6 +62,8 @@ _VALUE_COLUMNS = (
     *(f"hist_{i}" for i in range(HISTOGRAM_BUCKETS)),
     "model_reports",
     "source_reports",
+    "device_reports",
+    "device_source_reports",
 )
 ROLLUP_COLUMNS = _KEY_COLUMNS + _VALUE_COLUMNS
 _ADDED = (
@@ -72,7 +75,14 @@ _ADDED = (
     *(f"hist_{i}" for i in range(HISTOGRAM_BUCKETS)),
     "model_reports",
     "source_reports",
+    "device_reports",
+    "device_source_reports",
 )
+# Positions of the distinct-report counters in a value list (`_VALUE_COLUMNS` order).
+_MODEL_REPORTS = _VALUE_COLUMNS.index("model_reports")
+_SOURCE_REPORTS = _VALUE_COLUMNS.index("source_reports")
+_DEVICE_REPORTS = _VALUE_COLUMNS.index("device_reports")
+_DEVICE_SOURCE_REPORTS = _VALUE_COLUMNS.index("device_source_reports")
 
 
 def encode_key(value: str | None) -> str:
@@ -132,8 +142,11 @@ def contributions(
 ) -> dict[tuple[Any, ...], list[Any]]:
     """The rollup rows one report adds: key tuple -> value list (`ROLLUP_COLUMNS` order).
 
-    A report counts once per model (`model_reports`, on its smallest (class, source) key)
-    and once per model and source (`source_reports`, on its smallest class there).
+    A report counts once per model (`model_reports`, on its smallest (class, source) key),
+    once per model and source (`source_reports`, on its smallest class there), once in all
+    (`device_reports`, on its smallest (model, class, source) key: a report has one device)
+    and once per source across models (`device_source_reports`, on its smallest (model,
+    class) with that source).
     """
     found: dict[tuple[Any, ...], list[Any]] = {}
     contributions_into(found, workspace_id, ts, facts)
@@ -190,6 +203,8 @@ def contributions_into(
             *hist,
             0,
             0,
+            0,
+            0,
         ]
         tail = (model, class_name, "" if device is None else "=" + device, source_key)
         row = base.get(tail)
@@ -199,9 +214,11 @@ def contributions_into(
             _add(row, values)
     device_key = _device_of(items)
     for model, (class_name, source_key) in first_of_model.items():
-        base[(model, class_name, device_key, source_key)][-2] = 1
+        base[(model, class_name, device_key, source_key)][_MODEL_REPORTS] = 1
     for (model, source_key), class_name in first_of_source.items():
-        base[(model, class_name, device_key, source_key)][-1] = 1
+        base[(model, class_name, device_key, source_key)][_SOURCE_REPORTS] = 1
+    for index, (model, class_name, source_key) in _device_marks(items):
+        base[(model, class_name, device_key, source_key)][index] = 1
     for level in LEVELS:
         head = (workspace_id, level, bucket_start(ts, level))
         for tail, values in base.items():
@@ -211,6 +228,28 @@ def contributions_into(
                 target[key] = list(values)
             else:
                 _add(row, values)
+
+
+def _device_marks(items: Sequence[ResultFacts]) -> list[tuple[int, tuple[str, str, str]]]:
+    """The report-wide counters of one report, as (value index, (model, class, source key)):
+    `device_reports` on its smallest (model, class, source) key, `device_source_reports` on
+    its smallest (model, class) key of each source (what the `devices` read sums)."""
+    first: tuple[str, str, str] | None = None
+    first_of_source: dict[str, tuple[str, str]] = {}
+    for model, class_name, _device, source, *_rest in items:
+        source_key = encode_key(source)
+        mark = (model, class_name, source_key)
+        if first is None or mark < first:
+            first = mark
+        known = first_of_source.get(source_key)
+        if known is None or (model, class_name) < known:
+            first_of_source[source_key] = (model, class_name)
+    marks = [] if first is None else [(_DEVICE_REPORTS, first)]
+    marks += [
+        (_DEVICE_SOURCE_REPORTS, (model, class_name, source_key))
+        for source_key, (model, class_name) in first_of_source.items()
+    ]
+    return marks
 
 
 def _device_of(items: Sequence[ResultFacts]) -> str:
@@ -318,7 +357,7 @@ def _copy_upsert(cursor: Any, chunk: Sequence[tuple[tuple[Any, ...], list[Any]]]
     cursor.execute(upsert)
 
 
-# Rows per upsert statement: SQLite allows 32,766 parameters, 29 columns each.
+# Rows per upsert statement: SQLite allows 32,766 parameters, 31 columns each.
 UPSERT_ROWS = 500
 
 
@@ -537,6 +576,30 @@ def _raw_hist(conn: Connection) -> list[sa.ColumnElement[Any]]:
     ]
 
 
+def report_counter(keys: Sequence[str], filters: Filters) -> str:
+    """The rollup counter whose sum per group of `keys` is the number of distinct reports.
+
+    A report has one device and one time, so grouping or filtering by device never splits
+    it; each counter is set once per report and per what it names (model, source), so it
+    is exact when every group has one value of those.
+
+    >>> report_counter(("device_id", "source_id"), Filters())
+    'device_source_reports'
+    """
+    if filters.class_names:
+        raise ValueError("distinct reports cannot be counted from rollups under a class filter")
+    allowed = {"model_id", "device_id", "source_id"}
+    if not set(keys) <= allowed:
+        raise ValueError(f"distinct reports cannot be counted per {tuple(keys)} from rollups")
+    one_model = "model_id" in keys or len(filters.model_ids) == 1
+    one_source = "source_id" in keys or filters.source_id is not None
+    if "model_id" not in keys and not filters.model_ids:  # across models
+        return "device_source_reports" if one_source else "device_reports"
+    if not one_model:
+        raise ValueError("distinct reports over several models need a model key or no filter")
+    return "source_reports" if one_source else "model_reports"
+
+
 def aggregate(
     conn: Connection,
     workspace_id: int,
@@ -551,8 +614,11 @@ def aggregate(
     """Group the results in [start, end) by `keys` (and the time bucket index last, when
     `bucket_seconds` is given), from rollups where exact and raw rows elsewhere.
 
-    `with_reports` counts distinct reports; it is exact for `keys == ("model_id",)` only.
+    `with_reports` counts distinct reports per group; `report_counter` says which rollup
+    counter makes that exact for the keys and filters (ValueError when none does).
     """
+    if with_reports:
+        report_counter(keys, filters)
     found: dict[tuple[Any, ...], Agg] = {}
     for segment in plan(start, end, bucket_seconds):
         if segment.level == 0:
@@ -652,7 +718,7 @@ def _rolled(
         where.append(r.device_key == encode_key(filters.device_id))
     if filters.source_id is not None:
         where.append(r.source_key == encode_key(filters.source_id))
-    report_column = r.source_reports if filters.source_id is not None else r.model_reports
+    report_column = r[report_counter(keys, filters)] if with_reports else None
     columns = [
         *group,
         sa.func.sum(r.results),
@@ -663,7 +729,7 @@ def _rolled(
         sa.func.sum(r.with_stats),
         sa.func.sum(r.predictions),
         sa.func.sum(r.prediction_sum),
-        sa.func.sum(report_column) if with_reports else sa.literal(0),
+        sa.func.sum(report_column) if report_column is not None else sa.literal(0),
         *([sa.func.sum(r[f"hist_{i}"]) for i in range(HISTOGRAM_BUCKETS)] if with_hist else []),
     ]
     return conn.execute(sa.select(*columns).where(*where).group_by(*group)).all()

@@ -16,7 +16,7 @@ from sqlalchemy.pool import StaticPool
 
 from mmagg.wire import HISTOGRAM_BUCKETS
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 metadata = sa.MetaData()
 
@@ -118,6 +118,11 @@ results = sa.Table(
 # of `results`, written in the ingest transaction (mmagg.server.rollups). A missing device or
 # source is the key "" and a present one is "=" + the id, so that the key never holds NULL and
 # one unique constraint serves the upsert on both engines.
+ROLLUP_COLUMNS_V8 = (
+    sa.Column("device_reports", sa.BigInteger, nullable=False),
+    sa.Column("device_source_reports", sa.BigInteger, nullable=False),
+)
+
 rollups = sa.Table(
     "rollups",
     metadata,
@@ -142,6 +147,9 @@ rollups = sa.Table(
     # (source_reports), on the row of its first class, so that sums count distinct reports.
     sa.Column("model_reports", sa.BigInteger, nullable=False),
     sa.Column("source_reports", sa.BigInteger, nullable=False),
+    # Step 8: once per report (device_reports) and once per report and source across models
+    # (device_source_reports), on the report's smallest key, for the `devices` read.
+    *ROLLUP_COLUMNS_V8,
     sa.UniqueConstraint(
         "workspace_id",
         "level",
@@ -363,6 +371,31 @@ def _step_7(conn: Connection) -> None:
     convert(conn)
 
 
+def _step_8(conn: Connection) -> None:
+    """Rollups for the `devices` read and the 6-hour level (idempotent): add the report-wide
+    counters `device_reports` / `device_source_reports`, and rebuild the rollups from the
+    stored results when they lack the counters or the 21600 s level."""
+    from mmagg.server.rollups import rebuild_rollups
+
+    present = {column["name"] for column in sa.inspect(conn).get_columns("rollups")}
+    added = False
+    for column in ROLLUP_COLUMNS_V8:
+        if column.name not in present:
+            kind = column.type.compile(dialect=conn.dialect)
+            conn.exec_driver_sql(
+                f"ALTER TABLE rollups ADD COLUMN {column.name} {kind} NOT NULL DEFAULT 0"
+            )
+            added = True
+    stale = conn.execute(
+        sa.select(sa.literal(1)).where(
+            sa.exists().where(results.c.id.is_not(None)),
+            ~sa.exists().where(rollups.c.level == 21600),
+        )
+    ).first()
+    if added or stale is not None:
+        rebuild_rollups(conn)
+
+
 # Step n upgrades a database at version n - 1 to version n; append, never edit.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: _step_1,
@@ -372,6 +405,7 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     5: _step_5,
     6: _step_6,
     7: _step_7,
+    8: _step_8,
 }
 
 
