@@ -600,6 +600,7 @@ def _fold_steps(table: _StatsTable, pending: list[_Pending], max_classes: int) -
             conf = conf[where]
             if conf.size == 0:
                 continue
+        yield
         id_map = table.id_maps.get((model_id, source_id))
         if id_map is None:
             id_map = table.id_maps[(model_id, source_id)] = _IdMap()
@@ -615,6 +616,7 @@ def _fold_steps(table: _StatsTable, pending: list[_Pending], max_classes: int) -
         if where is not None:
             names = names[where]
         if ids is not None and rows is not None:
+            yield
             rows = yield from _learn_and_check(
                 table, id_map, model_id, source_id, ids, names, rows, max_classes
             )
@@ -634,6 +636,7 @@ def _fold_steps(table: _StatsTable, pending: list[_Pending], max_classes: int) -
         k = len(table.keys)
         table.count[:k] += np.bincount(rows, minlength=k)
         table.total[:k] += np.bincount(rows, weights=conf, minlength=k)
+        yield
         scaled = conf * HISTOGRAM_BUCKETS
         np.minimum(scaled, HISTOGRAM_BUCKETS - 1, out=scaled)  # conf >= 0 here
         cells = rows * HISTOGRAM_BUCKETS
@@ -742,7 +745,9 @@ def _admit(
     fresh &= ~table.live[np.maximum(rows, 0)]
     if not fresh.any():
         return rows
-    slots = np.unique(rows[fresh])
+    mark = np.zeros(len(table.keys), dtype=bool)  # sorted and unique, without sorting
+    mark[rows[fresh]] = True
+    slots = np.flatnonzero(mark)
     room = max(0, max_classes - table.nlive)
     if slots.size > room:
         refused = slots[room:]
