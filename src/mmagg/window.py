@@ -31,6 +31,8 @@ __all__ = ["HISTOGRAM_BUCKETS", "ClassStats", "Key", "Sample", "Window"]
 FOLD_THRESHOLD = 2048
 #: Default cardinality guard: distinct keys a window accepts before refusing new ones.
 DEFAULT_MAX_CLASSES = 10_000
+#: Windows :meth:`Window.absorb` keeps unmerged before merging them (bounds their memory).
+MAX_ABSORBED = 8
 
 #: ``(model_id, class_name, source_id)``; ``source_id`` is ``""`` unless per-source is on.
 Key = tuple[str, str, str]
@@ -328,6 +330,8 @@ class Window:
         self._buffered = 0
         #: The fold under way (one step per ``add``), or ``None``.
         self._folding: Iterator[None] | None = None
+        #: Windows taken in by :meth:`absorb`, merged by the next read.
+        self._absorbed: list[Window] = []
         self._lock = threading.Lock()
 
     @property
@@ -394,6 +398,28 @@ class Window:
             self._merge_entries(best, stats)
             self._table.rejected += rejected
             self._table.dropped += dropped
+
+    def absorb(self, other: Window) -> None:
+        """Take ``other`` in, to be merged by the next read of this window (or by whoever
+        reads the window :meth:`drain` takes): constant time under the lock, so the thread
+        that calls it (the video loop handing over a report while the previous one is
+        still being sent; the sender giving a failed window back) never pays for the merge.
+        Beyond :data:`MAX_ABSORBED` windows they are merged at once (bounded memory).
+
+        Example:
+            >>> from mmagg.predictions import to_batch
+            >>> a, b = Window(), Window()
+            >>> _ = b.add(to_batch({"predictions": [{"class": "x", "confidence": 0.6}]}), model_id="m")
+            >>> a.absorb(b)
+            >>> a.is_empty(), len(a)
+            (False, 1)
+        """
+        if other is self:
+            return
+        with self._lock:
+            self._absorbed.append(other)
+            if len(self._absorbed) > MAX_ABSORBED:
+                self._fold()
 
     def merge(self, other: Window) -> Window:
         """A new window holding both: associative and commutative.
@@ -462,6 +488,7 @@ class Window:
             out._pending, self._pending = self._pending, []
             out._buffered, self._buffered = self._buffered, 0
             out._folding, self._folding = self._folding, None
+            out._absorbed, self._absorbed = self._absorbed, []
         return out
 
     # -- reading -----------------------------------------------------------------------------
@@ -546,7 +573,12 @@ class Window:
 
     def is_empty(self) -> bool:
         with self._lock:
-            return not self._pending and self._folding is None and not self._table.nlive
+            return (
+                not self._pending
+                and self._folding is None
+                and not self._table.nlive
+                and all(other.is_empty() for other in self._absorbed)
+            )
 
     def keys(self) -> Iterator[Key]:
         return iter(self.snapshot()[0])
@@ -563,6 +595,11 @@ class Window:
             pending, self._pending, self._buffered = self._pending, [], 0
             for _ in _fold_steps(self._table, pending, self.max_classes):
                 pass
+        while self._absorbed:
+            best, stats, rejected, dropped = self._absorbed.pop(0).snapshot()
+            self._merge_entries(best, stats)
+            self._table.rejected += rejected
+            self._table.dropped += dropped
 
 
 _DONE = object()
@@ -589,7 +626,8 @@ def _fold_steps(table: _StatsTable, pending: list[_Pending], max_classes: int) -
         groups.setdefault((item[1], item[2]), []).append(item)
     for (model_id, source_id), group in groups.items():
         batches = [item[0] for item in group]
-        conf = _concat([b.confidences for b in batches]).astype(np.float64, copy=False)
+        conf = yield from _concat_steps([b.confidences for b in batches])
+        conf = conf.astype(np.float64, copy=False)
         where: npt.NDArray[np.intp] | None = None
         # A confidence is a probability: NaN, inf and anything outside [0, 1] are refused
         # here, one prediction at a time (the backend would refuse the whole report).
@@ -607,12 +645,12 @@ def _fold_steps(table: _StatsTable, pending: list[_Pending], max_classes: int) -
         ids = None
         rows = None
         if id_map.trusted and all(b.class_ids is not None for b in batches):
-            ids = _concat([b.class_ids for b in batches])  # type: ignore[misc]
+            ids = yield from _concat_steps([b.class_ids for b in batches])  # type: ignore[misc]
             if where is not None:
                 ids = ids[where]
             rows = _slots_by_id(id_map, ids)
         yield
-        names = _concat([b.class_names for b in batches])
+        names = yield from _concat_steps([b.class_names for b in batches])
         if where is not None:
             names = names[where]
         if ids is not None and rows is not None:
@@ -648,6 +686,7 @@ def _fold_steps(table: _StatsTable, pending: list[_Pending], max_classes: int) -
         del cells
         yield
         np.minimum.at(table.minimum, rows, conf)
+        yield
         np.maximum.at(table.maximum, rows, conf)
         # Only predictions strictly better than what is kept can change the kept sample.
         better = np.flatnonzero(conf > table.best[rows])
@@ -831,6 +870,21 @@ def _fold_best(
 
 def _concat(arrays: list[npt.NDArray[Any]]) -> npt.NDArray[Any]:
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+#: Columns concatenated in one step; more are concatenated in two (the cost of a
+#: concatenation is mostly per array).
+_CONCAT_PER_STEP = 24
+
+
+def _concat_steps(arrays: list[npt.NDArray[Any]]) -> Generator[None, None, npt.NDArray[Any]]:
+    """``_concat`` in two steps when there are many arrays."""
+    if len(arrays) <= _CONCAT_PER_STEP:
+        return _concat(arrays)
+    half = len(arrays) // 2
+    first = np.concatenate(arrays[:half])
+    yield
+    return np.concatenate([first, np.concatenate(arrays[half:])])
 
 
 def naive_best(

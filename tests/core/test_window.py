@@ -509,3 +509,25 @@ def test_carried_keys_count_against_the_guard_only_when_seen_again() -> None:
         window.add(batch_of([("car", 0.9, "", ""), ("person", 0.9, "", "")]), model_id="m")
         assert sorted(s.class_name for s in window.samples()) == ["", "helmet"]
         assert window.dropped_max_classes == 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(frame_strategy, max_size=8), min_size=1, max_size=12), st.booleans())
+def test_absorbed_windows_equal_merged_ones(
+    parts: list[list[tuple[str, list[Prediction]]]], drain_first: bool
+) -> None:
+    """``absorb`` (constant time, merged by the next read) gives what ``merge`` gives, also
+    past MAX_ABSORBED windows and when the absorbing window is taken by ``drain`` first."""
+    merged = Window()
+    for i, part in enumerate(parts):
+        merged = merged.merge(fill(part, start=100.0 * i))
+    target = Window()
+    for i, part in enumerate(parts):
+        target.absorb(fill(part, start=100.0 * i))
+    assert len(target._absorbed) <= window_module.MAX_ABSORBED
+    if drain_first:
+        target = target.drain()
+    # Samples carry their arrival number (a tie-break): compare what is reported.
+    assert target.to_results(extensions=True) == merged.to_results(extensions=True)
+    assert target.snapshot()[2:] == merged.snapshot()[2:]
+    assert target.is_empty() == merged.is_empty()
