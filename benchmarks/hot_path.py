@@ -453,8 +453,12 @@ def fault_stream(fault: str, seconds: float) -> dict[str, Any]:
     server = None
     if fault != "refused":
         server = subprocess.Popen(
-            [sys.executable, os.path.join(os.path.dirname(__file__), "_fault_server.py"),
-             str(port), fault],
+            [
+                sys.executable,
+                os.path.join(os.path.dirname(__file__), "_fault_server.py"),
+                str(port),
+                fault,
+            ],
             stdout=subprocess.PIPE,
         )
         assert server.stdout is not None
@@ -546,7 +550,10 @@ def faults(args: argparse.Namespace) -> int:
         f"max {pooled_floor[-1] * 1e6:.1f} us"
     )
     judged = verdict(
-        [("caller p99.9 <= 1 ms under faults", p999 <= 1e-3), ("caller max <= 5 ms", worst <= 5e-3)],
+        [
+            ("caller p99.9 <= 1 ms under faults", p999 <= 1e-3),
+            ("caller max <= 5 ms", worst <= 5e-3),
+        ],
         smoke=args.smoke,
     )
     return 0 if judged else 1

@@ -409,7 +409,8 @@ class Window:
         Example:
             >>> from mmagg.predictions import to_batch
             >>> a, b = Window(), Window()
-            >>> _ = b.add(to_batch({"predictions": [{"class": "x", "confidence": 0.6}]}), model_id="m")
+            >>> batch = to_batch({"predictions": [{"class": "x", "confidence": 0.6}]})
+            >>> _ = b.add(batch, model_id="m")
             >>> a.absorb(b)
             >>> a.is_empty(), len(a)
             (False, 1)
@@ -743,9 +744,7 @@ def _learn_and_check(
     return rows
 
 
-def _names_agree(
-    id_map: _IdMap, ids: npt.NDArray[np.int64], names: npt.NDArray[np.str_]
-) -> bool:
+def _names_agree(id_map: _IdMap, ids: npt.NDArray[np.int64], names: npt.NDArray[np.str_]) -> bool:
     """Whether every row's name is the name its id was first seen with.
 
     Compared as the strings' code points (``uint32``, one row of them per name) at one
