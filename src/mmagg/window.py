@@ -651,15 +651,28 @@ def _fold_steps(table: _StatsTable, pending: list[_Pending], max_classes: int) -
                 ids = ids[where]
             rows = _slots_by_id(id_map, ids)
         yield
-        names = yield from _concat_steps([b.class_names for b in batches])
-        if where is not None:
-            names = names[where]
+        names = None
         if ids is not None and rows is not None:
-            yield
-            rows = yield from _learn_and_check(
-                table, id_map, model_id, source_id, ids, names, rows, max_classes
-            )
+            if where is None and not (rows == _UNKNOWN).any():
+                # The steady state: every id known. Check the names part by part (each part
+                # concatenated and compared in its own step), never concatenated whole.
+                agree = yield from _check_in_parts(id_map, ids, batches)
+                if not agree:
+                    id_map.trusted = False  # names decide from now on, for this table
+                    rows = None
+            else:
+                names = yield from _concat_steps([b.class_names for b in batches])
+                if where is not None:
+                    names = names[where]
+                yield
+                rows = yield from _learn_and_check(
+                    table, id_map, model_id, source_id, ids, names, rows, max_classes
+                )
         if rows is None:
+            if names is None:
+                names = yield from _concat_steps([b.class_names for b in batches])
+                if where is not None:
+                    names = names[where]
             rows = _rows_by_name(table, model_id, source_id, names, max_classes)
         del names
         if table.nlive < len(table.keys):  # slots not (yet) this window's keys
@@ -764,6 +777,23 @@ def _names_agree(id_map: _IdMap, ids: npt.NDArray[np.int64], names: npt.NDArray[
     return bool(np.array_equal(got, expected))
 
 
+def _check_in_parts(
+    id_map: _IdMap, ids: npt.NDArray[np.int64], batches: list[PredictionBatch]
+) -> Generator[None, None, bool]:
+    """:func:`_names_agree` over ``_CONCAT_PER_STEP`` frames per step (``ids`` are the
+    rows of ``batches``, in order)."""
+    start = 0
+    for first in range(0, len(batches), _CONCAT_PER_STEP):
+        names = _concat([b.class_names for b in batches[first : first + _CONCAT_PER_STEP]])
+        yield
+        end = start + names.shape[0]
+        if not _names_agree(id_map, ids[start:end], names):
+            return False
+        start = end
+        yield
+    return True
+
+
 def _key_slot(table: _StatsTable, key: Key, max_classes: int) -> int:
     slot = table.slots.get(key)
     if slot is None:
@@ -831,6 +861,7 @@ def _fold_best(
             kept = won.get(slot)
             if kept is None or value > kept[0]:
                 won[slot] = (value, index)
+        yield
         winners = np.fromiter(won, dtype=np.intp, count=len(won))
         table.best[winners] = [value for value, _ in won.values()]
         position = np.fromiter((i for _, i in won.values()), dtype=np.intp, count=len(won))
