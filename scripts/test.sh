@@ -46,6 +46,8 @@ log "benchmarks (smoke)"
 for bench in hot_path ingest redis_scale load first_call; do
   python "benchmarks/$bench.py" --smoke
 done
+python benchmarks/hot_path.py --smoke --sweep
+python benchmarks/hot_path.py --smoke --faults
 
 log "pytest"
 python -m pytest -q "$@"
