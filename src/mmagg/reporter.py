@@ -387,14 +387,15 @@ class Reporter:
         return self._dispatch(fire_and_forget, None, background_tasks, executor)
 
     def submit(self, window: Window) -> None:
-        """Merge ``window`` into the pending one (no I/O; the merge itself is left to the
-        sender, which reads the pending window: see :meth:`Window.absorb`)."""
+        """Merge ``window`` into the pending one (no I/O)."""
         self._check_fork()
         with self._cond:
             if self._pending is None:
                 self._pending = window
             else:
-                self._pending.absorb(window)
+                # Merged now, not absorbed: an unmerged window holds its buffered frames,
+                # and a long fault would pile them up (tests/reliability/test_leaks.py).
+                self._pending.merge_in(window)
             self._cond.notify_all()
 
     def _dispatch(

@@ -31,8 +31,9 @@ __all__ = ["HISTOGRAM_BUCKETS", "ClassStats", "Key", "Sample", "Window"]
 FOLD_THRESHOLD = 2048
 #: Default cardinality guard: distinct keys a window accepts before refusing new ones.
 DEFAULT_MAX_CLASSES = 10_000
-#: Windows :meth:`Window.absorb` keeps unmerged before merging them (bounds their memory).
-MAX_ABSORBED = 8
+#: Windows :meth:`Window.absorb` keeps unmerged; one more and they are merged at once (an
+#: unmerged window holds its buffered frames' columns: memory stays flat through a long fault).
+MAX_ABSORBED = 1
 
 #: ``(model_id, class_name, source_id)``; ``source_id`` is ``""`` unless per-source is on.
 Key = tuple[str, str, str]
@@ -403,7 +404,7 @@ class Window:
         """Take ``other`` in, to be merged by the next read of this window (or by whoever
         reads the window :meth:`drain` takes): constant time under the lock, so the thread
         that calls it (the video loop handing over a report while the previous one is
-        still being sent; the sender giving a failed window back) never pays for the merge.
+        still being sent; the sender giving a failed window back) does not pay for the merge.
         Beyond :data:`MAX_ABSORBED` windows they are merged at once (bounded memory).
 
         Example:

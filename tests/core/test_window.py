@@ -531,3 +531,20 @@ def test_absorbed_windows_equal_merged_ones(
     assert target.to_results(extensions=True) == merged.to_results(extensions=True)
     assert target.snapshot()[2:] == merged.snapshot()[2:]
     assert target.is_empty() == merged.is_empty()
+
+
+def test_give_back_does_not_fold_the_live_window() -> None:
+    """A failed window given back to the memory store is absorbed: the live window's
+    buffered frames are not folded on the sender's thread under the window's lock (the
+    video loop would wait for it), and the next report carries both."""
+    from mmagg import MemoryStore
+
+    store = MemoryStore()
+    live = store.window("k")
+    live.add(batch_of([("car", 0.4, "a", "od")]), model_id="m", seen_at=1.0)
+    failed = fill([("m", [("car", 0.9, "b", "od"), ("bus", 0.5, "c", "od")])])
+    store.give_back("k", failed)
+    assert live._pending and live._folding is None  # nothing folded
+    taken = store.take("k")
+    assert results_of(taken) == {("m", "car"): (0.9, "b", "od"), ("m", "bus"): (0.5, "c", "od")}
+    assert taken.stats()[("m", "car", "")].count == 2
