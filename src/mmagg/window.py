@@ -403,9 +403,10 @@ class Window:
     def absorb(self, other: Window) -> None:
         """Take ``other`` in, to be merged by the next read of this window (or by whoever
         reads the window :meth:`drain` takes): constant time under the lock, so the thread
-        that calls it (the video loop handing over a report while the previous one is
-        still being sent; the sender giving a failed window back) does not pay for the merge.
-        Beyond :data:`MAX_ABSORBED` windows they are merged at once (bounded memory).
+        that calls it (the sender giving a failed window back to the live window) does not
+        fold the live window while the video loop waits for its lock. Beyond
+        :data:`MAX_ABSORBED` windows they are merged at once (bounded memory: an unmerged
+        window keeps its buffered frames' columns).
 
         Example:
             >>> from mmagg.predictions import to_batch
