@@ -485,7 +485,11 @@ class Window:
             >>> len(taken), len(w)
             (1, 0)
         """
-        out = Window(max_classes=self.max_classes)
+        # Built without a table of its own: it takes this one's (a report call on the video
+        # loop builds one table, the successor, not two).
+        out = Window.__new__(Window)
+        out.max_classes = self.max_classes
+        out._lock = threading.Lock()
         with self._lock:
             out._table, self._table = self._table, self._table.successor(self.max_classes)
             out._pending, self._pending = self._pending, []
