@@ -47,6 +47,8 @@ for bench in hot_path ingest redis_scale load first_call; do
   python "benchmarks/$bench.py" --smoke
 done
 python benchmarks/ingest.py --smoke --workers 2  # one process, then two workers
+python benchmarks/hot_path.py --smoke --sweep
+python benchmarks/hot_path.py --smoke --faults
 
 log "pytest"
 python -m pytest -q "$@"

@@ -96,7 +96,8 @@ def _context() -> ssl.SSLContext:
 
 
 def warm_up() -> None:
-    """Import httpx, build the TLS context and read the system info, once per process.
+    """Import httpx (and ``numpy.ma``, which the window's first ``np.unique`` would import
+    on a frame), build the TLS context and read the system info, once per process.
 
     Called by the faces' constructors; cheap (a flag check) after the first call.
     """
@@ -107,6 +108,7 @@ def warm_up() -> None:
         if _warm:
             return
         import httpx  # noqa: F401  (the import is the point)
+        import numpy.ma  # noqa: F401  (np.unique imports it on first use: not on a frame)
 
         from mmagg.payload import inference_server_version, system_info
 

@@ -104,7 +104,7 @@ def _from_detections(detections: Any) -> PredictionBatch | None:
     if n == 0:
         return None
     data = detections.data if detections.data is not None else {}
-    if not isinstance(data, Mapping):
+    if type(data) is not dict and not isinstance(data, Mapping):  # the ABC check is slow
         raise TypeError(f"Detections.data: expected a dict of columns, got {type(data).__name__}")
     confidences = _confidence_column(detections.confidence, n)
     return PredictionBatch(

@@ -77,6 +77,16 @@ logger = get_logger("mmagg.reporter")
 _CANCEL_GRACE = 0.25
 
 
+#: Bumped in a forked child (``os.register_at_fork``): the per-frame step compares it instead
+#: of asking the kernel for the pid on every frame.
+_fork_generation = 0
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
 def default_flush_timeout() -> float:
     return float(os.environ.get("MMAGG_FLUSH_TIMEOUT", DEFAULT_FLUSH_TIMEOUT))
 
@@ -88,11 +98,17 @@ class _Tally:
         self.lock = threading.Lock()
         self.values: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
+        self.collected = 0
 
     def add(self, name: str, n: int = 1) -> None:
         if n:
             with self.lock:
                 self.values[name] += n
+
+    def collect(self, n: int) -> None:
+        """``add("collected", n)`` for the per-frame step: no name to look up."""
+        with self.lock:
+            self.collected += n
 
     def drop(self, reason: str, n: int) -> None:
         if n:
@@ -103,7 +119,7 @@ class _Tally:
         with self.lock:
             v = self.values
             return Counters(
-                collected=v["collected"],
+                collected=self.collected,
                 rejected=v["rejected"],
                 sent=v["sent"],
                 failed=v["failed"],
@@ -257,6 +273,7 @@ class Reporter:
 
     def _reset_state(self) -> None:
         self._pid = os.getpid()
+        self._fork_generation = _fork_generation
         self._pending: Window | None = None
         self._in_flight = False
         self._closing = False
@@ -349,12 +366,14 @@ class Reporter:
         never on this thread. Returns ``(error_status, message)`` with the original's
         messages. Raises only what the store or window raise on a bug (the faces catch it).
         """
-        self._check_fork()
+        if self._fork_generation != _fork_generation:
+            self._check_fork()
         if batch is not None:
             taken = self.store.window(self.store_key).add(
                 batch, model_id=model_id, source_id=source_id, seen_at=now
             )
-            self.tally.add("collected", taken)
+            if taken:
+                self.tally.collect(taken)
         clock = self.store if interval is None else interval
         frequency = self.config.frequency
         if self._claim_in_progress or not clock.due(self.store_key, frequency, now):
@@ -374,6 +393,8 @@ class Reporter:
             if self._pending is None:
                 self._pending = window
             else:
+                # Merged now, not absorbed: an unmerged window holds its buffered frames,
+                # and a long fault would pile them up (tests/reliability/test_leaks.py).
                 self._pending.merge_in(window)
             self._cond.notify_all()
 
@@ -819,5 +840,6 @@ def _workspace_cache(base_url: str) -> Cache:
 
 
 if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
     os.register_at_fork(after_in_child=REPORTERS.after_fork_in_child)
 atexit.register(lambda: REPORTERS.close_all(default_flush_timeout()))

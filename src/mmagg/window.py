@@ -31,6 +31,9 @@ __all__ = ["HISTOGRAM_BUCKETS", "ClassStats", "Key", "Sample", "Window"]
 FOLD_THRESHOLD = 2048
 #: Default cardinality guard: distinct keys a window accepts before refusing new ones.
 DEFAULT_MAX_CLASSES = 10_000
+#: Windows :meth:`Window.absorb` keeps unmerged; one more and they are merged at once (an
+#: unmerged window holds its buffered frames' columns: memory stays flat through a long fault).
+MAX_ABSORBED = 1
 
 #: ``(model_id, class_name, source_id)``; ``source_id`` is ``""`` unless per-source is on.
 Key = tuple[str, str, str]
@@ -142,6 +145,15 @@ class _IdMap:
         name[:old] = self.name
         self.name = name
 
+    def carried(self) -> _IdMap:
+        """A copy for the next window's table: what the ids mean stays, a refusal by the
+        cardinality guard does not (the next window counts its keys afresh)."""
+        copy = _IdMap()
+        copy.slot = self.slot.copy()
+        copy.slot[copy.slot == _REFUSED] = _UNKNOWN
+        copy.name = self.name.copy()
+        return copy
+
     def learn(
         self, ids: npt.NDArray[np.int64], names: npt.NDArray[np.str_], slots: list[int]
     ) -> None:
@@ -164,11 +176,14 @@ class _StatsTable:
         "best",
         "count",
         "dropped",
+        "carried",
         "hist",
         "id_maps",
         "keys",
+        "live",
         "maximum",
         "minimum",
+        "nlive",
         "rejected",
         "slots",
         "total",
@@ -179,8 +194,16 @@ class _StatsTable:
     )
 
     def __init__(self, capacity: int = 32) -> None:
+        #: The layout: each key's slot. It may be carried from the previous window's table
+        #: (:meth:`successor`), so a slot is not necessarily a key of *this* window: ``live``
+        #: says which are (a row folded into it, or a sample merged in).
         self.slots: dict[Key, int] = {}
         self.keys: list[Key] = []
+        self.live = np.zeros(capacity, dtype=bool)
+        self.nlive = 0
+        #: Slots carried from the previous table (they widen the layout's bound, not the
+        #: window's: the cardinality guard counts live keys).
+        self.carried = 0
         self.count = np.zeros(capacity, dtype=np.int64)
         self.total = np.zeros(capacity, dtype=np.float64)
         self.minimum = np.full(capacity, np.inf)
@@ -197,6 +220,31 @@ class _StatsTable:
         self.rejected = 0
         self.dropped = 0
 
+    def successor(self, max_classes: int) -> _StatsTable:
+        """An empty table for the next window, keeping this one's layout (keys, slots, what
+        the class ids mean) when it is worth it: a stream does not learn its classes again
+        every window. A layout mostly unused in this window (churning names) or over the
+        guard is not carried."""
+        if not self.nlive or 2 * self.nlive < len(self.keys) or len(self.keys) > max_classes:
+            return _StatsTable()
+        nxt = _StatsTable(self.count.shape[0])
+        nxt.slots = dict(self.slots)
+        nxt.keys = list(self.keys)
+        nxt.carried = len(self.keys)
+        nxt.id_maps = {stream: id_map.carried() for stream, id_map in self.id_maps.items()}
+        return nxt
+
+    def make_live(self, slot: int) -> None:
+        self.live[slot] = True
+        self.nlive += 1
+
+    def live_items(self) -> list[tuple[Key, int]]:
+        """``(key, slot)`` of this window's keys, in layout order."""
+        if self.nlive == len(self.keys):
+            return list(self.slots.items())
+        live = self.live
+        return [(key, slot) for key, slot in self.slots.items() if live[slot]]
+
     def new_slot(self, key: Key) -> int:
         slot = len(self.keys)
         if slot >= self.count.shape[0]:
@@ -208,6 +256,7 @@ class _StatsTable:
     def _grow(self) -> None:
         extra = self.count.shape[0]
         self.count = np.concatenate([self.count, np.zeros(extra, dtype=np.int64)])
+        self.live = np.concatenate([self.live, np.zeros(extra, dtype=bool)])
         self.total = np.concatenate([self.total, np.zeros(extra)])
         self.minimum = np.concatenate([self.minimum, np.full(extra, np.inf)])
         self.maximum = np.concatenate([self.maximum, np.full(extra, -np.inf)])
@@ -282,6 +331,8 @@ class Window:
         self._buffered = 0
         #: The fold under way (one step per ``add``), or ``None``.
         self._folding: Iterator[None] | None = None
+        #: Windows taken in by :meth:`absorb`, merged by the next read.
+        self._absorbed: list[Window] = []
         self._lock = threading.Lock()
 
     @property
@@ -349,6 +400,30 @@ class Window:
             self._table.rejected += rejected
             self._table.dropped += dropped
 
+    def absorb(self, other: Window) -> None:
+        """Take ``other`` in, to be merged by the next read of this window (or by whoever
+        reads the window :meth:`drain` takes): constant time under the lock, so the thread
+        that calls it (the sender giving a failed window back to the live window) does not
+        fold the live window while the video loop waits for its lock. Beyond
+        :data:`MAX_ABSORBED` windows they are merged at once (bounded memory: an unmerged
+        window keeps its buffered frames' columns).
+
+        Example:
+            >>> from mmagg.predictions import to_batch
+            >>> a, b = Window(), Window()
+            >>> batch = to_batch({"predictions": [{"class": "x", "confidence": 0.6}]})
+            >>> _ = b.add(batch, model_id="m")
+            >>> a.absorb(b)
+            >>> a.is_empty(), len(a)
+            (False, 1)
+        """
+        if other is self:
+            return
+        with self._lock:
+            self._absorbed.append(other)
+            if len(self._absorbed) > MAX_ABSORBED:
+                self._fold()
+
     def merge(self, other: Window) -> Window:
         """A new window holding both: associative and commutative.
 
@@ -374,13 +449,16 @@ class Window:
 
     def _merge_entries(self, best: Mapping[Key, Sample], stats: Mapping[Key, ClassStats]) -> None:
         table = self._table
+        live = table.live
         for key, sample in best.items():
             slot_or_none = table.slots.get(key)
-            if slot_or_none is None:
-                if len(table.slots) >= self.max_classes:
+            if slot_or_none is None or not live[slot_or_none]:
+                if table.nlive >= self.max_classes:
                     table.dropped += stats[key].count if key in stats else 1
                     continue
-                slot = table.new_slot(key)
+                slot = table.new_slot(key) if slot_or_none is None else slot_or_none
+                table.make_live(slot)
+                live = table.live  # new_slot may have grown the arrays
             elif sample.rank() < table.sample(slot_or_none).rank():
                 slot = slot_or_none
             else:
@@ -389,7 +467,7 @@ class Window:
             table.best[slot] = sample.confidence
         for key, item in stats.items():
             slot_or_none = table.slots.get(key)
-            if slot_or_none is not None:
+            if slot_or_none is not None and live[slot_or_none]:
                 table.merge_stats(slot_or_none, item)
 
     def drain(self) -> Window:
@@ -407,12 +485,17 @@ class Window:
             >>> len(taken), len(w)
             (1, 0)
         """
-        out = Window(max_classes=self.max_classes)
+        # Built without a table of its own: it takes this one's (a report call on the video
+        # loop builds one table, the successor, not two).
+        out = Window.__new__(Window)
+        out.max_classes = self.max_classes
+        out._lock = threading.Lock()
         with self._lock:
-            out._table, self._table = self._table, _StatsTable()
+            out._table, self._table = self._table, self._table.successor(self.max_classes)
             out._pending, self._pending = self._pending, []
             out._buffered, self._buffered = self._buffered, 0
             out._folding, self._folding = self._folding, None
+            out._absorbed, self._absorbed = self._absorbed, []
         return out
 
     # -- reading -----------------------------------------------------------------------------
@@ -422,9 +505,10 @@ class Window:
         with self._lock:
             self._fold()
             table = self._table
+            items = table.live_items()
             return (
-                {key: table.sample(slot) for key, slot in table.slots.items()},
-                {key: table.stats(slot) for key, slot in table.slots.items()},
+                {key: table.sample(slot) for key, slot in items},
+                {key: table.stats(slot) for key, slot in items},
                 table.rejected,
                 table.dropped,
             )
@@ -492,11 +576,16 @@ class Window:
         """Number of keys (classes) held."""
         with self._lock:
             self._fold()
-            return len(self._table.slots)
+            return self._table.nlive
 
     def is_empty(self) -> bool:
         with self._lock:
-            return not self._pending and self._folding is None and not self._table.slots
+            return (
+                not self._pending
+                and self._folding is None
+                and not self._table.nlive
+                and all(other.is_empty() for other in self._absorbed)
+            )
 
     def keys(self) -> Iterator[Key]:
         return iter(self.snapshot()[0])
@@ -513,12 +602,16 @@ class Window:
             pending, self._pending, self._buffered = self._pending, [], 0
             for _ in _fold_steps(self._table, pending, self.max_classes):
                 pass
+        while self._absorbed:
+            best, stats, rejected, dropped = self._absorbed.pop(0).snapshot()
+            self._merge_entries(best, stats)
+            self._table.rejected += rejected
+            self._table.dropped += dropped
 
 
 _DONE = object()
-#: New class ids learned per fold step, and rows of the id/name check per fold step.
+#: New class ids learned per fold step.
 _LEARN_PER_STEP = 32
-_CHECK_PER_STEP = 384
 #: Winners handled one by one (cheaper than a vectorised pass when there are few).
 _FEW_WINNERS = 32
 
@@ -532,14 +625,16 @@ def _fold_steps(table: _StatsTable, pending: list[_Pending], max_classes: int) -
     """Fold buffered frames into ``table`` in small vectorised steps, yielding between them.
 
     All steps of one fold run, in order, before the next fold starts: that is what keeps
-    "first seen wins ties" exact whatever the interleaving with ``add``.
+    "first seen wins ties" exact whatever the interleaving with ``add``. Each step costs a
+    few microseconds for a fold of :data:`FOLD_THRESHOLD` predictions.
     """
     groups: dict[tuple[str, str], list[_Pending]] = {}
     for item in pending:
         groups.setdefault((item[1], item[2]), []).append(item)
     for (model_id, source_id), group in groups.items():
         batches = [item[0] for item in group]
-        conf = _concat([b.confidences for b in batches]).astype(np.float64, copy=False)
+        conf = yield from _concat_steps([b.confidences for b in batches])
+        conf = conf.astype(np.float64, copy=False)
         where: npt.NDArray[np.intp] | None = None
         # A confidence is a probability: NaN, inf and anything outside [0, 1] are refused
         # here, one prediction at a time (the backend would refuse the whole report).
@@ -557,22 +652,37 @@ def _fold_steps(table: _StatsTable, pending: list[_Pending], max_classes: int) -
         ids = None
         rows = None
         if id_map.trusted and all(b.class_ids is not None for b in batches):
-            ids = _concat([b.class_ids for b in batches])  # type: ignore[misc]
+            ids = yield from _concat_steps([b.class_ids for b in batches])  # type: ignore[misc]
             if where is not None:
                 ids = ids[where]
             rows = _slots_by_id(id_map, ids)
-            yield
-        names = _concat([b.class_names for b in batches])
-        if where is not None:
-            names = names[where]
+        yield
+        names = None
         if ids is not None and rows is not None:
-            rows = yield from _learn_and_check(
-                table, id_map, model_id, source_id, ids, names, rows, max_classes
-            )
+            if where is None and not (rows == _UNKNOWN).any():
+                # The steady state: every id known. Check the names part by part (each part
+                # concatenated and compared in its own step), never concatenated whole.
+                agree = yield from _check_in_parts(id_map, ids, batches)
+                if not agree:
+                    id_map.trusted = False  # names decide from now on, for this table
+                    rows = None
+            else:
+                names = yield from _concat_steps([b.class_names for b in batches])
+                if where is not None:
+                    names = names[where]
+                yield
+                rows = yield from _learn_and_check(
+                    table, id_map, model_id, source_id, ids, names, rows, max_classes
+                )
         if rows is None:
+            if names is None:
+                names = yield from _concat_steps([b.class_names for b in batches])
+                if where is not None:
+                    names = names[where]
             rows = _rows_by_name(table, model_id, source_id, names, max_classes)
         del names
-        yield
+        if table.nlive < len(table.keys):  # slots not (yet) this window's keys
+            rows = _admit(table, rows, max_classes)
         if rows.min() < 0:  # keys refused by the cardinality guard
             keep = np.flatnonzero(rows >= 0)
             table.dropped += int(rows.size - keep.size)
@@ -580,13 +690,13 @@ def _fold_steps(table: _StatsTable, pending: list[_Pending], max_classes: int) -
                 continue
             rows, conf = rows[keep], conf[keep]
             where = keep if where is None else where[keep]
+        yield
         k = len(table.keys)
         table.count[:k] += np.bincount(rows, minlength=k)
         table.total[:k] += np.bincount(rows, weights=conf, minlength=k)
         yield
         scaled = conf * HISTOGRAM_BUCKETS
-        np.maximum(scaled, 0.0, out=scaled)
-        np.minimum(scaled, HISTOGRAM_BUCKETS - 1, out=scaled)
+        np.minimum(scaled, HISTOGRAM_BUCKETS - 1, out=scaled)  # conf >= 0 here
         cells = rows * HISTOGRAM_BUCKETS
         cells += scaled.astype(np.intp)
         del scaled
@@ -596,8 +706,8 @@ def _fold_steps(table: _StatsTable, pending: list[_Pending], max_classes: int) -
         del cells
         yield
         np.minimum.at(table.minimum, rows, conf)
-        np.maximum.at(table.maximum, rows, conf)
         yield
+        np.maximum.at(table.maximum, rows, conf)
         # Only predictions strictly better than what is kept can change the kept sample.
         better = np.flatnonzero(conf > table.best[rows])
         if better.size:
@@ -646,22 +756,80 @@ def _learn_and_check(
             ]
             id_map.learn(new_ids[part], new_names[part], slots)
         rows = id_map.slot[ids]
-    for start in range(0, ids.shape[0], _CHECK_PER_STEP):
         yield
-        part = slice(start, start + _CHECK_PER_STEP)
-        if not (names[part] == id_map.name[ids[part]]).all():
-            id_map.trusted = False  # names decide from now on, for this table
-            return None
+    if not _names_agree(id_map, ids, names):
+        id_map.trusted = False  # names decide from now on, for this table
+        return None
     return rows
+
+
+def _names_agree(id_map: _IdMap, ids: npt.NDArray[np.int64], names: npt.NDArray[np.str_]) -> bool:
+    """Whether every row's name is the name its id was first seen with.
+
+    Compared as the strings' code points (``uint32``, one row of them per name) at one
+    width: four times cheaper than numpy's string comparison, and exactly as equal
+    (numpy strings are NUL-padded, so trailing NULs never count either way).
+    """
+    width = max(names.dtype.itemsize, id_map.name.dtype.itemsize) // 4
+    if width == 0:  # every name on both sides is ""
+        return True
+    dtype = np.dtype(f"<U{width}")
+    if id_map.name.dtype != dtype:
+        id_map.name = id_map.name.astype(dtype)  # widened once, kept wide
+    if names.dtype != dtype or not names.flags.c_contiguous:
+        names = np.ascontiguousarray(names, dtype=dtype)
+    got = names.view(np.uint32).reshape(-1, width)
+    expected = np.take(id_map.name.view(np.uint32).reshape(-1, width), ids, axis=0)
+    return bool(np.array_equal(got, expected))
+
+
+def _check_in_parts(
+    id_map: _IdMap, ids: npt.NDArray[np.int64], batches: list[PredictionBatch]
+) -> Generator[None, None, bool]:
+    """:func:`_names_agree` over ``_CONCAT_PER_STEP`` frames per step (``ids`` are the
+    rows of ``batches``, in order)."""
+    start = 0
+    for first in range(0, len(batches), _CONCAT_PER_STEP):
+        names = _concat([b.class_names for b in batches[first : first + _CONCAT_PER_STEP]])
+        yield
+        end = start + names.shape[0]
+        if not _names_agree(id_map, ids[start:end], names):
+            return False
+        start = end
+        yield
+    return True
 
 
 def _key_slot(table: _StatsTable, key: Key, max_classes: int) -> int:
     slot = table.slots.get(key)
     if slot is None:
-        if len(table.slots) >= max_classes:
+        # The layout holds at most the carried slots plus this window's new keys.
+        if len(table.slots) >= max_classes + table.carried:
             return _REFUSED
         slot = table.new_slot(key)
     return slot
+
+
+def _admit(
+    table: _StatsTable, rows: npt.NDArray[np.intp], max_classes: int
+) -> npt.NDArray[np.intp]:
+    """Make the slots of ``rows`` this window's keys, as far as the cardinality guard lets
+    (lowest slots first); rows of refused slots become ``_REFUSED``."""
+    fresh = rows >= 0
+    fresh &= ~table.live[np.maximum(rows, 0)]
+    if not fresh.any():
+        return rows
+    mark = np.zeros(len(table.keys), dtype=bool)  # sorted and unique, without sorting
+    mark[rows[fresh]] = True
+    slots = np.flatnonzero(mark)
+    room = max(0, max_classes - table.nlive)
+    if slots.size > room:
+        refused = slots[room:]
+        slots = slots[:room]
+        rows = np.where(np.isin(rows, refused), _REFUSED, rows)
+    table.live[slots] = True
+    table.nlive += int(slots.size)
+    return rows
 
 
 def _rows_by_name(
@@ -699,6 +867,7 @@ def _fold_best(
             kept = won.get(slot)
             if kept is None or value > kept[0]:
                 won[slot] = (value, index)
+        yield
         winners = np.fromiter(won, dtype=np.intp, count=len(won))
         table.best[winners] = [value for value, _ in won.values()]
         position = np.fromiter((i for _, i in won.values()), dtype=np.intp, count=len(won))
@@ -737,6 +906,21 @@ def _fold_best(
 
 def _concat(arrays: list[npt.NDArray[Any]]) -> npt.NDArray[Any]:
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+#: Columns concatenated in one step; more are concatenated in two (the cost of a
+#: concatenation is mostly per array).
+_CONCAT_PER_STEP = 24
+
+
+def _concat_steps(arrays: list[npt.NDArray[Any]]) -> Generator[None, None, npt.NDArray[Any]]:
+    """``_concat`` in two steps when there are many arrays."""
+    if len(arrays) <= _CONCAT_PER_STEP:
+        return _concat(arrays)
+    half = len(arrays) // 2
+    first = np.concatenate(arrays[:half])
+    yield
+    return np.concatenate([first, np.concatenate(arrays[half:])])
 
 
 def naive_best(

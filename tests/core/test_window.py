@@ -390,3 +390,161 @@ def test_a_fold_is_spread_over_the_following_calls() -> None:
     assert calls_with_fold >= 200 // 41 * 5
     assert len(window) == 20
     assert window.stats()[("m", "c0", "")].count == 200 * 3
+
+
+# -- the layout carried from one window to the next (issue 14) -------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.tuples(spread_frame, st.booleans()), max_size=40),
+    st.integers(min_value=1, max_value=30),
+)
+def test_windows_taken_in_turn_each_equal_store_all_then_sort(
+    frames: list[tuple[tuple[tuple[str, list[Prediction]], str, str, bool], bool]],
+    threshold: int,
+) -> None:
+    """A stream cut into windows by ``drain()`` (as reports do): each taken window equals
+    store-everything-then-sort over its own frames, although the next window starts with
+    the previous one's key → slot layout and class-id maps (carried, not learned again)."""
+    with patch.object(window_module, "FOLD_THRESHOLD", threshold):
+        window = Window()
+        segment: list[tuple[str, str, list[Prediction]]] = []
+        for i, (((model, preds), ids, source, read), cut) in enumerate(frames):
+            if preds:
+                window.add(batch_with(preds, ids), model_id=model, source_id=source, seen_at=i)
+            segment.append((model, source, preds))
+            if read:
+                check_window(window, segment)
+            if cut:
+                taken = window.drain()
+                check_window(taken, segment)
+                assert len(window) == 0 and window.is_empty() and not window.samples()
+                segment = []
+        check_window(window, segment)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.tuples(frame_strategy, st.sampled_from(ID_MODES), st.booleans()), max_size=30),
+    st.integers(min_value=1, max_value=4),
+    st.integers(min_value=1, max_value=20),
+)
+def test_cardinality_guard_counts_live_keys_of_each_window(
+    frames: list[tuple[tuple[str, list[Prediction]], str, bool]], max_classes: int, threshold: int
+) -> None:
+    """With the layout carried, the guard still bounds each window's own keys: at most
+    ``max_classes`` per window, every prediction of a window counted or dropped."""
+    with patch.object(window_module, "FOLD_THRESHOLD", threshold):
+        window = Window(max_classes=max_classes)
+        segment: list[tuple[str, str, list[Prediction]]] = []
+
+        def check(taken: Window) -> None:
+            best, values = expected_of(segment)
+            samples = taken.samples()
+            assert len(samples) <= max_classes
+            stats = taken.stats()
+            total = sum(len(v) for v in values.values())
+            assert sum(s.count for s in stats.values()) + taken.dropped_max_classes == total
+            for s in samples:
+                key = (s.model_id, s.class_name, s.source_id)
+                assert (s.confidence, s.inference_id, s.model_type) == best[key]
+                assert stats[key].count == len(values[key])
+
+        for i, ((model, preds), ids, cut) in enumerate(frames):
+            if preds:
+                window.add(batch_with(preds, ids), model_id=model, seen_at=i)
+            segment.append((model, "", preds))
+            if cut:
+                check(window.drain())
+                segment = []
+        check(window.drain())
+
+
+def test_the_layout_is_carried_to_the_next_window() -> None:
+    """The next window reuses the key → slot layout and the class-id map: no id is learned
+    again, and a key absent from a window is absent from its results."""
+    window = Window()
+    names = np.array([f"c{i}" for i in range(40)])
+    ids = np.arange(40, dtype=np.int64)
+    batch = PredictionBatch(
+        class_names=names,
+        confidences=np.linspace(0.1, 0.9, 40),
+        inference_ids=np.full(40, "i"),
+        model_types=np.full(40, "od"),
+        class_ids=ids,
+    )
+    window.add(batch, model_id="m")
+    assert len(window) == 40  # a read folds (a stream folds every FOLD_THRESHOLD predictions)
+    first = window.drain()
+    assert len(first) == 40
+    layout = window._table
+    assert layout.carried == 40 and len(layout.keys) == 40 and layout.nlive == 0
+    half = PredictionBatch(
+        class_names=names[:10],
+        confidences=np.full(10, 0.5),
+        inference_ids=np.full(10, "j"),
+        model_types=np.full(10, "od"),
+        class_ids=ids[:10],
+    )
+    window.add(half, model_id="m")
+    assert len(window) == 10
+    assert len(window._table.keys) == 40  # nothing learned again, nothing added
+    assert sorted(s.class_name for s in window.samples()) == sorted(names[:10].tolist())
+    # A window that used under half of its layout starts the next one afresh.
+    window.drain()
+    assert window._table.carried == 0
+
+
+def test_carried_keys_count_against_the_guard_only_when_seen_again() -> None:
+    """max_classes=2: a window of a, b, then one of c, d, a: the carried a and b are not
+    this window's keys until seen, and a third key is refused even though it has a slot."""
+    with patch.object(window_module, "FOLD_THRESHOLD", 1):
+        window = Window(max_classes=2)
+        window.add(batch_of([("car", 0.5, "", ""), ("person", 0.6, "", "")]), model_id="m")
+        assert len(window) == 2  # folded
+        assert len(window.drain()) == 2
+        assert window._table.carried == 2
+        window.add(batch_of([("helmet", 0.5, "", ""), ("", 0.4, "", "")]), model_id="m")
+        window.add(batch_of([("car", 0.9, "", ""), ("person", 0.9, "", "")]), model_id="m")
+        assert sorted(s.class_name for s in window.samples()) == ["", "helmet"]
+        assert window.dropped_max_classes == 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(frame_strategy, max_size=8), min_size=1, max_size=12), st.booleans())
+def test_absorbed_windows_equal_merged_ones(
+    parts: list[list[tuple[str, list[Prediction]]]], drain_first: bool
+) -> None:
+    """``absorb`` (constant time, merged by the next read) gives what ``merge`` gives, also
+    past MAX_ABSORBED windows and when the absorbing window is taken by ``drain`` first."""
+    merged = Window()
+    for i, part in enumerate(parts):
+        merged = merged.merge(fill(part, start=100.0 * i))
+    target = Window()
+    for i, part in enumerate(parts):
+        target.absorb(fill(part, start=100.0 * i))
+    assert len(target._absorbed) <= window_module.MAX_ABSORBED
+    if drain_first:
+        target = target.drain()
+    # Samples carry their arrival number (a tie-break): compare what is reported.
+    assert target.to_results(extensions=True) == merged.to_results(extensions=True)
+    assert target.snapshot()[2:] == merged.snapshot()[2:]
+    assert target.is_empty() == merged.is_empty()
+
+
+def test_give_back_does_not_fold_the_live_window() -> None:
+    """A failed window given back to the memory store is absorbed: the live window's
+    buffered frames are not folded on the sender's thread under the window's lock (the
+    video loop would wait for it), and the next report carries both."""
+    from mmagg import MemoryStore
+
+    store = MemoryStore()
+    live = store.window("k")
+    live.add(batch_of([("car", 0.4, "a", "od")]), model_id="m", seen_at=1.0)
+    failed = fill([("m", [("car", 0.9, "b", "od"), ("bus", 0.5, "c", "od")])])
+    store.give_back("k", failed)
+    assert live._pending and live._folding is None  # nothing folded
+    taken = store.take("k")
+    assert results_of(taken) == {("m", "car"): (0.9, "b", "od"), ("m", "bus"): (0.5, "c", "od")}
+    assert taken.stats()[("m", "car", "")].count == 2

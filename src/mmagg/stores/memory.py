@@ -75,7 +75,9 @@ class MemoryStore:
             return self._swap(key)
 
     def give_back(self, key: str, window: Window) -> None:
-        self.window(key).merge_in(window)
+        # Absorbed, not merged: merging would fold the live window under its lock, and
+        # the video loop adding to it would wait for the sender.
+        self.window(key).absorb(window)
 
     def close(self) -> None:
         """Nothing to release: windows stay until taken."""
