@@ -479,7 +479,7 @@ def test_the_layout_is_carried_to_the_next_window() -> None:
     first = window.drain()
     assert len(first) == 40
     layout = window._table
-    assert layout.carried == 40 and len(layout.keys) == 40 and layout.nlive == 0
+    assert layout is not None and layout.carried == 40 and len(layout.keys) == 40 and layout.nlive == 0
     half = PredictionBatch(
         class_names=names[:10],
         confidences=np.full(10, 0.5),
@@ -489,11 +489,14 @@ def test_the_layout_is_carried_to_the_next_window() -> None:
     )
     window.add(half, model_id="m")
     assert len(window) == 10
-    assert len(window._table.keys) == 40  # nothing learned again, nothing added
+    assert len(layout.keys) == 40 and window._table is layout  # nothing learned again, nothing added
     assert sorted(s.class_name for s in window.samples()) == sorted(names[:10].tolist())
-    # A window that used under half of its layout starts the next one afresh.
-    window.drain()
-    assert window._table.carried == 0
+    # A window that used under half of its layout starts the next one afresh (the taken
+    # window hands the layout on when it is read, off the video loop).
+    taken = window.drain()
+    assert window._table is None  # the report call only swapped
+    assert len(taken) == 10
+    assert window._table is not None and window._table.carried == 0
 
 
 def test_carried_keys_count_against_the_guard_only_when_seen_again() -> None:
@@ -503,8 +506,8 @@ def test_carried_keys_count_against_the_guard_only_when_seen_again() -> None:
         window = Window(max_classes=2)
         window.add(batch_of([("car", 0.5, "", ""), ("person", 0.6, "", "")]), model_id="m")
         assert len(window) == 2  # folded
-        assert len(window.drain()) == 2
-        assert window._table.carried == 2
+        assert len(window.drain()) == 2  # the read hands the layout on
+        assert window._table is not None and window._table.carried == 2
         window.add(batch_of([("helmet", 0.5, "", ""), ("", 0.4, "", "")]), model_id="m")
         window.add(batch_of([("car", 0.9, "", ""), ("person", 0.9, "", "")]), model_id="m")
         assert sorted(s.class_name for s in window.samples()) == ["", "helmet"]
