@@ -461,6 +461,11 @@ class Window:
         """
         if other is self:
             return
+        with other._lock:
+            # Read under this window's lock later: it must not hand a layout on from there
+            # (two windows' locks are never held together).
+            other._heir = None
+            other._offer = None
         with self._lock:
             self._absorbed.append(other)
             if len(self._absorbed) > MAX_ABSORBED:
