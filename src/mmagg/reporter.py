@@ -383,20 +383,25 @@ class Reporter:
         window = clock.claim(self.store_key, frequency, now)
         if window is None:
             return _NOT_IN_RANGE
-        self.submit(window)
+        # The report call only swapped the window (constant time); the sender (or the
+        # runner, or a synchronous drain) reads it: its fold, table and merge happen there.
+        self.submit(window, wake=False)  # _dispatch wakes whoever sends
         return self._dispatch(fire_and_forget, None, background_tasks, executor)
 
-    def submit(self, window: Window) -> None:
-        """Merge ``window`` into the pending one (no I/O)."""
-        self._check_fork()
+    def submit(self, window: Window, *, wake: bool = True) -> None:
+        """Add ``window`` to the pending one (no I/O, constant time: the pending window
+        absorbs it, and whoever reads the pending window merges; beyond
+        :data:`~mmagg.window.MAX_ABSORBED` unmerged windows they are merged at once, so a
+        long fault keeps memory flat). ``wake``: wake the own sender thread."""
+        if self._fork_generation != _fork_generation:
+            self._check_fork()
         with self._cond:
             if self._pending is None:
                 self._pending = window
             else:
-                # Merged now, not absorbed: an unmerged window holds its buffered frames,
-                # and a long fault would pile them up (tests/reliability/test_leaks.py).
-                self._pending.merge_in(window)
-            self._cond.notify_all()
+                self._pending.absorb(window)
+            if wake:
+                self._cond.notify_all()
 
     def _dispatch(
         self,

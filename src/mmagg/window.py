@@ -326,7 +326,9 @@ class Window:
 
     def __init__(self, *, max_classes: int = DEFAULT_MAX_CLASSES) -> None:
         self.max_classes = max_classes
-        self._table = _StatsTable()
+        #: ``None`` right after :meth:`drain` until the taken window hands its layout on
+        #: (:meth:`_adopt`) or this window needs a table first (:meth:`_tab`).
+        self._table: _StatsTable | None = _StatsTable()
         self._pending: list[_Pending] = []
         self._buffered = 0
         #: The fold under way (one step per ``add``), or ``None``.
@@ -334,25 +336,63 @@ class Window:
         #: Windows taken in by :meth:`absorb`, merged by the next read.
         self._absorbed: list[Window] = []
         self._lock = threading.Lock()
+        #: Bumped by every :meth:`drain`: a layout handed on for an older drain is ignored.
+        self._drains = 0
+        #: ``(window that drained this one, its drain number)``: who gets this window's
+        #: layout once it is read (built off the video loop, by the reader).
+        self._heir: tuple[Window, int] | None = None
+        #: The layout built for the heir, delivered outside this window's lock.
+        self._offer: _StatsTable | None = None
+
+    def _tab(self) -> _StatsTable:
+        """The table, built empty if :meth:`drain` left none and no layout came (caller
+        holds the lock)."""
+        table = self._table
+        if table is None:
+            table = self._table = _StatsTable()
+        return table
+
+    def _adopt(self, table: _StatsTable, drains: int) -> None:
+        """Take the layout a window taken by :meth:`drain` handed on, unless this window
+        needed a table of its own meanwhile or was drained again."""
+        with self._lock:
+            if self._table is None and self._drains == drains:
+                self._table = table
+
+    def _deliver(self) -> None:
+        """Hand a layout built under the lock on to the heir (outside the lock: two
+        windows' locks are never held together)."""
+        if self._offer is None:
+            return
+        with self._lock:
+            offer, self._offer = self._offer, None
+            heir = self._heir
+            self._heir = None
+        if offer is not None and heir is not None:
+            heir[0]._adopt(offer, heir[1])
 
     @property
     def rejected_nonfinite(self) -> int:
         """Predictions refused because their confidence was not a number within [0, 1] (NaN,
         infinite or out of range; folded so far). The name is historical."""
-        return self._table.rejected
+        with self._lock:
+            return self._tab().rejected
 
     @rejected_nonfinite.setter
     def rejected_nonfinite(self, value: int) -> None:
-        self._table.rejected = value
+        with self._lock:
+            self._tab().rejected = value
 
     @property
     def dropped_max_classes(self) -> int:
         """Predictions refused because the window already held ``max_classes`` keys."""
-        return self._table.dropped
+        with self._lock:
+            return self._tab().dropped
 
     @dropped_max_classes.setter
     def dropped_max_classes(self, value: int) -> None:
-        self._table.dropped = value
+        with self._lock:
+            self._tab().dropped = value
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -386,7 +426,7 @@ class Window:
                     self._folding = folding = None
             if folding is None and self._buffered >= FOLD_THRESHOLD:
                 pending, self._pending, self._buffered = self._pending, [], 0
-                self._folding = _fold_steps(self._table, pending, self.max_classes)
+                self._folding = _fold_steps(self._tab(), pending, self.max_classes)
         return size
 
     def merge_in(self, other: Window) -> None:
@@ -397,8 +437,10 @@ class Window:
         with self._lock:
             self._fold()
             self._merge_entries(best, stats)
-            self._table.rejected += rejected
-            self._table.dropped += dropped
+            table = self._tab()
+            table.rejected += rejected
+            table.dropped += dropped
+        self._deliver()
 
     def absorb(self, other: Window) -> None:
         """Take ``other`` in, to be merged by the next read of this window (or by whoever
@@ -419,10 +461,16 @@ class Window:
         """
         if other is self:
             return
+        with other._lock:
+            # Read under this window's lock later: it must not hand a layout on from there
+            # (two windows' locks are never held together).
+            other._heir = None
+            other._offer = None
         with self._lock:
             self._absorbed.append(other)
             if len(self._absorbed) > MAX_ABSORBED:
                 self._fold()
+        self._deliver()
 
     def merge(self, other: Window) -> Window:
         """A new window holding both: associative and commutative.
@@ -446,9 +494,10 @@ class Window:
         with self._lock:
             self._fold()
             self._merge_entries(best, stats)
+        self._deliver()
 
     def _merge_entries(self, best: Mapping[Key, Sample], stats: Mapping[Key, ClassStats]) -> None:
-        table = self._table
+        table = self._tab()
         live = table.live
         for key, sample in best.items():
             slot_or_none = table.slots.get(key)
@@ -485,17 +534,23 @@ class Window:
             >>> len(taken), len(w)
             (1, 0)
         """
-        # Built without a table of its own: it takes this one's (a report call on the video
-        # loop builds one table, the successor, not two).
+        # Constant time, no table built: the report call on the video loop only swaps. The
+        # taken window hands the next layout (keys, slots, class-id maps) to this one when
+        # it is first read, on the reader's thread (the sender); if this window needs a
+        # table before that, it starts an empty one (the result is the same either way).
         out = Window.__new__(Window)
         out.max_classes = self.max_classes
         out._lock = threading.Lock()
+        out._offer = None
+        out._drains = 0
         with self._lock:
-            out._table, self._table = self._table, self._table.successor(self.max_classes)
+            out._table, self._table = self._table, None
             out._pending, self._pending = self._pending, []
             out._buffered, self._buffered = self._buffered, 0
             out._folding, self._folding = self._folding, None
             out._absorbed, self._absorbed = self._absorbed, []
+            self._drains += 1
+            out._heir = (self, self._drains)
         return out
 
     # -- reading -----------------------------------------------------------------------------
@@ -504,14 +559,16 @@ class Window:
         """Copies of ``(best, stats, rejected_nonfinite, dropped_max_classes)``."""
         with self._lock:
             self._fold()
-            table = self._table
+            table = self._tab()
             items = table.live_items()
-            return (
+            result = (
                 {key: table.sample(slot) for key, slot in items},
                 {key: table.stats(slot) for key, slot in items},
                 table.rejected,
                 table.dropped,
             )
+        self._deliver()
+        return result
 
     def samples(self) -> list[Sample]:
         """The best sample per key."""
@@ -576,14 +633,16 @@ class Window:
         """Number of keys (classes) held."""
         with self._lock:
             self._fold()
-            return self._table.nlive
+            n = self._tab().nlive
+        self._deliver()
+        return n
 
     def is_empty(self) -> bool:
         with self._lock:
             return (
                 not self._pending
                 and self._folding is None
-                and not self._table.nlive
+                and (self._table is None or not self._table.nlive)
                 and all(other.is_empty() for other in self._absorbed)
             )
 
@@ -600,13 +659,21 @@ class Window:
             self._folding = None
         if self._pending:
             pending, self._pending, self._buffered = self._pending, [], 0
-            for _ in _fold_steps(self._table, pending, self.max_classes):
+            for _ in _fold_steps(self._tab(), pending, self.max_classes):
                 pass
         while self._absorbed:
             best, stats, rejected, dropped = self._absorbed.pop(0).snapshot()
             self._merge_entries(best, stats)
-            self._table.rejected += rejected
-            self._table.dropped += dropped
+            table = self._tab()
+            table.rejected += rejected
+            table.dropped += dropped
+        heir = self._heir
+        if heir is not None and heir[0]._drains != heir[1]:
+            self._heir = heir = None  # drained again since: it wants a newer layout
+        if heir is not None and self._offer is None and self._table is not None:
+            # Everything is folded: the layout of the next window, built here (off the
+            # video loop), delivered by ``_deliver`` once the lock is released.
+            self._offer = self._table.successor(self.max_classes)
 
 
 _DONE = object()

@@ -479,6 +479,7 @@ def test_the_layout_is_carried_to_the_next_window() -> None:
     first = window.drain()
     assert len(first) == 40
     layout = window._table
+    assert layout is not None
     assert layout.carried == 40 and len(layout.keys) == 40 and layout.nlive == 0
     half = PredictionBatch(
         class_names=names[:10],
@@ -489,11 +490,15 @@ def test_the_layout_is_carried_to_the_next_window() -> None:
     )
     window.add(half, model_id="m")
     assert len(window) == 10
-    assert len(window._table.keys) == 40  # nothing learned again, nothing added
+    assert window._table is layout
+    assert len(layout.keys) == 40  # nothing learned again, nothing added
     assert sorted(s.class_name for s in window.samples()) == sorted(names[:10].tolist())
-    # A window that used under half of its layout starts the next one afresh.
-    window.drain()
-    assert window._table.carried == 0
+    # A window that used under half of its layout starts the next one afresh (the taken
+    # window hands the layout on when it is read, off the video loop).
+    taken = window.drain()
+    assert window._table is None  # the report call only swapped
+    assert len(taken) == 10
+    assert window._table is not None and window._table.carried == 0
 
 
 def test_carried_keys_count_against_the_guard_only_when_seen_again() -> None:
@@ -503,8 +508,8 @@ def test_carried_keys_count_against_the_guard_only_when_seen_again() -> None:
         window = Window(max_classes=2)
         window.add(batch_of([("car", 0.5, "", ""), ("person", 0.6, "", "")]), model_id="m")
         assert len(window) == 2  # folded
-        assert len(window.drain()) == 2
-        assert window._table.carried == 2
+        assert len(window.drain()) == 2  # the read hands the layout on
+        assert window._table is not None and window._table.carried == 2
         window.add(batch_of([("helmet", 0.5, "", ""), ("", 0.4, "", "")]), model_id="m")
         window.add(batch_of([("car", 0.9, "", ""), ("person", 0.9, "", "")]), model_id="m")
         assert sorted(s.class_name for s in window.samples()) == ["", "helmet"]
@@ -548,3 +553,26 @@ def test_give_back_does_not_fold_the_live_window() -> None:
     taken = store.take("k")
     assert results_of(taken) == {("m", "car"): (0.9, "b", "od"), ("m", "bus"): (0.5, "c", "od")}
     assert taken.stats()[("m", "car", "")].count == 2
+
+
+def test_drain_swaps_only_and_the_reader_hands_the_layout_on() -> None:
+    """The report call (``drain``) builds nothing: the live window has no table until the
+    taken window is read (by the sender) and hands its layout on; a layout handed on for
+    an older drain is ignored, and a window absorbed elsewhere hands nothing on."""
+    window = Window()
+    window.add(batch_of([("car", 0.5, "", ""), ("person", 0.6, "", "")]), model_id="m")
+    first = window.drain()
+    assert window._table is None
+    second = window.drain()  # drained again before the first was read
+    assert len(first) == 2
+    assert window._table is None  # the first window's layout is for an older drain
+    assert len(second) == 0
+    assert window._table is None  # the second window never had a table: nothing to hand on
+    window.add(batch_of([("car", 0.7, "", "")]), model_id="m")
+    third = window.drain()
+    target = Window()
+    target.absorb(third)
+    assert len(target) == 1
+    assert window._table is None  # an absorbed window hands no layout on
+    window.add(batch_of([("bus", 0.4, "", "")]), model_id="m")
+    assert [s.class_name for s in window.samples()] == ["bus"]  # built its own table
