@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from server_support import RunningBackend, start_server
+from server_support import PG_ADMIN_DSN, RunningBackend, scratch_pg_database, start_server
 
 from mmagg.server import Database, create_app
 
@@ -17,9 +16,7 @@ def _pg_available() -> str | None:
     try:
         import psycopg
 
-        with psycopg.connect(
-            "host=127.0.0.1 port=5432 user=postgres dbname=test", connect_timeout=2
-        ):
+        with psycopg.connect(PG_ADMIN_DSN, connect_timeout=2):
             return None
     except Exception as error:  # any failure means: no usable server here
         return f"PostgreSQL not reachable at 127.0.0.1:5432 ({type(error).__name__}: {error})"
@@ -31,17 +28,8 @@ def pg_database_url() -> Iterator[str]:
     reason = _pg_available()
     if reason is not None:
         pytest.skip(reason)
-    import psycopg
-
-    name = f"mmagg_test_{uuid.uuid4().hex[:12]}"
-    dsn = "host=127.0.0.1 port=5432 user=postgres dbname=test"
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_pg_database("mmagg_test_") as url:
+        yield url
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -75,17 +63,8 @@ def client(backend: RunningBackend) -> Iterator[httpx.Client]:
 @pytest.fixture
 def fresh_pg_url(pg_database_url: str) -> Iterator[str]:
     """A PostgreSQL database of the test's own, created empty and dropped after it."""
-    import psycopg
-
-    name = f"mmagg_t_{uuid.uuid4().hex[:12]}"
-    dsn = "host=127.0.0.1 port=5432 user=postgres dbname=test"
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_pg_database("mmagg_t_") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -6,6 +6,8 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import uvicorn
@@ -17,6 +19,40 @@ try:
     from mmagg.server.protocols import guarded_protocol
 except ImportError:  # an older tree (to show that a new test fails on the old code)
     guarded_protocol = None  # type: ignore[assignment]
+
+
+#: The PostgreSQL database the tests connect to for creating and dropping their own.
+PG_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
+
+
+def create_pg_database(name: str, template: str | None = None) -> str:
+    """Create PostgreSQL database `name` (a copy of `template` if given); its URL."""
+    import psycopg
+
+    suffix = f' TEMPLATE "{template}"' if template else ""
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"{suffix}')
+    return f"postgresql://postgres@127.0.0.1:5432/{name}"
+
+
+def drop_pg_database(name: str) -> None:
+    """Drop PostgreSQL database `name` if it exists, whoever is still connected."""
+    import psycopg
+
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def scratch_pg_database(prefix: str) -> Iterator[str]:
+    """The URL of a new, empty PostgreSQL database named `prefix` + a random suffix, dropped
+    on exit."""
+    name = f"{prefix}{uuid.uuid4().hex[:12]}"
+    url = create_pg_database(name)
+    try:
+        yield url
+    finally:
+        drop_pg_database(name)
 
 
 @dataclass

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_payloads import report, result
-from server_support import start_server
+from server_support import create_pg_database, drop_pg_database, scratch_pg_database, start_server
 from v01_schema import WORKSPACE, build_v01_database
 
 from mmagg.server import Database, create_app, tables
@@ -38,33 +38,13 @@ from mmagg.server.partitions import (
 from mmagg.server.schemas import REPORT_ADAPTER
 
 DAY = float(PARTITION_SECONDS)
-ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
-
-
-def _create_database(name: str, template: str | None = None) -> str:
-    import psycopg
-
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
-        suffix = f' TEMPLATE "{template}"' if template else ""
-        conn.execute(f'CREATE DATABASE "{name}"{suffix}')
-    return f"postgresql://postgres@127.0.0.1:5432/{name}"
-
-
-def _drop_database(name: str) -> None:
-    import psycopg
-
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
 def pg_url(pg_database_url: str) -> Iterator[str]:
     """A PostgreSQL database of this test's own (retention drops partitions database-wide)."""
-    name = f"mmagg_part_{uuid.uuid4().hex[:12]}"
-    try:
-        yield _create_database(name)
-    finally:
-        _drop_database(name)
+    with scratch_pg_database("mmagg_part_") as url:
+        yield url
 
 
 def _day_start(days_ago: int) -> float:
@@ -411,12 +391,12 @@ def test_a_v01_database_is_partitioned_and_reads_back_equal(
     the id sequence carry on; running step 7 again changes nothing."""
     names = [f"mmagg_v01p_{uuid.uuid4().hex[:10]}" for _ in range(2)]
     try:
-        url = _create_database(names[0])
+        url = create_pg_database(names[0])
         key = "mmk_" + secrets.token_urlsafe(24)
         build_v01_database(url, "postgresql", key, secrets.token_urlsafe(32))
         anchor = _day_start(5) + 1234.0
         rows = _insert_v01_rows(url, anchor)
-        plain_url = _create_database(names[1], template=names[0])
+        plain_url = create_pg_database(names[1], template=names[0])
 
         with monkeypatch.context() as patch:
             patch.setitem(tables.MIGRATIONS, 7, lambda conn: None)
@@ -479,7 +459,7 @@ def test_a_v01_database_is_partitioned_and_reads_back_equal(
             upgraded.close()
     finally:
         for name in names:
-            _drop_database(name)
+            drop_pg_database(name)
 
 
 def test_step_7_does_nothing_on_sqlite(tmp_path: Path) -> None:
@@ -521,7 +501,7 @@ def test_two_processes_upgrading_at_once_both_start(pg_database_url: str) -> Non
     waits for it and finds nothing left to do; no row is lost."""
     name = f"mmagg_v01c_{uuid.uuid4().hex[:10]}"
     try:
-        url = _create_database(name)
+        url = create_pg_database(name)
         build_v01_database(url, "postgresql", "mmk_" + secrets.token_urlsafe(24), "t")
         rows = _insert_v01_rows(url, _day_start(3) + 77.0)
         opened: list[Database] = []
@@ -550,4 +530,4 @@ def test_two_processes_upgrading_at_once_both_start(pg_database_url: str) -> Non
             for db in opened:
                 db.close()
     finally:
-        _drop_database(name)
+        drop_pg_database(name)

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from server_payloads import report, result
-from server_support import RunningBackend, start_server
+from server_support import RunningBackend, create_pg_database, drop_pg_database, start_server
 
 from mmagg.server import Database, create_app, tables
 from mmagg.server.rollups import rebuild_rollups
@@ -307,13 +307,8 @@ def v01_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         url, pk, drop = f"sqlite:///{tmp_path / 'v01.db'}", "INTEGER PRIMARY KEY", None
     else:
         request.getfixturevalue("pg_database_url")  # skips without PostgreSQL
-        import psycopg
-
         name = f"mmagg_v01_{uuid.uuid4().hex[:10]}"
-        admin = "host=127.0.0.1 port=5432 user=postgres dbname=test"
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        url, pk, drop = f"postgresql://postgres@127.0.0.1:5432/{name}", "SERIAL PRIMARY KEY", name
+        url, pk, drop = create_pg_database(name), "SERIAL PRIMARY KEY", name
     engine = sa.create_engine(tables.normalize_url(url))
     with engine.begin() as conn:
         for statement in V01_DDL:
@@ -323,10 +318,7 @@ def v01_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield url
     finally:
         if drop is not None:
-            import psycopg
-
-            with psycopg.connect(admin, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{drop}" WITH (FORCE)')
+            drop_pg_database(drop)
 
 
 def test_step_3_upgrades_a_v01_database_and_is_idempotent(v01_url: str) -> None:

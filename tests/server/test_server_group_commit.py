@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from server_payloads import report, result, stats
-from server_support import start_server
+from server_support import scratch_pg_database, start_server
 
 from mmagg.server import Database, create_app
 from mmagg.server.bounds import place
@@ -65,22 +65,15 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
             database.close()
         return
     request.getfixturevalue("pg_database_url")  # skips when PostgreSQL is not reachable
-    import psycopg
-
-    name = f"mmagg_group_{uuid.uuid4().hex[:12]}"
-    dsn = "host=127.0.0.1 port=5432 user=postgres dbname=test"
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    database = Database(f"postgresql://postgres@127.0.0.1:5432/{name}")
-    try:
-        with database.write() as conn:
-            for statement in _PG_POISON:
-                conn.exec_driver_sql(statement)
-        yield database
-    finally:
-        database.close()
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_pg_database("mmagg_group_") as url:
+        database = Database(url)
+        try:
+            with database.write() as conn:
+                for statement in _PG_POISON:
+                    conn.exec_driver_sql(statement)
+            yield database
+        finally:
+            database.close()
 
 
 def _body(device: str, n: int = 3) -> dict[str, Any]:
