@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from mmagg.server.tables import results, rollups
+from mmagg.server.tables import ROLLUP_KEY_COLUMNS, results, rollups
 from mmagg.wire import HISTOGRAM_BUCKETS
 
 # Coarse to fine; each level divides the next coarser one (days are UTC days). The 300 s
@@ -40,15 +40,7 @@ LEVELS = (86400, 21600, 3600, 300, 60)
 # Reads go to raw rows when this is False (benchmarks/read.py --raw measures both ways).
 ENABLED = True
 
-_KEY_COLUMNS = (
-    "workspace_id",
-    "level",
-    "bucket",
-    "model_id",
-    "class_name",
-    "device_key",
-    "source_key",
-)
+_KEY_COLUMNS = ROLLUP_KEY_COLUMNS
 _VALUE_COLUMNS = (
     "results",
     "conf_sum",
@@ -648,6 +640,28 @@ def aggregate(
     return found
 
 
+def _filtered(
+    filters: Filters,
+    model: sa.ColumnElement[Any],
+    class_name: sa.ColumnElement[Any],
+    device: sa.ColumnElement[Any],
+    source: sa.ColumnElement[Any],
+    key: Callable[[str], str] = str,
+) -> list[sa.ColumnElement[bool]]:
+    """The conditions `filters` put on a table's model, class, device and source columns
+    (`key`: how a device or source id is stored there)."""
+    where: list[sa.ColumnElement[bool]] = []
+    if filters.model_ids:
+        where.append(model.in_(list(filters.model_ids)))
+    if filters.class_names:
+        where.append(class_name.in_(list(filters.class_names)))
+    if filters.device_id is not None:
+        where.append(device == key(filters.device_id))
+    if filters.source_id is not None:
+        where.append(source == key(filters.source_id))
+    return where
+
+
 def _raw(
     conn: Connection,
     workspace_id: int,
@@ -666,14 +680,9 @@ def _raw(
         results.c.ts >= segment.start,
         results.c.ts < segment.end,
     ]
-    if filters.model_ids:
-        where.append(results.c.model_id.in_(list(filters.model_ids)))
-    if filters.class_names:
-        where.append(results.c.class_name.in_(list(filters.class_names)))
-    if filters.device_id is not None:
-        where.append(results.c.device_id == filters.device_id)
-    if filters.source_id is not None:
-        where.append(results.c.source_id == filters.source_id)
+    where += _filtered(
+        filters, results.c.model_id, results.c.class_name, results.c.device_id, results.c.source_id
+    )
     columns = [
         *group,
         sa.func.count(),
@@ -710,14 +719,9 @@ def _rolled(
         r.bucket >= segment.start,
         r.bucket < segment.end,
     ]
-    if filters.model_ids:
-        where.append(r.model_id.in_(list(filters.model_ids)))
-    if filters.class_names:
-        where.append(r.class_name.in_(list(filters.class_names)))
-    if filters.device_id is not None:
-        where.append(r.device_key == encode_key(filters.device_id))
-    if filters.source_id is not None:
-        where.append(r.source_key == encode_key(filters.source_id))
+    where += _filtered(
+        filters, r.model_id, r.class_name, r.device_key, r.source_key, key=encode_key
+    )
     report_column = r[report_counter(keys, filters)] if with_reports else None
     columns = [
         *group,

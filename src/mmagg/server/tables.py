@@ -114,15 +114,27 @@ results = sa.Table(
     sa.Index("ix_results_ws_ts", "workspace_id", "ts"),
 )
 
-# Step 5 (issue 15, docs/scale.md): per-minute (level 60) and per-hour (level 3600) aggregates
-# of `results`, written in the ingest transaction (mmagg.server.rollups). A missing device or
-# source is the key "" and a present one is "=" + the id, so that the key never holds NULL and
-# one unique constraint serves the upsert on both engines.
+# Step 8: the report-wide counters the `devices` read sums (mmagg.server.rollups).
 ROLLUP_COLUMNS_V8 = (
     sa.Column("device_reports", sa.BigInteger, nullable=False),
     sa.Column("device_source_reports", sa.BigInteger, nullable=False),
 )
 
+# What identifies a rollup row: its unique key, the conflict target of every upsert.
+ROLLUP_KEY_COLUMNS = (
+    "workspace_id",
+    "level",
+    "bucket",
+    "model_id",
+    "class_name",
+    "device_key",
+    "source_key",
+)
+
+# Step 5 (issue 15, docs/scale.md): per-minute (level 60) and per-hour (level 3600) aggregates
+# of `results`, written in the ingest transaction (mmagg.server.rollups). A missing device or
+# source is the key "" and a present one is "=" + the id, so that the key never holds NULL and
+# one unique constraint serves the upsert on both engines.
 rollups = sa.Table(
     "rollups",
     metadata,
@@ -150,16 +162,7 @@ rollups = sa.Table(
     # Step 8: once per report (device_reports) and once per report and source across models
     # (device_source_reports), on the report's smallest key, for the `devices` read.
     *ROLLUP_COLUMNS_V8,
-    sa.UniqueConstraint(
-        "workspace_id",
-        "level",
-        "bucket",
-        "model_id",
-        "class_name",
-        "device_key",
-        "source_key",
-        name="uq_rollups_key",
-    ),
+    sa.UniqueConstraint(*ROLLUP_KEY_COLUMNS, name="uq_rollups_key"),
     sa.Index("ix_rollups_ws_model_level_bucket", "workspace_id", "model_id", "level", "bucket"),
 )
 
