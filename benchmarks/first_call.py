@@ -163,23 +163,29 @@ def make_frames(n: int = 16, per_frame: int = 50, classes: int = 20) -> list[Any
     return frames
 
 
-# -- 1. the first run() in a fresh process ---------------------------------------------------
-
-
-def fresh_child() -> None:
-    """In a new process: build the block, time its first run(); print JSON."""
-    frames = make_frames(2)
+def new_block() -> Any:
+    """The block as a Workflow builds it, reporting to a closed port (no report is due)."""
     from mmagg import MemoryCache
     from mmagg.block import ModelMonitoringInferenceAggregatorBlockV1
 
-    t0 = time.perf_counter()
-    block = ModelMonitoringInferenceAggregatorBlockV1(
+    return ModelMonitoringInferenceAggregatorBlockV1(
         cache=MemoryCache(),
         api_key="bench-key",
         background_tasks=None,
         thread_pool_executor=None,
         api_base_url=f"http://127.0.0.1:{free_port()}",
     )
+
+
+# -- 1. the first run() in a fresh process ---------------------------------------------------
+
+
+def fresh_child() -> None:
+    """In a new process: build the block, time its first run(); print JSON."""
+    frames = make_frames(2)
+
+    t0 = time.perf_counter()
+    block = new_block()
     built = time.perf_counter() - t0
     before = set(sys.modules)
     t0 = time.perf_counter()
@@ -220,17 +226,8 @@ def fresh_runs(n: int) -> list[dict[str, Any]]:
 
 
 def new_keys(n: int) -> list[float]:
-    from mmagg import MemoryCache
-    from mmagg.block import ModelMonitoringInferenceAggregatorBlockV1
-
     frames = make_frames(4)
-    block = ModelMonitoringInferenceAggregatorBlockV1(
-        cache=MemoryCache(),
-        api_key="bench-key",
-        background_tasks=None,
-        thread_pool_executor=None,
-        api_base_url=f"http://127.0.0.1:{free_port()}",
-    )
+    block = new_block()
     block.run(True, frames[0], 5, "warm-up", "bench/1")
     timings = []
     for i in range(n):
