@@ -77,6 +77,18 @@ logger = get_logger("mmagg.reporter")
 _CANCEL_GRACE = 0.25
 
 
+#: How often the own sender looks at its pending slot while a report is expected (from the
+#: last report until ``frequency`` + :data:`_POLL_SLACK` seconds after it): the report call
+#: then only stores the window, it never wakes the sender (no futex wake, no GIL hand-over
+#: on the video loop), and a report waits at most this long. Outside that span the sender
+#: sleeps until woken, and the report call wakes it as before.
+_POLL_INTERVAL = 0.05
+
+#: How long past the expected next report the sender keeps polling: covers frames that come
+#: late (a stalled camera, a slow model, frame rates down to 0.5 fps); a stream that stops
+#: for longer costs one wake on its next report.
+_POLL_SLACK = 2.0
+
 #: Bumped in a forked child (``os.register_at_fork``): the per-frame step compares it instead
 #: of asking the kernel for the pid on every frame.
 _fork_generation = 0
@@ -283,6 +295,9 @@ class Reporter:
         self._cond = threading.Condition()
         self._send_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        # While non-zero (a monotonic deadline), the own sender polls the pending slot every
+        # _POLL_INTERVAL and nobody needs to wake it; zero: it sleeps until woken.
+        self._polling_until = 0.0
         self._window_started = self._clock()
         self._claim_requested: IntervalClock | None = None
         self._claim_in_progress = False
@@ -385,7 +400,10 @@ class Reporter:
             return _NOT_IN_RANGE
         # The report call only swapped the window (constant time); the sender (or the
         # runner, or a synchronous drain) reads it: its fold, table and merge happen there.
-        self.submit(window, wake=False)  # _dispatch wakes whoever sends
+        if fire_and_forget and background_tasks is None and executor is None:
+            self._hand_over(window, None)  # one lock; no wake while the sender polls
+            return False, MESSAGE_BACKGROUND
+        self.submit(window, wake=False)  # _dispatch hands the send to the runner
         return self._dispatch(fire_and_forget, None, background_tasks, executor)
 
     def submit(self, window: Window, *, wake: bool = True) -> None:
@@ -427,7 +445,7 @@ class Reporter:
         elif executor is not None:
             executor.submit(task)
         else:
-            self._wake(claim)
+            self._hand_over(None, claim)
         return False, MESSAGE_BACKGROUND
 
     # -- sending (runner threads) ------------------------------------------------------------
@@ -575,31 +593,67 @@ class Reporter:
 
     # -- the own background sender -----------------------------------------------------------
 
-    def _wake(self, claim: IntervalClock | None = None) -> None:
+    def _hand_over(self, window: Window | None, claim: IntervalClock | None) -> None:
+        """The report call's hand-over to the own sender: store ``window`` in the pending
+        slot (or ``claim``: a clock for the sender to claim from) under one lock. While the
+        sender polls (a report was expected), that is all: it finds the slot within
+        :data:`_POLL_INTERVAL`. Otherwise wake it (start it the first time)."""
         with self._cond:
+            if window is not None:
+                if self._pending is None:
+                    self._pending = window
+                else:
+                    self._pending.absorb(window)
             if claim is not None:
                 self._claim_requested = claim
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._run, name=f"mmagg-sender-{self.key[:40]}", daemon=True
-                )
-                self._thread.start()
-            self._cond.notify_all()
+            if self._polling_until:
+                return
+            self._start_or_notify()
+
+    def _wake(self) -> None:
+        """Wake the own sender now (flush, close): never left to its next poll."""
+        with self._cond:
+            self._start_or_notify()
+
+    def _start_or_notify(self) -> None:  # holding self._cond
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(
+                target=self._run, name=f"mmagg-sender-{self.key[:40]}", daemon=True
+            )
+            self._thread.start()
+        self._cond.notify_all()
 
     def _run(self) -> None:
-        while True:
-            with self._cond:
-                while self._pending is None and self._claim_requested is None and not self._closing:
-                    self._cond.wait()
-                if self._closing and self._pending is None:
-                    return
-                claim, self._claim_requested = self._claim_requested, None
-            try:
-                if claim is not None:
-                    self._claim_and_drain(claim)
-                self.drain(blocking=True)
-            except Exception:  # the sender must survive anything
-                logger.exception("mmagg: unexpected error in the background sender")
+        try:
+            while True:
+                with self._cond:
+                    while (
+                        self._pending is None
+                        and self._claim_requested is None
+                        and not self._closing
+                    ):
+                        if self._polling_until > time.monotonic():
+                            self._cond.wait(_POLL_INTERVAL)
+                        else:
+                            # From here on the report call wakes the sender (under this
+                            # lock, so no hand-over is missed).
+                            self._polling_until = 0.0
+                            self._cond.wait()
+                    if self._closing and self._pending is None:
+                        return
+                    claim, self._claim_requested = self._claim_requested, None
+                try:
+                    if claim is not None:
+                        self._claim_and_drain(claim)
+                    self.drain(blocking=True)
+                except Exception:  # the sender must survive anything
+                    logger.exception("mmagg: unexpected error in the background sender")
+                # The next report is expected about `frequency` seconds from now: poll
+                # until a little after, so that its report call need not wake this thread.
+                self._polling_until = time.monotonic() + self.config.frequency + _POLL_SLACK
+        finally:
+            with self._cond:  # a sender that is gone polls nothing: wake the next one
+                self._polling_until = 0.0
 
     # -- flush and close ---------------------------------------------------------------------
 
