@@ -131,6 +131,15 @@ def report_series(frames: list[Frame], report_frames: int, port: int, out: str) 
     )
     key = "instructions-report"
     reporter = block.reporter(key, REPORT_FREQUENCY)
+    import mmagg.reporter as reporter_module
+
+    # Under valgrind a call takes ~0.1 s of real time, so 5 s of simulated stream take tens
+    # of seconds: the sender would stop polling (frequency + 2 s of real time after a
+    # report) long before the next report call. Keep it polling, every second (each poll
+    # lands in whichever part is open: a few thousand instructions every few calls). A
+    # version without a polling sender ignores both.
+    reporter_module._POLL_SLACK = 3600.0  # type: ignore[attr-defined]
+    reporter_module._POLL_INTERVAL = 1.0  # type: ignore[attr-defined]
     reports: list[int] = []
     for i in range(3):  # warm-up: imports, the interval starts, the first layout
         now[0] += 1 / REPORT_FPS

@@ -300,7 +300,11 @@ class Reporter:
         self._polling_until = 0.0
         self._window_started = self._clock()
         self._claim_requested: IntervalClock | None = None
+        #: The time to claim at (the report frame's ``now``), or ``None``: the runner's clock.
+        self._claim_now: float | None = None
         self._claim_in_progress = False
+        #: The own sender is claiming (``wait_idle`` and ``flush`` wait for it).
+        self._sender_claiming = False
         # Predictions of the window being sent; close() counts them as dropped when it
         # gives up on that send (``_abandoned``), and the send's late outcome corrects it.
         self._in_flight_predictions = 0
@@ -395,6 +399,18 @@ class Reporter:
             return _NOT_IN_RANGE
         if clock.shared:
             return self._dispatch(fire_and_forget, clock, background_tasks, executor)
+        if (
+            self._polling_until
+            and fire_and_forget
+            and background_tasks is None
+            and executor is None
+        ):
+            # The own sender polls (a report was expected): it claims the interval too, at
+            # this frame's time, as if claimed here (same cache value, same interval), within
+            # _POLL_INTERVAL. The report call itself only stores the request: no cache read
+            # or write, no window swap, no wake (frames that arrive before the sender takes
+            # the window go into this report instead of the next one).
+            return self._dispatch(True, clock, None, None, now=now)
         window = clock.claim(self.store_key, frequency, now)
         if window is None:
             return _NOT_IN_RANGE
@@ -427,9 +443,11 @@ class Reporter:
         claim: IntervalClock | None,
         background_tasks: BackgroundTasksLike | None,
         executor: ExecutorLike | None,
+        *,
+        now: float | None = None,
     ) -> Outcome:
         """Report now (synchronously) or hand it to a runner; ``claim``: a clock to claim
-        the interval from first, in the runner."""
+        the interval from first, in the runner (at ``now``; ``None``: the runner's clock)."""
         if not fire_and_forget:
             outcome = self._claim_and_drain(claim) if claim is not None else self.drain(True)
             return outcome or _NOT_IN_RANGE
@@ -445,15 +463,17 @@ class Reporter:
         elif executor is not None:
             executor.submit(task)
         else:
-            self._hand_over(None, claim)
+            self._hand_over(None, claim, now)
         return False, MESSAGE_BACKGROUND
 
     # -- sending (runner threads) ------------------------------------------------------------
 
-    def _claim_and_drain(self, clock: IntervalClock) -> Outcome | None:
-        """Claim the interval from ``clock``; report if this process won it."""
+    def _claim_and_drain(self, clock: IntervalClock, now: float | None = None) -> Outcome | None:
+        """Claim the interval from ``clock`` (at ``now``, else the reporter's clock's now);
+        report if this process won it."""
         try:
-            window = clock.claim(self.store_key, self.config.frequency, self._clock())
+            when = self._clock() if now is None else now
+            window = clock.claim(self.store_key, self.config.frequency, when)
         except Exception as exc:  # the store reports its own outages; never raise here
             logger.warning("mmagg: interval claim failed: %s", redact(str(exc)))
             return None
@@ -593,11 +613,13 @@ class Reporter:
 
     # -- the own background sender -----------------------------------------------------------
 
-    def _hand_over(self, window: Window | None, claim: IntervalClock | None) -> None:
+    def _hand_over(
+        self, window: Window | None, claim: IntervalClock | None, now: float | None = None
+    ) -> None:
         """The report call's hand-over to the own sender: store ``window`` in the pending
-        slot (or ``claim``: a clock for the sender to claim from) under one lock. While the
-        sender polls (a report was expected), that is all: it finds the slot within
-        :data:`_POLL_INTERVAL`. Otherwise wake it (start it the first time)."""
+        slot (or ``claim``: a clock for the sender to claim from, at ``now``) under one
+        lock. While the sender polls (a report was expected), that is all: it finds the
+        slot within :data:`_POLL_INTERVAL`. Otherwise wake it (start it the first time)."""
         with self._cond:
             if window is not None:
                 if self._pending is None:
@@ -606,6 +628,7 @@ class Reporter:
                     self._pending.absorb(window)
             if claim is not None:
                 self._claim_requested = claim
+                self._claim_now = now
             if self._polling_until:
                 return
             self._start_or_notify()
@@ -642,12 +665,19 @@ class Reporter:
                     if self._closing and self._pending is None:
                         return
                     claim, self._claim_requested = self._claim_requested, None
+                    claim_now, self._claim_now = self._claim_now, None
+                    self._sender_claiming = claim is not None
                 try:
                     if claim is not None:
-                        self._claim_and_drain(claim)
+                        self._claim_and_drain(claim, claim_now)
                     self.drain(blocking=True)
                 except Exception:  # the sender must survive anything
                     logger.exception("mmagg: unexpected error in the background sender")
+                finally:
+                    if claim is not None:
+                        with self._cond:
+                            self._sender_claiming = False
+                            self._cond.notify_all()  # wait_idle: the claim is done
                 # The next report is expected about `frequency` seconds from now: poll
                 # until a little after, so that its report call need not wake this thread.
                 self._polling_until = time.monotonic() + self.config.frequency + _POLL_SLACK
@@ -669,7 +699,12 @@ class Reporter:
         if window is not None and not window.is_empty():
             self.submit(window)
         with self._cond:
-            if self._pending is None and not self._in_flight:
+            if (
+                self._pending is None
+                and not self._in_flight
+                and self._claim_requested is None
+                and not self._sender_claiming
+            ):
                 return True
         self._wake()
         return self.wait_idle(max(0.0, deadline - time.monotonic()))
@@ -678,7 +713,12 @@ class Reporter:
         """Wait until nothing is pending or in flight (collected data stays collected)."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._pending is not None or self._in_flight:
+            while (
+                self._pending is not None
+                or self._in_flight
+                or self._claim_requested is not None  # the own sender claims next
+                or self._sender_claiming
+            ):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
