@@ -667,6 +667,9 @@ class Reporter:
                     claim, self._claim_requested = self._claim_requested, None
                     claim_now, self._claim_now = self._claim_now, None
                     self._sender_claiming = claim is not None
+                    # A report is being handed over: the next one is expected about
+                    # `frequency` seconds from now (armed again after the send, below).
+                    self._polling_until = time.monotonic() + self.config.frequency + _POLL_SLACK
                 try:
                     if claim is not None:
                         self._claim_and_drain(claim, claim_now)
