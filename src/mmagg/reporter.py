@@ -471,18 +471,31 @@ class Reporter:
     def _claim_and_drain(self, clock: IntervalClock, now: float | None = None) -> Outcome | None:
         """Claim the interval from ``clock`` (at ``now``, else the reporter's clock's now);
         report if this process won it."""
+        if not self._claim(clock, now):
+            return None
+        return self.drain(blocking=True)
+
+    def _claim(self, clock: IntervalClock, now: float | None) -> bool:
+        """Claim the interval and put the window in the pending slot; ``True`` if won."""
+        window: Window | None = None
         try:
             when = self._clock() if now is None else now
             window = clock.claim(self.store_key, self.config.frequency, when)
         except Exception as exc:  # the store reports its own outages; never raise here
             logger.warning("mmagg: interval claim failed: %s", redact(str(exc)))
-            return None
         finally:
             self._claim_in_progress = False
-        if window is None:
-            return None
-        self.submit(window)
-        return self.drain(blocking=True)
+            with self._cond:
+                if window is not None:
+                    if self._pending is None:
+                        self._pending = window
+                    else:
+                        self._pending.absorb(window)
+                # The own sender's claim is over (its window, if any, is pending): flush
+                # and wait_idle go on from here.
+                self._sender_claiming = False
+                self._cond.notify_all()
+        return window is not None
 
     def drain(self, blocking: bool = False) -> Outcome | None:
         """Send pending windows until none is left; ``None`` if another sender has them."""
@@ -672,15 +685,10 @@ class Reporter:
                     self._polling_until = time.monotonic() + self.config.frequency + _POLL_SLACK
                 try:
                     if claim is not None:
-                        self._claim_and_drain(claim, claim_now)
+                        self._claim(claim, claim_now)  # clears _sender_claiming
                     self.drain(blocking=True)
                 except Exception:  # the sender must survive anything
                     logger.exception("mmagg: unexpected error in the background sender")
-                finally:
-                    if claim is not None:
-                        with self._cond:
-                            self._sender_claiming = False
-                            self._cond.notify_all()  # wait_idle: the claim is done
                 # The next report is expected about `frequency` seconds from now: poll
                 # until a little after, so that its report call need not wake this thread.
                 self._polling_until = time.monotonic() + self.config.frequency + _POLL_SLACK
@@ -694,6 +702,16 @@ class Reporter:
         """Send everything collected so far; ``True`` if it was all handled in time."""
         self._check_fork()
         deadline = time.monotonic() + (self.flush_timeout if timeout is None else timeout)
+        # A claim the own sender was asked for comes first (it takes the window of the
+        # interval that came due; the take below takes what came after): run it here if the
+        # sender has not started it, or let the sender finish it.
+        with self._cond:
+            claim, self._claim_requested = self._claim_requested, None
+            claim_now, self._claim_now = self._claim_now, None
+            while self._sender_claiming and time.monotonic() < deadline:
+                self._cond.wait(max(0.0, deadline - time.monotonic()))
+        if claim is not None:
+            self._claim(claim, claim_now)
         try:
             window = self.store.take(self.store_key)
         except Exception as exc:
