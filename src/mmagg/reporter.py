@@ -89,6 +89,10 @@ _POLL_INTERVAL = 0.05
 #: for longer costs one wake on its next report.
 _POLL_SLACK = 2.0
 
+#: Longer intervals are not polled (the report call wakes the sender, once a minute at
+#: most): polling a whole hour for one report is not worth the wake it saves.
+_POLL_MAX_FREQUENCY = 60
+
 #: Bumped in a forked child (``os.register_at_fork``): the per-frame step compares it instead
 #: of asking the kernel for the pid on every frame.
 _fork_generation = 0
@@ -659,6 +663,13 @@ class Reporter:
             self._thread.start()
         self._cond.notify_all()
 
+    def _poll_deadline(self) -> float:
+        """Until when the sender polls after a report (0: it does not, long intervals)."""
+        frequency = self.config.frequency
+        if frequency > _POLL_MAX_FREQUENCY:
+            return 0.0
+        return time.monotonic() + frequency + _POLL_SLACK
+
     def _run(self) -> None:
         try:
             while True:
@@ -682,7 +693,7 @@ class Reporter:
                     self._sender_claiming = claim is not None
                     # A report is being handed over: the next one is expected about
                     # `frequency` seconds from now (armed again after the send, below).
-                    self._polling_until = time.monotonic() + self.config.frequency + _POLL_SLACK
+                    self._polling_until = self._poll_deadline()
                 try:
                     if claim is not None:
                         self._claim(claim, claim_now)  # clears _sender_claiming
@@ -691,7 +702,7 @@ class Reporter:
                     logger.exception("mmagg: unexpected error in the background sender")
                 # The next report is expected about `frequency` seconds from now: poll
                 # until a little after, so that its report call need not wake this thread.
-                self._polling_until = time.monotonic() + self.config.frequency + _POLL_SLACK
+                self._polling_until = self._poll_deadline()
         finally:
             with self._cond:  # a sender that is gone polls nothing: wake the next one
                 self._polling_until = 0.0
