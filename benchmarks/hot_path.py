@@ -159,6 +159,7 @@ def timed_stream(
     clock: Clock,
     between_reports: Callable[[], object] | None = None,
     step: float = 1 / FPS,
+    report_calls: list[int] | None = None,
 ) -> tuple[list[float], float]:
     """Per-call latencies and caller-thread CPU per frame.
 
@@ -166,17 +167,20 @@ def timed_stream(
     background: on the simulated clock a minute of stream takes a fraction of a second, so
     without it the sender would be busy for most of the run instead of a few milliseconds
     every ``FREQUENCY`` seconds, and the loop would mostly measure GIL hand-overs.
+    ``report_calls``: filled with the indices of the calls that handed over a report.
     """
     latencies = []
     untimed_cpu = 0.0
     gc.collect()
     cpu_start = time.thread_time()
-    for frame in frames:
+    for i, frame in enumerate(frames):
         clock.now += step
         started = time.perf_counter()
         result = run(frame)
         latencies.append(time.perf_counter() - started)
         if between_reports is not None and "background" in str(result.get("message", "")):
+            if report_calls is not None:
+                report_calls.append(i)
             waited = time.thread_time()
             between_reports()
             untimed_cpu += time.thread_time() - waited
@@ -253,7 +257,11 @@ def headline(args: argparse.Namespace) -> int:
     mm_run(frames[0])  # warm-up (imports, first interval)
     floor.run(frames[0])
     hooks = BlockHooks(block, key)
-    mm = summary(*timed_stream(mm_run, frames, mm_clock, hooks.wait_idle))
+    report_calls: list[int] = []
+    mm_latencies, mm_cpu = timed_stream(
+        mm_run, frames, mm_clock, hooks.wait_idle, report_calls=report_calls
+    )
+    mm = summary(mm_latencies, mm_cpu)
     base = summary(*timed_stream(base_run, frames, base_clock))
     low = summary(*timed_stream(floor.run, frames, Clock()))
     drained, counters = hooks.close()
@@ -296,6 +304,14 @@ def headline(args: argparse.Namespace) -> int:
             f"{base[name] / mm[name]:11.1f}x{mm[name] / low[name]:12.1f}x"
         )
     print(f"{'p99/p50':18}{mm['p99_us'] / mm['p50_us']:10.1f}")
+    # The calls that handed a report to the sender, apart (wall time, µs).
+    at_report = sorted(mm_latencies[i] * 1e6 for i in report_calls)
+    if at_report:
+        median = statistics.median(at_report)
+        print(
+            f"{'report calls':18}median {median:.1f} us, max {at_report[-1]:.1f} us over "
+            f"{len(at_report)} ({median / mm['p50_us']:.1f}x the p50)"
+        )
     print(
         f"{'held_MB':18}{mm_mem / 2**20:10.3f}{base_mem / 2**20:10.1f}"
         f"{'':10}{base_mem / max(mm_mem, 1):11.0f}x   "

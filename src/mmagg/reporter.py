@@ -77,6 +77,22 @@ logger = get_logger("mmagg.reporter")
 _CANCEL_GRACE = 0.25
 
 
+#: How often the own sender looks at its pending slot while a report is expected (from the
+#: last report until ``frequency`` + :data:`_POLL_SLACK` seconds after it): the report call
+#: then only stores the window, it never wakes the sender (no futex wake, no GIL hand-over
+#: on the video loop), and a report waits at most this long. Outside that span the sender
+#: sleeps until woken, and the report call wakes it as before.
+_POLL_INTERVAL = 0.05
+
+#: How long past the expected next report the sender keeps polling: covers frames that come
+#: late (a stalled camera, a slow model, frame rates down to 0.5 fps); a stream that stops
+#: for longer costs one wake on its next report.
+_POLL_SLACK = 2.0
+
+#: Longer intervals are not polled (the report call wakes the sender, once a minute at
+#: most): polling a whole hour for one report is not worth the wake it saves.
+_POLL_MAX_FREQUENCY = 60
+
 #: Bumped in a forked child (``os.register_at_fork``): the per-frame step compares it instead
 #: of asking the kernel for the pid on every frame.
 _fork_generation = 0
@@ -283,9 +299,16 @@ class Reporter:
         self._cond = threading.Condition()
         self._send_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        # While non-zero (a monotonic deadline), the own sender polls the pending slot every
+        # _POLL_INTERVAL and nobody needs to wake it; zero: it sleeps until woken.
+        self._polling_until = 0.0
         self._window_started = self._clock()
         self._claim_requested: IntervalClock | None = None
+        #: The time to claim at (the report frame's ``now``), or ``None``: the runner's clock.
+        self._claim_now: float | None = None
         self._claim_in_progress = False
+        #: The own sender is claiming (``wait_idle`` and ``flush`` wait for it).
+        self._sender_claiming = False
         # Predictions of the window being sent; close() counts them as dropped when it
         # gives up on that send (``_abandoned``), and the send's late outcome corrects it.
         self._in_flight_predictions = 0
@@ -380,12 +403,27 @@ class Reporter:
             return _NOT_IN_RANGE
         if clock.shared:
             return self._dispatch(fire_and_forget, clock, background_tasks, executor)
+        if (
+            self._polling_until
+            and fire_and_forget
+            and background_tasks is None
+            and executor is None
+        ):
+            # The own sender polls (a report was expected): it claims the interval too, at
+            # this frame's time, as if claimed here (same cache value, same interval), within
+            # _POLL_INTERVAL. The report call itself only stores the request: no cache read
+            # or write, no window swap, no wake (frames that arrive before the sender takes
+            # the window go into this report instead of the next one).
+            return self._dispatch(True, clock, None, None, now=now)
         window = clock.claim(self.store_key, frequency, now)
         if window is None:
             return _NOT_IN_RANGE
         # The report call only swapped the window (constant time); the sender (or the
         # runner, or a synchronous drain) reads it: its fold, table and merge happen there.
-        self.submit(window, wake=False)  # _dispatch wakes whoever sends
+        if fire_and_forget and background_tasks is None and executor is None:
+            self._hand_over(window, None)  # one lock; no wake while the sender polls
+            return False, MESSAGE_BACKGROUND
+        self.submit(window, wake=False)  # _dispatch hands the send to the runner
         return self._dispatch(fire_and_forget, None, background_tasks, executor)
 
     def submit(self, window: Window, *, wake: bool = True) -> None:
@@ -409,9 +447,11 @@ class Reporter:
         claim: IntervalClock | None,
         background_tasks: BackgroundTasksLike | None,
         executor: ExecutorLike | None,
+        *,
+        now: float | None = None,
     ) -> Outcome:
         """Report now (synchronously) or hand it to a runner; ``claim``: a clock to claim
-        the interval from first, in the runner."""
+        the interval from first, in the runner (at ``now``; ``None``: the runner's clock)."""
         if not fire_and_forget:
             outcome = self._claim_and_drain(claim) if claim is not None else self.drain(True)
             return outcome or _NOT_IN_RANGE
@@ -427,24 +467,39 @@ class Reporter:
         elif executor is not None:
             executor.submit(task)
         else:
-            self._wake(claim)
+            self._hand_over(None, claim, now)
         return False, MESSAGE_BACKGROUND
 
     # -- sending (runner threads) ------------------------------------------------------------
 
-    def _claim_and_drain(self, clock: IntervalClock) -> Outcome | None:
-        """Claim the interval from ``clock``; report if this process won it."""
+    def _claim_and_drain(self, clock: IntervalClock, now: float | None = None) -> Outcome | None:
+        """Claim the interval from ``clock`` (at ``now``, else the reporter's clock's now);
+        report if this process won it."""
+        if not self._claim(clock, now):
+            return None
+        return self.drain(blocking=True)
+
+    def _claim(self, clock: IntervalClock, now: float | None) -> bool:
+        """Claim the interval and put the window in the pending slot; ``True`` if won."""
+        window: Window | None = None
         try:
-            window = clock.claim(self.store_key, self.config.frequency, self._clock())
+            when = self._clock() if now is None else now
+            window = clock.claim(self.store_key, self.config.frequency, when)
         except Exception as exc:  # the store reports its own outages; never raise here
             logger.warning("mmagg: interval claim failed: %s", redact(str(exc)))
-            return None
         finally:
             self._claim_in_progress = False
-        if window is None:
-            return None
-        self.submit(window)
-        return self.drain(blocking=True)
+            with self._cond:
+                if window is not None:
+                    if self._pending is None:
+                        self._pending = window
+                    else:
+                        self._pending.absorb(window)
+                # The own sender's claim is over (its window, if any, is pending): flush
+                # and wait_idle go on from here.
+                self._sender_claiming = False
+                self._cond.notify_all()
+        return window is not None
 
     def drain(self, blocking: bool = False) -> Outcome | None:
         """Send pending windows until none is left; ``None`` if another sender has them."""
@@ -575,31 +630,82 @@ class Reporter:
 
     # -- the own background sender -----------------------------------------------------------
 
-    def _wake(self, claim: IntervalClock | None = None) -> None:
+    def _hand_over(
+        self, window: Window | None, claim: IntervalClock | None, now: float | None = None
+    ) -> None:
+        """The report call's hand-over to the own sender: store ``window`` in the pending
+        slot (or ``claim``: a clock for the sender to claim from, at ``now``) under one
+        lock. While the sender polls (a report was expected), that is all: it finds the
+        slot within :data:`_POLL_INTERVAL`. Otherwise wake it (start it the first time)."""
         with self._cond:
+            if window is not None:
+                if self._pending is None:
+                    self._pending = window
+                else:
+                    self._pending.absorb(window)
             if claim is not None:
                 self._claim_requested = claim
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._run, name=f"mmagg-sender-{self.key[:40]}", daemon=True
-                )
-                self._thread.start()
-            self._cond.notify_all()
+                self._claim_now = now
+            if self._polling_until:
+                return
+            self._start_or_notify()
+
+    def _wake(self) -> None:
+        """Wake the own sender now (flush, close): never left to its next poll."""
+        with self._cond:
+            self._start_or_notify()
+
+    def _start_or_notify(self) -> None:  # holding self._cond
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(
+                target=self._run, name=f"mmagg-sender-{self.key[:40]}", daemon=True
+            )
+            self._thread.start()
+        self._cond.notify_all()
+
+    def _poll_deadline(self) -> float:
+        """Until when the sender polls after a report (0: it does not, long intervals)."""
+        frequency = self.config.frequency
+        if frequency > _POLL_MAX_FREQUENCY:
+            return 0.0
+        return time.monotonic() + frequency + _POLL_SLACK
 
     def _run(self) -> None:
-        while True:
-            with self._cond:
-                while self._pending is None and self._claim_requested is None and not self._closing:
-                    self._cond.wait()
-                if self._closing and self._pending is None:
-                    return
-                claim, self._claim_requested = self._claim_requested, None
-            try:
-                if claim is not None:
-                    self._claim_and_drain(claim)
-                self.drain(blocking=True)
-            except Exception:  # the sender must survive anything
-                logger.exception("mmagg: unexpected error in the background sender")
+        try:
+            while True:
+                with self._cond:
+                    while (
+                        self._pending is None
+                        and self._claim_requested is None
+                        and not self._closing
+                    ):
+                        if self._polling_until > time.monotonic():
+                            self._cond.wait(_POLL_INTERVAL)
+                        else:
+                            # From here on the report call wakes the sender (under this
+                            # lock, so no hand-over is missed).
+                            self._polling_until = 0.0
+                            self._cond.wait()
+                    if self._closing and self._pending is None:
+                        return
+                    claim, self._claim_requested = self._claim_requested, None
+                    claim_now, self._claim_now = self._claim_now, None
+                    self._sender_claiming = claim is not None
+                    # A report is being handed over: the next one is expected about
+                    # `frequency` seconds from now (armed again after the send, below).
+                    self._polling_until = self._poll_deadline()
+                try:
+                    if claim is not None:
+                        self._claim(claim, claim_now)  # clears _sender_claiming
+                    self.drain(blocking=True)
+                except Exception:  # the sender must survive anything
+                    logger.exception("mmagg: unexpected error in the background sender")
+                # The next report is expected about `frequency` seconds from now: poll
+                # until a little after, so that its report call need not wake this thread.
+                self._polling_until = self._poll_deadline()
+        finally:
+            with self._cond:  # a sender that is gone polls nothing: wake the next one
+                self._polling_until = 0.0
 
     # -- flush and close ---------------------------------------------------------------------
 
@@ -607,6 +713,16 @@ class Reporter:
         """Send everything collected so far; ``True`` if it was all handled in time."""
         self._check_fork()
         deadline = time.monotonic() + (self.flush_timeout if timeout is None else timeout)
+        # A claim the own sender was asked for comes first (it takes the window of the
+        # interval that came due; the take below takes what came after): run it here if the
+        # sender has not started it, or let the sender finish it.
+        with self._cond:
+            claim, self._claim_requested = self._claim_requested, None
+            claim_now, self._claim_now = self._claim_now, None
+            while self._sender_claiming and time.monotonic() < deadline:
+                self._cond.wait(max(0.0, deadline - time.monotonic()))
+        if claim is not None:
+            self._claim(claim, claim_now)
         try:
             window = self.store.take(self.store_key)
         except Exception as exc:
@@ -615,7 +731,12 @@ class Reporter:
         if window is not None and not window.is_empty():
             self.submit(window)
         with self._cond:
-            if self._pending is None and not self._in_flight:
+            if (
+                self._pending is None
+                and not self._in_flight
+                and self._claim_requested is None
+                and not self._sender_claiming
+            ):
                 return True
         self._wake()
         return self.wait_idle(max(0.0, deadline - time.monotonic()))
@@ -624,7 +745,12 @@ class Reporter:
         """Wait until nothing is pending or in flight (collected data stays collected)."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._pending is not None or self._in_flight:
+            while (
+                self._pending is not None
+                or self._in_flight
+                or self._claim_requested is not None  # the own sender claims next
+                or self._sender_claiming
+            ):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -215,6 +216,61 @@ def test_own_background_sender(capture_server: CaptureServer, clock: FakeClock) 
     result = block.run(True, frames("object-detection")[1], 1, "own-sender", "m/1")
     assert result["message"] == "Reporting happens in the background task"
     capture_server.wait_for_posts(1)
+
+
+class ThreadRecordingCache(MemoryCache):
+    """A memory cache that also records which thread set which key."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.set_by: list[tuple[str, str]] = []
+
+    def set(self, key: str, value: Any, expire: float | None = None) -> None:
+        self.set_by.append((key, threading.current_thread().name))
+        super().set(key, value, expire)
+
+
+def test_steady_state_report_is_claimed_by_the_sender_at_the_frames_time(
+    capture_server: CaptureServer, clock: FakeClock
+) -> None:
+    """After the first report the sender polls and claims the next interval itself: the
+    report call only leaves the request, the cache gets the report frame's time (not the
+    time the sender ran), wait_idle covers the claim, and a frame that arrives before the
+    sender takes the window is in this report or the next, never lost."""
+    cache = ThreadRecordingCache()
+    block = make_block(capture_server, clock, cache=cache)
+    key = f"steady-{uuid.uuid4().hex[:8]}"
+    cache_key = last_report_time_cache_key(key)
+    block.run(True, frames("object-detection")[0], 1, key, "m/1")
+    clock.advance(1)
+    first = block.run(True, frames("object-detection")[1], 1, key, "m/1")
+    assert first["message"] == "Reporting happens in the background task"
+    reporter = block.reporter(key)
+    assert reporter.wait_idle(5)
+    assert len(capture_server.posts) == 1
+    clock.advance(1)
+    report_time = clock()
+    second = block.run(True, frames("object-detection")[0], 1, key, "m/1")
+    assert second["message"] == "Reporting happens in the background task"
+    clock.advance(0.5)  # the sender claims later, but at the report frame's time
+    late = detections(["late"], [0.5], "object-detection")
+    assert block.run(True, late, 1, key, "m/1")["message"].startswith("Not in reporting range")
+    assert reporter.wait_idle(5)
+    assert len(capture_server.posts) == 2  # wait_idle waited for the claim and the send
+    assert datetime.fromisoformat(cache.get(cache_key)) == datetime.fromtimestamp(report_time)
+    # Who wrote the interval clock: the caller at the start and at the first report (the
+    # sender was not polling yet), the sender at the second.
+    writes = [thread for key_, thread in cache.set_by if key_ == cache_key]
+    assert writes[:2] == ["MainThread", "MainThread"]
+    assert writes[2].startswith("mmagg-sender-") and len(writes) == 3
+    assert reporter.close(5)
+    names = [
+        {r["class_name"] for r in post.json()["inference_results"]} for post in capture_server.posts
+    ]
+    assert names[1] >= {"car", "person"}
+    assert any("late" in n for n in names[1:])
+    counters = reporter.counters()
+    assert (counters.failed, counters.dropped_total) == (0, 0)
 
 
 def test_failure_message_has_no_key_and_the_window_arrives_next_time(
