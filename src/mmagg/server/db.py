@@ -903,9 +903,7 @@ class Database:
         period), none for buckets starting before `keep_after` (the retention bound). Reads
         about `pass_results` results at most; the result says what was built and whether
         work is left. `mmagg serve` runs it every minute; tests and benchmarks call it."""
-        return medians.build(
-            self, self.clock() if now is None else now, keep_after, pass_results
-        )
+        return medians.build(self, self.clock() if now is None else now, keep_after, pass_results)
 
     def count_reports(self, workspace: str | None = None) -> int:
         """Number of stored reports, in one workspace or overall."""

@@ -308,9 +308,9 @@ def medians(
             parts[group].raw.append(values)
     for group, buckets in stale.items():
         for low, high in _ranges(buckets):
-            values = _raw_values(conn, workspace_id, low, high, model_ids, group).get(group)
-            if values is not None:
-                parts[group].raw.append(values)
+            found = _raw_values(conn, workspace_id, low, high, model_ids, group).get(group)
+            if found is not None:
+                parts[group].raw.append(found)
     return _finish(conn, workspace_id, start, end, parts)
 
 
