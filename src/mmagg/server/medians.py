@@ -361,27 +361,24 @@ def _finish(
     in_band: dict[tuple[Group, int], list[np.ndarray]] = defaultdict(list)
     broken: set[Group] = set()
     found: set[tuple[int, int]] = set()
-    ids = sorted({digest_id for digest_id, _chunk in wanted})
-    chunks = sorted({chunk for _digest_id, chunk in wanted})
+    # One query per (group, level): its digests' ids and the chunks its bands lie in (a
+    # query for all groups at once would fetch every digest's chunk of every group's band).
+    asks: dict[tuple[Group, int], tuple[set[int], set[int]]] = {}
+    for group, target in targets.items():
+        for digest in parts[group].digests:
+            ids, chunks = asks.setdefault((group, digest.level), (set(), set()))
+            ids.add(digest.id)
+            chunks.update(band // CHUNK_BANDS[digest.level] for band in target.ranks)
     v = median_values.c
-    for offset in range(0, len(ids), 500):
-        rows = conn.execute(
-            sa.select(v.digest_id, v.chunk, v.vals).where(
-                v.digest_id.in_(ids[offset : offset + 500]), v.chunk.in_(chunks)
+    for ids, chunks in asks.values():
+        ordered = sorted(ids)
+        for offset in range(0, len(ordered), 500):
+            rows = conn.execute(
+                sa.select(v.digest_id, v.chunk, v.vals).where(
+                    v.digest_id.in_(ordered[offset : offset + 500]), v.chunk.in_(sorted(chunks))
+                )
             )
-        )
-        for digest_id, chunk, blob in rows:
-            asked = wanted.get((int(digest_id), int(chunk)))
-            if asked is None:
-                continue
-            found.add((int(digest_id), int(chunk)))
-            values = decode_values(blob)
-            bands = bands_of(values)
-            for group, band, expected in asked:
-                low, high = np.searchsorted(bands, [band, band + 1])
-                if high - low != expected:
-                    broken.add(group)  # rebuilt or pruned since phase 1
-                in_band[(group, band)].append(values[low:high])
+            _take(rows, wanted, found, broken, in_band)
     for key, asked in wanted.items():
         if key not in found:
             broken.update(group for group, _band, _count in asked)
@@ -397,6 +394,29 @@ def _finish(
             middle += [float(values[rank]) for rank in band_ranks]
         answers[group] = middle[0] if len(middle) == 1 else pick(middle[0], middle[1], dialect)
     return answers
+
+
+def _take(
+    rows: Iterable[Any],
+    wanted: dict[tuple[int, int], list[tuple[Group, int, int]]],
+    found: set[tuple[int, int]],
+    broken: set[Group],
+    in_band: dict[tuple[Group, int], list[np.ndarray]],
+) -> None:
+    """File the values of fetched chunks under the (group, band)s that asked for them; a
+    band whose count differs from phase 1's (rebuilt or pruned since) marks its group."""
+    for digest_id, chunk, blob in rows:
+        asked = wanted.get((int(digest_id), int(chunk)))
+        if asked is None:
+            continue
+        found.add((int(digest_id), int(chunk)))
+        values = decode_values(blob)
+        bands = bands_of(values)
+        for group, band, expected in asked:
+            low, high = np.searchsorted(bands, [band, band + 1])
+            if high - low != expected:
+                broken.add(group)
+            in_band[(group, band)].append(values[low:high])
 
 
 # ---------------------------------------------------------------------------------- build
@@ -445,41 +465,59 @@ def _store(
     group: Group,
     values: np.ndarray,
 ) -> None:
-    """Replace the digest of (workspace, level, bucket, group) with one of sorted `values`."""
+    """Replace the digest of (workspace, level, bucket, group) with one of sorted `values`
+    (none for no values)."""
+    _store_many(conn, workspace_id, level, bucket, {group: values})
+
+
+def _store_many(
+    conn: Connection,
+    workspace_id: int,
+    level: int,
+    bucket: float,
+    groups: dict[Group, np.ndarray],
+) -> None:
+    """Replace the digests of the `groups` of one (workspace, level, bucket), each with one
+    of its sorted values, in a handful of statements whatever the number of groups."""
     d = median_digests.c
-    old = conn.execute(
-        sa.select(d.id).where(
-            d.workspace_id == workspace_id,
-            d.level == level,
-            d.bucket == bucket,
-            d.model_id == group[0],
-            d.class_name == group[1],
+    old = [
+        int(digest_id)
+        for digest_id, model_id, class_name in conn.execute(
+            sa.select(d.id, d.model_id, d.class_name).where(
+                d.workspace_id == workspace_id, d.level == level, d.bucket == bucket
+            )
         )
-    ).scalars()
-    _delete(conn, [int(i) for i in old])
-    if not len(values):
-        return
-    bands = bands_of(values)
-    digest_id = conn.execute(
-        sa.insert(median_digests)
-        .values(
-            workspace_id=workspace_id,
-            level=level,
-            bucket=bucket,
-            model_id=group[0],
-            class_name=group[1],
-            n=len(values),
-            counts=encode_counts(np.bincount(bands, minlength=BANDS)),
-        )
-        .returning(d.id)
-    ).scalar_one()
-    width = CHUNK_BANDS[level]
-    edges = np.searchsorted(bands, np.arange(0, BANDS + width, width))
-    rows = [
-        {"digest_id": digest_id, "chunk": chunk, "vals": encode_values(values[low:high])}
-        for chunk, (low, high) in enumerate(zip(edges[:-1], edges[1:], strict=True))
-        if high > low
+        if (model_id, class_name) in groups
     ]
+    _delete(conn, old)
+    kept = [(group, values) for group, values in groups.items() if len(values)]
+    if not kept:
+        return
+    bands = [bands_of(values) for _group, values in kept]
+    ids = conn.execute(
+        sa.insert(median_digests).returning(d.id, sort_by_parameter_order=True),
+        [
+            {
+                "workspace_id": workspace_id,
+                "level": level,
+                "bucket": bucket,
+                "model_id": group[0],
+                "class_name": group[1],
+                "n": len(values),
+                "counts": encode_counts(np.bincount(band, minlength=BANDS)),
+            }
+            for (group, values), band in zip(kept, bands, strict=True)
+        ],
+    ).scalars()
+    width = CHUNK_BANDS[level]
+    rows = []
+    for digest_id, (_group, values), band in zip(ids, kept, bands, strict=True):
+        edges = np.searchsorted(band, np.arange(0, BANDS + width, width))
+        rows += [
+            {"digest_id": digest_id, "chunk": chunk, "vals": encode_values(values[low:high])}
+            for chunk, (low, high) in enumerate(zip(edges[:-1], edges[1:], strict=True))
+            if high > low
+        ]
     conn.execute(sa.insert(median_values), rows)
 
 
@@ -570,11 +608,12 @@ def _build_hours(
         lock(conn)
         for (workspace_id, bucket), groups in batch:
             values = _raw_values(conn, workspace_id, bucket, bucket + HOUR, ())
-            for group in groups:
-                found = values.get(group, np.empty(0, dtype=np.float64))
-                _store(conn, workspace_id, HOUR, bucket, group, np.sort(found))
-                done.results += len(found)
-                done.hours += 1
+            fresh = {
+                group: np.sort(values.get(group, np.empty(0, dtype=np.float64))) for group in groups
+            }
+            _store_many(conn, workspace_id, HOUR, bucket, fresh)
+            done.results += sum(len(found) for found in fresh.values())
+            done.hours += len(fresh)
 
 
 def _build_days(db: Database, limit: float, floor: float, done: BuildResult) -> None:
@@ -633,6 +672,7 @@ def _build_day(
     hour_expected = _expected(conn, workspace_id, HOUR, day, day + DAY, ())
     day_expected = _expected(conn, workspace_id, DAY, day, day + DAY, ())
     hours = _digests(conn, workspace_id, HOUR, day, day + DAY, ())
+    fresh: dict[Group, np.ndarray] = {}
     for group in groups:
         ids = []
         valid = True
@@ -647,9 +687,10 @@ def _build_day(
         total = sum(hours[key][1] for key in hours if key[1:] == group)
         if not valid or total != day_expected.get((day, *group)):
             continue
-        values = np.sort(np.concatenate([np.empty(0), *_all_values(conn, ids)]))
-        _store(conn, workspace_id, DAY, day, group, values)
-        done.days += 1
+        fresh[group] = np.sort(np.concatenate([np.empty(0), *_all_values(conn, ids)]))
+    if fresh:
+        _store_many(conn, workspace_id, DAY, day, fresh)
+        done.days += len(fresh)
 
 
 def _all_values(conn: Connection, ids: Sequence[int]) -> list[np.ndarray]:

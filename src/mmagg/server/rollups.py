@@ -463,8 +463,8 @@ def split(start: float, end: float, levels: Sequence[int]) -> list[Segment]:
     """Split [start, end) into whole buckets of `levels` (coarse to fine, each dividing the
     previous one) and level-0 edges, coarsest first where they fit.
 
-    >>> [(s.start, s.end, s.level) for s in split(1800.0, 90000.0, (86400, 3600))]
-    [(1800.0, 3600.0, 0), (3600.0, 86400.0, 3600), (86400.0, 90000.0, 3600)]
+    >>> [(s.start, s.end, s.level) for s in split(1800.0, 180000.0, (86400, 3600))][1:]
+    [(3600.0, 86400.0, 3600), (86400.0, 172800.0, 86400), (172800.0, 180000.0, 3600)]
     """
     return _split(start, end, levels)
 
