@@ -225,6 +225,11 @@ def reads(workspace_id: int, now: float, seconds: float) -> dict[str, Callable[[
             queries._groups(c, workspace_id, span, (), with_median=False),
             queries._groups(c, workspace_id, span.previous(), (), with_median=False),
         ),
+        # The same read with the median over raw rows (the read before median digests, the
+        # baseline of this run): what the digests save.
+        "  median from raw rows": lambda c: _without_digests(
+            lambda: queries.inference_stats(c, workspace_id, span)
+        ),
         "models": lambda c: queries.models(c, workspace_id, span),
         "classes": lambda c: queries.classes(c, workspace_id, model, span),
         "devices": lambda c: queries.devices(c, workspace_id, span),
@@ -236,6 +241,15 @@ def reads(workspace_id: int, now: float, seconds: float) -> dict[str, Callable[[
         "dashboard overview": overview,
         "dashboard model view": model_view,
     }
+
+
+def _without_digests(call: Callable[[], Any]) -> Any:
+    enabled = medians.ENABLED
+    medians.ENABLED = False
+    try:
+        return call()
+    finally:
+        medians.ENABLED = enabled
 
 
 def _timed(call: Callable[[Any], Any], conn: Any, repeat: int) -> float:
@@ -280,13 +294,28 @@ def _sizes(db: Database) -> str:
         parts = []
         for table in ("reports", "results", "rollups"):
             # Summed over the partitions (a partitioned parent itself has no storage).
-            size = conn.exec_driver_sql(
-                "SELECT COALESCE(SUM(pg_total_relation_size(relid)), 0) "
-                f"FROM pg_partition_tree('{table}')"
-            ).scalar()
+            size = float(
+                conn.exec_driver_sql(
+                    "SELECT COALESCE(SUM(pg_total_relation_size(relid)), 0) "
+                    f"FROM pg_partition_tree('{table}')"
+                ).scalar()
+                or 0
+            )
             count = conn.exec_driver_sql(f"SELECT COUNT(*) FROM {table}").scalar() or 1
             parts.append(f"{table} {size / 1e6:,.0f} MB ({size / count:.0f} B/row)")
         return "sizes with indexes: " + ", ".join(parts)
+
+
+def _digest_sizes(db: Database) -> str:
+    """PostgreSQL: the digest tables with their indexes (and TOAST)."""
+    if db.dialect != "postgresql":
+        return ""
+    with db.read() as conn:
+        sizes = []
+        for table in ("median_digests", "median_values"):
+            size = conn.exec_driver_sql(f"SELECT pg_total_relation_size('{table}')").scalar()
+            sizes.append(f"{table} {float(size or 0) / 1e6:,.1f} MB")
+    return "; with indexes: " + ", ".join(sizes)
 
 
 def _build_digests(db: Database, now: float) -> str:
@@ -348,7 +377,7 @@ def run(args: argparse.Namespace, directory: str) -> int:
             )
             print(_sizes(db))
             if not args.no_digests:
-                print(_build_digests(db, now))
+                print(_build_digests(db, now) + _digest_sizes(db))
             workspace_id = db.ensure_workspace(WORKSPACE)
             modes = [True, False] if args.raw else [True]
             header = f"{'read':22}" + "".join(f"{name:>10}" for name in ranges)

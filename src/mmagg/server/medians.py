@@ -361,8 +361,9 @@ def _finish(
     in_band: dict[tuple[Group, int], list[np.ndarray]] = defaultdict(list)
     broken: set[Group] = set()
     found: set[tuple[int, int]] = set()
-    # One query per (group, level): its digests' ids and the chunks its bands lie in (a
-    # query for all groups at once would fetch every digest's chunk of every group's band).
+    # Per (group, level): its digests' ids and the chunks its bands lie in, all in one query
+    # (ids x chunks for all groups at once would fetch every digest's chunk of every
+    # group's band).
     asks: dict[tuple[Group, int], tuple[set[int], set[int]]] = {}
     for group, target in targets.items():
         for digest in parts[group].digests:
@@ -370,15 +371,17 @@ def _finish(
             ids.add(digest.id)
             chunks.update(band // CHUNK_BANDS[digest.level] for band in target.ranks)
     v = median_values.c
+    conditions: list[sa.ColumnElement[bool]] = []
+    bound = 0
     for ids, chunks in asks.values():
-        ordered = sorted(ids)
-        for offset in range(0, len(ordered), 500):
-            rows = conn.execute(
-                sa.select(v.digest_id, v.chunk, v.vals).where(
-                    v.digest_id.in_(ordered[offset : offset + 500]), v.chunk.in_(sorted(chunks))
-                )
-            )
-            _take(rows, wanted, found, broken, in_band)
+        conditions.append(sa.and_(v.digest_id.in_(sorted(ids)), v.chunk.in_(sorted(chunks))))
+        bound += len(ids) + len(chunks)
+        # SQLite binds at most 32,766 parameters per statement.
+        if bound > 20_000:
+            _take(_chunks(conn, conditions), wanted, found, broken, in_band)
+            conditions, bound = [], 0
+    if conditions:
+        _take(_chunks(conn, conditions), wanted, found, broken, in_band)
     for key, asked in wanted.items():
         if key not in found:
             broken.update(group for group, _band, _count in asked)
@@ -394,6 +397,11 @@ def _finish(
             middle += [float(values[rank]) for rank in band_ranks]
         answers[group] = middle[0] if len(middle) == 1 else pick(middle[0], middle[1], dialect)
     return answers
+
+
+def _chunks(conn: Connection, conditions: Sequence[sa.ColumnElement[bool]]) -> Iterable[Any]:
+    v = median_values.c
+    return conn.execute(sa.select(v.digest_id, v.chunk, v.vals).where(sa.or_(*conditions)))
 
 
 def _take(
