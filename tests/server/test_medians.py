@@ -338,3 +338,25 @@ def _http_case(url: str) -> None:
     finally:
         running.stop()
         db.close()
+
+
+def test_two_middle_values_in_different_bands_and_empty_ranges(db: Database) -> None:
+    """An even count whose middle values straddle a band edge picks one from each band; a
+    range with no results (or none of the model asked for) has no median at all."""
+    anchor = _anchor()
+    name = f"w{uuid.uuid4().hex[:12]}"
+    values = [0.05, 0.0999999, 0.1, 0.95]  # middle: 0.0999999 (band 99) and 0.1 (band 100)
+    drawn = [
+        (h * DAY_MS + 5, 0, [(MODELS[0], CLASSES[0], value)]) for h, value in enumerate(values[:3])
+    ]
+    drawn.append((2 * HOUR_MS + 1, 0, [(MODELS[0], CLASSES[0], values[3])]))
+    _store(db, [name], anchor, drawn)
+    workspace_id = db.ensure_workspace(name)
+    db.build_median_digests(time.time())
+    low, high = 0.0999999, 0.1
+    expected = low + (high - low) * 0.5 if db.dialect == "postgresql" else (low + high) / 2
+    with db.read() as conn:
+        whole = medians.medians(conn, workspace_id, anchor, anchor + DAYS * 86400)
+        assert whole == {(MODELS[0], CLASSES[0]): expected}
+        assert medians.medians(conn, workspace_id, anchor + 3600 * 5, anchor + 3600 * 20) == {}
+        assert medians.medians(conn, workspace_id, anchor, anchor + DAYS * 86400, ["none/1"]) == {}
