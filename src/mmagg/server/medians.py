@@ -35,10 +35,11 @@ Example:
 from __future__ import annotations
 
 import math
+import operator
 import time
 import zlib
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -529,29 +530,82 @@ def _store_many(
     conn.execute(sa.insert(median_values), rows)
 
 
-def _hour_plan(
-    conn: Connection, limit: float, keep_after: float
-) -> tuple[dict[tuple[int, float, str, str], int], dict[tuple[int, float, str, str], int]]:
-    """(rollup counts, digest n) per (workspace, hour, model, class) for hours that ended by
-    `limit` and start at or after `keep_after`."""
+Key = tuple[int, float, str, str]  # (workspace, bucket, model, class)
+
+
+# A condition on a column both tables have: (column name, operator, value).
+Condition = tuple[str, Callable[[Any, Any], Any], Any]
+
+
+def _level_counts(
+    conn: Connection, level: int, where: Sequence[Condition]
+) -> tuple[dict[Key, int], dict[Key, int]]:
+    """(rollup counts, digest n) per (workspace, bucket, model, class) of `level`, for the
+    buckets `where` selects."""
     r = rollup_table.c
+    d = median_digests.c
     expected = {
         (int(w), float(b), m, c): int(n)
         for w, b, m, c, n in conn.execute(
             sa.select(r.workspace_id, r.bucket, r.model_id, r.class_name, sa.func.sum(r.results))
-            .where(r.level == HOUR, r.bucket <= limit - HOUR, r.bucket >= keep_after)
+            .where(r.level == level, *_on(r, where))
             .group_by(r.workspace_id, r.bucket, r.model_id, r.class_name)
         )
     }
-    d = median_digests.c
     stored = {
         (int(w), float(b), m, c): int(n)
         for w, b, m, c, n in conn.execute(
             sa.select(d.workspace_id, d.bucket, d.model_id, d.class_name, d.n).where(
-                d.level == HOUR, d.bucket <= limit - HOUR, d.bucket >= keep_after
+                d.level == level, *_on(d, where)
             )
         )
     }
+    return expected, stored
+
+
+def _on(columns: Any, where: Sequence[Condition]) -> list[sa.ColumnElement[bool]]:
+    """The conditions `where` on the columns of one table."""
+    return [op(columns[name], value) for name, op, value in where]
+
+
+def _hour_plan(
+    conn: Connection, limit: float, keep_after: float
+) -> tuple[dict[Key, int], dict[Key, int]]:
+    """(rollup counts, digest n) per (workspace, hour, model, class) for hours that ended by
+    `limit` and start at or after `keep_after`.
+
+    A day whose day digests all match the rollups' day counts has valid hours too (hour
+    digests only ever describe rows that exist, and the day was merged from them), so only
+    the other days' hours are listed: a pass reads the day rows and the hours of the last
+    day or two, not every hour of the retention period.
+    """
+    first_day = -math.inf if keep_after == -math.inf else rollups.bucket_start(keep_after, DAY)
+    days_expected, days_stored = _level_counts(
+        conn,
+        DAY,
+        [("bucket", operator.ge, first_day), ("bucket", operator.lt, limit)],
+    )
+    open_days = sorted(
+        {(key[0], key[1]) for key, count in days_expected.items() if days_stored.get(key) != count}
+    )
+    bounds = [("bucket", operator.le, limit - HOUR), ("bucket", operator.ge, keep_after)]
+    if len(open_days) > 64:  # a catch-up: one pass over every hour is cheaper
+        return _level_counts(conn, HOUR, bounds)
+    expected: dict[Key, int] = {}
+    stored: dict[Key, int] = {}
+    for workspace_id, day in open_days:
+        more_expected, more_stored = _level_counts(
+            conn,
+            HOUR,
+            [
+                *bounds,
+                ("workspace_id", operator.eq, workspace_id),
+                ("bucket", operator.ge, day),
+                ("bucket", operator.lt, day + DAY),
+            ],
+        )
+        expected.update(more_expected)
+        stored.update(more_stored)
     return expected, stored
 
 
@@ -626,35 +680,27 @@ def _build_hours(
 
 def _build_days(db: Database, limit: float, floor: float, done: BuildResult) -> None:
     """Merge 24 valid hour digests into each missing or stale day digest."""
-    r = rollup_table.c
     d = median_digests.c
     first_day = -math.inf if floor == -math.inf else math.ceil(floor / DAY) * DAY
     with db.read() as conn:
-        expected = {
-            (int(w), float(b), m, c): int(n)
-            for w, b, m, c, n in conn.execute(
-                sa.select(
-                    r.workspace_id, r.bucket, r.model_id, r.class_name, sa.func.sum(r.results)
-                )
-                .where(r.level == DAY, r.bucket <= limit - DAY, r.bucket >= first_day)
-                .group_by(r.workspace_id, r.bucket, r.model_id, r.class_name)
-            )
-        }
-        stored = {
-            (int(w), float(b), m, c): int(n)
+        expected, stored = _level_counts(
+            conn, DAY, [("bucket", operator.le, limit - DAY), ("bucket", operator.ge, first_day)]
+        )
+        open_days = sorted(
+            {(key[0], key[1]) for key, count in expected.items() if stored.get(key) != count}
+        )
+        # The hour digests of the days to build, summed per day.
+        hour_n: dict[Key, int] = defaultdict(int)
+        for workspace_id, day in open_days:
             for w, b, m, c, n in conn.execute(
                 sa.select(d.workspace_id, d.bucket, d.model_id, d.class_name, d.n).where(
-                    d.level == DAY, d.bucket <= limit - DAY, d.bucket >= first_day
+                    d.level == HOUR,
+                    d.workspace_id == workspace_id,
+                    d.bucket >= day,
+                    d.bucket < day + DAY,
                 )
-            )
-        }
-        hour_n: dict[tuple[int, float, str, str], int] = defaultdict(int)
-        for w, b, m, c, n in conn.execute(
-            sa.select(d.workspace_id, d.bucket, d.model_id, d.class_name, d.n).where(
-                d.level == HOUR, d.bucket <= limit - HOUR, d.bucket >= first_day
-            )
-        ):
-            hour_n[(int(w), rollups.bucket_start(float(b), DAY), m, c)] += int(n)
+            ):
+                hour_n[(int(w), rollups.bucket_start(float(b), DAY), m, c)] += int(n)
     orphans = [key for key in stored if key not in expected]
     if orphans:
         with db.write() as conn:
