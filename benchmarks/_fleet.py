@@ -375,9 +375,10 @@ def run(args: argparse.Namespace, directory: str) -> int:
                     conn.exec_driver_sql("SELECT level, COUNT(*) FROM rollups GROUP BY level").all()
                 )
             print(
-                f"\n{engine}: seeded {written:,} results ({args.devices} devices x "
-                f"{args.classes} classes every {args.interval:g} s for {args.days:g} d) in "
-                f"{time.perf_counter() - started:.0f} s; rollup rows: minute "
+                f"\n{engine}: {'reused' if reuse else 'seeded'} {written:,} results "
+                f"({args.devices} devices x {args.classes} classes every {args.interval:g} s "
+                f"for {args.days:g} d) in {time.perf_counter() - started:.0f} s; rollup rows: "
+                "minute "
                 f"{levels.get(60, 0):,}, 5 min {levels.get(300, 0):,}, hour "
                 f"{levels.get(3600, 0):,}, 6 h {levels.get(21600, 0):,}, day "
                 f"{levels.get(86400, 0):,}"
