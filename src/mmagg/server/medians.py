@@ -66,8 +66,10 @@ CHUNK_BANDS = {HOUR: 100, DAY: 10}
 #: Hours are built once they ended this long ago (reports in flight are mostly in by then;
 #: one that is not only makes the digest stale until the next pass).
 GRACE_SECONDS = 120.0
-#: Results a build transaction reads at most (SQLite's one write lock is shared with ingest).
-TRANSACTION_RESULTS = 50_000
+#: Results a build transaction reads at most, unless one hour holds more (the raw rows are read
+#: inside the transaction, so that no prune batch or late report slips between the read and
+#: the write; SQLite's one write lock is shared with ingest: ~0.2 s per transaction here).
+TRANSACTION_RESULTS = 20_000
 #: Results one build pass reads at most; a catch-up continues in the next pass.
 PASS_RESULTS = 1_000_000
 #: Reads use raw rows only when False (benchmarks/read.py --no-digests).
