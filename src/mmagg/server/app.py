@@ -625,6 +625,38 @@ async def _prune_forever(
         await anyio.sleep(PRUNE_INTERVAL_SECONDS)
 
 
+MEDIAN_DIGEST_INTERVAL_SECONDS = 60.0
+MEDIAN_DIGEST_LEASE = "median-digests"
+# Between two passes of a catch-up (a pass's budget ran out): room for ingest and reads.
+_CATCH_UP_PAUSE_SECONDS = 1.0
+
+
+async def _median_digests_forever(
+    db: Database,
+    lease: Lease,
+    metrics: Metrics,
+    interval: float,
+    retention_days: float | None,
+) -> None:
+    """Every `interval` seconds, build the missing or stale median digests
+    (`Database.build_median_digests`) in whichever process holds the lease; a pass that
+    left work (a catch-up over history) is followed by the next after a short pause."""
+    while True:
+        pause = interval
+        try:
+            now = db.clock()
+            if await anyio.to_thread.run_sync(lease.acquire, now):
+                keep_after = None if retention_days is None else now - retention_days * 86400
+                built = await anyio.to_thread.run_sync(db.build_median_digests, now, keep_after)
+                metrics.median_digests_built.labels(level="hour").inc(built.hours)
+                metrics.median_digests_built.labels(level="day").inc(built.days)
+                if built.more:
+                    pause = min(interval, _CATCH_UP_PAUSE_SECONDS)
+        except Exception:  # a failed pass must not take the server down; retried next time
+            logger.exception("mmagg: building median digests failed")
+        await anyio.sleep(pause)
+
+
 async def _partitions_forever(db: Database) -> None:
     """PostgreSQL: keep the partitions of today and the next days made ahead (hourly)."""
     partition_set = db.partitions
@@ -648,6 +680,7 @@ def create_app(
     alerts: AlertEngine | None = None,
     trusted_proxies: Sequence[str] | str | None = None,
     redis_url: str | None = None,
+    median_digest_interval: float | None = MEDIAN_DIGEST_INTERVAL_SECONDS,
 ) -> FastAPI:
     """Build the backend app on `database_url` (or an open `db`), migrating its schema.
 
@@ -664,6 +697,8 @@ def create_app(
     processes at a time (a database lease, `mmagg.server.lease`).
     `X-Forwarded-For` names the client only on requests from `trusted_proxies` (addresses
     or networks, a list or a comma-separated string; `mmagg.server.clients`).
+    Every `median_digest_interval` seconds (None: never) one process builds the median
+    digests that serve `inference-stats`' exact median (`mmagg.server.medians`).
 
     Example:
         >>> app = create_app("sqlite://")
@@ -682,6 +717,11 @@ def create_app(
     else:
         limiter = DatabaseFailureLimiter(db, failures=login_failures_per_minute, period=60.0)
     retention_lease = Lease(db, RETENTION_LEASE, ttl=2 * PRUNE_INTERVAL_SECONDS)
+    digest_lease = (
+        None
+        if median_digest_interval is None
+        else Lease(db, MEDIAN_DIGEST_LEASE, ttl=max(2 * median_digest_interval, 120.0))
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -690,6 +730,15 @@ def create_app(
                 tasks.start_soon(_prune_forever, owned_db, retention_days, retention_lease, metrics)
             if owned_db.partitions is not None:
                 tasks.start_soon(_partitions_forever, owned_db)
+            if digest_lease is not None and median_digest_interval is not None:
+                tasks.start_soon(
+                    _median_digests_forever,
+                    owned_db,
+                    digest_lease,
+                    metrics,
+                    median_digest_interval,
+                    retention_days,
+                )
             if alerts is not None:
                 tasks.start_soon(alerts.run)
             yield
@@ -698,6 +747,8 @@ def create_app(
             alerts.close()
         if retention_days is not None:
             retention_lease.release()
+        if digest_lease is not None:
+            digest_lease.release()
         limiter.close()
         owned_db.close()
 

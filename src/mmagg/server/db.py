@@ -21,7 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from mmagg.server import partitions
+from mmagg.server import medians, partitions
 from mmagg.server import rollups as rollup_rows
 from mmagg.server.auth import (
     DEFAULT_SCOPES,
@@ -837,11 +837,19 @@ class Database:
         if batch is None:
             batch = PRUNE_BATCH_PG if self.dialect == "postgresql" else PRUNE_BATCH
         removed = 0
+        # Median digests go first and again in every batch, in the batch's transaction (and
+        # under the digest job's lock on PostgreSQL), so that no digest of a bucket that
+        # starts before the bound outlives a row it describes (mmagg.server.medians).
+        with self.write() as conn:
+            medians.lock(conn)
+            medians.delete_before(conn, before)
         if self.partitions is not None:
             # Whole days before the bound go as partitions; their reports rows below.
             self.partitions.drop_before(before)
         while True:
             with self.write() as conn:
+                medians.lock(conn)
+                medians.delete_before(conn, before)
                 if self.dialect == "postgresql":
                     # One statement per batch, the ids never leave the server: binding
                     # thousands of ids from Python cost 20x the deletes themselves.
@@ -883,6 +891,19 @@ class Database:
                 sa.delete(dashboard_sessions).where(dashboard_sessions.c.expires_at < time.time())
             )
         return removed
+
+    def build_median_digests(
+        self,
+        now: float | None = None,
+        keep_after: float | None = None,
+        pass_results: int = medians.PASS_RESULTS,
+    ) -> medians.BuildResult:
+        """One pass of the median digest job (`mmagg.server.medians.build`): the hour and day
+        digests that are missing or stale for hours that ended before `now` (less a grace
+        period), none for buckets starting before `keep_after` (the retention bound). Reads
+        about `pass_results` results at most; the result says what was built and whether
+        work is left. `mmagg serve` runs it every minute; tests and benchmarks call it."""
+        return medians.build(self, self.clock() if now is None else now, keep_after, pass_results)
 
     def count_reports(self, workspace: str | None = None) -> int:
         """Number of stored reports, in one workspace or overall."""

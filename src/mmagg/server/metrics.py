@@ -47,6 +47,12 @@ class Metrics:
             "Retention passes this process ran (one process at a time holds the lease).",
             registry=self.registry,
         )
+        self.median_digests_built = Counter(
+            "mmagg_median_digests_built",
+            "Median digests this process built or rebuilt (mmagg.server.medians), by level.",
+            ["level"],
+            registry=self.registry,
+        )
         self.batch_reports = Histogram(
             "mmagg_ingest_batch_reports",
             "Reports stored per transaction by the group commit.",

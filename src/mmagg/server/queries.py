@@ -21,9 +21,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from mmagg.server import medians as median_digests
 from mmagg.server import rollups
 from mmagg.server.rollups import Filters
-from mmagg.server.tables import MEDIAN_FUNCTION, reports, results
+from mmagg.server.tables import reports, results
 from mmagg.wire import HISTOGRAM_BUCKETS
 
 MAX_SERIES_POINTS = 20_000
@@ -92,14 +93,6 @@ class _Group:
     median: float | None = None
 
 
-def _median(conn: Connection, column: sa.ColumnElement[float]) -> sa.ColumnElement[Any]:
-    """The exact median of `column` as an aggregate: mean of the middle two for even counts."""
-    if conn.dialect.name == "postgresql":
-        return sa.func.percentile_cont(0.5).within_group(column)
-    # A user-defined aggregate, registered on every SQLite connection by create_db_engine.
-    return sa.Function(MEDIAN_FUNCTION, column)
-
-
 def _groups(
     conn: Connection,
     workspace_id: int,
@@ -107,8 +100,8 @@ def _groups(
     model_names: Sequence[str],
     with_median: bool,
 ) -> dict[tuple[str, str], _Group]:
-    """Per (model, class): counts and sums from rollups where exact (mmagg.server.rollups);
-    the exact median needs every sampled confidence, so it alone reads raw rows."""
+    """Per (model, class): counts and sums from rollups where exact (mmagg.server.rollups),
+    the exact median from median digests where valid (mmagg.server.medians)."""
     aggs = rollups.aggregate(
         conn,
         workspace_id,
@@ -119,18 +112,7 @@ def _groups(
     )
     medians: dict[tuple[str, str], float | None] = {}
     if with_median and aggs:
-        where = _in_range(workspace_id, span)
-        if model_names:
-            where.append(results.c.model_id.in_(model_names))
-        rows = conn.execute(
-            sa.select(results.c.model_id, results.c.class_name, _median(conn, results.c.confidence))
-            .where(*where)
-            .group_by(results.c.model_id, results.c.class_name)
-        )
-        medians = {
-            (model_id, class_name): None if middle is None else float(middle)
-            for model_id, class_name, middle in rows
-        }
+        medians = median_digests.medians(conn, workspace_id, span.start, span.end, model_names)
     return {
         (model_id, class_name): _Group(
             agg.results,

@@ -459,6 +459,28 @@ def plan(start: float, end: float, bucket_seconds: float | None) -> list[Segment
     return _split(start, end, usable)
 
 
+def split(start: float, end: float, levels: Sequence[int]) -> list[Segment]:
+    """Split [start, end) into whole buckets of `levels` (coarse to fine, each dividing the
+    previous one) and level-0 edges, coarsest first where they fit.
+
+    >>> [(s.start, s.end, s.level) for s in split(1800.0, 180000.0, (86400, 3600))][1:]
+    [(3600.0, 86400.0, 3600), (86400.0, 172800.0, 86400), (172800.0, 180000.0, 3600)]
+    """
+    return _split(start, end, levels)
+
+
+def complete_before(conn: Connection) -> float:
+    """The time before which the rollups hold every committed result.
+
+    Today the rollups are written in the ingest transaction, so they are always complete
+    (`math.inf`). A job-built rollup would return its watermark here; whatever derives
+    from rollup counts (the median digests of `mmagg.server.medians`) trusts no bucket that
+    ends after it.
+    """
+    del conn  # the watermark will be read from the database
+    return math.inf
+
+
 def _split(start: float, end: float, levels: Sequence[int]) -> list[Segment]:
     if start >= end:
         return []

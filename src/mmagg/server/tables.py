@@ -16,7 +16,7 @@ from sqlalchemy.pool import StaticPool
 
 from mmagg.wire import HISTOGRAM_BUCKETS
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 metadata = sa.MetaData()
 
@@ -164,6 +164,39 @@ rollups = sa.Table(
     *ROLLUP_COLUMNS_V8,
     sa.UniqueConstraint(*ROLLUP_KEY_COLUMNS, name="uq_rollups_key"),
     sa.Index("ix_rollups_ws_model_level_bucket", "workspace_id", "model_id", "level", "bucket"),
+)
+
+# Step 9 (issue 15, docs/scale.md "The exact median"): median digests, built off the ingest
+# path by a background job (mmagg.server.medians). One row per (workspace, model, class,
+# level, bucket) with the number of results it describes and their count in each of the
+# 1,000 confidence bands; the sorted values themselves, a chunk of consecutive bands per row,
+# in `median_values`, keyed by the digest's id (no strings repeated per chunk).
+median_digests = sa.Table(
+    "median_digests",
+    metadata,
+    sa.Column("id", ROW_ID, primary_key=True, autoincrement=True),
+    sa.Column("workspace_id", sa.Integer, nullable=False),
+    sa.Column("level", sa.Integer, nullable=False),
+    sa.Column("bucket", sa.Float(53), nullable=False),
+    sa.Column("model_id", sa.String(1024), nullable=False),
+    sa.Column("class_name", sa.String(1024), nullable=False),
+    sa.Column("n", sa.BigInteger, nullable=False),
+    # zlib of 1,000 little-endian uint32 band counts (mmagg.server.medians.encode_counts).
+    sa.Column("counts", sa.LargeBinary, nullable=False),
+    sa.UniqueConstraint(
+        "workspace_id", "level", "bucket", "model_id", "class_name", name="uq_median_digests_key"
+    ),
+    # Retention deletes by bucket across workspaces.
+    sa.Index("ix_median_digests_bucket", "bucket"),
+)
+
+median_values = sa.Table(
+    "median_values",
+    metadata,
+    sa.Column("digest_id", ROW_ID, primary_key=True, autoincrement=False),
+    sa.Column("chunk", sa.Integer, primary_key=True, autoincrement=False),
+    # The chunk's values as sorted little-endian float64.
+    sa.Column("vals", sa.LargeBinary, nullable=False),
 )
 
 dashboard_sessions = sa.Table(
@@ -399,6 +432,14 @@ def _step_8(conn: Connection) -> None:
         rebuild_rollups(conn)
 
 
+def _step_9(conn: Connection) -> None:
+    """Median digests (issue 15): create the two tables if missing; idempotent. They start
+    empty: the background job (`Database.build_median_digests`) fills them, and reads use
+    raw rows for whatever has no digest yet."""
+    for table in (median_digests, median_values):
+        table.create(conn, checkfirst=True)
+
+
 # Step n upgrades a database at version n - 1 to version n; append, never edit.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: _step_1,
@@ -409,6 +450,7 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     6: _step_6,
     7: _step_7,
     8: _step_8,
+    9: _step_9,
 }
 
 
