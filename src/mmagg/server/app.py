@@ -40,6 +40,7 @@ from mmagg.server.auth import ADMIN, INGEST, READ, require_dashboard_scope, requ
 from mmagg.server.bounds import TimestampError, place, unstorable_reason
 from mmagg.server.clients import TrustedProxies
 from mmagg.server.db import (
+    FOLD_INTERVAL_SECONDS,
     SESSION_TTL_SECONDS,
     Database,
     KeyRevokedError,
@@ -625,6 +626,27 @@ async def _prune_forever(
         await anyio.sleep(PRUNE_INTERVAL_SECONDS)
 
 
+ROLLUP_LEASE = "rollups"
+
+
+async def _fold_forever(db: Database, lease: Lease, metrics: Metrics, interval: float) -> None:
+    """Every `interval` seconds, fold the new results into the rollups (`fold_rollups`), in
+    whichever process holds the rollup lease; every process keeps its lag gauge current.
+
+    The lease outlives several intervals, so the holder keeps it; when it stops, another
+    process takes over once the lease expired.
+    """
+    while True:
+        try:
+            if await anyio.to_thread.run_sync(lease.acquire, time.time()):
+                folded = await anyio.to_thread.run_sync(db.fold_rollups)
+                metrics.rollup_folded.inc(folded)
+            metrics.rollup_lag.set(await anyio.to_thread.run_sync(db.rollup_lag))
+        except Exception:  # reads stay exact while the job lags; retried next interval
+            logger.exception("mmagg: folding results into the rollups failed")
+        await anyio.sleep(interval)
+
+
 async def _partitions_forever(db: Database) -> None:
     """PostgreSQL: keep the partitions of today and the next days made ahead (hourly)."""
     partition_set = db.partitions
@@ -648,6 +670,7 @@ def create_app(
     alerts: AlertEngine | None = None,
     trusted_proxies: Sequence[str] | str | None = None,
     redis_url: str | None = None,
+    rollup_interval: float | None = FOLD_INTERVAL_SECONDS,
 ) -> FastAPI:
     """Build the backend app on `database_url` (or an open `db`), migrating its schema.
 
@@ -661,7 +684,8 @@ def create_app(
     Failed key checks on every other keyed route (ingest, reads) count the same. The
     buckets are in the database, or in Redis at `redis_url` (`mmagg.server.ratelimit`), so
     that every process serving the database shares them. Retention runs in one of those
-    processes at a time (a database lease, `mmagg.server.lease`).
+    processes at a time (a database lease, `mmagg.server.lease`), and so does the rollup
+    job, every `rollup_interval` seconds (None: never; `Database.fold_rollups`).
     `X-Forwarded-For` names the client only on requests from `trusted_proxies` (addresses
     or networks, a list or a comma-separated string; `mmagg.server.clients`).
 
@@ -682,6 +706,11 @@ def create_app(
     else:
         limiter = DatabaseFailureLimiter(db, failures=login_failures_per_minute, period=60.0)
     retention_lease = Lease(db, RETENTION_LEASE, ttl=2 * PRUNE_INTERVAL_SECONDS)
+    rollup_lease = (
+        None
+        if rollup_interval is None
+        else Lease(db, ROLLUP_LEASE, ttl=max(30.0, 6 * rollup_interval))
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -692,12 +721,16 @@ def create_app(
                 tasks.start_soon(_partitions_forever, owned_db)
             if alerts is not None:
                 tasks.start_soon(alerts.run)
+            if rollup_lease is not None and rollup_interval is not None:
+                tasks.start_soon(_fold_forever, owned_db, rollup_lease, metrics, rollup_interval)
             yield
             tasks.cancel_scope.cancel()
         if alerts is not None:
             alerts.close()
         if retention_days is not None:
             retention_lease.release()
+        if rollup_lease is not None:
+            rollup_lease.release()
         limiter.close()
         owned_db.close()
 
