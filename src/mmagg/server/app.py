@@ -44,8 +44,10 @@ from mmagg.server.db import (
     SESSION_TTL_SECONDS,
     Database,
     KeyRevokedError,
+    LimitCheck,
     PendingReport,
     Principal,
+    RateLimitedError,
     StoredReport,
     hash_secret,
 )
@@ -130,12 +132,7 @@ def _checked_principal(
     with db.read() as conn:  # one checkout for the limit and the key
         wait = limiter.retry_after(client, conn)
         if wait:
-            raise ApiError(
-                429,
-                f"too many failed API key attempts from this address: retry in {wait} s",
-                reason="rate_limited",
-                headers={"Retry-After": str(wait)},
-            )
+            raise _rate_limited(wait)
         # `cached`: ingest's fast path, whose report is stored only if its key is still
         # active when the storing transaction checks it again (`PendingReport.key_digest`).
         principal = db.cached_principal(key) if cached else None
@@ -149,6 +146,16 @@ def _checked_principal(
     if scope is not None:
         require_scope(principal.scopes, scope, principal.workspace)
     return principal
+
+
+def _rate_limited(wait: int) -> ApiError:
+    """The 429 of a client whose failed-key-check bucket is empty."""
+    return ApiError(
+        429,
+        f"too many failed API key attempts from this address: retry in {wait} s",
+        reason="rate_limited",
+        headers={"Retry-After": str(wait)},
+    )
 
 
 def _client_address(request: Request) -> str:
@@ -225,9 +232,7 @@ def _prepare(
     The key check may come from memory (`cached`); before a 422 the key is looked up for
     real, so a revoked key still gets its 401 whatever the body.
     """
-    principal = _checked_principal(
-        ctx.db, ctx.limiter, ctx.client, key, workspace, INGEST, cached=True
-    )
+    principal, limit = _ingest_principal(ctx, key, workspace)
     received_at = time.time()
     try:
         report = parse_report(body, sliced_above=INLINE_INGEST_BYTES)
@@ -240,7 +245,32 @@ def _prepare(
     except TimestampError as error:
         _checked_principal(ctx.db, ctx.limiter, ctx.client, key, workspace, INGEST)
         raise ApiError(422, f"timestamp: {error}", reason="invalid", field="timestamp") from None
-    return PendingReport(principal, report, idempotency_key, placement, hash_secret(key))
+    return PendingReport(principal, report, idempotency_key, placement, hash_secret(key), limit)
+
+
+def _ingest_principal(
+    ctx: _IngestContext, key: str, workspace: str
+) -> tuple[Principal, LimitCheck | None]:
+    """Ingest's key check: `_checked_principal` with `cached`, or without any query.
+
+    With the limiter's buckets in the database and the key checked lately, neither the
+    bucket nor the key is read here: both are checked by the transaction storing the report
+    (`PendingReport.key_digest` and `.limit`), which answers 401 or 429 as this check would
+    have. Anything but a plain success (another workspace, a missing scope) goes through
+    the full check, so that an empty bucket still answers 429 first.
+    """
+    if isinstance(ctx.limiter, DatabaseFailureLimiter):
+        principal = ctx.db.cached_principal(key)
+        if (
+            principal is not None
+            and principal.workspace == workspace
+            and INGEST in principal.scopes
+        ):
+            return principal, ctx.limiter.deferred(ctx.client)
+    principal = _checked_principal(
+        ctx.db, ctx.limiter, ctx.client, key, workspace, INGEST, cached=True
+    )
+    return principal, None
 
 
 def _answer(ctx: _IngestContext, outcome: StoredReport | Exception) -> JSONResponse:
@@ -249,6 +279,8 @@ def _answer(ctx: _IngestContext, outcome: StoredReport | Exception) -> JSONRespo
         # Revoked (or expired) after the request was let in: nothing was stored.
         ctx.limiter.failed(ctx.client)
         raise ApiError(401, _BAD_KEY, reason="unauthorized")
+    if isinstance(outcome, RateLimitedError):
+        raise _rate_limited(outcome.retry_after)
     if isinstance(outcome, Exception):
         raise outcome
     metrics = ctx.metrics
@@ -314,7 +346,7 @@ async def ingest(request: Request) -> JSONResponse:
     writer: GroupCommit = state.group_commit
     try:
         outcome: StoredReport | Exception = await writer.store(prepared)
-    except KeyRevokedError as error:
+    except (KeyRevokedError, RateLimitedError) as error:
         outcome = error
     return _answer(ctx, outcome)
 

@@ -175,6 +175,7 @@ _RESULT_COPY_TYPES = copy_types(results, _RESULT_COLUMNS)
 _KEY_CHECK_SQL = (
     "SELECT key_hash, expires_at FROM api_keys WHERE revoked_at IS NULL AND key_hash IN ({})"
 )
+_BUCKETS_SQL = "SELECT client, tokens, updated FROM failure_buckets WHERE client IN ({})"
 _WATERMARK_SQL = "SELECT complete_before FROM rollup_watermark WHERE id = 1"
 _TOUCH_SQL = (
     "UPDATE api_keys SET last_used_at = {p} WHERE id = {p} "
@@ -317,12 +318,35 @@ class StoredReport:
 
 
 @dataclass(frozen=True)
+class LimitCheck:
+    """A failed-key-check bucket for the transaction storing a report to check
+    (`mmagg.server.ratelimit.DatabaseFailureLimiter.deferred`).
+
+    `bucket` is the row of `failure_buckets`; `wait` turns its stored (tokens, updated), or
+    None when there is no row, into the seconds the client must wait (0: go ahead).
+    """
+
+    bucket: str
+    wait: Callable[[tuple[float, float] | None], int]
+
+
+class RateLimitedError(Exception):
+    """The client's failed-key-check bucket was empty when its report was to be stored;
+    nothing was stored. `retry_after`: whole seconds until it may try again."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
 class PendingReport:
     """A validated report waiting to be stored (`Database.store_reports`).
 
     With `key_digest` (the hash of the API key it came with), the key is checked again in
     the transaction that stores it: a key revoked or expired since the request was let in
-    stores nothing (`KeyRevokedError`).
+    stores nothing (`KeyRevokedError`). With `limit`, the client's failed-key-check bucket
+    is read in that transaction too, and an empty one stores nothing (`RateLimitedError`).
     """
 
     principal: Principal
@@ -330,6 +354,7 @@ class PendingReport:
     idempotency_key: str | None
     placement: Placement
     key_digest: str | None = None
+    limit: LimitCheck | None = None
 
 
 class KeyRevokedError(Exception):
@@ -765,14 +790,23 @@ class Database:
             try:
                 watermark = self._watermark(cursor)
                 live = self._live_keys(cursor, items)
-                kept = [i for i in items if i.key_digest is None or i.key_digest in live]
+                waits = self._limit_waits(cursor, items)
+                refused: list[Exception | None] = [
+                    KeyRevokedError()
+                    if item.key_digest is not None and item.key_digest not in live
+                    else RateLimitedError(waits[n])
+                    if waits.get(n)
+                    else None
+                    for n, item in enumerate(items)
+                ]
+                kept = [item for item, no in zip(items, refused, strict=True) if no is None]
                 ids = self._insert_reports(cursor, kept)
                 rows: list[tuple[Any, ...]] = []
                 pending: dict[tuple[Any, ...], list[Any]] = {}
                 found = iter(ids)
-                for item in items:
-                    if item.key_digest is not None and item.key_digest not in live:
-                        outcomes.append(KeyRevokedError())
+                for item, no in zip(items, refused, strict=True):
+                    if no is not None:
+                        outcomes.append(no)
                         continue
                     report_id = next(found)
                     report, ts = item.report, item.placement.ts
@@ -867,6 +901,23 @@ class Database:
             if digest not in live:
                 self._principals.pop(digest, None)
         return live
+
+    def _limit_waits(self, cursor: Any, items: Sequence[PendingReport]) -> dict[int, int]:
+        """Seconds to wait, by position in `items`, of the reports whose client's bucket is
+        empty (`PendingReport.limit`); one query for the batch, none without limits."""
+        buckets = sorted({item.limit.bucket for item in items if item.limit is not None})
+        if not buckets:
+            return {}
+        marks = ", ".join([self._sql.placeholder] * len(buckets))
+        cursor.execute(_BUCKETS_SQL.format(marks), buckets)
+        stored = {str(row[0]): (float(row[1]), float(row[2])) for row in cursor.fetchall()}
+        waits = {}
+        for n, item in enumerate(items):
+            if item.limit is not None:
+                wait = item.limit.wait(stored.get(item.limit.bucket))
+                if wait:
+                    waits[n] = wait
+        return waits
 
     def _insert_reports(self, cursor: Any, items: Sequence[PendingReport]) -> list[int]:
         """Insert the report rows of `items`; their ids, in order."""
