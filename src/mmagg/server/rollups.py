@@ -512,6 +512,10 @@ def fold_range(conn: Connection, start: float, end: float) -> int:
     and none can arrive unseen. A report's values are computed as ingest computes them
     (`_report_base`) and added into one row per key and minute; the coarser levels are
     sums of those minute rows. Read per workspace, through the (workspace_id, ts) index.
+
+    Measured against aggregating in SQL (`GROUP BY` with `ROW_NUMBER` windows for the
+    distinct-report counters and the best time): SQLite spent ~30 µs per result on the
+    windows' sorts, this ~19 µs per result all included (docs/scale.md, "Ingest cost").
     """
     workspace_ids = conn.execute(sa.select(workspaces.c.id)).scalars().all()
     minutes: dict[tuple[Any, ...], list[Any]] = {}
@@ -539,7 +543,7 @@ def fold_range(conn: Connection, start: float, end: float) -> int:
             seen += len(report)
     if not minutes:
         return seen
-    rows = dict(minutes)
+    rows = dict(minutes) if 60 in LEVELS else {}
     for level in LEVELS:
         if level == 60:
             continue
