@@ -520,17 +520,12 @@ def fold_range(conn: Connection, start: float, end: float) -> int:
     workspace_ids = conn.execute(sa.select(workspaces.c.id)).scalars().all()
     minutes: dict[tuple[Any, ...], list[Any]] = {}
     seen = 0
+    sql = _fold_sql(conn.dialect.name)
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     for workspace_id in workspace_ids:
-        query = (
-            sa.select(*_FOLD_COLUMNS)
-            .where(
-                results.c.workspace_id == workspace_id,
-                results.c.ts >= start,
-                results.c.ts < end,
-            )
-            .order_by(results.c.report_id)
-        )
-        for report in _by_report(conn.execute(query)):
+        # The DBAPI cursor and one fetch: SQLAlchemy's result fetched row by row here.
+        cursor.execute(sql, (workspace_id, start, end))
+        for report in _by_report(cursor.fetchall()):
             ts = report[0][2]
             head = (workspace_id, 60, bucket_start(ts, 60))
             for tail, values in _report_base(ts, _facts(report)).items():
@@ -542,6 +537,7 @@ def fold_range(conn: Connection, start: float, end: float) -> int:
                     _add(row, values)
             seen += len(report)
     if not minutes:
+        cursor.close()
         return seen
     rows = dict(minutes) if 60 in LEVELS else {}
     for level in LEVELS:
@@ -554,12 +550,22 @@ def fold_range(conn: Connection, start: float, end: float) -> int:
                 rows[coarse] = list(values)
             else:
                 _add(row, values)
-    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     try:
         write(cursor, conn.dialect.name, rows)
     finally:
         cursor.close()
     return seen
+
+
+@functools.lru_cache(maxsize=2)
+def _fold_sql(dialect: str) -> str:
+    """One workspace's results in [start, end), report by report (`_FOLD_COLUMNS`)."""
+    p = "%s" if dialect == "postgresql" else "?"
+    columns = ", ".join(column.name for column in _FOLD_COLUMNS)
+    return (
+        f"SELECT {columns} FROM results WHERE workspace_id = {p} AND ts >= {p} AND ts < {p} "
+        "ORDER BY report_id"
+    )
 
 
 # ---------------------------------------------------------------------------------- reads
