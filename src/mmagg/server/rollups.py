@@ -1,14 +1,18 @@
 """Per-minute to per-day aggregates of the stored results, and reads served from them.
 
 Every stored result adds to one row per level (1 min, 5 min, 1 h, 6 h, 1 day) of the `rollups`
-table, keyed by (workspace, level, bucket start, model, class, device, source). The rows are
-written by the same transaction that stores the report (`Database.store_report`), so a
-committed report is always in its rollups and a rolled-back one never is: no watermark, no
-lag. docs/scale.md explains the choice and the numbers.
+table, keyed by (workspace, level, bucket start, model, class, device, source), once it is
+below the watermark W (`complete_before`, schema step 10): every result with `ts < W` is in
+the rollups and none after it is. A late report (`ts < W`) has its rows written by the
+transaction that stores it (`Database.store_reports`); newer results are folded by a job
+(`Database.fold_rollups`, in `mmagg serve`) into one row per key and bucket, moving W in the
+same transaction. Reads use rollups below W only and raw rows above it, in one snapshot, so
+they are exact wherever W is. docs/scale.md explains the choice and the numbers.
 
-A read over [start, end) is split into segments (`plan`): whole days from the day rows, whole
-6-hour blocks and hours around them, and so on down to minutes; the sub-minute edges come
-from the raw results. The partial aggregates of the segments are then merged (`Agg.merge`). Counts,
+A read over [start, end) is split into segments (`plan`; `segments` stops them at W): whole
+days from the day rows, whole 6-hour blocks and hours around them, and so on down to
+minutes; the sub-minute edges and everything from W on come from the raw results. The
+partial aggregates of the segments are then merged (`Agg.merge`). Counts,
 minimums, maximums and histograms are exact; sums of confidences are the same numbers added
 in another order (equal to the raw sums up to float rounding, about 1e-15 relative).
 
