@@ -530,15 +530,7 @@ def fold_range(conn: Connection, start: float, end: float) -> int:
         # The DBAPI cursor and one fetch: SQLAlchemy's result fetched row by row here.
         cursor.execute(sql, (workspace_id, start, end))
         for report in _by_report(cursor.fetchall()):
-            ts = report[0][2]
-            head = (workspace_id, 60, bucket_start(ts, 60))
-            for tail, values in _report_base(ts, _facts(report)).items():
-                key = head + tail
-                row = minutes.get(key)
-                if row is None:
-                    minutes[key] = values
-                else:
-                    _add(row, values)
+            _fold_report(minutes, workspace_id, report)
             seen += len(report)
     if not minutes:
         cursor.close()
@@ -559,6 +551,92 @@ def fold_range(conn: Connection, start: float, end: float) -> int:
     finally:
         cursor.close()
     return seen
+
+
+_HIST = 9  # the position of hist_0 in a value list (`_VALUE_COLUMNS`)
+
+
+def _fold_report(
+    minutes: dict[tuple[Any, ...], list[Any]], workspace_id: int, report: Sequence[Any]
+) -> None:
+    """Add one report's results (`_FOLD_COLUMNS` rows) into the minute rows `minutes`.
+
+    What `_report_base` computes, added into the minute rows in place: no value list per
+    result and no `_add` for a key the minute has already (the fold's cost is this loop).
+    The distinct-report counters then go to the rows of the keys `_report_base` marks.
+    """
+    ts = report[0][2]
+    head = (workspace_id, 60, bucket_start(ts, 60))
+    first_of_model: dict[str, tuple[str, str]] = {}
+    first_of_source: dict[tuple[str, str], str] = {}
+    device = report[0][5]
+    device_key = "" if device is None else "=" + device
+    for r in report:
+        model, class_name, source, confidence, count, total = r[3], r[4], r[6], r[7], r[8], r[9]
+        source_key = "" if source is None else "=" + source
+        mark = (class_name, source_key)
+        known_mark = first_of_model.get(model)
+        if known_mark is None or mark < known_mark:
+            first_of_model[model] = mark
+        known = first_of_source.get((model, source_key))
+        if known is None or class_name < known:
+            first_of_source[(model, source_key)] = class_name
+        key = head + (model, class_name, device_key, source_key)
+        row = minutes.get(key)
+        if row is None:
+            row = minutes[key] = [
+                0,
+                0.0,
+                confidence,
+                confidence,
+                ts,
+                ts,
+                0,
+                0,
+                0.0,
+                *([0] * HISTOGRAM_BUCKETS),
+                0,
+                0,
+                0,
+                0,
+            ]
+        else:
+            if confidence < row[2]:
+                row[2] = confidence
+            if confidence > row[3] or (confidence == row[3] and ts > row[4]):
+                row[4] = ts
+            if confidence > row[3]:
+                row[3] = confidence
+            if ts > row[5]:
+                row[5] = ts
+        row[0] += 1
+        row[1] += confidence
+        if count is None:
+            row[7] += 1
+            row[8] += confidence if total is None else total
+        else:
+            row[6] += 1
+            row[7] += count
+            row[8] += confidence if total is None else total
+        histogram = r[10:]
+        if histogram == _NO_HISTOGRAM:
+            if count is None:
+                row[_HIST + sample_bucket(confidence)] += 1
+        else:
+            for i, value in enumerate(histogram):
+                if value is not None:
+                    row[_HIST + i] += value
+            if count is None:
+                sampled = sample_bucket(confidence)
+                if histogram[sampled] is None:
+                    row[_HIST + sampled] += 1
+    for model, (class_name, source_key) in first_of_model.items():
+        minutes[head + (model, class_name, device_key, source_key)][_MODEL_REPORTS] += 1
+    for (model, source_key), class_name in first_of_source.items():
+        minutes[head + (model, class_name, device_key, source_key)][_SOURCE_REPORTS] += 1
+    items = [(r[3], r[4], r[5], r[6]) for r in report]
+    for index, (model, class_name, source_key) in _device_marks(items):  # type: ignore[arg-type]
+        minutes[head + (model, class_name, device_key, source_key)][index] += 1
 
 
 @functools.lru_cache(maxsize=2)
