@@ -5,6 +5,7 @@ retention job must behave as with one process."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -15,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -22,7 +24,7 @@ import pytest
 import sqlalchemy as sa
 from server_payloads import report, result
 
-from mmagg.server import Database
+from mmagg.server import Database, rollups
 from mmagg.server.tables import alert_lease, reports, workspaces
 
 URL_RE = re.compile(r"mmagg backend on (http://127\.0\.0\.1:\d+)")
@@ -263,6 +265,98 @@ def test_retention_runs_in_one_instance(
     finally:
         db.close()
     assert len(holders) == 1
+
+
+def _metric(server: Serve, name: str) -> float | None:
+    for line in httpx.get(f"{server.base_url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+def test_one_instance_folds_the_rollups_and_reads_stay_exact(
+    fresh_pg_url: str, tmp_path: Path
+) -> None:
+    """Two instances: one (the rollup lease's holder) folds the reports both stored into
+    the rollups; both read every result exactly, before and after the fold."""
+    now = time.time()
+    db = Database(fresh_pg_url)
+    key = db.create_key("acme", {"ingest", "read"})
+    with db.write() as conn:  # nothing is stored yet: any watermark holds
+        rollups.set_watermark(conn, math.floor((now - 900) / 60) * 60)
+        # The test holds the rollup lease until the reports are in, so that no fold
+        # runs before (the reports would be late then, rolled up as they are stored).
+        conn.execute(
+            sa.insert(alert_lease).values(name="rollups", holder="test", expires_at=now + 600)
+        )
+    db.close()
+    first = start_serve(fresh_pg_url, tmp_path / "a.log")
+    try:
+        second = start_serve(fresh_pg_url, tmp_path / "b.log")
+        try:
+            sent = 0
+            for n in range(40):  # 10 minutes ago to 2 minutes ago: after the watermark
+                when = datetime.fromtimestamp(now - 600 + n * 12, timezone.utc)
+                body = report([result("car", 0.25), result("person", 0.75)], timestamp=when)
+                server = (first, second)[n % 2]
+                assert _post(server.base_url, key, body, f"fold-{n}").status_code == 200
+                sent += 1
+            start = datetime.fromtimestamp(now - 1200, timezone.utc).isoformat()
+            end = datetime.fromtimestamp(now + 1, timezone.utc).isoformat()
+
+            def counts(server: Serve) -> dict[str, int]:
+                answer = httpx.get(
+                    f"{server.base_url}/acme/inference-stats",
+                    params={"startTime": start, "endTime": end},
+                    headers={"Authorization": f"Bearer {key}"},
+                    timeout=30,
+                )
+                assert answer.status_code == 200, answer.text
+                stats = answer.json()["inference_stats"]
+                return {item["predicted_class"]: item["num_inferences"] for item in stats}
+
+            for server in (first, second):
+                assert counts(server) == {"car": sent, "person": sent}  # from raw rows
+                assert _metric(server, "mmagg_rollup_folded_results_total") == 0.0
+            db = Database(fresh_pg_url, migrate_schema=False)
+            try:
+                with db.write() as conn:
+                    conn.execute(sa.delete(alert_lease).where(alert_lease.c.name == "rollups"))
+            finally:
+                db.close()
+            deadline = time.monotonic() + 30
+            folded: list[float] = [0.0, 0.0]
+            while sum(folded) < 2 * sent and time.monotonic() < deadline:
+                for server in (first, second):
+                    assert counts(server) == {"car": sent, "person": sent}
+                folded = [
+                    _metric(server, "mmagg_rollup_folded_results_total") or 0.0
+                    for server in (first, second)
+                ]
+                time.sleep(0.2)
+            assert sorted(folded) == [0.0, 2.0 * sent], (first.output(), second.output())
+            for server in (first, second):
+                assert counts(server) == {"car": sent, "person": sent}
+                # Every instance's gauge follows the watermark (at its next look).
+                lag = _metric(server, "mmagg_rollup_lag_seconds")
+                while lag is not None and lag >= 120 and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    lag = _metric(server, "mmagg_rollup_lag_seconds")
+                assert lag is not None and lag < 120
+        finally:
+            assert second.stop() in (0, 130), second.output()
+    finally:
+        assert first.stop() in (0, 130), first.output()
+    db = Database(fresh_pg_url, migrate_schema=False)
+    try:
+        with db.read() as conn:
+            assert rollups.complete_before(conn) > now - 120
+            rolled = conn.execute(
+                sa.text("SELECT SUM(results) FROM rollups WHERE level = 60")
+            ).scalar()
+    finally:
+        db.close()
+    assert rolled == 2 * sent
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

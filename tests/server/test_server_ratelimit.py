@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy as sa
+from server_payloads import report, result
 from server_support import ServerThread, start_server
 
 from mmagg.server import Database, create_app
@@ -139,3 +140,33 @@ def test_refilled_buckets_are_swept(tmp_path: Path) -> None:
             DatabaseFailureLimiter(db, failures=0)
     finally:
         db.close()
+
+
+def test_ingest_with_a_key_checked_lately_is_still_limited(
+    served: tuple[ServerThread, str],
+) -> None:
+    """Ingest with a key checked lately reads no bucket before storing: the storing
+    transaction does. Failures recorded by another process (its own limiter on the same
+    database) still refuse the next report with 429 and store nothing."""
+    running, key = served
+    db: Database = running.server.config.app.state.db
+    body = report([result("car", 0.5)])
+    with httpx.Client(base_url=running.base_url, timeout=10) as http:
+        first = http.post("/acme/inference-stats", json=body, params={"api_key": key})
+        assert first.status_code == 200, first.text  # the key is now checked lately
+        assert db.cached_principal(key) is not None
+        other_process = Database(db.url)
+        try:
+            limiter = DatabaseFailureLimiter(other_process, failures=FAILURES, period=60.0)
+            for _ in range(FAILURES):
+                limiter.failed("127.0.0.1")
+        finally:
+            other_process.close()
+        limited = http.post("/acme/inference-stats", json=body, params={"api_key": key})
+        assert limited.status_code == 429, limited.text
+        assert 1 <= int(limited.headers["retry-after"]) <= 20
+        assert "retry in" in limited.json()["detail"]
+        # A body that does not validate is limited too, before its 422.
+        broken = http.post("/acme/inference-stats", json={"x": 1}, params={"api_key": key})
+        assert broken.status_code == 429
+    assert db.count_reports("acme") == 1

@@ -40,11 +40,14 @@ from mmagg.server.auth import ADMIN, INGEST, READ, require_dashboard_scope, requ
 from mmagg.server.bounds import TimestampError, place, unstorable_reason
 from mmagg.server.clients import TrustedProxies
 from mmagg.server.db import (
+    FOLD_INTERVAL_SECONDS,
     SESSION_TTL_SECONDS,
     Database,
     KeyRevokedError,
+    LimitCheck,
     PendingReport,
     Principal,
+    RateLimitedError,
     StoredReport,
     hash_secret,
 )
@@ -129,12 +132,7 @@ def _checked_principal(
     with db.read() as conn:  # one checkout for the limit and the key
         wait = limiter.retry_after(client, conn)
         if wait:
-            raise ApiError(
-                429,
-                f"too many failed API key attempts from this address: retry in {wait} s",
-                reason="rate_limited",
-                headers={"Retry-After": str(wait)},
-            )
+            raise _rate_limited(wait)
         # `cached`: ingest's fast path, whose report is stored only if its key is still
         # active when the storing transaction checks it again (`PendingReport.key_digest`).
         principal = db.cached_principal(key) if cached else None
@@ -148,6 +146,16 @@ def _checked_principal(
     if scope is not None:
         require_scope(principal.scopes, scope, principal.workspace)
     return principal
+
+
+def _rate_limited(wait: int) -> ApiError:
+    """The 429 of a client whose failed-key-check bucket is empty."""
+    return ApiError(
+        429,
+        f"too many failed API key attempts from this address: retry in {wait} s",
+        reason="rate_limited",
+        headers={"Retry-After": str(wait)},
+    )
 
 
 def _client_address(request: Request) -> str:
@@ -224,9 +232,7 @@ def _prepare(
     The key check may come from memory (`cached`); before a 422 the key is looked up for
     real, so a revoked key still gets its 401 whatever the body.
     """
-    principal = _checked_principal(
-        ctx.db, ctx.limiter, ctx.client, key, workspace, INGEST, cached=True
-    )
+    principal, limit = _ingest_principal(ctx, key, workspace)
     received_at = time.time()
     try:
         report = parse_report(body, sliced_above=INLINE_INGEST_BYTES)
@@ -239,7 +245,32 @@ def _prepare(
     except TimestampError as error:
         _checked_principal(ctx.db, ctx.limiter, ctx.client, key, workspace, INGEST)
         raise ApiError(422, f"timestamp: {error}", reason="invalid", field="timestamp") from None
-    return PendingReport(principal, report, idempotency_key, placement, hash_secret(key))
+    return PendingReport(principal, report, idempotency_key, placement, hash_secret(key), limit)
+
+
+def _ingest_principal(
+    ctx: _IngestContext, key: str, workspace: str
+) -> tuple[Principal, LimitCheck | None]:
+    """Ingest's key check: `_checked_principal` with `cached`, or without any query.
+
+    With the limiter's buckets in the database and the key checked lately, neither the
+    bucket nor the key is read here: both are checked by the transaction storing the report
+    (`PendingReport.key_digest` and `.limit`), which answers 401 or 429 as this check would
+    have. Anything but a plain success (another workspace, a missing scope) goes through
+    the full check, so that an empty bucket still answers 429 first.
+    """
+    if isinstance(ctx.limiter, DatabaseFailureLimiter):
+        principal = ctx.db.cached_principal(key)
+        if (
+            principal is not None
+            and principal.workspace == workspace
+            and INGEST in principal.scopes
+        ):
+            return principal, ctx.limiter.deferred(ctx.client)
+    principal = _checked_principal(
+        ctx.db, ctx.limiter, ctx.client, key, workspace, INGEST, cached=True
+    )
+    return principal, None
 
 
 def _answer(ctx: _IngestContext, outcome: StoredReport | Exception) -> JSONResponse:
@@ -248,6 +279,8 @@ def _answer(ctx: _IngestContext, outcome: StoredReport | Exception) -> JSONRespo
         # Revoked (or expired) after the request was let in: nothing was stored.
         ctx.limiter.failed(ctx.client)
         raise ApiError(401, _BAD_KEY, reason="unauthorized")
+    if isinstance(outcome, RateLimitedError):
+        raise _rate_limited(outcome.retry_after)
     if isinstance(outcome, Exception):
         raise outcome
     metrics = ctx.metrics
@@ -313,7 +346,7 @@ async def ingest(request: Request) -> JSONResponse:
     writer: GroupCommit = state.group_commit
     try:
         outcome: StoredReport | Exception = await writer.store(prepared)
-    except KeyRevokedError as error:
+    except (KeyRevokedError, RateLimitedError) as error:
         outcome = error
     return _answer(ctx, outcome)
 
@@ -657,6 +690,27 @@ async def _median_digests_forever(
         await anyio.sleep(pause)
 
 
+ROLLUP_LEASE = "rollups"
+
+
+async def _fold_forever(db: Database, lease: Lease, metrics: Metrics, interval: float) -> None:
+    """Every `interval` seconds, fold the new results into the rollups (`fold_rollups`), in
+    whichever process holds the rollup lease; every process keeps its lag gauge current.
+
+    The lease outlives several intervals, so the holder keeps it; when it stops, another
+    process takes over once the lease expired.
+    """
+    while True:
+        try:
+            if await anyio.to_thread.run_sync(lease.acquire, time.time()):
+                folded = await anyio.to_thread.run_sync(db.fold_rollups)
+                metrics.rollup_folded.inc(folded)
+            metrics.rollup_lag.set(await anyio.to_thread.run_sync(db.rollup_lag))
+        except Exception:  # reads stay exact while the job lags; retried next interval
+            logger.exception("mmagg: folding results into the rollups failed")
+        await anyio.sleep(interval)
+
+
 async def _partitions_forever(db: Database) -> None:
     """PostgreSQL: keep the partitions of today and the next days made ahead (hourly)."""
     partition_set = db.partitions
@@ -681,6 +735,7 @@ def create_app(
     trusted_proxies: Sequence[str] | str | None = None,
     redis_url: str | None = None,
     median_digest_interval: float | None = MEDIAN_DIGEST_INTERVAL_SECONDS,
+    rollup_interval: float | None = FOLD_INTERVAL_SECONDS,
 ) -> FastAPI:
     """Build the backend app on `database_url` (or an open `db`), migrating its schema.
 
@@ -694,7 +749,8 @@ def create_app(
     Failed key checks on every other keyed route (ingest, reads) count the same. The
     buckets are in the database, or in Redis at `redis_url` (`mmagg.server.ratelimit`), so
     that every process serving the database shares them. Retention runs in one of those
-    processes at a time (a database lease, `mmagg.server.lease`).
+    processes at a time (a database lease, `mmagg.server.lease`), and so does the rollup
+    job, every `rollup_interval` seconds (None: never; `Database.fold_rollups`).
     `X-Forwarded-For` names the client only on requests from `trusted_proxies` (addresses
     or networks, a list or a comma-separated string; `mmagg.server.clients`).
     Every `median_digest_interval` seconds (None: never) one process builds the median
@@ -722,6 +778,11 @@ def create_app(
         if median_digest_interval is None
         else Lease(db, MEDIAN_DIGEST_LEASE, ttl=max(2 * median_digest_interval, 120.0))
     )
+    rollup_lease = (
+        None
+        if rollup_interval is None
+        else Lease(db, ROLLUP_LEASE, ttl=max(30.0, 6 * rollup_interval))
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -741,6 +802,8 @@ def create_app(
                 )
             if alerts is not None:
                 tasks.start_soon(alerts.run)
+            if rollup_lease is not None and rollup_interval is not None:
+                tasks.start_soon(_fold_forever, owned_db, rollup_lease, metrics, rollup_interval)
             yield
             tasks.cancel_scope.cancel()
         if alerts is not None:
@@ -749,6 +812,8 @@ def create_app(
             retention_lease.release()
         if digest_lease is not None:
             digest_lease.release()
+        if rollup_lease is not None:
+            rollup_lease.release()
         limiter.close()
         owned_db.close()
 

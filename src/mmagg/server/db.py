@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import re
 import secrets
 import threading
@@ -54,6 +55,13 @@ INSERT_SLICE = 500
 # Keys whose principal ingest keeps in memory, and for how long (`cached_principal`).
 PRINCIPAL_CACHE_SIZE = 10_000
 PRINCIPAL_CACHE_SECONDS = 60.0
+
+# The rollup job (`Database.fold_rollups`, run by `mmagg serve`): how often it runs, how far
+# behind the clock it stays (a report in flight for that long is still not late), and the
+# most seconds of results one fold transaction takes.
+FOLD_INTERVAL_SECONDS = 5.0
+FOLD_GRACE_SECONDS = 5.0
+FOLD_CHUNK_SECONDS = 600.0
 
 # Reports per prune transaction: SQLite's one write lock is shared with ingest, so short;
 # PostgreSQL only locks the old rows themselves, and each commit costs a WAL flush.
@@ -167,6 +175,8 @@ _RESULT_COPY_TYPES = copy_types(results, _RESULT_COLUMNS)
 _KEY_CHECK_SQL = (
     "SELECT key_hash, expires_at FROM api_keys WHERE revoked_at IS NULL AND key_hash IN ({})"
 )
+_BUCKETS_SQL = "SELECT client, tokens, updated FROM failure_buckets WHERE client IN ({})"
+_WATERMARK_SQL = "SELECT complete_before FROM rollup_watermark WHERE id = 1"
 _TOUCH_SQL = (
     "UPDATE api_keys SET last_used_at = {p} WHERE id = {p} "
     "AND (last_used_at IS NULL OR last_used_at <= {p})"
@@ -192,6 +202,7 @@ class _WriteSql:
     insert_reports_many: str | None
     insert_results_many: str | None
     touch: str
+    watermark: str
 
     @classmethod
     def for_dialect(cls, dialect: str) -> _WriteSql:
@@ -219,6 +230,12 @@ class _WriteSql:
                 else None
             ),
             touch=_TOUCH_SQL.format(p=placeholder),
+            watermark=(
+                f"SELECT pg_advisory_xact_lock_shared({rollup_rows.WATERMARK_LOCK}); "
+                + _WATERMARK_SQL
+                if postgres
+                else _WATERMARK_SQL
+            ),
         )
 
 
@@ -301,12 +318,35 @@ class StoredReport:
 
 
 @dataclass(frozen=True)
+class LimitCheck:
+    """A failed-key-check bucket for the transaction storing a report to check
+    (`mmagg.server.ratelimit.DatabaseFailureLimiter.deferred`).
+
+    `bucket` is the row of `failure_buckets`; `wait` turns its stored (tokens, updated), or
+    None when there is no row, into the seconds the client must wait (0: go ahead).
+    """
+
+    bucket: str
+    wait: Callable[[tuple[float, float] | None], int]
+
+
+class RateLimitedError(Exception):
+    """The client's failed-key-check bucket was empty when its report was to be stored;
+    nothing was stored. `retry_after`: whole seconds until it may try again."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
 class PendingReport:
     """A validated report waiting to be stored (`Database.store_reports`).
 
     With `key_digest` (the hash of the API key it came with), the key is checked again in
     the transaction that stores it: a key revoked or expired since the request was let in
-    stores nothing (`KeyRevokedError`).
+    stores nothing (`KeyRevokedError`). With `limit`, the client's failed-key-check bucket
+    is read in that transaction too, and an empty one stores nothing (`RateLimitedError`).
     """
 
     principal: Principal
@@ -314,6 +354,7 @@ class PendingReport:
     idempotency_key: str | None
     placement: Placement
     key_digest: str | None = None
+    limit: LimitCheck | None = None
 
 
 class KeyRevokedError(Exception):
@@ -345,6 +386,8 @@ class Database:
         # key hash -> (principal, expires_at, when checked): ingest's key check without a
         # query (`cached_principal`); every report is checked again as it is stored.
         self._principals: dict[str, tuple[Principal, float | None, float]] = {}
+        #: Results this process folded into the rollups (`fold_rollups`), for the metrics.
+        self.folded = 0
         self.engine = create_db_engine(database_url)
         self.dialect = self.engine.dialect.name
         # SQLite allows one writer; serialising in-process writers here avoids SQLITE_BUSY
@@ -353,6 +396,7 @@ class Database:
             threading.Lock() if self.dialect == "sqlite" else None
         )
         self._sql = _WriteSql.for_dialect(self.dialect)
+        self._snapshot_reads = self.dialect == "sqlite" and not _in_memory(self.engine)
         self._integrity_error: type[Exception] = self.engine.dialect.loaded_dbapi.IntegrityError
         if migrate_schema:
             migrate(self.engine)
@@ -387,8 +431,23 @@ class Database:
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
-        """A connection for reads."""
+        """A connection for reads, every statement of it seeing one snapshot.
+
+        A read served from rollups reads the watermark, then rollup rows below it and raw
+        rows above it (`mmagg.server.rollups`); a fold committing in between would count
+        its results twice (or not at all) if each statement saw the database anew. So
+        PostgreSQL reads in a REPEATABLE READ transaction, and SQLite (a file) in a
+        transaction begun before the first statement (WAL readers see the database as of
+        their first read until they end). An in-memory SQLite database has one connection
+        shared by every user: there a read gets it as it is.
+        """
         with self.engine.connect() as conn:
+            if self.dialect == "postgresql":
+                conn.execution_options(isolation_level="REPEATABLE READ")
+            elif self._snapshot_reads:
+                dbapi = conn.connection.dbapi_connection
+                if dbapi is not None and not dbapi.in_transaction:  # type: ignore[attr-defined]
+                    dbapi.execute("BEGIN")  # type: ignore[attr-defined]
             yield conn
 
     # workspaces and keys
@@ -729,30 +788,105 @@ class Database:
         with self.write() as conn:
             cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
             try:
+                watermark = self._watermark(cursor)
                 live = self._live_keys(cursor, items)
-                kept = [i for i in items if i.key_digest is None or i.key_digest in live]
+                waits = self._limit_waits(cursor, items)
+                refused: list[Exception | None] = [
+                    KeyRevokedError()
+                    if item.key_digest is not None and item.key_digest not in live
+                    else RateLimitedError(waits[n])
+                    if waits.get(n)
+                    else None
+                    for n, item in enumerate(items)
+                ]
+                kept = [item for item, no in zip(items, refused, strict=True) if no is None]
                 ids = self._insert_reports(cursor, kept)
                 rows: list[tuple[Any, ...]] = []
                 pending: dict[tuple[Any, ...], list[Any]] = {}
                 found = iter(ids)
-                for item in items:
-                    if item.key_digest is not None and item.key_digest not in live:
-                        outcomes.append(KeyRevokedError())
+                for item, no in zip(items, refused, strict=True):
+                    if no is not None:
+                        outcomes.append(no)
                         continue
                     report_id = next(found)
                     report, ts = item.report, item.placement.ts
                     workspace_id = item.principal.workspace_id
                     rows.extend(_result_rows(report, report_id, workspace_id, ts))
-                    rollup_rows.contributions_into(pending, workspace_id, ts, _result_facts(report))
+                    if ts < watermark:
+                        # A late report: its range is folded already (mmagg.server.rollups).
+                        rollup_rows.contributions_into(
+                            pending, workspace_id, ts, _result_facts(report)
+                        )
                     outcomes.append(StoredReport(report_id, len(report.inference_results), False))
                     if item.key_digest is not None:
                         touched.setdefault(item.principal.key_id, now)
                 self._insert_results(cursor, rows)
-                rollup_rows.write(cursor, self.dialect, pending)
+                if pending:
+                    rollup_rows.write(cursor, self.dialect, pending)
                 self._touch_keys(cursor, touched)
             finally:
                 cursor.close()
         return outcomes
+
+    def _watermark(self, cursor: Any) -> float:
+        """The rollup watermark, read first thing in an ingest transaction.
+
+        On PostgreSQL the shared watermark lock comes first (its own statement, so that the
+        read after it sees a fold that committed while we waited), and is held to the
+        commit: the fold, which takes it exclusively, waits for this report.
+        """
+        cursor.execute(self._sql.watermark)
+        if self.dialect == "postgresql":
+            cursor.nextset()
+        row = cursor.fetchone()
+        return math.inf if row is None else float(row[0])
+
+    def fold_rollups(
+        self,
+        now: float | None = None,
+        *,
+        grace: float = FOLD_GRACE_SECONDS,
+        chunk: float = FOLD_CHUNK_SECONDS,
+        until: float | None = None,
+    ) -> int:
+        """Fold the results below the last whole minute before `now - grace` into the rollups
+        and move the watermark there; return how many results were folded.
+
+        Runs in transactions of at most `chunk` seconds of results each (a long outage of
+        the job is caught up piece by piece, holding the write lock briefly each time).
+        `until` (a time) folds up to there instead, for tests. The rollup job of `mmagg
+        serve` calls this every `FOLD_INTERVAL_SECONDS` in one process at a time.
+        """
+        if until is None:
+            moment = (self.clock() if now is None else now) - grace
+            until = math.floor(moment / 60) * 60.0
+        folded = 0
+        while True:
+            with self.write() as conn:
+                if self.dialect == "postgresql":
+                    conn.exec_driver_sql(
+                        f"SELECT pg_advisory_xact_lock({rollup_rows.WATERMARK_LOCK})"
+                    )
+                start = rollup_rows.complete_before(conn)
+                if not start < until:
+                    break
+                # A whole minute at most `chunk` ahead (at least the next one: the first
+                # fold after an upgrade starts off the minute), never past `until`.
+                end = math.floor((start + chunk) / 60) * 60.0
+                if end <= start:
+                    end = (math.floor(start / 60) + 1) * 60.0
+                end = min(end, until)
+                count = rollup_rows.fold_range(conn, start, end)
+                rollup_rows.set_watermark(conn, end)
+            folded += count
+            self.folded += count
+        return folded
+
+    def rollup_lag(self, now: float | None = None) -> float:
+        """Seconds between `now` and the rollup watermark (0 when it is ahead)."""
+        with self.read() as conn:
+            watermark = rollup_rows.complete_before(conn)
+        return max(0.0, (self.clock() if now is None else now) - watermark)
 
     def _live_keys(self, cursor: Any, items: Sequence[PendingReport]) -> frozenset[str]:
         """The key hashes of `items` still active now (neither revoked nor expired)."""
@@ -767,6 +901,23 @@ class Database:
             if digest not in live:
                 self._principals.pop(digest, None)
         return live
+
+    def _limit_waits(self, cursor: Any, items: Sequence[PendingReport]) -> dict[int, int]:
+        """Seconds to wait, by position in `items`, of the reports whose client's bucket is
+        empty (`PendingReport.limit`); one query for the batch, none without limits."""
+        buckets = sorted({item.limit.bucket for item in items if item.limit is not None})
+        if not buckets:
+            return {}
+        marks = ", ".join([self._sql.placeholder] * len(buckets))
+        cursor.execute(_BUCKETS_SQL.format(marks), buckets)
+        stored = {str(row[0]): (float(row[1]), float(row[2])) for row in cursor.fetchall()}
+        waits = {}
+        for n, item in enumerate(items):
+            if item.limit is not None:
+                wait = item.limit.wait(stored.get(item.limit.bucket))
+                if wait:
+                    waits[n] = wait
+        return waits
 
     def _insert_reports(self, cursor: Any, items: Sequence[PendingReport]) -> list[int]:
         """Insert the report rows of `items`; their ids, in order."""
@@ -924,6 +1075,11 @@ _PRUNE_BATCH_PG = sa.text(
     "gone AS (DELETE FROM results WHERE ts < :b AND report_id IN (SELECT id FROM doomed)) "
     "SELECT COUNT(*) FROM doomed"
 )
+
+
+def _in_memory(engine: sa.Engine) -> bool:
+    """An in-memory SQLite database (one connection shared by every user)."""
+    return engine.url.database in (None, "", ":memory:")
 
 
 def _key_info(row: Any) -> KeyInfo:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "MetricsMiddleware"]
@@ -51,6 +51,18 @@ class Metrics:
             "mmagg_median_digests_built",
             "Median digests this process built or rebuilt (mmagg.server.medians), by level.",
             ["level"],
+            registry=self.registry,
+        )
+        self.rollup_lag = Gauge(
+            "mmagg_rollup_lag_seconds",
+            "Seconds between now and the rollup watermark, as of this process's last look "
+            "(reads stay exact whatever it is; results newer than it are read from raw rows).",
+            registry=self.registry,
+        )
+        self.rollup_folded = Counter(
+            "mmagg_rollup_folded_results",
+            "Results this process folded into the rollups (one process at a time holds the "
+            "rollup lease).",
             registry=self.registry,
         )
         self.batch_reports = Histogram(

@@ -32,7 +32,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
-from mmagg.server.db import Database
+from mmagg.server.db import Database, LimitCheck
 
 logger = logging.getLogger("mmagg.server")
 
@@ -87,7 +87,9 @@ class FailureLimiter(ABC):
         `conn`: an open connection to the backend's database that a database store reads
         through instead of checking out its own (the key check that follows uses it too).
         """
-        stored = self._load(self.key(client), conn)
+        return self._tokens(self._load(self.key(client), conn))
+
+    def _tokens(self, stored: tuple[float, float] | None) -> float:
         if stored is None:
             return self.capacity
         tokens, updated = stored
@@ -97,7 +99,11 @@ class FailureLimiter(ABC):
     def retry_after(self, client: str, conn: Connection | None = None) -> int:
         """0 if `client` may try now, else the whole seconds until it may (`conn`: as for
         `tokens`)."""
-        tokens = self.tokens(client, conn)
+        return self.wait(self._load(self.key(client), conn))
+
+    def wait(self, stored: tuple[float, float] | None) -> int:
+        """`retry_after` for a bucket read already: its stored (tokens, updated) or None."""
+        tokens = self._tokens(stored)
         if tokens >= 1:
             return 0
         return max(1, math.ceil((1 - tokens) / self.rate))
@@ -159,6 +165,11 @@ class DatabaseFailureLimiter(FailureLimiter):
         self._sweep_sql = _SWEEP_SQL.format(p=p)
         self._swept = -math.inf
         self._sweep_lock = threading.Lock()
+
+    def deferred(self, client: str) -> LimitCheck:
+        """The check of `client`'s bucket for the transaction storing its report to make
+        (`PendingReport.limit`): ingest with a key checked lately reads no bucket before."""
+        return LimitCheck(self.key(client), self.wait)
 
     def _load(self, key: str, conn: Connection | None) -> tuple[float, float] | None:
         if conn is None:

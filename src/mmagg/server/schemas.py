@@ -235,12 +235,71 @@ REPORT_ADAPTER: TypeAdapter[Report] = TypeAdapter(Report)
 _PlainStr = Annotated[str, Field(max_length=MAX_STRING)]
 
 
+class _PlainResultStats(ResultStats):
+    """`ResultStats` without its four Python field checks (the plain classmethods below
+    replace the validators): `_stats_hold` makes the same checks in one loop per report,
+    and a report that fails them is validated again by the full models for their errors."""
+
+    @classmethod
+    def _histogram_sums_to_count(cls, value: Any, info: Any = None) -> Any:
+        return value
+
+    @classmethod
+    def _min_in_first_bucket(cls, value: Any, info: Any = None) -> Any:
+        return value
+
+    @classmethod
+    def _max_in_last_bucket(cls, value: Any, info: Any = None) -> Any:
+        return value
+
+    @classmethod
+    def _sum_within_extremes(cls, value: Any, info: Any = None) -> Any:
+        return value
+
+
 class _PlainInferenceResult(InferenceResult):
+    stats: _PlainResultStats | None = None
     class_name: _PlainStr = ""
     inference_id: _PlainStr | None = None
     model_type: _PlainStr | None = None
     model_id: Annotated[_PlainStr, Field(min_length=1)]
     source_id: _PlainStr | None = None
+
+    @classmethod
+    def _sample_within_stats(cls, value: Any, info: Any = None) -> Any:
+        return value  # checked by `_stats_hold`
+
+
+def _stats_hold(report: Report) -> bool:
+    """The checks of `ResultStats` and `InferenceResult._sample_within_stats`, for a report
+    whose fields all validated: True when the full models would accept it too.
+
+    One loop instead of five validator calls per result (each a Python call from pydantic's
+    compiled code with its `info.data` dict): a fifth of validating an 8-result report.
+    """
+    slack = _SUM_SLACK
+    for item in report.inference_results:
+        stats = item.stats
+        if stats is None:
+            continue
+        histogram, count, low, high = stats.histogram, stats.count, stats.min, stats.max
+        if sum(histogram) != count:
+            return False
+        first = _first_nonzero(histogram)
+        if first is not None and _bucket(low) != first:
+            return False
+        if high < low:
+            return False
+        last = _last_nonzero(histogram)
+        if last is not None and _bucket(high) != last:
+            return False
+        if not (
+            count * low * (1 - slack) - slack <= stats.sum <= count * high * (1 + slack) + slack
+        ):
+            return False
+        if not low <= item.confidence <= high:
+            return False
+    return True
 
 
 class _PlainMmaggExtension(MmaggExtension):
@@ -303,9 +362,12 @@ def parse_report(body: bytes, sliced_above: int = 32 * 1024) -> Report:
     if len(body) <= sliced_above:
         if _plain_text(body):
             try:
-                return _PLAIN_ADAPTER.validate_json(body)
+                plain = _PLAIN_ADAPTER.validate_json(body)
             except ValidationError:
                 pass  # the errors as the full models word them, below
+            else:
+                if _stats_hold(plain):
+                    return plain
         try:
             return REPORT_ADAPTER.validate_json(body)
         except ValidationError as error:

@@ -16,7 +16,7 @@ from sqlalchemy.pool import StaticPool
 
 from mmagg.wire import HISTOGRAM_BUCKETS
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 metadata = sa.MetaData()
 
@@ -197,6 +197,16 @@ median_values = sa.Table(
     sa.Column("chunk", sa.Integer, primary_key=True, autoincrement=False),
     # The chunk's values as sorted little-endian float64.
     sa.Column("vals", sa.LargeBinary, nullable=False),
+)
+
+# Step 10 (issue 15): the rollup watermark, one row. Every result with `ts < complete_before`
+# is in the rollups at every level, and no result at or after it is (mmagg.server.rollups):
+# ingest writes the rollups of late results only, a job folds the rest (`fold_rollups`).
+rollup_watermark = sa.Table(
+    "rollup_watermark",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("complete_before", sa.Float(53), nullable=False),
 )
 
 dashboard_sessions = sa.Table(
@@ -440,6 +450,22 @@ def _step_9(conn: Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
+def _step_10(conn: Connection) -> None:
+    """The rollup watermark (issue 15): create its table and its one row, idempotent.
+
+    Until now ingest wrote the rollups of every result, so every stored result is in them:
+    the watermark starts past the newest stored result and no earlier than now (a result
+    timestamped ahead of the clock is rolled up already and must not be folded twice).
+    """
+    from mmagg.server.rollups import initial_watermark
+
+    rollup_watermark.create(conn, checkfirst=True)
+    if conn.execute(sa.select(rollup_watermark.c.id)).first() is None:
+        conn.execute(
+            sa.insert(rollup_watermark).values(id=1, complete_before=initial_watermark(conn))
+        )
+
+
 # Step n upgrades a database at version n - 1 to version n; append, never edit.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: _step_1,
@@ -451,6 +477,7 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     7: _step_7,
     8: _step_8,
     9: _step_9,
+    10: _step_10,
 }
 
 
