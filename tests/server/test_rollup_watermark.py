@@ -35,12 +35,12 @@ from test_rollups import (
     MODELS,
     SOURCES,
     _both,
-    _devices_before_rollups,
+    assert_every_read_equal,
     assert_same,
     items,
 )
 
-from mmagg.server import Database, queries, rollups, trends
+from mmagg.server import Database, queries, rollups
 from mmagg.server.bounds import Placement
 from mmagg.server.db import PendingReport
 from mmagg.server.queries import TimeRange
@@ -174,50 +174,7 @@ def test_every_read_is_exact_wherever_the_watermark_is(
     low, high = sorted((start, end))
     span = TimeRange(anchor + low / 1000, anchor + high / 1000 + 0.001)
     wide = TimeRange(anchor - 60, anchor + HOURS * 3600 + 60)
-    with db.read() as conn:
-        for label, call in {
-            "inference_stats": lambda: queries.inference_stats(conn, workspace_id, span),
-            "inference_stats wide": lambda: queries.inference_stats(conn, workspace_id, wide),
-            "models": lambda: queries.models(conn, workspace_id, span),
-            "models device": lambda: queries.models(conn, workspace_id, span, device_id=device),
-            "classes": lambda: queries.classes(conn, workspace_id, MODELS[0], span),
-            "devices": lambda: queries.devices(conn, workspace_id, span),
-            "devices wide": lambda: queries.devices(conn, workspace_id, wide),
-            "devices model": lambda: queries.devices(conn, workspace_id, span, MODELS[1]),
-            "timeseries": lambda: queries.timeseries(
-                conn, workspace_id, MODELS[0], span, bucket, names, source, device
-            ),
-            "timeseries wide": lambda: queries.timeseries(
-                conn, workspace_id, MODELS[1], wide, bucket
-            ),
-            "histogram": lambda: queries.histogram(
-                conn, workspace_id, MODELS[1], span, names, source, device
-            ),
-            "histogram wide": lambda: queries.histogram(conn, workspace_id, MODELS[0], wide),
-            "trends": lambda: trends.class_trends(
-                conn,
-                workspace_id,
-                MODELS[0],
-                span,
-                bucket,
-                trends.Filter(None, names[0] if names else None, device, source),
-            ),
-            "trends wide": lambda: trends.class_trends(conn, workspace_id, MODELS[1], wide, 3600),
-            "drift": lambda: trends.drift_report(
-                conn, workspace_id, span.end, 3600, 2 * 3600, trends.Filter(), min_count=1
-            ),
-            "period stats": lambda: trends.period_stats(
-                conn, workspace_id, span, trends.Filter(MODELS[0], None, device, source)
-            ),
-        }.items():
-            rolled, raw = _both(call)
-            assert_same(rolled, raw, label)
-        for model in (None, MODELS[0]):
-            assert_same(
-                queries.devices(conn, workspace_id, span, model),
-                _devices_before_rollups(conn, workspace_id, span, model),
-                f"devices {model} before rollups",
-            )
+    assert_every_read_equal(db, workspace_id, span, wide, bucket, device, source, names)
 
 
 def test_a_fold_writes_one_row_per_key_and_bucket(db: Database) -> None:

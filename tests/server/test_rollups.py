@@ -223,37 +223,18 @@ def assert_same(rolled: Any, raw: Any, where: str = "") -> None:
         assert rolled == raw, (where, rolled, raw)
 
 
-@settings(
-    max_examples=25,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-@given(
-    drawn=reports_strategy,
-    start=offsets,
-    end=offsets,
-    bucket=buckets,
-    device=st.sampled_from(DEVICES),
-    source=st.sampled_from(SOURCES),
-    names=st.lists(st.sampled_from(CLASSES), max_size=2, unique=True),
-)
-def test_every_read_from_rollups_equals_the_read_over_raw_rows(
+def assert_every_read_equal(
     db: Database,
-    drawn: list[Any],
-    start: int,
-    end: int,
+    workspace_id: int,
+    span: TimeRange,
+    wide: TimeRange,
     bucket: float,
     device: str | None,
     source: str | None,
     names: list[str],
 ) -> None:
-    anchor = _anchor()
-    workspace = f"w{uuid.uuid4().hex[:12]}"
-    _store(db, workspace, anchor, drawn)
-    workspace_id = db.ensure_workspace(workspace)
-    low, high = sorted((start, end))
-    span = TimeRange(anchor + low / 1000, anchor + high / 1000 + 0.001)
-    wide = TimeRange(anchor - 60, anchor + HOURS * 3600 + 60)
+    """Every read served from rollups (over `span`, and over `wide`, the whole stored range)
+    equals the same read over raw rows; `devices` also equals its SQL from before rollups."""
     with db.read() as conn:
         for label, call in {
             "inference_stats": lambda: queries.inference_stats(conn, workspace_id, span),
@@ -299,6 +280,40 @@ def test_every_read_from_rollups_equals_the_read_over_raw_rows(
                 _devices_before_rollups(conn, workspace_id, span, model),
                 f"devices {model} before rollups",
             )
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    drawn=reports_strategy,
+    start=offsets,
+    end=offsets,
+    bucket=buckets,
+    device=st.sampled_from(DEVICES),
+    source=st.sampled_from(SOURCES),
+    names=st.lists(st.sampled_from(CLASSES), max_size=2, unique=True),
+)
+def test_every_read_from_rollups_equals_the_read_over_raw_rows(
+    db: Database,
+    drawn: list[Any],
+    start: int,
+    end: int,
+    bucket: float,
+    device: str | None,
+    source: str | None,
+    names: list[str],
+) -> None:
+    anchor = _anchor()
+    workspace = f"w{uuid.uuid4().hex[:12]}"
+    _store(db, workspace, anchor, drawn)
+    workspace_id = db.ensure_workspace(workspace)
+    low, high = sorted((start, end))
+    span = TimeRange(anchor + low / 1000, anchor + high / 1000 + 0.001)
+    wide = TimeRange(anchor - 60, anchor + HOURS * 3600 + 60)
+    assert_every_read_equal(db, workspace_id, span, wide, bucket, device, source, names)
 
 
 @settings(
