@@ -434,12 +434,16 @@ class Reporter:
         if self._fork_generation != _fork_generation:
             self._check_fork()
         with self._cond:
-            if self._pending is None:
-                self._pending = window
-            else:
-                self._pending.absorb(window)
+            self._park(window)
             if wake:
                 self._cond.notify_all()
+
+    def _park(self, window: Window) -> None:  # holding self._cond
+        """Put ``window`` in the pending slot, or let the pending window absorb it."""
+        if self._pending is None:
+            self._pending = window
+        else:
+            self._pending.absorb(window)
 
     def _dispatch(
         self,
@@ -491,10 +495,7 @@ class Reporter:
             self._claim_in_progress = False
             with self._cond:
                 if window is not None:
-                    if self._pending is None:
-                        self._pending = window
-                    else:
-                        self._pending.absorb(window)
+                    self._park(window)
                 # The own sender's claim is over (its window, if any, is pending): flush
                 # and wait_idle go on from here.
                 self._sender_claiming = False
@@ -639,10 +640,7 @@ class Reporter:
         slot within :data:`_POLL_INTERVAL`. Otherwise wake it (start it the first time)."""
         with self._cond:
             if window is not None:
-                if self._pending is None:
-                    self._pending = window
-                else:
-                    self._pending.absorb(window)
+                self._park(window)
             if claim is not None:
                 self._claim_requested = claim
                 self._claim_now = now

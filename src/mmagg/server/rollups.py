@@ -190,13 +190,7 @@ def _report_base(ts: float, facts: Iterable[ResultFacts]) -> dict[tuple[Any, ...
     first_of_source: dict[tuple[str, str], str] = {}
     for model, class_name, device, source, confidence, count, total, histogram in items:
         source_key = "" if source is None else "=" + source
-        mark = (class_name, source_key)
-        known_mark = first_of_model.get(model)
-        if known_mark is None or mark < known_mark:
-            first_of_model[model] = mark
-        known = first_of_source.get((model, source_key))
-        if known is None or class_name < known:
-            first_of_source[(model, source_key)] = class_name
+        _note_firsts(first_of_model, first_of_source, model, class_name, source_key)
         if histogram is None:
             hist = [0] * HISTOGRAM_BUCKETS
             if count is None:
@@ -237,6 +231,24 @@ def _report_base(ts: float, facts: Iterable[ResultFacts]) -> dict[tuple[Any, ...
     for index, (model, class_name, source_key) in _device_marks(items):
         base[(model, class_name, device_key, source_key)][index] = 1
     return base
+
+
+def _note_firsts(
+    first_of_model: dict[str, tuple[str, str]],
+    first_of_source: dict[tuple[str, str], str],
+    model: str,
+    class_name: str,
+    source_key: str,
+) -> None:
+    """Keep, per model, its least (class, source key) and, per (model, source key), its least
+    class in a report: the one key row of each that counts the report as distinct."""
+    mark = (class_name, source_key)
+    known_mark = first_of_model.get(model)
+    if known_mark is None or mark < known_mark:
+        first_of_model[model] = mark
+    known = first_of_source.get((model, source_key))
+    if known is None or class_name < known:
+        first_of_source[(model, source_key)] = class_name
 
 
 def _device_marks(items: Sequence[ResultFacts]) -> list[tuple[int, tuple[str, str, str]]]:
@@ -574,13 +586,7 @@ def _fold_report(
     for r in report:
         model, class_name, source, confidence, count, total = r[3], r[4], r[6], r[7], r[8], r[9]
         source_key = "" if source is None else "=" + source
-        mark = (class_name, source_key)
-        known_mark = first_of_model.get(model)
-        if known_mark is None or mark < known_mark:
-            first_of_model[model] = mark
-        known = first_of_source.get((model, source_key))
-        if known is None or class_name < known:
-            first_of_source[(model, source_key)] = class_name
+        _note_firsts(first_of_model, first_of_source, model, class_name, source_key)
         key = head + (model, class_name, device_key, source_key)
         row = minutes.get(key)
         if row is None:
