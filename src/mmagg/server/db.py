@@ -14,7 +14,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -1074,8 +1074,19 @@ class Database:
             row = conn.execute(query).first()
         return None if row is None else StoredReport(int(row[0]), int(row[1]), duplicate=True)
 
-    def prune(self, before: float, batch: int | None = None) -> int:
+    def prune(
+        self,
+        before: float,
+        batch: int | None = None,
+        *,
+        rollups_before: Mapping[int, float] | None = None,
+    ) -> int:
         """Delete reports (and their results) timestamped before `before`; return how many.
+
+        Rollup buckets go once they end by `before`, or by `rollups_before[level]` for a
+        level given there (`mmagg.server.retention`: kept longer than the raw rows, never
+        shorter, a coarser level never shorter than a finer one: ValueError otherwise); the
+        median digests of 3600 and 86400 s go with the bound of their level.
 
         On PostgreSQL (schema steps 7 and 11) the days of `results`, `rollups` and `reports`
         that end by the bound are dropped as whole partitions first, and the months of
@@ -1090,21 +1101,23 @@ class Database:
         """
         if batch is None:
             batch = PRUNE_BATCH_PG if self.dialect == "postgresql" else PRUNE_BATCH
+        levels = _level_bounds(before, rollups_before)
+        digests = {level: levels[level] for level in medians.LEVELS}
         removed = 0
         # Median digests go first and again in every batch, in the batch's transaction (and
         # under the digest job's lock on PostgreSQL), so that no digest of a bucket that
         # starts before the bound outlives a row it describes (mmagg.server.medians).
         with self.write() as conn:
             medians.lock(conn)
-            medians.delete_before(conn, before)
+            medians.delete_before(conn, before, digests)
         if self.partitions is not None:
             # Whole days before the bound go as partitions (`reports` too since step 11);
             # the day holding the bound goes row by row below.
-            removed += self.partitions.drop_before(before)[1]
+            removed += self.partitions.drop_before(before, min(levels.values()))[1]
         while True:
             with self.write() as conn:
                 medians.lock(conn)
-                medians.delete_before(conn, before)
+                medians.delete_before(conn, before, digests)
                 if self.dialect == "postgresql":
                     # One statement per batch, the ids never leave the server: binding
                     # thousands of ids from Python cost 20x the deletes themselves.
@@ -1133,12 +1146,14 @@ class Database:
         # bound (docs/scale.md, "Retention").
         with self.write() as conn:
             for level in rollup_rows.LEVELS:
+                if levels[level] == -math.inf:
+                    continue
                 conn.execute(
                     sa.delete(rollups).where(
                         rollups.c.level == level,
-                        rollups.c.bucket + level <= before,
+                        rollups.c.bucket + level <= levels[level],
                         # Implied by the line above; lets PostgreSQL skip the later days.
-                        rollups.c.bucket < before,
+                        rollups.c.bucket < levels[level],
                     )
                 )
         with self.write() as conn:
@@ -1179,6 +1194,22 @@ _PRUNE_BATCH_PG = sa.text(
     "gone AS (DELETE FROM results WHERE ts < :b AND report_id IN (SELECT id FROM doomed)) "
     "SELECT COUNT(*) FROM doomed"
 )
+
+
+def _level_bounds(before: float, given: Mapping[int, float] | None) -> dict[int, float]:
+    """Each rollup level's retention bound: `given`, else `before`; checked to be no later
+    than `before` nor than the bound of a finer level."""
+    bounds: dict[int, float] = {}
+    finer, finer_name = before, "the raw bound"
+    for level in sorted(rollup_rows.LEVELS):
+        bound = before if given is None else given.get(level, finer)
+        if not bound <= finer:
+            raise ValueError(
+                f"rollups_before[{level}]: expected at most {finer_name} ({finer}), got {bound}"
+            )
+        bounds[level] = bound
+        finer, finer_name = bound, f"the bound of level {level}"
+    return bounds
 
 
 def _in_memory(engine: sa.Engine) -> bool:

@@ -310,8 +310,11 @@ class PartitionSet:
             for month in {month_of(moment), month_of(moment + AHEAD_DAYS * PARTITION_SECONDS)}:
                 self.ensure_month(month)
 
-    def drop_before(self, before: float) -> tuple[list[str], int]:
-        """Detach and drop every partition whose days all lie before `before`; their names,
+    def drop_before(
+        self, before: float, rollups_before: float | None = None
+    ) -> tuple[list[str], int]:
+        """Detach and drop every partition whose days all lie before `before` (for `rollups`,
+        before `rollups_before` when given: rollups kept longer than raw rows); their names,
         and how many `reports` rows went with them (counted between the detach and the drop,
         when nothing writes to the table any more: a prune says how many reports it removed).
 
@@ -325,8 +328,9 @@ class PartitionSet:
         with self.engine.connect() as conn:
             auto = conn.execution_options(isolation_level="AUTOCOMMIT")
             for table in self.tables:
+                bound = before if table != "rollups" or rollups_before is None else rollups_before
                 for day, (name, _low, high, pending) in sorted(attached(auto, table).items()):
-                    if high > before:
+                    if high > bound:
                         continue
                     self._known.discard(day)
                     try:
@@ -355,7 +359,10 @@ class PartitionSet:
                     dropped.append(name)
             for name in _detached_leftovers(auto):
                 end = _end_of_name(name)
-                if end is not None and end <= before:
+                bound = before
+                if name.startswith("rollups_p") and rollups_before is not None:
+                    bound = rollups_before
+                if end is not None and end <= bound:
                     reports_dropped += _drop(auto, name)
                     dropped.append(name)
         return dropped, reports_dropped
