@@ -57,10 +57,10 @@ def _time_drops(partition_set: PartitionSet, into: list[float]) -> None:
     """Record how long `drop_before` takes inside the prune."""
     drop = partition_set.drop_before
 
-    def timed(before: float) -> tuple[list[str], int]:
+    def timed(before: float, rollups_before: float | None = None) -> tuple[list[str], int]:
         started = time.perf_counter()
         try:
-            return drop(before)
+            return drop(before, rollups_before)
         finally:
             into.append(round(time.perf_counter() - started, 3))
 
