@@ -46,11 +46,11 @@ class Retention:
         >>> r = Retention(7, hour_days=400, day_days=math.inf)
         >>> r.days_of(60), r.days_of(3600), r.days_of(86400)
         (7.0, 400.0, inf)
-        >>> Retention(7, minute_days=3)
-        Traceback (most recent call last):
-        ...
-        mmagg.server.retention.RetentionError: --keep-minute-rollups: expected at least the \
-raw retention (7 days), got 3
+        >>> try:
+        ...     Retention(7, minute_days=3)
+        ... except RetentionError as error:
+        ...     print(error)
+        --keep-minute-rollups: expected at least the raw retention (7 days), got 3
     """
 
     raw_days: float
