@@ -365,3 +365,45 @@ def test_the_covered_rule_on_worked_cases() -> None:
     assert not _covered(9_999.5, 9_999.2, 10_001.0, None, bounds)
     # A bucketed read of 3600 s cannot use the 6-hour or day rows: hour rows serve it.
     assert _covered(3_700.0, 0.0, 86_400.0, 3_600, bounds)
+
+
+def test_prune_command_keeps_hour_rollups_and_refuses_bad_settings(tmp_path: Path) -> None:
+    """`mmagg prune --older-than 2 --keep-hour-rollups 30`: the reports of five days ago go,
+    their hour, 6-hour and day rollups stay (the day level follows the hour one), the minute
+    ones go. A setting shorter than what it follows, or a `--keep-…` on `serve` without
+    `--retention-days`, exits 2 naming the option and deletes nothing."""
+    from typer.testing import CliRunner
+
+    from mmagg.cli import app
+
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    base = (math.floor(time.time() / 3600) - 5 * 24) * 3600.0
+    db = Database(url)
+    try:
+        _store(db, _principal(db), base, [(m * 60_000, 0, [(0, 0, 0.5, False)]) for m in (5, 70)])
+    finally:
+        db.close()
+    refused = CliRunner().invoke(
+        app, ["prune", "--older-than", "2", "--keep-hour-rollups", "1", "--database-url", url]
+    )
+    assert refused.exit_code == 2
+    assert "--keep-hour-rollups: expected at least the raw retention (2 days), got 1" in (
+        refused.output
+    )
+    alone = CliRunner().invoke(app, ["serve", "--keep-day-rollups", "3", "--database-url", url])
+    assert alone.exit_code == 2 and "--keep-day-rollups: expected together with" in alone.output
+    done = CliRunner().invoke(
+        app, ["prune", "--older-than", "2", "--keep-hour-rollups", "30", "--database-url", url]
+    )
+    assert done.exit_code == 0, done.output
+    assert "Deleted 2 reports" in done.output
+    db = Database(url)
+    try:
+        with db.read() as conn:
+            assert conn.exec_driver_sql("SELECT COUNT(*) FROM reports").scalar() == 0
+            rows = conn.exec_driver_sql(
+                "SELECT level, SUM(results) FROM rollups GROUP BY level ORDER BY level"
+            ).all()
+        assert [tuple(row) for row in rows] == [(3600, 2), (21600, 2), (86400, 2)]
+    finally:
+        db.close()
