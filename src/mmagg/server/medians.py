@@ -39,7 +39,7 @@ import operator
 import time
 import zlib
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -453,12 +453,21 @@ def lock(conn: Connection) -> None:
         conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({LOCK_KEY})")
 
 
-def delete_before(conn: Connection, before: float) -> int:
-    """Delete every digest whose bucket starts before `before` (retention); how many."""
-    doomed = sa.select(median_digests.c.id).where(median_digests.c.bucket < before)
-    conn.execute(sa.delete(median_values).where(median_values.c.digest_id.in_(doomed)))
-    deleted = conn.execute(sa.delete(median_digests).where(median_digests.c.bucket < before))
-    return int(deleted.rowcount or 0)
+def delete_before(
+    conn: Connection, before: float, by_level: Mapping[int, float] | None = None
+) -> int:
+    """Delete every digest whose bucket starts before `before`, or before `by_level[level]`
+    for a level given there (retention per level, `mmagg.server.retention`); how many."""
+    deleted = 0
+    for level in LEVELS:
+        bound = before if by_level is None else by_level.get(level, before)
+        if bound == -math.inf:
+            continue
+        where = (median_digests.c.level == level, median_digests.c.bucket < bound)
+        doomed = sa.select(median_digests.c.id).where(*where)
+        conn.execute(sa.delete(median_values).where(median_values.c.digest_id.in_(doomed)))
+        deleted += int(conn.execute(sa.delete(median_digests).where(*where)).rowcount or 0)
+    return deleted
 
 
 def _delete(conn: Connection, ids: Sequence[int]) -> None:
