@@ -29,7 +29,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(
-    tmp_path_factory: pytest.TempPathFactory, readme_port: int
+    tmp_path_factory: pytest.TempPathFactory, readme_port_for_module: int
 ) -> Iterator[tuple[str, str, str]]:
     """``mmagg keys create`` (an ingest key, and a read key) then ``mmagg serve`` on port
     9090 (as the README says): (url, ingest key, read key)."""
