@@ -419,6 +419,8 @@ class Window:
         #: The fold under way (one step per ``add``), or ``None``, and the buffers it reads.
         self._folding: Iterator[None] | None = None
         self._folded: dict[_Stream, _Columns] = {}
+        #: Steps the fold under way is expected to take still (an estimate: it paces it).
+        self._steps_left = 0
         #: Buffers of the last finished fold, emptied, reused by the next frames.
         self._spare: dict[_Stream, _Columns] = {}
         #: Size and name width of the last buffer (a new stream buffer starts there).
@@ -509,20 +511,30 @@ class Window:
             self._buffered += size
             folding = self._folding
             if folding is not None:
-                # One step per call; two when the next fold is already due; all of it if
-                # frames are so large that the buffer ran far ahead.
-                if self._buffered >= 4 * FOLD_THRESHOLD:
+                if self._buffered >= 4 * FOLD_THRESHOLD:  # a safety net, not a schedule
                     for _ in folding:
                         pass
                     self._fold_done()
                     folding = None
-                elif _step(folding) or (self._buffered >= FOLD_THRESHOLD and _step(folding)):
-                    self._fold_done()
-                    folding = None
+                else:
+                    # The fold's steps spread evenly over the calls left before the next
+                    # fold is due (or, once it is due, before the buffer runs 4x ahead):
+                    # one step per call for small frames, more for frames of thousands.
+                    due_in = FOLD_THRESHOLD - self._buffered
+                    if due_in <= 0:
+                        due_in = 4 * FOLD_THRESHOLD - self._buffered
+                    calls_left = max(1, due_in // size)
+                    for _ in range(max(1, -(-self._steps_left // calls_left))):
+                        self._steps_left -= 1
+                        if _step(folding):
+                            self._fold_done()
+                            folding = None
+                            break
             if folding is None and self._buffered >= FOLD_THRESHOLD:
                 pending, self._pending, self._buffered = self._pending, {}, 0
                 self._folding = _fold_steps(self._tab(), pending, self.max_classes)
                 self._folded = pending
+                self._steps_left = sum(_steps_for(c.size) for c in pending.values())
         return size
 
     def _new_columns(self, stream: _Stream) -> _Columns:
@@ -666,6 +678,7 @@ class Window:
             out._buffered, self._buffered = self._buffered, 0
             out._folding, self._folding = self._folding, None
             out._folded, self._folded = self._folded, {}
+            out._steps_left, self._steps_left = self._steps_left, 0
             # The emptied buffers stay (the next frames reuse them); the taken window's
             # buffers go with it.
             out._spare = {}
@@ -809,6 +822,12 @@ _FEW_WINNERS = 32
 _NO_ROW = np.iinfo(np.intp).max
 
 
+def _steps_for(rows: int) -> int:
+    """About how many steps a fold of one stream's ``rows`` takes (steady state: a few
+    fixed ones, eight per :data:`_ROWS_PER_STEP` rows)."""
+    return 9 + 8 * -(-rows // _ROWS_PER_STEP)
+
+
 def _step(folding: Iterator[None]) -> bool:
     """Run one step of a fold; ``True`` when it is finished."""
     return next(folding, _DONE) is _DONE
@@ -831,15 +850,16 @@ def _fold_steps(
         where: npt.NDArray[np.intp] | None = None
         # A confidence is a probability: NaN, inf and anything outside [0, 1] are refused
         # here, one prediction at a time (the backend would refuse the whole report).
-        valid = conf >= CONFIDENCE_MIN
-        valid &= conf <= CONFIDENCE_MAX
-        if not valid.all():
+        # Two reductions in the common case (NaN fails both comparisons).
+        if not (conf.min() >= CONFIDENCE_MIN and conf.max() <= CONFIDENCE_MAX):
+            valid = conf >= CONFIDENCE_MIN
+            valid &= conf <= CONFIDENCE_MAX
             table.rejected += int(conf.size - np.count_nonzero(valid))
             where = np.flatnonzero(valid)
+            del valid
             conf = conf[where]
             if conf.size == 0:
                 continue
-        del valid
         id_map = table.id_maps.get((model_id, source_id))
         if id_map is None:
             id_map = table.id_maps[(model_id, source_id)] = _IdMap()
@@ -848,7 +868,7 @@ def _fold_steps(
         if id_map.trusted and columns.has_ids:
             ids = columns.ids[:n] if where is None else columns.ids[where]
             yield
-            rows = _slots_by_id(id_map, ids)
+            rows = yield from _slots_by_id(id_map, ids)
             if rows is not None:
                 yield
                 if rows.min() < 0 and (rows == _UNKNOWN).any():
@@ -901,9 +921,13 @@ def _fold_steps(
         # the first row (in arrival order) at that maximum; what is kept arrived first.
         improved = top > table.best[:k]
         if improved.any():
-            yield
             # NaN at the slots not improved: no row equals it.
-            at_top = conf == np.take(np.where(improved, top, np.nan), rows)
+            target = np.where(improved, top, np.nan)
+            at_top = np.empty(rows.shape[0], dtype=bool)
+            for start in range(0, rows.shape[0], _ROWS_PER_STEP):
+                yield
+                part = slice(start, start + _ROWS_PER_STEP)
+                np.equal(conf[part], np.take(target, rows[part]), out=at_top[part])
             candidates = np.flatnonzero(at_top)
             del at_top
             yield
@@ -911,14 +935,22 @@ def _fold_steps(
         yield
 
 
-def _slots_by_id(id_map: _IdMap, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.intp] | None:
+def _slots_by_id(
+    id_map: _IdMap, ids: npt.NDArray[np.int64]
+) -> Generator[None, None, npt.NDArray[np.intp] | None]:
     """Each row's slot through the class-id map (an array index, no sorting; unknown ids
-    are ``_UNKNOWN``); ``None`` when the ids cannot serve as indexes."""
+    are ``_UNKNOWN``), :data:`_ROWS_PER_STEP` rows per step; ``None`` when the ids cannot
+    serve as indexes."""
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= _MAX_DIRECT_ID:
         return None
     id_map.reserve(high + 1)
-    rows: npt.NDArray[np.intp] = id_map.slot[ids]
+    rows = np.empty(ids.shape[0], dtype=np.intp)
+    for start in range(0, ids.shape[0], _ROWS_PER_STEP):
+        if start:
+            yield
+        part = slice(start, start + _ROWS_PER_STEP)
+        np.take(id_map.slot, ids[part], out=rows[part])
     return rows
 
 
