@@ -815,7 +815,7 @@ class Window:
 
 _DONE = object()
 #: New class ids learned per fold step.
-_LEARN_PER_STEP = 32
+_LEARN_PER_STEP = 8
 #: Winners handled one by one (cheaper than a vectorised pass when there are few).
 _FEW_WINNERS = 32
 #: "No row yet" in a per-slot minimum of row indexes.
@@ -872,6 +872,7 @@ def _fold_steps(
             if rows is not None:
                 yield
                 if rows.min() < 0 and (rows == _UNKNOWN).any():
+                    yield
                     rows = yield from _learn(
                         table, id_map, model_id, source_id, ids, names, rows, max_classes
                     )
@@ -965,10 +966,15 @@ def _learn(
     max_classes: int,
 ) -> Generator[None, None, npt.NDArray[np.intp]]:
     """Learn the ids not seen yet (their slots and names) and give every row's slot."""
-    unknown = np.flatnonzero(rows == _UNKNOWN)
-    # One row per new id (any row: the name check reads them all), without sorting.
+    # One row per new id (any row: the name check reads them all), without sorting,
+    # :data:`_ROWS_PER_STEP` rows per step (a stream's first fold has every row unknown).
     row_of = np.full(id_map.slot.shape[0], -1, dtype=np.intp)
-    row_of[ids[unknown]] = unknown
+    for start in range(0, rows.shape[0], _ROWS_PER_STEP):
+        yield
+        part = slice(start, start + _ROWS_PER_STEP)
+        unknown = np.flatnonzero(rows[part] == _UNKNOWN)
+        row_of[ids[part][unknown]] = unknown + start
+    yield
     new_ids = np.flatnonzero(row_of >= 0)
     new_names = names[row_of[new_ids]]
     name_list = new_names.tolist()
