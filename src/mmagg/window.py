@@ -118,8 +118,10 @@ class ClassStats:
 _Frame = tuple[PredictionBatch, float, int]
 #: A stream: ``(model_id, source_id)``.
 _Stream = tuple[str, str]
-#: Fewest rows a stream's column buffer holds. A buffer starts with room for a fold
-#: threshold and a quarter (a fold starts at one; larger frames double it, once).
+#: Fewest rows a stream's column buffer holds. A new buffer starts with room for what the
+#: window's last buffer held and a quarter (a fold threshold and a quarter in the steady
+#: state; a few frames for a window reported every second); it doubles when a frame does
+#: not fit.
 _MIN_CAPACITY = 64
 #: A buffer over this many bytes is not kept for reuse once folded (held memory stays
 #: bounded after a burst of huge frames or very long class names).
@@ -143,7 +145,7 @@ class _Columns:
     __slots__ = ("conf", "frames", "has_ids", "ids", "names", "size", "starts")
 
     def __init__(self, capacity: int = 0, width: int = 1) -> None:
-        capacity = max(capacity, FOLD_THRESHOLD + FOLD_THRESHOLD // 4, _MIN_CAPACITY)
+        capacity = max(capacity, _MIN_CAPACITY)
         self.conf = np.empty(capacity, dtype=np.float64)
         self.ids = np.empty(capacity, dtype=np.int64)
         self.names = _empty_names(capacity, width)
@@ -423,8 +425,8 @@ class Window:
         self._steps_left = 0
         #: Buffers of the last finished fold, emptied, reused by the next frames.
         self._spare: dict[_Stream, _Columns] = {}
-        #: Size and name width of the last buffer (a new stream buffer starts there).
-        self._shape = (0, 1)
+        #: Rows and name width of the last buffer folded or taken (a new buffer's size).
+        self._shape = (FOLD_THRESHOLD, 1)
         #: Windows taken in by :meth:`absorb`, merged by the next read.
         self._absorbed: list[Window] = []
         self._lock = threading.Lock()
@@ -542,7 +544,8 @@ class Window:
         last (caller holds the lock)."""
         columns = self._spare.pop(stream, None)
         if columns is None:
-            columns = _Columns(*self._shape)
+            rows, width = self._shape
+            columns = _Columns(rows + rows // 4, width)
         return columns
 
     def _fold_done(self) -> None:
@@ -551,10 +554,10 @@ class Window:
         self._folding = None
         spare: dict[_Stream, _Columns] = {}
         for stream, columns in self._folded.items():
+            self._shape = (columns.size, columns.names.dtype.itemsize // 4)
             kept = columns.emptied()
             if kept is not None:
                 spare[stream] = kept
-                self._shape = (kept.conf.shape[0], kept.names.dtype.itemsize // 4)
         self._folded = {}
         self._spare = spare
 
@@ -683,6 +686,8 @@ class Window:
             # buffers go with it.
             out._spare = {}
             out._shape = self._shape
+            for columns in out._pending.values():  # the next buffer: as large as this one
+                self._shape = (columns.size, columns.names.dtype.itemsize // 4)
             out._absorbed, self._absorbed = self._absorbed, []
             self._drains += 1
             out._heir = (self, self._drains)
@@ -791,13 +796,16 @@ class Window:
         if self._folding is not None:
             for _ in self._folding:
                 pass
-            self._fold_done()
+            self._folding = None
         if self._pending:
             pending, self._pending, self._buffered = self._pending, {}, 0
             for _ in _fold_steps(self._tab(), pending, self.max_classes):
                 pass
-            self._folded = pending
-            self._fold_done()
+        # A read keeps no buffer for reuse: a window that is read (a taken one, a failed
+        # one given back) holds only its table; the live window's next frames (if any)
+        # start a buffer sized by what its last one held.
+        self._folded = {}
+        self._spare = {}
         while self._absorbed:
             best, stats, rejected, dropped = self._absorbed.pop(0).snapshot()
             self._merge_entries(best, stats)
