@@ -123,6 +123,9 @@ _Stream = tuple[str, str]
 #: state; a few frames for a window reported every second); it doubles when a frame does
 #: not fit.
 _MIN_CAPACITY = 64
+#: Rows a window's very first buffer is sized for (it doubles from there; later buffers
+#: are sized by the last one, so only a stream's first window grows its buffer).
+_FIRST_ROWS = 512
 #: A buffer over this many bytes is not kept for reuse once folded (held memory stays
 #: bounded after a burst of huge frames or very long class names).
 _MAX_KEPT_BYTES = 1 << 20
@@ -426,7 +429,7 @@ class Window:
         #: Buffers of the last finished fold, emptied, reused by the next frames.
         self._spare: dict[_Stream, _Columns] = {}
         #: Rows and name width of the last buffer folded or taken (a new buffer's size).
-        self._shape = (FOLD_THRESHOLD, 1)
+        self._shape = (min(FOLD_THRESHOLD, _FIRST_ROWS), 1)
         #: Windows taken in by :meth:`absorb`, merged by the next read.
         self._absorbed: list[Window] = []
         self._lock = threading.Lock()
