@@ -40,6 +40,7 @@ from mmagg.server.tables import (
     results,
     rollup_watermark,
     rollups,
+    workspaces,
 )
 from mmagg.wire import HISTOGRAM_BUCKETS
 
@@ -524,130 +525,234 @@ def fold_range(conn: Connection, start: float, end: float) -> int:
     """Roll up the stored results with `start <= ts < end` into every level; the count.
 
     The caller holds the range (`Database.fold_rollups`): no result in it is rolled up yet
-    and none can arrive unseen. The aggregation runs in the database, in one statement per
-    level: the results of the range are grouped into one row per key and minute in a
-    temporary table (`_minute_sql`, each workspace through the (workspace_id, ts) index),
-    and each level is one `INSERT ... SELECT ... GROUP BY ... ON CONFLICT DO UPDATE` over
-    those minute rows (`_level_sql`). The rows equal what ingest's `contributions` adds
-    report by report (`rebuild_rollups` compares them in the tests).
+    and none can arrive unseen. The rows equal what ingest's `contributions` adds report by
+    report (`rebuild_rollups`; the tests compare them row for row). On PostgreSQL the
+    aggregation runs in the database (`_fold_in_sql`), on SQLite in Python
+    (`_fold_in_python`): each is the cheaper on its engine (docs/scale.md, "Ingest cost").
     """
-    dialect = conn.dialect.name
+    if conn.dialect.name == "postgresql":
+        return _fold_in_sql(conn, start, end)
+    return _fold_in_python(conn, start, end)
+
+
+def _fold_in_sql(conn: Connection, start: float, end: float) -> int:
+    """`fold_range` on PostgreSQL: the results of the range are grouped into one row per
+    key and minute in a temporary table (`_minute_sql`, each workspace through the
+    (workspace_id, ts) index), and each level is one `INSERT ... SELECT ... GROUP BY ...
+    ON CONFLICT DO UPDATE` over those minute rows (`_level_sql`). Nothing per result in
+    Python.
+    """
     cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     try:
-        cursor.execute(_stage_sql(dialect))
-        cursor.execute(_minute_sql(dialect), (start, end))
+        cursor.execute(_STAGE_SQL)
+        cursor.execute(_minute_sql(), (start, end))
         cursor.execute(f"SELECT COALESCE(SUM(results), 0) FROM {_FOLD_STAGE}")
         row = cursor.fetchone()
         seen = int(row[0]) if row is not None else 0
         if seen:
             for level in LEVELS:
-                cursor.execute(_level_sql(dialect, level))
+                cursor.execute(_level_sql(level))
         cursor.execute(f"DELETE FROM {_FOLD_STAGE}")
     finally:
         cursor.close()
     return seen
 
 
-# The minute rows of the range being folded (`fold_range`): a temporary table of the
-# connection, emptied at the end of each fold.
+def _fold_in_python(conn: Connection, start: float, end: float) -> int:
+    """`fold_range` on SQLite. A report's values are computed as ingest computes them
+    (`_report_base`) and added into one row per key and minute; the coarser levels are
+    sums of those minute rows. Read per workspace, through the (workspace_id, ts) index.
+
+    On SQLite this costs less than `_fold_in_sql` (about 10 against 15 µs of CPU per
+    result, docs/scale.md "Ingest cost": SQLite sorts the rows once per grouping).
+    """
+    workspace_ids = conn.execute(sa.select(workspaces.c.id)).scalars().all()
+    minutes: dict[tuple[Any, ...], list[Any]] = {}
+    seen = 0
+    sql = _fold_sql(conn.dialect.name)
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    for workspace_id in workspace_ids:
+        # The DBAPI cursor and one fetch: SQLAlchemy's result fetched row by row here.
+        cursor.execute(sql, (workspace_id, start, end))
+        for report in _by_report(cursor.fetchall()):
+            _fold_report(minutes, workspace_id, report)
+            seen += len(report)
+    if not minutes:
+        cursor.close()
+        return seen
+    rows = dict(minutes) if 60 in LEVELS else {}
+    for level in LEVELS:
+        if level == 60:
+            continue
+        for key, values in minutes.items():
+            coarse = (key[0], level, bucket_start(key[2], level), *key[3:])
+            row = rows.get(coarse)
+            if row is None:
+                rows[coarse] = list(values)
+            else:
+                _add(row, values)
+    try:
+        write(cursor, conn.dialect.name, rows)
+    finally:
+        cursor.close()
+    return seen
+
+
+_HIST = 9  # the position of hist_0 in a value list (`_VALUE_COLUMNS`)
+
+
+def _fold_report(
+    minutes: dict[tuple[Any, ...], list[Any]], workspace_id: int, report: Sequence[Any]
+) -> None:
+    """Add one report's results (`_FOLD_COLUMNS` rows) into the minute rows `minutes`.
+
+    What `_report_base` computes, added into the minute rows in place: no value list per
+    result and no `_add` for a key the minute has already (the fold's cost is this loop).
+    The distinct-report counters then go to the rows of the keys `_report_base` marks.
+    """
+    ts = report[0][2]
+    head = (workspace_id, 60, bucket_start(ts, 60))
+    first_of_model: dict[str, tuple[str, str]] = {}
+    first_of_source: dict[tuple[str, str], str] = {}
+    device = report[0][5]
+    device_key = "" if device is None else "=" + device
+    for r in report:
+        model, class_name, source, confidence, count, total = r[3], r[4], r[6], r[7], r[8], r[9]
+        source_key = "" if source is None else "=" + source
+        _note_firsts(first_of_model, first_of_source, model, class_name, source_key)
+        key = head + (model, class_name, device_key, source_key)
+        row = minutes.get(key)
+        if row is None:
+            row = minutes[key] = [
+                0,
+                0.0,
+                confidence,
+                confidence,
+                ts,
+                ts,
+                0,
+                0,
+                0.0,
+                *([0] * HISTOGRAM_BUCKETS),
+                0,
+                0,
+                0,
+                0,
+            ]
+        else:
+            if confidence < row[2]:
+                row[2] = confidence
+            if confidence > row[3] or (confidence == row[3] and ts > row[4]):
+                row[4] = ts
+            if confidence > row[3]:
+                row[3] = confidence
+            if ts > row[5]:
+                row[5] = ts
+        row[0] += 1
+        row[1] += confidence
+        if count is None:
+            row[7] += 1
+            row[8] += confidence if total is None else total
+        else:
+            row[6] += 1
+            row[7] += count
+            row[8] += confidence if total is None else total
+        histogram = r[10:]
+        if histogram == _NO_HISTOGRAM:
+            if count is None:
+                row[_HIST + sample_bucket(confidence)] += 1
+        else:
+            for i, value in enumerate(histogram):
+                if value is not None:
+                    row[_HIST + i] += value
+            if count is None:
+                sampled = sample_bucket(confidence)
+                if histogram[sampled] is None:
+                    row[_HIST + sampled] += 1
+    for model, (class_name, source_key) in first_of_model.items():
+        minutes[head + (model, class_name, device_key, source_key)][_MODEL_REPORTS] += 1
+    for (model, source_key), class_name in first_of_source.items():
+        minutes[head + (model, class_name, device_key, source_key)][_SOURCE_REPORTS] += 1
+    items = [(r[3], r[4], r[5], r[6]) for r in report]
+    for index, (model, class_name, source_key) in _device_marks(items):  # type: ignore[arg-type]
+        minutes[head + (model, class_name, device_key, source_key)][index] += 1
+
+
+@functools.lru_cache(maxsize=2)
+def _fold_sql(dialect: str) -> str:
+    """One workspace's results in [start, end), report by report (`_FOLD_COLUMNS`)."""
+    p = "%s" if dialect == "postgresql" else "?"
+    columns = ", ".join(column.name for column in _FOLD_COLUMNS)
+    return (
+        f"SELECT {columns} FROM results WHERE workspace_id = {p} AND ts >= {p} AND ts < {p} "
+        "ORDER BY report_id"
+    )
+
+
+# The minute rows of the range being folded (`_fold_in_sql`): a temporary table of the
+# session, emptied at the end of each fold.
 _FOLD_STAGE = "mmagg_fold_minutes"
+_STAGE_SQL = f"CREATE TEMP TABLE IF NOT EXISTS {_FOLD_STAGE} (LIKE rollups) ON COMMIT DELETE ROWS"
+_KEY_TAIL = ("model_id", "class_name", "device_key", "source_key")
+# Python orders strings by code point; so does PostgreSQL's "C" collation (UTF-8 bytes).
+_C = ' COLLATE "C"'
 
 
-def _stage_sql(dialect: str) -> str:
-    """Create the minute staging table if this connection has none."""
-    if dialect == "postgresql":
-        return f"CREATE TEMP TABLE IF NOT EXISTS {_FOLD_STAGE} (LIKE rollups) ON COMMIT DELETE ROWS"
-    return f"CREATE TEMP TABLE IF NOT EXISTS {_FOLD_STAGE} AS SELECT * FROM rollups WHERE 0"
-
-
-def _bucket_sql(value: str, level: int, dialect: str) -> str:
+def _bucket_sql(value: str, level: int) -> str:
     """SQL for `bucket_start(value, level)`: the largest multiple of `level` not above the
     value, exact (the division may round across a multiple: one step corrects it)."""
-    if dialect == "postgresql":
-        guess = f"(FLOOR(({value}) / {level}.0) * {level}.0)"
-    else:  # SQLite may lack FLOOR; CAST truncates towards zero, corrected below
-        guess = f"(CAST(({value}) / {level}.0 AS INTEGER) * {level}.0)"
+    guess = f"(FLOOR(({value}) / {level}.0) * {level}.0)"
     return (
         f"(CASE WHEN {guess} > ({value}) THEN {guess} - {level}.0 "
         f"WHEN {guess} + {level}.0 <= ({value}) THEN {guess} + {level}.0 ELSE {guess} END)"
     )
 
 
-def _text_order(dialect: str) -> str:
-    """The collation that orders strings as Python does (by code point)."""
-    return ' COLLATE "C"' if dialect == "postgresql" else ""
-
-
-def _least(dialect: str, columns: Sequence[str]) -> str:
-    """An aggregate whose value orders the rows of a group as Python orders tuples of
-    `columns` (strings, by code point), least first.
-
-    PostgreSQL: an array of the values in the "C" collation (arrays compare element by
-    element). SQLite: the values' UTF-8 bytes in hex, joined by a space, which sorts below
-    every hex digit, so that a value that is a prefix of another sorts first as in a tuple;
-    its one `MIN` makes SQLite take the group's other (bare) columns from that row.
-    """
-    if dialect == "postgresql":
-        return "MIN(ARRAY[" + ", ".join(f'{name} COLLATE "C"' for name in columns) + "])"
-    return "MIN(" + " || ' ' || ".join(f"hex({name})" for name in columns) + ")"
-
-
-def _marks_sql(dialect: str) -> list[str]:
-    """The distinct-report marks of the results in `raw`, as rows (bucket, model, class,
-    device key, source key, which counter): one per report and model on its least
-    (class, source key) (`model_reports`), per report, model and source on its least class
-    (`source_reports`), per report on its least (model, class, source key)
-    (`device_reports`) and per report and source on its least (model, class)
-    (`device_source_reports`): what `_report_base` marks."""
-    c = _text_order(dialect)
-    tail = "workspace_id, bucket, model_id, class_name, device_key, source_key"
+def _marks_sql() -> list[str]:
+    """The distinct-report marks of the results in `raw`, as rows (workspace, bucket, model,
+    class, device key, source key, which counter): one per report and model on its least
+    (class, source key) (mark 1, `model_reports`), per report, model and source on its least
+    class (2, `source_reports`), per report on its least (model, class, source key) (3,
+    `device_reports`) and per report and source on its least (model, class) (4,
+    `device_source_reports`): what `_report_base` marks. A tuple's least is the least
+    array of its values in the "C" collation (arrays compare element by element)."""
+    tail = ("workspace_id", "bucket", *_KEY_TAIL)
     found = [
-        # One column of the key, the least one: MIN gives it on both engines.
-        "SELECT workspace_id, bucket, model_id, "
-        f"MIN(class_name{c}) AS class_name, device_key, source_key, 2 AS mark "
-        "FROM raw GROUP BY report_id, workspace_id, bucket, device_key, model_id, source_key"
+        f"SELECT workspace_id, bucket, model_id, MIN(class_name{_C}) AS class_name, "
+        "device_key, source_key, 2 AS mark FROM raw "
+        "GROUP BY report_id, workspace_id, bucket, device_key, model_id, source_key"
     ]
     for mark, group, least in (
-        (1, "model_id", ("class_name", "source_key")),
+        (1, ", model_id", ("class_name", "source_key")),
         (3, "", ("model_id", "class_name", "source_key")),
-        (4, "source_key", ("model_id", "class_name")),
+        (4, ", source_key", ("model_id", "class_name")),
     ):
-        by = "report_id, workspace_id, bucket, device_key" + (f", {group}" if group else "")
-        if dialect == "postgresql":
-            picked = {name: f"least[{n + 1}] AS {name}" for n, name in enumerate(least)}
-            columns = ", ".join(picked.get(name, name) for name in tail.split(", "))
-            found.append(
-                f"SELECT {columns}, {mark} AS mark FROM (SELECT {by}, "
-                f"{_least(dialect, least)} AS least FROM raw GROUP BY {by}) AS firsts"
-            )
-        else:  # the bare columns come from the row of the least value
-            found.append(
-                f"SELECT {tail}, {mark} AS mark FROM (SELECT {tail}, "
-                f"{_least(dialect, least)} AS least FROM raw GROUP BY {by}) AS firsts"
-            )
+        by = f"report_id, workspace_id, bucket, device_key{group}"
+        picked = {name: f"least[{n + 1}] AS {name}" for n, name in enumerate(least)}
+        array = "ARRAY[" + ", ".join(name + _C for name in least) + "]"
+        found.append(
+            f"SELECT {', '.join(picked.get(name, name) for name in tail)}, {mark} AS mark "
+            f"FROM (SELECT {by}, MIN({array}) AS least FROM raw GROUP BY {by}) AS firsts"
+        )
     return found
 
 
-@functools.lru_cache(maxsize=2)
-def _minute_sql(dialect: str) -> str:
-    """Aggregate one workspace's results in [start, end) into one row per key and minute,
-    into the staging table; parameters: start, end (every workspace).
+@functools.lru_cache(maxsize=1)
+def _minute_sql() -> str:
+    """Aggregate every workspace's results in [start, end) into one row per key and minute,
+    into the staging table; parameters: start, end.
 
     Per result, what `_report_base` computes: its histogram (the stored buckets, plus its
-    sampled confidence's bucket where it has no stats and that bucket is not stored). The
-    best time is the latest time of the key's highest confidence: the greatest (confidence,
-    ts) array on PostgreSQL; on SQLite the latest time among the results whose confidence
-    is their key's maximum (a window). The distinct-report counters are the marks of
-    `_marks_sql` counted per key, joined to the key's row (every mark is on a key that has
-    results). The results are read once (`raw`, a CTE used several times: computed once).
+    sampled confidence's bucket where it has no stats and that bucket is not stored); the
+    best time is the latest time of the key's highest confidence, the greatest (confidence,
+    ts) array. The distinct-report counters are the marks of `_marks_sql` counted per key
+    and joined to the key's row (a mark is always on a key that has results). The results
+    are read once (`raw`: a CTE used several times is computed once).
     """
-    p = "%s" if dialect == "postgresql" else "?"
-    postgres = dialect == "postgresql"
     scaled = f"confidence * {HISTOGRAM_BUCKETS}"
-    floor = f"FLOOR({scaled})" if postgres else f"CAST({scaled} AS INTEGER)"
     sampled = (
         f"(CASE WHEN confidence < 0 THEN 0 WHEN {scaled} >= {HISTOGRAM_BUCKETS - 1} "
-        f"THEN {HISTOGRAM_BUCKETS - 1} ELSE {floor} END)"
+        f"THEN {HISTOGRAM_BUCKETS - 1} ELSE FLOOR({scaled}) END)"
     )
     hists = ", ".join(
         f"COALESCE(hist_{i}, CASE WHEN stats_count IS NULL AND {sampled} = {i} THEN 1 ELSE 0 END)"
@@ -655,27 +760,22 @@ def _minute_sql(dialect: str) -> str:
         for i in range(HISTOGRAM_BUCKETS)
     )
     raw = (
-        f"SELECT workspace_id, report_id, ts, {_bucket_sql('ts', 60, dialect)} AS bucket, "
+        f"SELECT workspace_id, report_id, ts, {_bucket_sql('ts', 60)} AS bucket, "
         "model_id, class_name, "
         "CASE WHEN device_id IS NULL THEN '' ELSE '=' || device_id END AS device_key, "
         "CASE WHEN source_id IS NULL THEN '' ELSE '=' || source_id END AS source_key, "
         f"confidence, stats_count, stats_sum, {hists} "
-        f"FROM results WHERE workspace_id IN (SELECT id FROM workspaces) "
-        f"AND ts >= {p} AND ts < {p}"
+        "FROM results WHERE workspace_id IN (SELECT id FROM workspaces) "
+        "AND ts >= %s AND ts < %s"
     )
-    key = "workspace_id, bucket, model_id, class_name, device_key, source_key"
-    if postgres:
-        best, scored = "(MAX(ARRAY[confidence, ts]))[2]", "raw"
-    else:
-        best = "MAX(CASE WHEN confidence = top THEN ts END)"
-        scored = f"(SELECT raw.*, MAX(confidence) OVER (PARTITION BY {key}) AS top FROM raw)"
+    key = ("workspace_id", "bucket", *_KEY_TAIL)
     values = ", ".join(
         [
             "COUNT(*) AS results",
             "SUM(confidence) AS conf_sum",
             "MIN(confidence) AS conf_min",
             "MAX(confidence) AS conf_max",
-            f"{best} AS best_ts",
+            "(MAX(ARRAY[confidence, ts]))[2] AS best_ts",
             "MAX(ts) AS last_ts",
             "COUNT(stats_count) AS with_stats",
             "SUM(COALESCE(stats_count, 1)) AS predictions",
@@ -683,72 +783,58 @@ def _minute_sql(dialect: str) -> str:
             *(f"SUM(hist_{i}) AS hist_{i}" for i in range(HISTOGRAM_BUCKETS)),
         ]
     )
-    counters = ("model_reports", "source_reports", "device_reports", "device_source_reports")
+    counters = _VALUE_COLUMNS[_MODEL_REPORTS:]
     counted = ", ".join(
         f"SUM(CASE WHEN mark = {n} THEN 1 ELSE 0 END) AS {name}"
-        for n, name in enumerate(counters, start=1)
+        for n, name in zip((1, 2, 3, 4), counters, strict=True)
     )
-    marks = " UNION ALL ".join(_marks_sql(dialect))
-    main_columns = ", ".join(f"main.{name}" for name in _VALUE_COLUMNS[: -len(counters)])
-    on = " AND ".join(f"marks.{name} = main.{name}" for name in key.split(", "))
+    grouped = ", ".join(key)
     return (
         f"WITH raw AS ({raw}), "
-        f"main AS (SELECT {key}, {values} FROM {scored} AS scored GROUP BY {key}), "
-        f"marks AS (SELECT {key}, {counted} FROM ({marks}) AS marked GROUP BY {key}) "
+        f"main AS (SELECT {grouped}, {values} FROM raw GROUP BY {grouped}), "
+        f"marks AS (SELECT {grouped}, {counted} "
+        f"FROM ({' UNION ALL '.join(_marks_sql())}) AS marked GROUP BY {grouped}) "
         f"INSERT INTO {_FOLD_STAGE} ({', '.join(ROLLUP_COLUMNS)}) "
-        f"SELECT main.workspace_id, 60, "
-        f"{', '.join('main.' + name for name in key.split(', ')[1:])}, "
-        f"{main_columns}, "
+        f"SELECT main.workspace_id, 60, {', '.join('main.' + name for name in key[1:])}, "
+        + ", ".join(f"main.{name}" for name in _VALUE_COLUMNS[:_MODEL_REPORTS])
+        + ", "
         + ", ".join(f"COALESCE(marks.{name}, 0)" for name in counters)
-        + f" FROM main LEFT JOIN marks ON {on}"
+        + " FROM main LEFT JOIN marks ON "
+        + " AND ".join(f"marks.{name} = main.{name}" for name in key)
     )
 
 
-@functools.lru_cache(maxsize=16)
-def _level_sql(dialect: str, level: int) -> str:
+@functools.lru_cache(maxsize=8)
+def _level_sql(level: int) -> str:
     """Upsert the staged minute rows into `level`: one statement, the minute rows summed per
-    key and `level` bucket (their best time: the latest of the highest confidence); on
-    PostgreSQL in key order, so that concurrent writers lock rows in one order."""
-    postgres = dialect == "postgresql"
-    order = ""
-    if postgres:
-        c = _text_order(dialect)
-        order = " ORDER BY " + ", ".join(
-            name + c if name in _TEXT_KEYS else name for name in _KEY_COLUMNS
-        )
+    key and `level` bucket (the best time: of the greatest (conf_max, best_ts)), in key
+    order (concurrent writers lock rows in one order: Python's, as `write`)."""
+    order = " ORDER BY workspace_id, level, bucket, " + ", ".join(name + _C for name in _KEY_TAIL)
     columns = ", ".join(ROLLUP_COLUMNS)
     if level == 60:
         return (
-            f"INSERT INTO rollups ({columns}) SELECT {columns} FROM {_FOLD_STAGE} WHERE true"
+            f"INSERT INTO rollups ({columns}) SELECT {columns} FROM {_FOLD_STAGE}"
             + order
             + _update_clause()
         )
-    coarse = _bucket_sql("bucket", level, dialect)
-    key = "model_id, class_name, device_key, source_key"
+    tail = ", ".join(_KEY_TAIL)
     values = ", ".join(
         [
             "SUM(results)",
             "SUM(conf_sum)",
             "MIN(conf_min)",
             "MAX(conf_max)",
-            "(MAX(ARRAY[conf_max, best_ts]))[2]"
-            if postgres
-            else "MAX(CASE WHEN conf_max = top THEN best_ts END)",
+            "(MAX(ARRAY[conf_max, best_ts]))[2]",
             "MAX(last_ts)",
             *(f"SUM({name})" for name in _ADDED[2:]),
         ]
     )
-    top = "" if postgres else f", MAX(conf_max) OVER (PARTITION BY {coarse}, {key}) AS top"
-    staged = f"SELECT {_FOLD_STAGE}.*, {coarse} AS coarse{top} FROM {_FOLD_STAGE}"
     return (
         f"INSERT INTO rollups ({columns}) "
-        f"SELECT workspace_id, {level} AS level, coarse AS bucket, {key}, {values} "
-        f"FROM ({staged}) AS staged "
-        f"WHERE true GROUP BY workspace_id, coarse, {key}" + order + _update_clause()
+        f"SELECT workspace_id, {level} AS level, coarse AS bucket, {tail}, {values} "
+        f"FROM (SELECT *, {_bucket_sql('bucket', level)} AS coarse FROM {_FOLD_STAGE}) AS staged "
+        f"GROUP BY workspace_id, coarse, {tail}" + order + _update_clause()
     )
-
-
-_TEXT_KEYS = ("model_id", "class_name", "device_key", "source_key")
 
 
 # ---------------------------------------------------------------------------------- reads
