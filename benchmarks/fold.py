@@ -17,7 +17,8 @@ database's machine).
     python benchmarks/fold.py --engines postgresql
     python benchmarks/fold.py --smoke
 
-No target: the numbers size the job for a fleet (docs/scale.md, "Ingest cost").
+The fold aggregates in SQL on PostgreSQL and in Python on SQLite (`rollups.fold_range`).
+No target: the numbers size the job for a fleet (docs/scale.md, "The fold in SQL").
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ def main() -> int:
             with _fleet._database(engine, directory, args.pg_dsn) as db:
                 run_engine(db, args)
     if args.smoke:
-        print("smoke: no target (the numbers size the fold job)")
+        print("smoke: targets not judged (none set: the numbers size the fold job)")
     return 0
 
 
