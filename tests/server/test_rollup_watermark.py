@@ -29,6 +29,7 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_payloads import report, result
+from server_support import PG_ADMIN_DSN, drop_pg_database
 from test_rollups import (
     CLASSES,
     DEVICES,
@@ -393,6 +394,20 @@ tricky_folds = st.tuples(
 )
 
 
+tricky_steps = st.lists(
+    st.one_of(
+        st.tuples(
+            tricky_times,
+            st.sampled_from(DEVICES),
+            st.lists(tricky_items, min_size=1, max_size=5),
+        ).map(lambda r: ("report", r)),
+        tricky_folds.map(lambda f: ("fold", f)),
+    ),
+    min_size=1,
+    max_size=25,
+)
+
+
 def _fold_inside_minute(db: Database, anchor: float, seconds: float, chunk: float) -> None:
     """Fold to the minute before `anchor + seconds` in ten-minute transactions, then on to
     `anchor + seconds` in `chunk`-second ones; the watermark lands there."""
@@ -413,26 +428,52 @@ def _tricky_ts(anchor: float, drawn: float) -> float:
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(
-    drawn=st.lists(
-        st.one_of(
-            st.tuples(
-                tricky_times,
-                st.sampled_from(DEVICES),
-                st.lists(tricky_items, min_size=1, max_size=5),
-            ).map(lambda r: ("report", r)),
-            tricky_folds.map(lambda f: ("fold", f)),
-        ),
-        min_size=1,
-        max_size=25,
-    )
-)
+@given(drawn=tricky_steps)
 def test_a_fold_in_sql_equals_the_python_aggregation(db: Database, drawn: list[Any]) -> None:
-    """The fold aggregates in SQL (one statement per level); ingest's late path and
-    `rebuild_rollups` compute each report's rows in Python. On any reports (names ordered
-    differently by byte, case or locale, tied best confidences, times just below a minute,
-    duplicated keys in a report) and folds at any second, in slices of any size, the rows
-    equal a rebuild from the raw rows, row for row."""
+    """The fold aggregates in SQL on PostgreSQL (one statement per level); ingest's late
+    path, `rebuild_rollups` and SQLite's fold compute each report's rows in Python. On any
+    reports (names ordered differently by byte, case or locale, tied best confidences,
+    times just below a minute, duplicated keys in a report) and folds at any second, in
+    slices of any size, the rows equal a rebuild from the raw rows, row for row."""
+    _check_fold_equals_rebuild(db, drawn)
+
+
+@pytest.fixture(scope="module")
+def locale_db(pg_database_url: str) -> Iterator[Database]:
+    """A PostgreSQL database whose default collation is ICU's English one (case and accents
+    ordered as people read them, not by code point), as many installations are."""
+    import psycopg
+
+    name = f"mmagg_test_icu_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(
+            f'CREATE DATABASE "{name}" TEMPLATE template0 LOCALE_PROVIDER icu '
+            "ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+        )
+    database = Database(f"postgresql://postgres@127.0.0.1:5432/{name}")
+    try:
+        yield database
+    finally:
+        database.close()
+        drop_pg_database(name)
+
+
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(drawn=tricky_steps)
+def test_a_fold_in_sql_follows_python_order_under_a_locale_collation(
+    locale_db: Database, drawn: list[Any]
+) -> None:
+    """The counters mark each report's least key in Python's order (code points); the SQL
+    fold compares in the "C" collation whatever the database's default, so a database
+    ordering "Car" next to "car" still folds exactly what Python rebuilds."""
+    _check_fold_equals_rebuild(locale_db, drawn)
+
+
+def _check_fold_equals_rebuild(db: Database, drawn: list[Any]) -> None:
     anchor = fresh_anchor(db)
     workspace = f"w{uuid.uuid4().hex[:12]}"
     principal = db.authenticate(db.create_key(workspace))
