@@ -29,6 +29,7 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_payloads import report, result
+from server_support import PG_ADMIN_DSN, drop_pg_database
 from test_rollups import (
     CLASSES,
     DEVICES,
@@ -361,3 +362,186 @@ def test_folds_racing_ingest_equal_a_rebuild(db: Database, run: int) -> None:
         conn.execute(sa.delete(rollup_table).where(rollup_table.c.workspace_id == workspace_id))
         conn.execute(sa.delete(results).where(results.c.workspace_id == workspace_id))
         conn.execute(sa.delete(reports).where(reports.c.workspace_id == workspace_id))
+
+
+# ------------------------------------------------------------- the fold in SQL (issue 15)
+
+# Names whose order trips up anything but Python's (code point) order: prefixes, a trailing
+# space and a control character (below every letter), case, accents, characters outside the
+# Basic Multilingual Plane, the empty class.
+TRICKY_MODELS = ("m/1", "m/1 ", "m/10", "M/1", "m\u00e9", "m/1\x01")
+TRICKY_CLASSES = ("", "car", "car ", "car0", "ca", "Car", "c\u00e4r", "car\x01", "\U0001f697")
+TRICKY_SOURCES = (None, "", "c", "c ", "c0", "C", "\u00e7", "\uffff", "\U0001f4f7")
+# Multiples of 1/8: sums are exact in any order and the best confidence is often tied.
+tied_confidences = st.integers(0, 8).map(lambda n: n / 8)
+tricky_items = st.tuples(
+    st.sampled_from(TRICKY_MODELS),
+    st.sampled_from(TRICKY_CLASSES),
+    st.sampled_from(TRICKY_SOURCES),
+    st.lists(tied_confidences, min_size=1, max_size=3),
+    st.booleans(),
+)
+# Seconds after the anchor: anywhere in two hours, on a minute, or the last float before one.
+tricky_times = st.one_of(
+    st.integers(0, 7200_000 - 1).map(lambda n: n / 1000),
+    st.integers(0, 120).map(lambda m: m * 60.0),
+    st.integers(1, 120).map(lambda m: -float(m * 60)),  # marker: nextafter below minute m
+)
+# A fold to `seconds` after the anchor, the last minute of it in slices of `chunk` seconds
+# (below a minute: the watermark stops inside minutes; `_fold_inside_minute`).
+tricky_folds = st.tuples(
+    st.integers(0, 7200 * 4).map(lambda n: n / 4), st.sampled_from([5, 7.5, 10, 30, 60])
+)
+
+
+tricky_steps = st.lists(
+    st.one_of(
+        st.tuples(
+            tricky_times,
+            st.sampled_from(DEVICES),
+            st.lists(tricky_items, min_size=1, max_size=5),
+        ).map(lambda r: ("report", r)),
+        tricky_folds.map(lambda f: ("fold", f)),
+    ),
+    min_size=1,
+    max_size=25,
+)
+
+
+def _fold_inside_minute(db: Database, anchor: float, seconds: float, chunk: float) -> None:
+    """Fold to the minute before `anchor + seconds` in ten-minute transactions, then on to
+    `anchor + seconds` in `chunk`-second ones; the watermark lands there."""
+    before = watermark(db)
+    db.fold_rollups(until=anchor + max(0.0, seconds - 60), chunk=600)
+    db.fold_rollups(until=anchor + seconds, chunk=chunk)
+    assert watermark(db) == max(before, anchor + seconds)
+
+
+def _tricky_ts(anchor: float, drawn: float) -> float:
+    if drawn < 0:
+        return math.nextafter(anchor - drawn, -math.inf)
+    return anchor + drawn
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(drawn=tricky_steps)
+def test_a_fold_in_sql_equals_the_python_aggregation(db: Database, drawn: list[Any]) -> None:
+    """The fold aggregates in SQL on PostgreSQL (one statement per level); ingest's late
+    path, `rebuild_rollups` and SQLite's fold compute each report's rows in Python. On any
+    reports (names ordered differently by byte, case or locale, tied best confidences,
+    times just below a minute, duplicated keys in a report) and folds at any second, in
+    slices of any size, the rows equal a rebuild from the raw rows, row for row."""
+    _check_fold_equals_rebuild(db, drawn)
+
+
+@pytest.fixture(scope="module")
+def locale_db(pg_database_url: str) -> Iterator[Database]:
+    """A PostgreSQL database whose default collation is ICU's English one (case and accents
+    ordered as people read them, not by code point), as many installations are."""
+    import psycopg
+
+    name = f"mmagg_test_icu_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(
+            f'CREATE DATABASE "{name}" TEMPLATE template0 LOCALE_PROVIDER icu '
+            "ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+        )
+    database = Database(f"postgresql://postgres@127.0.0.1:5432/{name}")
+    try:
+        yield database
+    finally:
+        database.close()
+        drop_pg_database(name)
+
+
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(drawn=tricky_steps)
+def test_a_fold_in_sql_follows_python_order_under_a_locale_collation(
+    locale_db: Database, drawn: list[Any]
+) -> None:
+    """The counters mark each report's least key in Python's order (code points); the SQL
+    fold compares in the "C" collation whatever the database's default, so a database
+    ordering "Car" next to "car" still folds exactly what Python rebuilds."""
+    _check_fold_equals_rebuild(locale_db, drawn)
+
+
+def _check_fold_equals_rebuild(db: Database, drawn: list[Any]) -> None:
+    anchor = fresh_anchor(db)
+    workspace = f"w{uuid.uuid4().hex[:12]}"
+    principal = db.authenticate(db.create_key(workspace))
+    assert principal is not None
+    workspace_id = db.ensure_workspace(workspace)
+    try:
+        for kind, step in drawn:
+            if kind == "report":
+                when, device, drawn_items = step
+                _store_one(db, principal, _tricky_ts(anchor, when), device, drawn_items)
+            else:
+                _fold_inside_minute(db, anchor, *step)
+        db.fold_rollups(until=anchor + 7260, chunk=600)
+        with db.read() as conn:
+            folded = _rollup_rows(conn, workspace_id)
+        assert folded == _rebuilt_rows(db, workspace_id)
+    finally:  # keep the database small for the next example's rebuild
+        with db.write() as conn:
+            for table in (rollup_table, results, reports):
+                conn.execute(sa.delete(table).where(table.c.workspace_id == workspace_id))
+
+
+@settings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    drawn=st.lists(
+        st.one_of(
+            one_report.map(lambda r: ("report", r)),
+            st.tuples(
+                st.integers(0, HOURS * 3600 * 4).map(lambda n: n / 4),
+                st.sampled_from([5, 7.5, 10, 30]),
+            ).map(lambda f: ("fold", f)),  # `_fold_inside_minute`
+        ),
+        min_size=1,
+        max_size=30,
+    ),
+    start=offsets,
+    end=offsets,
+    bucket=buckets,
+    device=st.sampled_from(DEVICES),
+    source=st.sampled_from(SOURCES),
+)
+def test_every_read_is_exact_with_the_watermark_inside_minutes(
+    db: Database,
+    drawn: list[Any],
+    start: int,
+    end: int,
+    bucket: float,
+    device: str | None,
+    source: str | None,
+) -> None:
+    """Folds in slices shorter than a minute leave the watermark inside a minute (the job
+    with `chunk` below 60 s): every read still equals the raw read."""
+    anchor = fresh_anchor(db)
+    workspace = f"w{uuid.uuid4().hex[:12]}"
+    principal = db.authenticate(db.create_key(workspace))
+    assert principal is not None
+    for kind, step in drawn:
+        if kind == "report":
+            millis, report_device, drawn_items = step
+            _store_one(db, principal, anchor + millis / 1000, report_device, drawn_items)
+        else:
+            _fold_inside_minute(db, anchor, *step)
+    workspace_id = db.ensure_workspace(workspace)
+    low, high = sorted((start, end))
+    span = TimeRange(anchor + low / 1000, anchor + high / 1000 + 0.001)
+    wide = TimeRange(anchor - 60, anchor + HOURS * 3600 + 60)
+    assert_every_read_equal(db, workspace_id, span, wide, bucket, device, source, [])

@@ -59,10 +59,13 @@ PRINCIPAL_CACHE_SECONDS = 60.0
 
 # The rollup job (`Database.fold_rollups`, run by `mmagg serve`): how often it runs, how far
 # behind the clock it stays (a report in flight for that long is still not late), and the
-# most seconds of results one fold transaction takes.
+# most seconds of results one fold transaction takes (each holds the watermark lock: ingest
+# waits meanwhile). One minute: a slice of a few seconds upserts every key's coarse rows
+# once per slice instead of once per minute, which costs more than it saves for a fleet
+# whose cameras all report within a slice (docs/scale.md, "Ingest cost").
 FOLD_INTERVAL_SECONDS = 5.0
 FOLD_GRACE_SECONDS = 5.0
-FOLD_CHUNK_SECONDS = 600.0
+FOLD_CHUNK_SECONDS = 60.0
 
 # Reports per prune transaction: SQLite's one write lock is shared with ingest, so short;
 # PostgreSQL only locks the old rows themselves, and each commit costs a WAL flush.
@@ -900,17 +903,20 @@ class Database:
         chunk: float = FOLD_CHUNK_SECONDS,
         until: float | None = None,
     ) -> int:
-        """Fold the results below the last whole minute before `now - grace` into the rollups
-        and move the watermark there; return how many results were folded.
+        """Fold the results below the last slice boundary before `now - grace` into the
+        rollups and move the watermark there; return how many results were folded.
 
-        Runs in transactions of at most `chunk` seconds of results each (a long outage of
-        the job is caught up piece by piece, holding the write lock briefly each time).
+        Runs in transactions of at most `chunk` seconds of results each, ending on
+        multiples of `chunk` below a minute (the watermark may stop inside a minute: reads
+        take that minute from raw rows) and on whole minutes above it; a long outage of the
+        job is caught up piece by piece, holding the watermark lock briefly each time.
         `until` (a time) folds up to there instead, for tests. The rollup job of `mmagg
         serve` calls this every `FOLD_INTERVAL_SECONDS` in one process at a time.
         """
+        step = chunk if 0 < chunk < 60 else 60.0
         if until is None:
             moment = (self.clock() if now is None else now) - grace
-            until = math.floor(moment / 60) * 60.0
+            until = math.floor(moment / step) * step
         folded = 0
         while True:
             with self.write() as conn:
@@ -921,11 +927,11 @@ class Database:
                 start = rollup_rows.complete_before(conn)
                 if not start < until:
                     break
-                # A whole minute at most `chunk` ahead (at least the next one: the first
-                # fold after an upgrade starts off the minute), never past `until`.
-                end = math.floor((start + chunk) / 60) * 60.0
+                # A whole step at most `chunk` ahead (at least the next one: the first
+                # fold after an upgrade starts off the step), never past `until`.
+                end = math.floor((start + chunk) / step) * step
                 if end <= start:
-                    end = (math.floor(start / 60) + 1) * 60.0
+                    end = (math.floor(start / step) + 1) * step
                 end = min(end, until)
                 count = rollup_rows.fold_range(conn, start, end)
                 rollup_rows.set_watermark(conn, end)

@@ -525,13 +525,47 @@ def fold_range(conn: Connection, start: float, end: float) -> int:
     """Roll up the stored results with `start <= ts < end` into every level; the count.
 
     The caller holds the range (`Database.fold_rollups`): no result in it is rolled up yet
-    and none can arrive unseen. A report's values are computed as ingest computes them
+    and none can arrive unseen. The rows equal what ingest's `contributions` adds report by
+    report (`rebuild_rollups`; the tests compare them row for row). On PostgreSQL the
+    aggregation runs in the database (`_fold_in_sql`), on SQLite in Python
+    (`_fold_in_python`): each is the cheaper on its engine (docs/scale.md, "Ingest cost").
+    """
+    if conn.dialect.name == "postgresql":
+        return _fold_in_sql(conn, start, end)
+    return _fold_in_python(conn, start, end)
+
+
+def _fold_in_sql(conn: Connection, start: float, end: float) -> int:
+    """`fold_range` on PostgreSQL: the results of the range are grouped into one row per
+    key and minute in a temporary table (`_minute_sql`, every workspace through the
+    (workspace_id, ts) index), and each level is one `INSERT ... SELECT ... GROUP BY ...
+    ON CONFLICT DO UPDATE` over those minute rows (`_level_sql`). Nothing per result in
+    Python.
+    """
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(_STAGE_SQL)
+        workspace_ids = conn.execute(sa.select(workspaces.c.id)).scalars().all()
+        cursor.execute(_minute_sql(), (list(workspace_ids), start, end))
+        cursor.execute(f"SELECT COALESCE(SUM(results), 0) FROM {_FOLD_STAGE}")
+        row = cursor.fetchone()
+        seen = int(row[0]) if row is not None else 0
+        if seen:
+            for level in LEVELS:
+                cursor.execute(_level_sql(level))
+        cursor.execute(f"DELETE FROM {_FOLD_STAGE}")
+    finally:
+        cursor.close()
+    return seen
+
+
+def _fold_in_python(conn: Connection, start: float, end: float) -> int:
+    """`fold_range` on SQLite. A report's values are computed as ingest computes them
     (`_report_base`) and added into one row per key and minute; the coarser levels are
     sums of those minute rows. Read per workspace, through the (workspace_id, ts) index.
 
-    Measured against aggregating in SQL (`GROUP BY` with `ROW_NUMBER` windows for the
-    distinct-report counters and the best time): SQLite spent ~30 µs per result on the
-    windows' sorts, this ~19 µs per result all included (docs/scale.md, "Ingest cost").
+    On SQLite this costs less than `_fold_in_sql` (about 10 against 15 µs of CPU per
+    result, docs/scale.md "Ingest cost": SQLite sorts the rows once per grouping).
     """
     workspace_ids = conn.execute(sa.select(workspaces.c.id)).scalars().all()
     minutes: dict[tuple[Any, ...], list[Any]] = {}
@@ -653,6 +687,155 @@ def _fold_sql(dialect: str) -> str:
     return (
         f"SELECT {columns} FROM results WHERE workspace_id = {p} AND ts >= {p} AND ts < {p} "
         "ORDER BY report_id"
+    )
+
+
+# The minute rows of the range being folded (`_fold_in_sql`): a temporary table of the
+# session, emptied at the end of each fold.
+_FOLD_STAGE = "mmagg_fold_minutes"
+_STAGE_SQL = f"CREATE TEMP TABLE IF NOT EXISTS {_FOLD_STAGE} (LIKE rollups) ON COMMIT DELETE ROWS"
+_KEY_TAIL = ("model_id", "class_name", "device_key", "source_key")
+# Python orders strings by code point; so does PostgreSQL's "C" collation (UTF-8 bytes).
+_C = ' COLLATE "C"'
+
+
+def _bucket_sql(value: str, level: int) -> str:
+    """SQL for `bucket_start(value, level)`: the largest multiple of `level` not above the
+    value, exact (the division may round across a multiple: one step corrects it)."""
+    guess = f"(FLOOR(({value}) / {level}.0) * {level}.0)"
+    return (
+        f"(CASE WHEN {guess} > ({value}) THEN {guess} - {level}.0 "
+        f"WHEN {guess} + {level}.0 <= ({value}) THEN {guess} + {level}.0 ELSE {guess} END)"
+    )
+
+
+def _marks_sql() -> list[str]:
+    """The distinct-report marks of the results in `raw`, as rows (workspace, bucket, model,
+    class, device key, source key, which counter): one per report and model on its least
+    (class, source key) (mark 1, `model_reports`), per report, model and source on its least
+    class (2, `source_reports`), per report on its least (model, class, source key) (3,
+    `device_reports`) and per report and source on its least (model, class) (4,
+    `device_source_reports`): what `_report_base` marks. A tuple's least is the least
+    array of its values in the "C" collation (arrays compare element by element)."""
+    tail = ("workspace_id", "bucket", *_KEY_TAIL)
+    found = [
+        f"SELECT workspace_id, bucket, model_id, MIN(class_name{_C}) AS class_name, "
+        "device_key, source_key, 2 AS mark FROM raw "
+        "GROUP BY report_id, workspace_id, bucket, device_key, model_id, source_key"
+    ]
+    for mark, group, least in (
+        (1, ", model_id", ("class_name", "source_key")),
+        (3, "", ("model_id", "class_name", "source_key")),
+        (4, ", source_key", ("model_id", "class_name")),
+    ):
+        by = f"report_id, workspace_id, bucket, device_key{group}"
+        picked = {name: f"least[{n + 1}] AS {name}" for n, name in enumerate(least)}
+        array = "ARRAY[" + ", ".join(name + _C for name in least) + "]"
+        found.append(
+            f"SELECT {', '.join(picked.get(name, name) for name in tail)}, {mark} AS mark "
+            f"FROM (SELECT {by}, MIN({array}) AS least FROM raw GROUP BY {by}) AS firsts"
+        )
+    return found
+
+
+@functools.lru_cache(maxsize=1)
+def _minute_sql() -> str:
+    """Aggregate every workspace's results in [start, end) into one row per key and minute,
+    into the staging table; parameters: the workspace ids, start, end. An explicit list
+    (not a subquery of `workspaces`): the planner then searches the (workspace_id, ts)
+    index for each id; with a subquery it chose a scan of the day's whole partition.
+
+    Per result, what `_report_base` computes: its histogram (the stored buckets, plus its
+    sampled confidence's bucket where it has no stats and that bucket is not stored); the
+    best time is the latest time of the key's highest confidence, the greatest (confidence,
+    ts) array. The distinct-report counters are the marks of `_marks_sql` counted per key
+    and joined to the key's row (a mark is always on a key that has results). The results
+    are read once (`raw`: a CTE used several times is computed once).
+    """
+    scaled = f"confidence * {HISTOGRAM_BUCKETS}"
+    sampled = (
+        f"(CASE WHEN confidence < 0 THEN 0 WHEN {scaled} >= {HISTOGRAM_BUCKETS - 1} "
+        f"THEN {HISTOGRAM_BUCKETS - 1} ELSE FLOOR({scaled}) END)"
+    )
+    hists = ", ".join(
+        f"COALESCE(hist_{i}, CASE WHEN stats_count IS NULL AND {sampled} = {i} THEN 1 ELSE 0 END)"
+        f" AS hist_{i}"
+        for i in range(HISTOGRAM_BUCKETS)
+    )
+    raw = (
+        f"SELECT workspace_id, report_id, ts, {_bucket_sql('ts', 60)} AS bucket, "
+        "model_id, class_name, "
+        "CASE WHEN device_id IS NULL THEN '' ELSE '=' || device_id END AS device_key, "
+        "CASE WHEN source_id IS NULL THEN '' ELSE '=' || source_id END AS source_key, "
+        f"confidence, stats_count, stats_sum, {hists} "
+        "FROM results WHERE workspace_id = ANY(%s) AND ts >= %s AND ts < %s"
+    )
+    key = ("workspace_id", "bucket", *_KEY_TAIL)
+    values = ", ".join(
+        [
+            "COUNT(*) AS results",
+            "SUM(confidence) AS conf_sum",
+            "MIN(confidence) AS conf_min",
+            "MAX(confidence) AS conf_max",
+            "(MAX(ARRAY[confidence, ts]))[2] AS best_ts",
+            "MAX(ts) AS last_ts",
+            "COUNT(stats_count) AS with_stats",
+            "SUM(COALESCE(stats_count, 1)) AS predictions",
+            "SUM(COALESCE(stats_sum, confidence)) AS prediction_sum",
+            *(f"SUM(hist_{i}) AS hist_{i}" for i in range(HISTOGRAM_BUCKETS)),
+        ]
+    )
+    counters = _VALUE_COLUMNS[_MODEL_REPORTS:]
+    counted = ", ".join(
+        f"SUM(CASE WHEN mark = {n} THEN 1 ELSE 0 END) AS {name}"
+        for n, name in zip((1, 2, 3, 4), counters, strict=True)
+    )
+    grouped = ", ".join(key)
+    return (
+        f"WITH raw AS ({raw}), "
+        f"main AS (SELECT {grouped}, {values} FROM raw GROUP BY {grouped}), "
+        f"marks AS (SELECT {grouped}, {counted} "
+        f"FROM ({' UNION ALL '.join(_marks_sql())}) AS marked GROUP BY {grouped}) "
+        f"INSERT INTO {_FOLD_STAGE} ({', '.join(ROLLUP_COLUMNS)}) "
+        f"SELECT main.workspace_id, 60, {', '.join('main.' + name for name in key[1:])}, "
+        + ", ".join(f"main.{name}" for name in _VALUE_COLUMNS[:_MODEL_REPORTS])
+        + ", "
+        + ", ".join(f"COALESCE(marks.{name}, 0)" for name in counters)
+        + " FROM main LEFT JOIN marks ON "
+        + " AND ".join(f"marks.{name} = main.{name}" for name in key)
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _level_sql(level: int) -> str:
+    """Upsert the staged minute rows into `level`: one statement, the minute rows summed per
+    key and `level` bucket (the best time: of the greatest (conf_max, best_ts)), in key
+    order (concurrent writers lock rows in one order: Python's, as `write`)."""
+    order = " ORDER BY workspace_id, level, bucket, " + ", ".join(name + _C for name in _KEY_TAIL)
+    columns = ", ".join(ROLLUP_COLUMNS)
+    if level == 60:
+        return (
+            f"INSERT INTO rollups ({columns}) SELECT {columns} FROM {_FOLD_STAGE}"
+            + order
+            + _update_clause()
+        )
+    tail = ", ".join(_KEY_TAIL)
+    values = ", ".join(
+        [
+            "SUM(results)",
+            "SUM(conf_sum)",
+            "MIN(conf_min)",
+            "MAX(conf_max)",
+            "(MAX(ARRAY[conf_max, best_ts]))[2]",
+            "MAX(last_ts)",
+            *(f"SUM({name})" for name in _ADDED[2:]),
+        ]
+    )
+    return (
+        f"INSERT INTO rollups ({columns}) "
+        f"SELECT workspace_id, {level} AS level, coarse AS bucket, {tail}, {values} "
+        f"FROM (SELECT *, {_bucket_sql('bucket', level)} AS coarse FROM {_FOLD_STAGE}) AS staged "
+        f"GROUP BY workspace_id, coarse, {tail}" + order + _update_clause()
     )
 
 
