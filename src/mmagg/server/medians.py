@@ -181,6 +181,9 @@ class _Parts:
 
     digests: list[_Digest] = field(default_factory=list)
     raw: list[np.ndarray] = field(default_factory=list)
+    #: Band counts of raw rows binned in SQL (`band_column`); their values are fetched in
+    #: phase 2 for the target bands only.
+    raw_counts: np.ndarray | None = None
 
 
 def _expected(
@@ -267,12 +270,40 @@ def medians(
     start: float,
     end: float,
     model_ids: Sequence[str] = (),
+    totals: dict[Group, int] | None = None,
 ) -> dict[Group, float | None]:
     """Per (model, class), the exact median of the sampled confidences in [start, end),
-    equal to `raw_medians` over the same rows (module docstring)."""
+    equal to `raw_medians` over the same rows (module docstring).
+
+    `totals`, when given, are the results the rollups count per (model, class) in the same
+    range, read on the same connection (`rollups.aggregate`, as `inference-stats` does
+    anyway): the digests are then checked against them per group (`_by_totals`) instead of
+    bucket by bucket against rollup rows read again; medians are answered for those groups.
+    """
     if not ENABLED:
         return raw_medians(conn, workspace_id, start, end, model_ids)
     limit = rollups.complete_before(conn)
+    if totals is None:
+        return _checked(conn, workspace_id, start, end, model_ids, limit)
+    answers, unsure = _by_totals(conn, workspace_id, start, end, model_ids, totals, limit)
+    if unsure:
+        # A stale or missing digest in the range: those groups bucket by bucket.
+        models = sorted({model_id for model_id, _class_name in unsure})
+        checked = _checked(conn, workspace_id, start, end, models, limit)
+        answers.update({group: checked.get(group) for group in unsure})
+    return answers
+
+
+def _checked(
+    conn: Connection,
+    workspace_id: int,
+    start: float,
+    end: float,
+    model_ids: Sequence[str],
+    limit: float,
+) -> dict[Group, float | None]:
+    """`medians` with every digest checked against its own bucket's rollup count; stale
+    buckets are read from raw rows."""
     parts: dict[Group, _Parts] = defaultdict(_Parts)
     raw_ranges: list[tuple[float, float]] = []
     stale: dict[Group, list[tuple[float, float]]] = defaultdict(list)
@@ -317,6 +348,157 @@ def medians(
     return _finish(conn, workspace_id, start, end, parts)
 
 
+def band_column(conn: Connection) -> sa.ColumnElement[Any]:
+    """`bands_of` of `results.confidence` in SQL: the same band for every float on both
+    engines (IEEE multiplication by 1,000, floor, clipped to [0, 999]; SQLite's CAST
+    truncates towards zero, which is floor for the values it does not clip to 0)."""
+    scaled = results.c.confidence * BANDS
+    if conn.dialect.name == "postgresql":
+        clipped = sa.func.least(sa.func.greatest(sa.func.floor(scaled), 0), BANDS - 1)
+        return sa.cast(clipped, sa.Integer)
+    return sa.func.min(sa.func.max(sa.cast(scaled, sa.Integer), 0), BANDS - 1)
+
+
+def _raw_where(
+    workspace_id: int, low: float, high: float, model_ids: Sequence[str]
+) -> list[sa.ColumnElement[bool]]:
+    where = [results.c.workspace_id == workspace_id, results.c.ts >= low, results.c.ts < high]
+    if model_ids:
+        where.append(results.c.model_id.in_(list(model_ids)))
+    return where
+
+
+def _raw_band_counts(
+    conn: Connection,
+    workspace_id: int,
+    ranges: Sequence[tuple[float, float]],
+    model_ids: Sequence[str],
+) -> dict[Group, np.ndarray]:
+    """Per (model, class), the band counts of the raw rows in `ranges`, binned in SQL: one
+    row per band back instead of one per result."""
+    found: dict[Group, np.ndarray] = {}
+    band = band_column(conn)
+    for low, high in ranges:
+        rows = conn.execute(
+            sa.select(results.c.model_id, results.c.class_name, band, sa.func.count())
+            .where(*_raw_where(workspace_id, low, high, model_ids))
+            .group_by(results.c.model_id, results.c.class_name, band)
+        )
+        for model_id, class_name, index, count in rows:
+            counts = found.get((model_id, class_name))
+            if counts is None:
+                counts = found[(model_id, class_name)] = np.zeros(BANDS, dtype=np.int64)
+            counts[int(index)] += int(count)
+    return found
+
+
+def _raw_in_bands(
+    conn: Connection,
+    workspace_id: int,
+    ranges: Sequence[tuple[float, float]],
+    model_ids: Sequence[str],
+    wanted: dict[Group, set[int]],
+) -> dict[tuple[Group, int], list[np.ndarray]]:
+    """The raw values in `ranges` of the bands each group asks for (binned in SQL as
+    `_raw_band_counts` binned them)."""
+    found: dict[tuple[Group, int], list[float]] = defaultdict(list)
+    bands = sorted(set().union(*wanted.values())) if wanted else []
+    if not bands:
+        return {}
+    band = band_column(conn)
+    for low, high in ranges:
+        rows = conn.execute(
+            sa.select(results.c.model_id, results.c.class_name, band, results.c.confidence).where(
+                *_raw_where(workspace_id, low, high, model_ids), band.in_(bands)
+            )
+        )
+        for model_id, class_name, index, confidence in rows:
+            if int(index) in wanted.get((model_id, class_name), ()):
+                found[((model_id, class_name), int(index))].append(confidence)
+    return {key: [np.array(values, dtype=np.float64)] for key, values in found.items()}
+
+
+def _by_totals(
+    conn: Connection,
+    workspace_id: int,
+    start: float,
+    end: float,
+    model_ids: Sequence[str],
+    totals: dict[Group, int],
+    limit: float,
+) -> tuple[dict[Group, float | None], set[Group]]:
+    """`medians` for the groups of `totals` whose digests add up; (answers, the groups that
+    do not).
+
+    Why a sum per group suffices: a stored digest describes results that all still exist in
+    its bucket (they are only ever added to, and retention deletes a digest before the rows
+    it describes), so n <= the rows there now; raw rows read are the rows there now; and the
+    rollups count at least the rows there now (every result below the watermark, kept
+    boundary buckets counting pruned ones too; raw rows above it). So the digests' n plus the
+    raw rows read can only equal the rollups' count when every digest is complete and no
+    bucket with results lacks one: equal, the digests are valid; else the group is unsure.
+
+    Buckets up to `limit` (`rollups.complete_before`) come from digests: whole days, whole
+    hours of the edge days (a day no digest describes falls back to its hours), and an hour
+    no digest describes (not built yet: the newest hours) is read raw; the partial hours and
+    everything from `limit` on are raw rows, binned in SQL.
+    """
+    digest_end = max(start, min(end, limit))
+    raw_ranges: list[tuple[float, float]] = []
+    if digest_end < end:
+        raw_ranges.append((digest_end, end))
+    pending: list[tuple[float, float, int]] = []
+    for segment in rollups.split(start, digest_end, LEVELS):
+        if segment.level == 0:
+            raw_ranges.append((segment.start, segment.end))
+        else:
+            pending.append((segment.start, segment.end, segment.level))
+    found: dict[Group, list[tuple[int, int, bytes]]] = defaultdict(list)
+    described: dict[Group, int] = defaultdict(int)
+    while pending:
+        low, high, level = pending.pop()
+        stored = _digests(conn, workspace_id, level, low, high, model_ids)
+        present = {bucket for bucket, _model_id, _class_name in stored}
+        for bucket in np.arange(low, high, level, dtype=np.float64).tolist():
+            if bucket in present:
+                continue
+            if level == DAY:
+                pending.append((bucket, bucket + DAY, HOUR))
+            else:
+                raw_ranges.append((bucket, bucket + HOUR))
+        for (_bucket, model_id, class_name), (digest_id, n, blob) in stored.items():
+            group = (model_id, class_name)
+            if group in totals:
+                found[group].append((digest_id, level, blob))
+                described[group] += n
+    if not found:
+        # Nothing to gain from digests: one GROUP BY in the engine is the cheapest raw read.
+        raw = raw_medians(conn, workspace_id, start, end, model_ids)
+        return {group: raw.get(group) for group in totals}, set()
+    joined = _ranges(raw_ranges)
+    raw_counts = _raw_band_counts(conn, workspace_id, joined, model_ids)
+    parts: dict[Group, _Parts] = {}
+    unsure: set[Group] = set()
+    for group, total in totals.items():
+        counts = raw_counts.get(group)
+        raw_total = 0 if counts is None else int(counts.sum())
+        if described[group] + raw_total != total:
+            unsure.add(group)
+            continue
+        parts[group] = _Parts(
+            digests=[
+                _Digest(digest_id, level, decode_counts(blob))
+                for digest_id, level, blob in found[group]
+            ],
+            raw_counts=np.zeros(BANDS, dtype=np.int64) if counts is None else counts,
+        )
+
+    def fetch(wanted: dict[Group, set[int]]) -> dict[tuple[Group, int], list[np.ndarray]]:
+        return _raw_in_bands(conn, workspace_id, joined, model_ids, wanted)
+
+    return _finish(conn, workspace_id, start, end, parts, fetch), unsure
+
+
 @dataclass
 class _Target:
     """One group's phase-1 answer: the ranks of its middle values inside their bands."""
@@ -333,13 +515,19 @@ def _finish(
     start: float,
     end: float,
     parts: dict[Group, _Parts],
+    fetch: Callable[[dict[Group, set[int]]], dict[tuple[Group, int], list[np.ndarray]]]
+    | None = None,
 ) -> dict[Group, float | None]:
+    """Phases 1 and 2 over each group's digests and raw values; `fetch` gives the values of
+    the raw rows binned in SQL (`_Parts.raw_counts`) in the bands asked per group."""
     dialect = conn_dialect(conn.dialect.name)
     targets: dict[Group, _Target] = {}
     answers: dict[Group, float | None] = {}
     for group, part in parts.items():
         raw = np.concatenate(part.raw) if part.raw else np.empty(0, dtype=np.float64)
         totals = band_counts(raw)
+        if part.raw_counts is not None:
+            totals += part.raw_counts
         for digest in part.digests:
             totals += digest.counts
         count = int(totals.sum())
@@ -388,6 +576,19 @@ def _finish(
     for key, asked in wanted.items():
         if key not in found:
             broken.update(group for group, _band, _count in asked)
+    binned = {
+        group: {band for band in target.ranks if parts[group].raw_counts[band]}  # type: ignore[index]
+        for group, target in targets.items()
+        if parts[group].raw_counts is not None
+    }
+    if any(binned.values()):
+        fetched = fetch(binned) if fetch is not None else {}
+        for group, bands in binned.items():
+            for band in bands:
+                arrays = fetched.get((group, band), [])
+                if sum(map(len, arrays)) != parts[group].raw_counts[band]:  # type: ignore[index]
+                    broken.add(group)  # not the rows phase 1 counted (no snapshot read)
+                in_band[(group, band)] += arrays
     for group, target in targets.items():
         if group in broken:
             answers.update(raw_medians(conn, workspace_id, start, end, group=group))
