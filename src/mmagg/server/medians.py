@@ -63,6 +63,11 @@ LEVELS = (DAY, HOUR)
 #: fleet: one row per band would be a row per value or two; a day holds 24x more, so finer
 #: chunks keep the phase-2 read small.
 CHUNK_BANDS = {HOUR: 100, DAY: 10}
+#: Bands per block when raw rows are counted in SQL (`_by_totals`): a fleet's edge hours
+#: (~10^4 rows) come back as a few dozen counts per group, then only the values of the
+#: blocks holding the middle. ~sqrt(rows per group x bands) keeps both reads small.
+RAW_BLOCK = 25
+RAW_BLOCKS = BANDS // RAW_BLOCK
 #: Hours are built once they ended this long ago (reports in flight are mostly in by then;
 #: one that is not only makes the digest stale until the next pass).
 GRACE_SECONDS = 120.0
@@ -181,8 +186,8 @@ class _Parts:
 
     digests: list[_Digest] = field(default_factory=list)
     raw: list[np.ndarray] = field(default_factory=list)
-    #: Band counts of raw rows binned in SQL (`band_column`); their values are fetched in
-    #: phase 2 for the target bands only.
+    #: Counts of raw rows not in `raw`, per band (`_by_totals`: counted per block in SQL,
+    #: each block's count in its first band; never a block the middle values lie in).
     raw_counts: np.ndarray | None = None
 
 
@@ -368,54 +373,41 @@ def _raw_where(
     return where
 
 
-def _raw_band_counts(
+def _raw_blocks(
     conn: Connection,
     workspace_id: int,
     ranges: Sequence[tuple[float, float]],
     model_ids: Sequence[str],
-) -> dict[Group, np.ndarray]:
-    """Per (model, class), the band counts of the raw rows in `ranges`, binned in SQL: one
-    row per band back instead of one per result."""
-    found: dict[Group, np.ndarray] = {}
-    band = band_column(conn)
+    window: set[int],
+) -> tuple[dict[Group, np.ndarray], dict[tuple[Group, int], list[float]]]:
+    """Per (model, class), how many raw rows in `ranges` fall in each block of `RAW_BLOCK`
+    bands, and the values of those in the blocks of `window`, in one pass in the engine:
+    a few dozen counts per group and the window's values come back, not every row."""
+    counts: dict[Group, np.ndarray] = {}
+    values: dict[tuple[Group, int], list[float]] = defaultdict(list)
+    block = band_column(conn) // RAW_BLOCK
+    # Rows in the window group by value (one row per distinct value, with its count);
+    # the others by block only.
+    value = (
+        sa.case((block.in_(sorted(window)), results.c.confidence), else_=sa.null())
+        if window
+        else sa.null()
+    )
     for low, high in ranges:
         rows = conn.execute(
-            sa.select(results.c.model_id, results.c.class_name, band, sa.func.count())
+            sa.select(results.c.model_id, results.c.class_name, block, value, sa.func.count())
             .where(*_raw_where(workspace_id, low, high, model_ids))
-            .group_by(results.c.model_id, results.c.class_name, band)
+            .group_by(results.c.model_id, results.c.class_name, block, value)
         )
-        for model_id, class_name, index, count in rows:
-            counts = found.get((model_id, class_name))
-            if counts is None:
-                counts = found[(model_id, class_name)] = np.zeros(BANDS, dtype=np.int64)
-            counts[int(index)] += int(count)
-    return found
-
-
-def _raw_in_bands(
-    conn: Connection,
-    workspace_id: int,
-    ranges: Sequence[tuple[float, float]],
-    model_ids: Sequence[str],
-    wanted: dict[Group, set[int]],
-) -> dict[tuple[Group, int], list[np.ndarray]]:
-    """The raw values in `ranges` of the bands each group asks for (binned in SQL as
-    `_raw_band_counts` binned them)."""
-    found: dict[tuple[Group, int], list[float]] = defaultdict(list)
-    bands = sorted(set().union(*wanted.values())) if wanted else []
-    if not bands:
-        return {}
-    band = band_column(conn)
-    for low, high in ranges:
-        rows = conn.execute(
-            sa.select(results.c.model_id, results.c.class_name, band, results.c.confidence).where(
-                *_raw_where(workspace_id, low, high, model_ids), band.in_(bands)
-            )
-        )
-        for model_id, class_name, index, confidence in rows:
-            if int(index) in wanted.get((model_id, class_name), ()):
-                found[((model_id, class_name), int(index))].append(confidence)
-    return {key: [np.array(values, dtype=np.float64)] for key, values in found.items()}
+        for model_id, class_name, index, confidence, count in rows:
+            group = (model_id, class_name)
+            found = counts.get(group)
+            if found is None:
+                found = counts[group] = np.zeros(RAW_BLOCKS, dtype=np.int64)
+            found[int(index)] += int(count)
+            if confidence is not None:
+                values[(group, int(index))] += [float(confidence)] * int(count)
+    return counts, values
 
 
 def _by_totals(
@@ -473,30 +465,53 @@ def _by_totals(
                 described[group] += n
     if not found:
         # Nothing to gain from digests: one GROUP BY in the engine is the cheapest raw read.
-        raw = raw_medians(conn, workspace_id, start, end, model_ids)
-        return {group: raw.get(group) for group in totals}, set()
+        plain = raw_medians(conn, workspace_id, start, end, model_ids)
+        return {group: plain.get(group) for group in totals}, set()
+    # Phase 1 needs the raw values of the blocks holding the middle values only. Raw rows
+    # are `total - described` at most (`unsure` otherwise), so from the digests alone a
+    # middle value of rank r lies between the first block whose digest count through it
+    # plus that exceeds r and the first whose digest count alone does: that window.
+    digests: dict[Group, list[_Digest]] = {}
+    windows: dict[Group, set[int]] = {}
+    for group, total in totals.items():
+        digests[group] = [
+            _Digest(digest_id, level, decode_counts(blob))
+            for digest_id, level, blob in found[group]
+        ]
+        fine = np.zeros(BANDS, dtype=np.int64)
+        for digest in digests[group]:
+            fine += digest.counts
+        through = np.cumsum(fine.reshape(RAW_BLOCKS, RAW_BLOCK).sum(axis=1))
+        rest = max(total - described[group], 0)
+        windows[group] = set()
+        for rank in {(total - 1) // 2, total // 2} if total else set():
+            first = int(np.searchsorted(through + rest, rank, side="right"))
+            last = int(np.searchsorted(through, rank, side="right"))
+            windows[group].update(range(first, min(last, RAW_BLOCKS - 1) + 1))
     joined = _ranges(raw_ranges)
-    raw_counts = _raw_band_counts(conn, workspace_id, joined, model_ids)
+    raw_blocks, values = _raw_blocks(
+        conn, workspace_id, joined, model_ids, set().union(*windows.values())
+    )
     parts: dict[Group, _Parts] = {}
     unsure: set[Group] = set()
     for group, total in totals.items():
-        counts = raw_counts.get(group)
-        raw_total = 0 if counts is None else int(counts.sum())
-        if described[group] + raw_total != total:
+        blocks = raw_blocks.get(group, np.zeros(RAW_BLOCKS, dtype=np.int64))
+        if described[group] + int(blocks.sum()) != total:
             unsure.add(group)
             continue
-        parts[group] = _Parts(
-            digests=[
-                _Digest(digest_id, level, decode_counts(blob))
-                for digest_id, level, blob in found[group]
-            ],
-            raw_counts=np.zeros(BANDS, dtype=np.int64) if counts is None else counts,
-        )
-
-    def fetch(wanted: dict[Group, set[int]]) -> dict[tuple[Group, int], list[np.ndarray]]:
-        return _raw_in_bands(conn, workspace_id, joined, model_ids, wanted)
-
-    return _finish(conn, workspace_id, start, end, parts, fetch), unsure
+        raw = {
+            block: np.array(values.get((group, block), []), dtype=np.float64)
+            for block in windows[group]
+            if blocks[block]
+        }
+        # The other blocks' raw counts go to their first band: cumulative counts stay exact
+        # at every block edge, and the middle values lie in the window's blocks.
+        elsewhere = blocks.copy()
+        elsewhere[list(raw)] = 0
+        raw_counts = np.zeros(BANDS, dtype=np.int64)
+        raw_counts[::RAW_BLOCK] = elsewhere
+        parts[group] = _Parts(digests=digests[group], raw=list(raw.values()), raw_counts=raw_counts)
+    return _finish(conn, workspace_id, start, end, parts), unsure
 
 
 @dataclass
@@ -515,11 +530,8 @@ def _finish(
     start: float,
     end: float,
     parts: dict[Group, _Parts],
-    fetch: Callable[[dict[Group, set[int]]], dict[tuple[Group, int], list[np.ndarray]]]
-    | None = None,
 ) -> dict[Group, float | None]:
-    """Phases 1 and 2 over each group's digests and raw values; `fetch` gives the values of
-    the raw rows binned in SQL (`_Parts.raw_counts`) in the bands asked per group."""
+    """Phases 1 and 2 over each group's digests and raw values."""
     dialect = conn_dialect(conn.dialect.name)
     targets: dict[Group, _Target] = {}
     answers: dict[Group, float | None] = {}
@@ -542,13 +554,26 @@ def _finish(
             ranks[band].append(rank - before)
         targets[group] = _Target(count, dict(ranks), raw)
     # Phase 2: the chunks holding the target bands, of every digest that has values there.
-    wanted: dict[tuple[int, int], list[tuple[Group, int, int]]] = defaultdict(list)
+    # (digest, chunk) -> (group, band, where the band's values lie in the chunk, the chunk's
+    # length), all from the digest's band counts.
+    wanted: dict[tuple[int, int], list[tuple[Group, int, int, int, int]]] = defaultdict(list)
     for group, target in targets.items():
         for digest in parts[group].digests:
             for band in target.ranks:
                 if digest.counts[band]:
-                    chunk = band // CHUNK_BANDS[digest.level]
-                    wanted[(digest.id, chunk)].append((group, band, int(digest.counts[band])))
+                    width = CHUNK_BANDS[digest.level]
+                    chunk = band // width
+                    first = chunk * width
+                    low = int(digest.counts[first:band].sum())
+                    wanted[(digest.id, chunk)].append(
+                        (
+                            group,
+                            band,
+                            low,
+                            low + int(digest.counts[band]),
+                            int(digest.counts[first : first + width].sum()),
+                        )
+                    )
     in_band: dict[tuple[Group, int], list[np.ndarray]] = defaultdict(list)
     broken: set[Group] = set()
     found: set[tuple[int, int]] = set()
@@ -561,13 +586,12 @@ def _finish(
             ids, chunks = asks.setdefault((group, digest.level), (set(), set()))
             ids.add(digest.id)
             chunks.update(band // CHUNK_BANDS[digest.level] for band in target.ranks)
-    v = median_values.c
-    conditions: list[sa.ColumnElement[bool]] = []
+    conditions: list[tuple[set[int], set[int]]] = []
     bound = 0
     for ids, chunks in asks.values():
-        conditions.append(sa.and_(v.digest_id.in_(sorted(ids)), v.chunk.in_(sorted(chunks))))
+        conditions.append((ids, chunks))
         bound += len(ids) + len(chunks)
-        # SQLite binds at most 32,766 parameters per statement.
+        # Statements of a bounded length (SQLite: 1,000,000 bytes by default).
         if bound > 20_000:
             _take(_chunks(conn, conditions), wanted, found, broken, in_band)
             conditions, bound = [], 0
@@ -575,20 +599,7 @@ def _finish(
         _take(_chunks(conn, conditions), wanted, found, broken, in_band)
     for key, asked in wanted.items():
         if key not in found:
-            broken.update(group for group, _band, _count in asked)
-    binned = {
-        group: {band for band in target.ranks if parts[group].raw_counts[band]}  # type: ignore[index]
-        for group, target in targets.items()
-        if parts[group].raw_counts is not None
-    }
-    if any(binned.values()):
-        fetched = fetch(binned) if fetch is not None else {}
-        for group, bands in binned.items():
-            for band in bands:
-                arrays = fetched.get((group, band), [])
-                if sum(map(len, arrays)) != parts[group].raw_counts[band]:  # type: ignore[index]
-                    broken.add(group)  # not the rows phase 1 counted (no snapshot read)
-                in_band[(group, band)] += arrays
+            broken.update(ask[0] for ask in asked)
     for group, target in targets.items():
         if group in broken:
             answers.update(raw_medians(conn, workspace_id, start, end, group=group))
@@ -603,31 +614,42 @@ def _finish(
     return answers
 
 
-def _chunks(conn: Connection, conditions: Sequence[sa.ColumnElement[bool]]) -> Iterable[Any]:
-    v = median_values.c
-    return conn.execute(sa.select(v.digest_id, v.chunk, v.vals).where(sa.or_(*conditions)))
+def _chunks(conn: Connection, conditions: Sequence[tuple[set[int], set[int]]]) -> Iterable[Any]:
+    """The chunks (digest id, chunk, values) of each (digest ids, chunk numbers) pair.
+
+    Written as SQL text with the integers inline: a few hundred ids, where compiling the
+    expression and binding each id cost more than the rows themselves."""
+    where = " OR ".join(
+        f"(digest_id IN ({', '.join(str(int(i)) for i in sorted(ids))}) "
+        f"AND chunk IN ({', '.join(str(int(c)) for c in sorted(chunks))}))"
+        for ids, chunks in conditions
+    )
+    return conn.exec_driver_sql(
+        f"SELECT digest_id, chunk, vals FROM {median_values.name} WHERE {where}"
+    )
 
 
 def _take(
     rows: Iterable[Any],
-    wanted: dict[tuple[int, int], list[tuple[Group, int, int]]],
+    wanted: dict[tuple[int, int], list[tuple[Group, int, int, int, int]]],
     found: set[tuple[int, int]],
     broken: set[Group],
     in_band: dict[tuple[Group, int], list[np.ndarray]],
 ) -> None:
-    """File the values of fetched chunks under the (group, band)s that asked for them; a
-    band whose count differs from phase 1's (rebuilt or pruned since) marks its group."""
+    """File the values of fetched chunks under the (group, band)s that asked for them, cut
+    where the digest's band counts put them; a chunk not as phase 1 saw it (rebuilt or
+    pruned since, on a read without a snapshot: another length, or the cut's first and
+    last values in another band) marks its group."""
     for digest_id, chunk, blob in rows:
         asked = wanted.get((int(digest_id), int(chunk)))
         if asked is None:
             continue
         found.add((int(digest_id), int(chunk)))
         values = decode_values(blob)
-        bands = bands_of(values)
-        for group, band, expected in asked:
-            low, high = np.searchsorted(bands, [band, band + 1])
-            if high - low != expected:
+        for group, band, low, high, length in asked:
+            if len(values) != length or (bands_of(values[[low, high - 1]]) != band).any():
                 broken.add(group)
+                continue
             in_band[(group, band)].append(values[low:high])
 
 
