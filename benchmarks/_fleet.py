@@ -264,13 +264,16 @@ def _without_digests(call: Callable[[], Any]) -> Any:
         medians.ENABLED = enabled
 
 
-def _timed(call: Callable[[Any], Any], conn: Any, repeat: int) -> float:
+def _timed(call: Callable[[Any], Any], conn: Any, repeat: int) -> tuple[float, float]:
+    """Median wall and median process CPU seconds over `repeat` calls."""
     seconds = []
+    cpu = []
     for _ in range(repeat):
-        started = time.perf_counter()
+        started, used = time.perf_counter(), time.process_time()
         call(conn)
         seconds.append(time.perf_counter() - started)
-    return statistics.median(seconds)
+        cpu.append(time.process_time() - used)
+    return statistics.median(seconds), statistics.median(cpu)
 
 
 @contextmanager
@@ -415,9 +418,12 @@ def run(args: argparse.Namespace, directory: str) -> int:
                             if read_name != RAW_MEDIAN:
                                 call(conn)
                     table: dict[str, dict[str, float]] = {}
+                    cpu: dict[str, dict[str, float]] = {}
                     for range_name, seconds in ranges.items():
                         for read_name, call in reads(workspace_id, now, seconds).items():
-                            table.setdefault(read_name, {})[range_name] = _timed(call, conn, repeat)
+                            wall, used = _timed(call, conn, repeat)
+                            table.setdefault(read_name, {})[range_name] = wall
+                            cpu.setdefault(read_name, {})[range_name] = used
                     for read_name, row in table.items():
                         line = f"{read_name:22}" + "".join(f"{row[r] * 1000:10.1f}" for r in ranges)
                         if "30 d" in row:
@@ -431,6 +437,14 @@ def run(args: argparse.Namespace, directory: str) -> int:
                                     )
                                 )
                         print(line, flush=True)
+                # The goals are judged on the wall times above; on a shared machine those
+                # include waiting for a core, which this process's CPU time does not.
+                print(f"-- the same reads, process CPU (ms, median of {repeat}; not judged)")
+                for read_name, row in cpu.items():
+                    line = f"{read_name:22}" + "".join(f"{row[r] * 1000:10.1f}" for r in ranges)
+                    if "30 d" in row and row["1 h"] > 0:
+                        line += f"{row['30 d'] / row['1 h']:8.1f}"
+                    print(line, flush=True)
             rollups.ENABLED = True
             medians.ENABLED = True
     if not targets:
