@@ -37,6 +37,7 @@ import random
 import statistics
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -264,16 +265,29 @@ def _without_digests(call: Callable[[], Any]) -> Any:
         medians.ENABLED = enabled
 
 
-def _timed(call: Callable[[Any], Any], conn: Any, repeat: int) -> tuple[float, float]:
-    """Median wall and median process CPU seconds over `repeat` calls."""
-    seconds = []
-    cpu = []
+def _timed_all(
+    calls: dict[str, dict[str, Callable[[Any], Any]]], conn: Any, repeat: int
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Per read and range, the median wall and median process CPU seconds over `repeat`
+    calls. Interleaved (each round calls every read over every range once) so that the load
+    of a shared machine, which changes by the minute, weighs on every range alike."""
+    walls: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    cpus: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for _ in range(repeat):
-        started, used = time.perf_counter(), time.process_time()
-        call(conn)
-        seconds.append(time.perf_counter() - started)
-        cpu.append(time.process_time() - used)
-    return statistics.median(seconds), statistics.median(cpu)
+        for read_name, by_range in calls.items():
+            for range_name, call in by_range.items():
+                started, used = time.perf_counter(), time.process_time()
+                call(conn)
+                walls[read_name][range_name].append(time.perf_counter() - started)
+                cpus[read_name][range_name].append(time.process_time() - used)
+
+    def medians_of(found: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+        return {
+            name: {key: statistics.median(values) for key, values in row.items()}
+            for name, row in found.items()
+        }
+
+    return medians_of(walls), medians_of(cpus)
 
 
 @contextmanager
@@ -417,13 +431,11 @@ def run(args: argparse.Namespace, directory: str) -> int:
                         for read_name, call in reads(workspace_id, now, seconds).items():
                             if read_name != RAW_MEDIAN:
                                 call(conn)
-                    table: dict[str, dict[str, float]] = {}
-                    cpu: dict[str, dict[str, float]] = {}
+                    calls: dict[str, dict[str, Callable[[Any], Any]]] = defaultdict(dict)
                     for range_name, seconds in ranges.items():
                         for read_name, call in reads(workspace_id, now, seconds).items():
-                            wall, used = _timed(call, conn, repeat)
-                            table.setdefault(read_name, {})[range_name] = wall
-                            cpu.setdefault(read_name, {})[range_name] = used
+                            calls[read_name][range_name] = call
+                    table, cpu = _timed_all(calls, conn, repeat)
                     for read_name, row in table.items():
                         line = f"{read_name:22}" + "".join(f"{row[r] * 1000:10.1f}" for r in ranges)
                         if "30 d" in row:
