@@ -4,12 +4,12 @@ Seeds the fleet of `benchmarks/_fleet.py` (`--devices` devices x `--classes` cla
 report every `--interval` s for `--days` days before now) once into a PostgreSQL database
 whose `results` is the plain table (schema step 7 left out: the layout before partitioning,
 with its foreign key to `reports`), then per repeat clones it twice (`CREATE DATABASE …
-TEMPLATE`): one copy stays plain, the other is converted by schema step 7
-(`partitions.convert`, timed: the upgrade's cost). Both copies are vacuumed and
-analysed, then `Database.prune` (what `mmagg prune --older-than KEEP` runs) cuts everything
-older than `--keep` days, on the plain copy (row deletes) and on the partitioned copy (whole
-days dropped, the boundary day row by row), back to back. Both must remove the same reports
-and keep the same rows.
+TEMPLATE`): one copy stays plain, the other is converted by schema steps 7 and 11
+(`partitions.convert` and `convert_reports`, timed: the upgrade's cost). Both copies are
+vacuumed and analysed, then `Database.prune` (what `mmagg prune --older-than KEEP` runs)
+cuts everything older than `--keep` days, on the plain copy (row deletes) and on the
+partitioned copy (whole days dropped, the boundary day row by row), back to back. Both
+must remove the same reports and keep the same rows.
 
     python benchmarks/prune.py --days 7 --keep 2 --interval 600   # 50 devices, ~1 min
     python benchmarks/prune.py --smoke                            # seconds
@@ -28,7 +28,7 @@ import uuid
 import _fleet
 from _support import verdict
 from mmagg.server import Database, tables
-from mmagg.server.partitions import PartitionSet, convert
+from mmagg.server.partitions import PartitionSet, convert, convert_reports
 
 TARGET_SPEEDUP = 3.0
 
@@ -57,10 +57,10 @@ def _time_drops(partition_set: PartitionSet, into: list[float]) -> None:
     """Record how long `drop_before` takes inside the prune."""
     drop = partition_set.drop_before
 
-    def timed(before: float) -> list[str]:
+    def timed(before: float, rollups_before: float | None = None) -> tuple[list[str], int]:
         started = time.perf_counter()
         try:
-            return drop(before)
+            return drop(before, rollups_before)
         finally:
             into.append(round(time.perf_counter() - started, 3))
 
@@ -119,6 +119,7 @@ def main() -> int:
             engine = tables.create_db_engine(_url(parted_name))
             with engine.begin() as conn:
                 assert convert(conn, now)
+                assert convert_reports(conn, now)
             engine.dispose()
             converts.append(time.perf_counter() - started)
             for name in (plain_name, parted_name):
@@ -137,7 +138,7 @@ def main() -> int:
                     db.close()
         rows, parts = statistics.median(times["rows"]), statistics.median(times["partitions"])
         conversion = statistics.median(converts)
-        print(f"step 7 conversion (INSERT … SELECT into day partitions): {conversion:.2f} s")
+        print(f"steps 7 and 11 conversion (INSERT … SELECT into partitions): {conversion:.2f} s")
         print(f"  of the partitioned prune, DETACH + DROP of whole days: {drops}")
         print(f"prune, rows deleted (plain results):   {rows:.2f} s  runs {times['rows']}")
         print(f"prune, partitions dropped:             {parts:.2f} s  runs {times['partitions']}")

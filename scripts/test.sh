@@ -50,5 +50,14 @@ python benchmarks/ingest.py --smoke --workers 2  # one process, then two workers
 python benchmarks/hot_path.py --smoke --sweep
 python benchmarks/hot_path.py --smoke --faults
 
-log "pytest"
-python -m pytest -q "$@"
+# The suite runs in parallel worker processes, one per core up to 4 (override with
+# MMAGG_TEST_WORKERS; 0 runs it in this process). Files stay whole on one worker
+# (--dist loadfile): their module-scoped backends start once.
+workers=${MMAGG_TEST_WORKERS:-$(nproc 2>/dev/null || echo 2)}
+[ "$workers" -gt 4 ] && workers=4
+log "pytest ($workers workers)"
+if [ "$workers" -gt 1 ]; then
+  python -m pytest -q -n "$workers" --dist loadfile "$@"
+else
+  python -m pytest -q "$@"
+fi

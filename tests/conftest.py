@@ -6,6 +6,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -210,3 +211,35 @@ def _close_reporters_the_test_left_open() -> Iterator[None]:
                 left.close(0)
             except Exception:  # a test that broke its reporter on purpose
                 pass
+
+
+@contextmanager
+def _holding_readme_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """Port 9090, the README's, held against the other tests that serve on it.
+
+    Under pytest-xdist (scripts/test.sh) files run in parallel worker processes; the lock file
+    sits in the run's shared temporary folder, so only one worker serves on 9090 at a time.
+    """
+    import fcntl
+
+    lock_path = tmp_path_factory.getbasetemp().parent / "mmagg-readme-port-9090.lock"
+    with open(lock_path, "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield 9090
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="module")
+def readme_port_for_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """The README's port, for a module-scoped fixture that serves on it."""
+    with _holding_readme_port(tmp_path_factory) as port:
+        yield port
+
+
+@pytest.fixture
+def readme_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """The README's port, for one test that serves on it."""
+    with _holding_readme_port(tmp_path_factory) as port:
+        yield port

@@ -24,7 +24,7 @@ def setup_block() -> str:
     return re.search(r"```bash\n(.*?)```", text[start:], re.S).group(1)  # type: ignore[union-attr]
 
 
-def test_the_readme_setup_block_works_when_pasted(tmp_path: Path) -> None:
+def test_the_readme_setup_block_works_when_pasted(tmp_path: Path, readme_port: int) -> None:
     try:
         with socket.create_connection(("127.0.0.1", 9090), timeout=0.2):
             pytest.skip("port 9090 is taken on this machine; the README uses it")

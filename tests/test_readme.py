@@ -28,7 +28,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, str]]:
+def served(
+    tmp_path_factory: pytest.TempPathFactory, readme_port_for_module: int
+) -> Iterator[tuple[str, str, str]]:
     """``mmagg keys create`` (an ingest key, and a read key) then ``mmagg serve`` on port
     9090 (as the README says): (url, ingest key, read key)."""
     tmp = tmp_path_factory.mktemp("readme")

@@ -65,6 +65,44 @@ def _require(modules: tuple[str, ...], extra: str) -> None:
         raise typer.Exit(2)
 
 
+_KEEP_HELP = (
+    "Keep the {} rollups{} this many days (at least as long as the finer data; "
+    "'inf': forever); default: as long as the finer data. Reads of older ranges are "
+    "answered from the rollups kept (docs/server.md, 'Old data')."
+)
+KeepMinuteRollups = Annotated[
+    float | None,
+    typer.Option(
+        help=_KEEP_HELP.format("minute and 5-minute", ""), envvar="MMAGG_KEEP_MINUTE_ROLLUPS"
+    ),
+]
+KeepHourRollups = Annotated[
+    float | None,
+    typer.Option(help=_KEEP_HELP.format("hour and 6-hour", " and hour median digests")),
+]
+KeepDayRollups = Annotated[
+    float | None,
+    typer.Option(help=_KEEP_HELP.format("day", " and day median digests")),
+]
+
+
+def _retention(
+    retention_days: float | None,
+    minute: float | None,
+    hour: float | None,
+    day: float | None,
+) -> Any:
+    """The retention settings, or exit 2 naming the option that does not fit."""
+    from mmagg.server.app import retention_settings
+    from mmagg.server.retention import RetentionError
+
+    try:
+        return retention_settings(retention_days, minute, hour, day)
+    except RetentionError as error:
+        err_console.print(f"[red]error:[/red] {escape(str(error))}")
+        raise typer.Exit(2) from None
+
+
 def _database(url: str) -> Any:
     _require(SERVER_MODULES, "server")
     from mmagg.server.db import Database
@@ -114,6 +152,9 @@ def serve(
         float | None,
         typer.Option(min=0, help="Delete reports older than this many days (checked hourly)."),
     ] = None,
+    keep_minute_rollups: KeepMinuteRollups = None,
+    keep_hour_rollups: KeepHourRollups = None,
+    keep_day_rollups: KeepDayRollups = None,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = False,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     login_failures_per_minute: Annotated[
@@ -160,6 +201,8 @@ def serve(
     from mmagg.server import create_app
     from mmagg.server.clients import TrustedProxies
 
+    _retention(retention_days, keep_minute_rollups, keep_hour_rollups, keep_day_rollups)
+
     try:
         TrustedProxies.parse(trusted_proxies)
     except ValueError as error:
@@ -198,6 +241,9 @@ def serve(
             body_limit=body_limit,
             secure_cookies=secure_cookies,
             retention_days=retention_days,
+            keep_minute_rollups=keep_minute_rollups,
+            keep_hour_rollups=keep_hour_rollups,
+            keep_day_rollups=keep_day_rollups,
             login_failures_per_minute=login_failures_per_minute,
             alerts=engine,
             trusted_proxies=trusted_proxies,
@@ -426,11 +472,18 @@ def prune(
         float, typer.Option(min=0, help="Delete reports older than this many days.")
     ],
     database_url: DatabaseUrl = DEFAULT_DATABASE_URL,
+    keep_minute_rollups: KeepMinuteRollups = None,
+    keep_hour_rollups: KeepHourRollups = None,
+    keep_day_rollups: KeepDayRollups = None,
 ) -> None:
-    """Delete old reports and their results (and expired dashboard sessions)."""
+    """Delete old reports and their results (and expired dashboard sessions); rollups go
+    with them unless kept longer."""
+    retention = _retention(older_than, keep_minute_rollups, keep_hour_rollups, keep_day_rollups)
+    assert retention is not None
+    bounds = retention.bounds(time.time())
     db = _database(database_url)
     try:
-        removed = db.prune(before=time.time() - older_than * 86400)
+        removed = db.prune(before=bounds.raw, rollups_before=bounds.levels)
     finally:
         db.close()
     err_console.print(f"Deleted {removed} reports older than {older_than:g} days.")

@@ -27,8 +27,9 @@ __all__ = ["HISTOGRAM_BUCKETS", "ClassStats", "Key", "Sample", "Window"]
 
 #: Fixed confidence buckets of the per-class histogram: ``[i/10, (i+1)/10)``, 1.0 in the last.
 #: A fold starts once this many predictions are buffered (bounds memory); it then runs one
-#: small step per ``add`` call, so a larger batch lowers the mean without raising any call.
-FOLD_THRESHOLD = 2048
+#: small step per ``add`` call, so a larger batch lowers the mean without raising any call
+#: (a step's work is bounded in rows, not in a fraction of the fold).
+FOLD_THRESHOLD = 4096
 #: Default cardinality guard: distinct keys a window accepts before refusing new ones.
 DEFAULT_MAX_CLASSES = 10_000
 #: Windows :meth:`Window.absorb` keeps unmerged; one more and they are merged at once (an
@@ -113,8 +114,95 @@ class ClassStats:
         )
 
 
-#: One buffered frame: ``(batch, model_id, source_id, seen_at, seq)``.
-_Pending = tuple[PredictionBatch, str, str, float, int]
+#: One buffered frame: ``(batch, seen_at, seq)`` (its rows start at the matching ``starts``).
+_Frame = tuple[PredictionBatch, float, int]
+#: A stream: ``(model_id, source_id)``.
+_Stream = tuple[str, str]
+#: Fewest rows a stream's column buffer holds. A new buffer starts with room for what the
+#: window's last buffer held and a quarter (a fold threshold and a quarter in the steady
+#: state; a few frames for a window reported every second); it doubles when a frame does
+#: not fit.
+_MIN_CAPACITY = 64
+#: Rows a window's very first buffer is sized for (it doubles from there; later buffers
+#: are sized by the last one, so only a stream's first window grows its buffer).
+_FIRST_ROWS = 512
+#: A buffer over this many bytes is not kept for reuse once folded (held memory stays
+#: bounded after a burst of huge frames or very long class names).
+_MAX_KEPT_BYTES = 1 << 20
+
+
+def _empty_names(capacity: int, width: int) -> npt.NDArray[np.str_]:
+    """An uninitialised string column: ``np.empty`` zero-fills a string dtype (a memset of
+    the whole buffer on the caller's thread), an integer one it does not."""
+    width = max(width, 1)
+    names: npt.NDArray[np.str_] = np.empty(capacity * width, dtype=np.uint32).view(f"<U{width}")
+    return names
+
+
+class _Columns:
+    """One stream's buffered frames, copied on arrival into preallocated contiguous
+    columns (confidence, class id, class name) that grow by doubling: the fold reads them
+    as they are, with no concatenation of per-frame arrays. The frames themselves are
+    kept only to build the winners' samples (inference id, model type)."""
+
+    __slots__ = ("conf", "frames", "has_ids", "ids", "names", "size", "starts")
+
+    def __init__(self, capacity: int = 0, width: int = 1) -> None:
+        capacity = max(capacity, _MIN_CAPACITY)
+        self.conf = np.empty(capacity, dtype=np.float64)
+        self.ids = np.empty(capacity, dtype=np.int64)
+        self.names = _empty_names(capacity, width)
+        self.size = 0
+        self.frames: list[_Frame] = []
+        #: First row of each frame, in arrival order.
+        self.starts: list[int] = []
+        #: Whether every frame so far came with class ids.
+        self.has_ids = True
+
+    def append(self, batch: PredictionBatch, seen_at: float, seq: int) -> None:
+        start = self.size
+        end = start + batch.confidences.shape[0]
+        names = batch.class_names
+        if names.dtype.kind != "U":
+            names = np.asarray(names, dtype=np.str_)
+        if end > self.conf.shape[0]:
+            self._grow(end)
+        if names.dtype.itemsize > self.names.dtype.itemsize:
+            wider = _empty_names(self.names.shape[0], names.dtype.itemsize // 4)
+            wider[:start] = self.names[:start]
+            self.names = wider
+        self.conf[start:end] = batch.confidences
+        self.names[start:end] = names
+        ids = batch.class_ids
+        if ids is None:
+            self.has_ids = False
+        elif self.has_ids:
+            self.ids[start:end] = ids
+        self.frames.append((batch, seen_at, seq))
+        self.starts.append(start)
+        self.size = end
+
+    def _grow(self, need: int) -> None:
+        capacity = max(need, 2 * self.conf.shape[0])
+        used = self.size
+        conf, ids, names = self.conf, self.ids, self.names
+        self.conf = np.empty(capacity, dtype=np.float64)
+        self.ids = np.empty(capacity, dtype=np.int64)
+        self.names = _empty_names(capacity, names.dtype.itemsize // 4)
+        self.conf[:used] = conf[:used]
+        self.ids[:used] = ids[:used]
+        self.names[:used] = names[:used]
+
+    def emptied(self) -> _Columns | None:
+        """This buffer, emptied for reuse (``None`` when it grew too large to keep)."""
+        if self.conf.nbytes + self.ids.nbytes + self.names.nbytes > _MAX_KEPT_BYTES:
+            return None
+        self.size = 0
+        self.frames = []
+        self.starts = []
+        self.has_ids = True
+        return self
+
 
 #: Slot markers in an id map: an id not seen yet, and an id whose key the guard refused.
 _UNKNOWN = -1
@@ -307,10 +395,11 @@ class _StatsTable:
 class Window:
     """Best sample and statistics per key, for one reporting interval.
 
-    ``add`` is cheap: it keeps the frame's columns; every :data:`FOLD_THRESHOLD`
-    predictions the buffered columns are folded with numpy, and that fold is spread over
-    the next few ``add`` calls (a few vectorised steps each), so no single call pays for
-    it. Reading (``samples``, ``to_results``, ``merge``) finishes any fold first.
+    ``add`` is cheap: it copies the frame's confidence, class-id and class-name columns
+    into its stream's preallocated buffers; every :data:`FOLD_THRESHOLD` predictions the
+    buffers are folded with numpy, and that fold is spread over the following ``add``
+    calls (one or two whole-column operations on at most 1,024 rows each), so no single
+    call pays for it. Reading (``samples``, ``to_results``, ``merge``) finishes any fold first.
     Thread-safe.
 
     Example:
@@ -329,10 +418,18 @@ class Window:
         #: ``None`` right after :meth:`drain` until the taken window hands its layout on
         #: (:meth:`_adopt`) or this window needs a table first (:meth:`_tab`).
         self._table: _StatsTable | None = _StatsTable()
-        self._pending: list[_Pending] = []
+        #: Each stream's frames since the last fold began, as columns.
+        self._pending: dict[_Stream, _Columns] = {}
         self._buffered = 0
-        #: The fold under way (one step per ``add``), or ``None``.
+        #: The fold under way (one step per ``add``), or ``None``, and the buffers it reads.
         self._folding: Iterator[None] | None = None
+        self._folded: dict[_Stream, _Columns] = {}
+        #: Steps the fold under way is expected to take still (an estimate: it paces it).
+        self._steps_left = 0
+        #: Buffers of the last finished fold, emptied, reused by the next frames.
+        self._spare: dict[_Stream, _Columns] = {}
+        #: Rows and name width of the last buffer folded or taken (a new buffer's size).
+        self._shape = (min(FOLD_THRESHOLD, _FIRST_ROWS), 1)
         #: Windows taken in by :meth:`absorb`, merged by the next read.
         self._absorbed: list[Window] = []
         self._lock = threading.Lock()
@@ -410,24 +507,62 @@ class Window:
         size: int = batch.confidences.shape[0]
         if not size:
             return 0
-        item = (batch, model_id, source_id, seen_at, next(_arrivals))
+        stream = (model_id, source_id)
         with self._lock:
-            self._pending.append(item)
+            columns = self._pending.get(stream)
+            if columns is None:
+                columns = self._pending[stream] = self._new_columns(stream)
+            columns.append(batch, seen_at, next(_arrivals))
             self._buffered += size
             folding = self._folding
             if folding is not None:
-                # One step per call; two when the next fold is already due; all of it if
-                # frames are so large that the buffer ran far ahead.
-                if self._buffered >= 4 * FOLD_THRESHOLD:
+                if self._buffered >= 4 * FOLD_THRESHOLD:  # a safety net, not a schedule
                     for _ in folding:
                         pass
-                    self._folding = folding = None
-                elif _step(folding) or (self._buffered >= FOLD_THRESHOLD and _step(folding)):
-                    self._folding = folding = None
+                    self._fold_done()
+                    folding = None
+                else:
+                    # The fold's steps spread evenly over the calls left before the next
+                    # fold is due (or, once it is due, before the buffer runs 4x ahead):
+                    # one step per call for small frames, more for frames of thousands.
+                    due_in = FOLD_THRESHOLD - self._buffered
+                    if due_in <= 0:
+                        due_in = 4 * FOLD_THRESHOLD - self._buffered
+                    calls_left = max(1, due_in // size)
+                    for _ in range(max(1, -(-self._steps_left // calls_left))):
+                        self._steps_left -= 1
+                        if _step(folding):
+                            self._fold_done()
+                            folding = None
+                            break
             if folding is None and self._buffered >= FOLD_THRESHOLD:
-                pending, self._pending, self._buffered = self._pending, [], 0
+                pending, self._pending, self._buffered = self._pending, {}, 0
                 self._folding = _fold_steps(self._tab(), pending, self.max_classes)
+                self._folded = pending
+                self._steps_left = sum(_steps_for(c.size) for c in pending.values())
         return size
+
+    def _new_columns(self, stream: _Stream) -> _Columns:
+        """A buffer for ``stream``: the last fold's, emptied, or a new one as large as the
+        last (caller holds the lock)."""
+        columns = self._spare.pop(stream, None)
+        if columns is None:
+            rows, width = self._shape
+            columns = _Columns(rows + rows // 4, width)
+        return columns
+
+    def _fold_done(self) -> None:
+        """The fold under way has finished: its buffers are emptied for reuse (caller
+        holds the lock)."""
+        self._folding = None
+        spare: dict[_Stream, _Columns] = {}
+        for stream, columns in self._folded.items():
+            self._shape = (columns.size, columns.names.dtype.itemsize // 4)
+            kept = columns.emptied()
+            if kept is not None:
+                spare[stream] = kept
+        self._folded = {}
+        self._spare = spare
 
     def merge_in(self, other: Window) -> None:
         """Merge ``other`` into this window (max per key, statistics summed)."""
@@ -545,9 +680,17 @@ class Window:
         out._drains = 0
         with self._lock:
             out._table, self._table = self._table, None
-            out._pending, self._pending = self._pending, []
+            out._pending, self._pending = self._pending, {}
             out._buffered, self._buffered = self._buffered, 0
             out._folding, self._folding = self._folding, None
+            out._folded, self._folded = self._folded, {}
+            out._steps_left, self._steps_left = self._steps_left, 0
+            # The emptied buffers stay (the next frames reuse them); the taken window's
+            # buffers go with it.
+            out._spare = {}
+            out._shape = self._shape
+            for columns in out._pending.values():  # the next buffer: as large as this one
+                self._shape = (columns.size, columns.names.dtype.itemsize // 4)
             out._absorbed, self._absorbed = self._absorbed, []
             self._drains += 1
             out._heir = (self, self._drains)
@@ -640,7 +783,7 @@ class Window:
     def is_empty(self) -> bool:
         with self._lock:
             return (
-                not self._pending
+                not self._buffered
                 and self._folding is None
                 and (self._table is None or not self._table.nlive)
                 and all(other.is_empty() for other in self._absorbed)
@@ -658,9 +801,14 @@ class Window:
                 pass
             self._folding = None
         if self._pending:
-            pending, self._pending, self._buffered = self._pending, [], 0
+            pending, self._pending, self._buffered = self._pending, {}, 0
             for _ in _fold_steps(self._tab(), pending, self.max_classes):
                 pass
+        # A read keeps no buffer for reuse: a window that is read (a taken one, a failed
+        # one given back) holds only its table; the live window's next frames (if any)
+        # start a buffer sized by what its last one held.
+        self._folded = {}
+        self._spare = {}
         while self._absorbed:
             best, stats, rejected, dropped = self._absorbed.pop(0).snapshot()
             self._merge_entries(best, stats)
@@ -678,11 +826,17 @@ class Window:
 
 _DONE = object()
 #: New class ids learned per fold step.
-_LEARN_PER_STEP = 32
+_LEARN_PER_STEP = 8
 #: Winners handled one by one (cheaper than a vectorised pass when there are few).
 _FEW_WINNERS = 32
 #: "No row yet" in a per-slot minimum of row indexes.
 _NO_ROW = np.iinfo(np.intp).max
+
+
+def _steps_for(rows: int) -> int:
+    """About how many steps a fold of one stream's ``rows`` takes (steady state: a few
+    fixed ones, eight per :data:`_ROWS_PER_STEP` rows)."""
+    return 9 + 8 * -(-rows // _ROWS_PER_STEP)
 
 
 def _step(folding: Iterator[None]) -> bool:
@@ -690,68 +844,61 @@ def _step(folding: Iterator[None]) -> bool:
     return next(folding, _DONE) is _DONE
 
 
-def _fold_steps(table: _StatsTable, pending: list[_Pending], max_classes: int) -> Iterator[None]:
+def _fold_steps(
+    table: _StatsTable, pending: dict[_Stream, _Columns], max_classes: int
+) -> Iterator[None]:
     """Fold buffered frames into ``table`` in small vectorised steps, yielding between them.
 
     All steps of one fold run, in order, before the next fold starts: that is what keeps
-    "first seen wins ties" exact whatever the interleaving with ``add``. Each step costs a
-    few microseconds for a fold of :data:`FOLD_THRESHOLD` predictions.
+    "first seen wins ties" exact whatever the interleaving with ``add``. Each stream's
+    rows are read from its column buffer as they are (no concatenation); every step does
+    one or two whole-column operations, and the name check (the heaviest) works on at most
+    :data:`_ROWS_PER_STEP` rows per step, so no step costs much more than another.
     """
-    groups: dict[tuple[str, str], list[_Pending]] = {}
-    for item in pending:
-        groups.setdefault((item[1], item[2]), []).append(item)
-    for (model_id, source_id), group in groups.items():
-        batches = [item[0] for item in group]
-        conf = yield from _concat_steps([b.confidences for b in batches])
-        conf = conf.astype(np.float64, copy=False)
+    for (model_id, source_id), columns in pending.items():
+        n = columns.size
+        conf = columns.conf[:n]
         where: npt.NDArray[np.intp] | None = None
         # A confidence is a probability: NaN, inf and anything outside [0, 1] are refused
         # here, one prediction at a time (the backend would refuse the whole report).
-        valid = (conf >= CONFIDENCE_MIN) & (conf <= CONFIDENCE_MAX)
-        if not valid.all():
+        # Two reductions in the common case (NaN fails both comparisons).
+        if not (conf.min() >= CONFIDENCE_MIN and conf.max() <= CONFIDENCE_MAX):
+            valid = conf >= CONFIDENCE_MIN
+            valid &= conf <= CONFIDENCE_MAX
             table.rejected += int(conf.size - np.count_nonzero(valid))
             where = np.flatnonzero(valid)
+            del valid
             conf = conf[where]
             if conf.size == 0:
                 continue
-        yield
         id_map = table.id_maps.get((model_id, source_id))
         if id_map is None:
             id_map = table.id_maps[(model_id, source_id)] = _IdMap()
-        ids = None
+        names = columns.names[:n] if where is None else columns.names[where]
         rows = None
-        if id_map.trusted and all(b.class_ids is not None for b in batches):
-            ids = yield from _concat_steps([b.class_ids for b in batches])  # type: ignore[misc]
-            if where is not None:
-                ids = ids[where]
-            rows = _slots_by_id(id_map, ids)
-        yield
-        names = None
-        if ids is not None and rows is not None:
-            if where is None and not (rows == _UNKNOWN).any():
-                # The steady state: every id known. Check the names part by part (each part
-                # concatenated and compared in its own step), never concatenated whole.
-                agree = yield from _check_in_parts(id_map, ids, batches)
-                if not agree:
+        if id_map.trusted and columns.has_ids:
+            ids = columns.ids[:n] if where is None else columns.ids[where]
+            yield
+            rows = yield from _slots_by_id(id_map, ids)
+            if rows is not None:
+                yield
+                if rows.min() < 0 and (rows == _UNKNOWN).any():
+                    yield
+                    rows = yield from _learn(
+                        table, id_map, model_id, source_id, ids, names, rows, max_classes
+                    )
+                # Every row's name against the name its id was first seen with.
+                if not (yield from _check_in_parts(id_map, ids, names)):
                     id_map.trusted = False  # names decide from now on, for this table
                     rows = None
-            else:
-                names = yield from _concat_steps([b.class_names for b in batches])
-                if where is not None:
-                    names = names[where]
-                yield
-                rows = yield from _learn_and_check(
-                    table, id_map, model_id, source_id, ids, names, rows, max_classes
-                )
+            del ids
         if rows is None:
-            if names is None:
-                names = yield from _concat_steps([b.class_names for b in batches])
-                if where is not None:
-                    names = names[where]
+            yield
             rows = _rows_by_name(table, model_id, source_id, names, max_classes)
         del names
         if table.nlive < len(table.keys):  # slots not (yet) this window's keys
-            rows = _admit(table, rows, max_classes)
+            yield
+            rows = yield from _admit(table, rows, max_classes)
         if rows.min() < 0:  # keys refused by the cardinality guard
             keep = np.flatnonzero(rows >= 0)
             table.dropped += int(rows.size - keep.size)
@@ -759,44 +906,67 @@ def _fold_steps(table: _StatsTable, pending: list[_Pending], max_classes: int) -
                 continue
             rows, conf = rows[keep], conf[keep]
             where = keep if where is None else where[keep]
-        yield
         k = len(table.keys)
-        table.count[:k] += np.bincount(rows, minlength=k)
-        table.total[:k] += np.bincount(rows, weights=conf, minlength=k)
-        yield
-        scaled = conf * HISTOGRAM_BUCKETS
-        np.minimum(scaled, HISTOGRAM_BUCKETS - 1, out=scaled)  # conf >= 0 here
-        cells = rows * HISTOGRAM_BUCKETS
-        cells += scaled.astype(np.intp)
-        del scaled
-        table.hist[:k] += np.bincount(cells, minlength=k * HISTOGRAM_BUCKETS).reshape(
-            k, HISTOGRAM_BUCKETS
-        )
-        del cells
-        yield
-        np.minimum.at(table.minimum, rows, conf)
-        yield
-        np.maximum.at(table.maximum, rows, conf)
-        # Only predictions strictly better than what is kept can change the kept sample.
-        better = np.flatnonzero(conf > table.best[rows])
-        if better.size:
+        top = np.full(k, -np.inf)  # this fold's maximum per slot
+        for start in range(0, rows.shape[0], _ROWS_PER_STEP):
+            part = slice(start, start + _ROWS_PER_STEP)
+            part_rows, part_conf = rows[part], conf[part]
             yield
-            yield from _fold_best(table, rows, conf, where, better, group)
+            cells = part_conf * HISTOGRAM_BUCKETS
+            np.minimum(cells, HISTOGRAM_BUCKETS - 1, out=cells)  # conf >= 0 here
+            cells = cells.astype(np.intp)
+            cells += part_rows * HISTOGRAM_BUCKETS
+            yield
+            hist = np.bincount(cells, minlength=k * HISTOGRAM_BUCKETS).reshape(k, HISTOGRAM_BUCKETS)
+            del cells
+            table.hist[:k] += hist
+            table.count[:k] += hist.sum(axis=1)
+            del hist
+            yield
+            table.total[:k] += np.bincount(part_rows, weights=part_conf, minlength=k)
+            np.minimum.at(table.minimum, part_rows, part_conf)
+            yield
+            np.maximum.at(top, part_rows, part_conf)
+        yield
+        np.maximum(table.maximum[:k], top, out=table.maximum[:k])
+        # Only a slot whose maximum here is strictly above what is kept gets a new sample:
+        # the first row (in arrival order) at that maximum; what is kept arrived first.
+        improved = top > table.best[:k]
+        if improved.any():
+            # NaN at the slots not improved: no row equals it.
+            target = np.where(improved, top, np.nan)
+            at_top = np.empty(rows.shape[0], dtype=bool)
+            for start in range(0, rows.shape[0], _ROWS_PER_STEP):
+                yield
+                part = slice(start, start + _ROWS_PER_STEP)
+                np.equal(conf[part], np.take(target, rows[part]), out=at_top[part])
+            candidates = np.flatnonzero(at_top)
+            del at_top
+            yield
+            yield from _fold_best(table, rows, conf, where, candidates, columns)
         yield
 
 
-def _slots_by_id(id_map: _IdMap, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.intp] | None:
+def _slots_by_id(
+    id_map: _IdMap, ids: npt.NDArray[np.int64]
+) -> Generator[None, None, npt.NDArray[np.intp] | None]:
     """Each row's slot through the class-id map (an array index, no sorting; unknown ids
-    are ``_UNKNOWN``); ``None`` when the ids cannot serve as indexes."""
+    are ``_UNKNOWN``), :data:`_ROWS_PER_STEP` rows per step; ``None`` when the ids cannot
+    serve as indexes."""
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= _MAX_DIRECT_ID:
         return None
     id_map.reserve(high + 1)
-    rows: npt.NDArray[np.intp] = id_map.slot[ids]
+    rows = np.empty(ids.shape[0], dtype=np.intp)
+    for start in range(0, ids.shape[0], _ROWS_PER_STEP):
+        if start:
+            yield
+        part = slice(start, start + _ROWS_PER_STEP)
+        np.take(id_map.slot, ids[part], out=rows[part])
     return rows
 
 
-def _learn_and_check(
+def _learn(
     table: _StatsTable,
     id_map: _IdMap,
     model_id: str,
@@ -805,31 +975,30 @@ def _learn_and_check(
     names: npt.NDArray[np.str_],
     rows: npt.NDArray[np.intp],
     max_classes: int,
-) -> Generator[None, None, npt.NDArray[np.intp] | None]:
-    """Learn the ids not seen yet, then check every row's name against its id's name;
-    ``None`` when they disagree (names decide, for this table)."""
-    unknown = np.flatnonzero(rows == _UNKNOWN)
-    if unknown.size:
-        # One row per new id (any row: the check below reads them all), without sorting.
-        row_of = np.full(id_map.slot.shape[0], -1, dtype=np.intp)
-        row_of[ids[unknown]] = unknown
-        new_ids = np.flatnonzero(row_of >= 0)
-        new_names = names[row_of[new_ids]]
-        name_list = new_names.tolist()
-        for start in range(0, len(name_list), _LEARN_PER_STEP):
-            yield
-            part = slice(start, start + _LEARN_PER_STEP)
-            slots = [
-                _key_slot(table, (model_id, name, source_id), max_classes)
-                for name in name_list[part]
-            ]
-            id_map.learn(new_ids[part], new_names[part], slots)
-        rows = id_map.slot[ids]
+) -> Generator[None, None, npt.NDArray[np.intp]]:
+    """Learn the ids not seen yet (their slots and names) and give every row's slot."""
+    # One row per new id (any row: the name check reads them all), without sorting,
+    # :data:`_ROWS_PER_STEP` rows per step (a stream's first fold has every row unknown).
+    row_of = np.full(id_map.slot.shape[0], -1, dtype=np.intp)
+    for start in range(0, rows.shape[0], _ROWS_PER_STEP):
         yield
-    if not _names_agree(id_map, ids, names):
-        id_map.trusted = False  # names decide from now on, for this table
-        return None
-    return rows
+        part = slice(start, start + _ROWS_PER_STEP)
+        unknown = np.flatnonzero(rows[part] == _UNKNOWN)
+        row_of[ids[part][unknown]] = unknown + start
+    yield
+    new_ids = np.flatnonzero(row_of >= 0)
+    new_names = names[row_of[new_ids]]
+    name_list = new_names.tolist()
+    for start in range(0, len(name_list), _LEARN_PER_STEP):
+        yield
+        part = slice(start, start + _LEARN_PER_STEP)
+        slots = [
+            _key_slot(table, (model_id, name, source_id), max_classes) for name in name_list[part]
+        ]
+        id_map.learn(new_ids[part], new_names[part], slots)
+    yield
+    learned: npt.NDArray[np.intp] = id_map.slot[ids]
+    return learned
 
 
 def _names_agree(id_map: _IdMap, ids: npt.NDArray[np.int64], names: npt.NDArray[np.str_]) -> bool:
@@ -856,20 +1025,14 @@ def _names_agree(id_map: _IdMap, ids: npt.NDArray[np.int64], names: npt.NDArray[
 
 
 def _check_in_parts(
-    id_map: _IdMap, ids: npt.NDArray[np.int64], batches: list[PredictionBatch]
+    id_map: _IdMap, ids: npt.NDArray[np.int64], names: npt.NDArray[np.str_]
 ) -> Generator[None, None, bool]:
-    """:func:`_names_agree` over ``_CHECK_PER_STEP`` frames per step (``ids`` are the
-    rows of ``batches``, in order)."""
-    start = 0
-    for first in range(0, len(batches), _CHECK_PER_STEP):
-        if first:
-            yield
-        names = _concat([b.class_names for b in batches[first : first + _CHECK_PER_STEP]])
-        end = start + names.shape[0]
-        if not _names_agree(id_map, ids[start:end], names):
+    """:func:`_names_agree` over :data:`_CHECK_ROWS_PER_STEP` rows per step."""
+    for start in range(0, ids.shape[0], _CHECK_ROWS_PER_STEP):
+        yield
+        end = start + _CHECK_ROWS_PER_STEP
+        if not _names_agree(id_map, ids[start:end], names[start:end]):
             return False
-        start = end
-    yield
     return True
 
 
@@ -885,16 +1048,17 @@ def _key_slot(table: _StatsTable, key: Key, max_classes: int) -> int:
 
 def _admit(
     table: _StatsTable, rows: npt.NDArray[np.intp], max_classes: int
-) -> npt.NDArray[np.intp]:
+) -> Generator[None, None, npt.NDArray[np.intp]]:
     """Make the slots of ``rows`` this window's keys, as far as the cardinality guard lets
-    (lowest slots first); rows of refused slots become ``_REFUSED``."""
-    fresh = rows >= 0
-    fresh &= ~table.live[np.maximum(rows, 0)]
-    if not fresh.any():
-        return rows
+    (lowest slots first); rows of refused slots become ``_REFUSED``. Two steps: the slots
+    seen, then the ones not live yet."""
     mark = np.zeros(len(table.keys), dtype=bool)  # sorted and unique, without sorting
-    mark[rows[fresh]] = True
+    mark[rows if rows.min() >= 0 else rows[rows >= 0]] = True
+    yield
+    mark &= ~table.live[: mark.shape[0]]
     slots = np.flatnonzero(mark)
+    if not slots.size:
+        return rows
     room = max(0, max_classes - table.nlive)
     if slots.size > room:
         refused = slots[room:]
@@ -927,85 +1091,54 @@ def _fold_best(
     rows: npt.NDArray[np.intp],
     conf: npt.NDArray[np.float64],
     where: npt.NDArray[np.intp] | None,
-    better: npt.NDArray[np.intp],
-    group: list[_Pending],
+    candidates: npt.NDArray[np.intp],
+    columns: _Columns,
 ) -> Iterator[None]:
-    """Keep, per slot, the first of ``better`` reaching its maximum (``better`` is in
-    arrival order and strictly above what is kept: what is kept arrived first)."""
-    if better.size <= _FEW_WINNERS:
-        won: dict[int, tuple[float, int]] = {}
-        for slot, value, index in zip(
-            rows[better].tolist(), conf[better].tolist(), better.tolist(), strict=True
-        ):
-            kept = won.get(slot)
-            if kept is None or value > kept[0]:
-                won[slot] = (value, index)
-        yield
-        winners = np.fromiter(won, dtype=np.intp, count=len(won))
-        table.best[winners] = [value for value, _ in won.values()]
-        position = np.fromiter((i for _, i in won.values()), dtype=np.intp, count=len(won))
-    else:
-        slots, values = rows[better], conf[better]
-        np.maximum.at(table.best, slots, values)
-        at_max = better[values == table.best[slots]]
-        yield
-        # The first row (in arrival order) at its slot's maximum: a minimum per slot over
-        # the row indexes, without sorting (np.unique sorted: the heaviest fold step).
-        first = np.full(len(table.keys), _NO_ROW, dtype=np.intp)
-        np.minimum.at(first, rows[at_max], at_max)
-        winners = np.flatnonzero(first != _NO_ROW)
-        position = first[winners]
-        yield
+    """Keep, per slot, the first of ``candidates`` (row indexes in arrival order, each at
+    its slot's new maximum) as the slot's sample."""
+    # The first candidate per slot: a minimum per slot over the row indexes, no sorting.
+    first = np.full(len(table.keys), _NO_ROW, dtype=np.intp)
+    np.minimum.at(first, rows[candidates], candidates)
+    winners = np.flatnonzero(first != _NO_ROW)
+    position = first[winners]
+    table.best[winners] = conf[position]
     if where is not None:
         position = where[position]
-    starts = list(itertools.accumulate((item[0].confidences.shape[0] for item in group), initial=0))
+    starts, frames = columns.starts, columns.frames
     if winners.size <= _FEW_WINNERS:
         yield
         # Each winner's frame by bisection, then one vectorised assignment per column
         # (four numpy item assignments per winner were the heaviest fold step).
-        frames = [bisect.bisect_right(starts, index) - 1 for index in position.tolist()]
-        refs = np.empty(len(frames), dtype=object)
-        for i, f in enumerate(frames):
-            refs[i] = group[f][0]
+        at = [bisect.bisect_right(starts, index) - 1 for index in position.tolist()]
+        found = [frames[f] for f in at]
+        refs = np.empty(len(found), dtype=object)
+        for i, frame in enumerate(found):
+            refs[i] = frame[0]
         table.win_ref[winners] = refs
-        table.win_row[winners] = position - np.asarray([starts[f] for f in frames], np.intp)
-        table.win_seen[winners] = [group[f][3] for f in frames]
-        table.win_seq[winners] = [group[f][4] for f in frames]
+        table.win_row[winners] = position - np.asarray([starts[f] for f in at], dtype=np.intp)
+        table.win_seen[winners] = [frame[1] for frame in found]
+        table.win_seq[winners] = [frame[2] for frame in found]
         return
     yield
-    start_of = np.asarray(starts[:-1], dtype=np.intp)
-    frame = np.searchsorted(start_of, position, side="right") - 1
-    table.win_row[winners] = position - start_of[frame]
-    seen = np.fromiter((item[3] for item in group), dtype=np.float64, count=len(group))
-    seq = np.fromiter((item[4] for item in group), dtype=np.int64, count=len(group))
-    refs = np.empty(len(group), dtype=object)
-    for i, item in enumerate(group):
-        refs[i] = item[0]
-    table.win_seen[winners] = seen[frame]
-    table.win_seq[winners] = seq[frame]
-    table.win_ref[winners] = refs[frame]
+    start_of = np.asarray(starts, dtype=np.intp)
+    frame_of = np.searchsorted(start_of, position, side="right") - 1
+    table.win_row[winners] = position - start_of[frame_of]
+    yield
+    seen = np.fromiter((frame[1] for frame in frames), dtype=np.float64, count=len(frames))
+    seq = np.fromiter((frame[2] for frame in frames), dtype=np.int64, count=len(frames))
+    refs = np.empty(len(frames), dtype=object)
+    for i, frame in enumerate(frames):
+        refs[i] = frame[0]
+    table.win_seen[winners] = seen[frame_of]
+    table.win_seq[winners] = seq[frame_of]
+    table.win_ref[winners] = refs[frame_of]
 
 
-def _concat(arrays: list[npt.NDArray[Any]]) -> npt.NDArray[Any]:
-    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-
-
-#: Columns concatenated in one step; more are concatenated in parts of this many, one
-#: step each (the cost of a concatenation is mostly per array).
-_CONCAT_PER_STEP = 16
-#: Frames whose names one step checks (concatenated and compared in the same step).
-_CHECK_PER_STEP = 12
-
-
-def _concat_steps(arrays: list[npt.NDArray[Any]]) -> Generator[None, None, npt.NDArray[Any]]:
-    """``_concat`` in one step per ``_CONCAT_PER_STEP`` arrays."""
-    if len(arrays) <= _CONCAT_PER_STEP:
-        return _concat(arrays)
-    parts = [np.concatenate(arrays[:_CONCAT_PER_STEP])]
-    for first in range(_CONCAT_PER_STEP, len(arrays), _CONCAT_PER_STEP):
-        yield
-        parts.append(_concat(arrays[first : first + _CONCAT_PER_STEP]))
-    return np.concatenate(parts)
+#: Rows one fold step reads with each whole-column operation (a fold of
+#: :data:`FOLD_THRESHOLD` rows does each in four steps).
+_ROWS_PER_STEP = 1024
+#: Rows whose names one fold step checks (the heaviest per-row operation).
+_CHECK_ROWS_PER_STEP = 512
 
 
 def naive_best(

@@ -386,10 +386,84 @@ def test_a_fold_is_spread_over_the_following_calls() -> None:
     for frame in range(200):
         window.add(batch_of(preds), model_id="m", seen_at=frame)
         calls_with_fold += window._folding is not None
-    # A fold starts every ~41 frames (2,048 / 50) and stays under way for several calls.
-    assert calls_with_fold >= 200 // 41 * 5
+    # A fold starts every FOLD_THRESHOLD / 50 frames and stays under way for several calls.
+    assert calls_with_fold >= 200 // (FOLD_THRESHOLD // 50 + 1) * 5
     assert len(window) == 20
     assert window.stats()[("m", "c0", "")].count == 200 * 3
+
+
+# -- the per-stream column buffers (issue 14, round 5) ---------------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.tuples(spread_frame, st.booleans()), max_size=40),
+    st.integers(min_value=1, max_value=30),
+    st.integers(min_value=1, max_value=8),
+    st.sampled_from([0, 200, 1 << 20]),
+    st.integers(min_value=1, max_value=7),
+)
+def test_column_buffers_grow_widen_and_are_reused_exactly(
+    frames: list[tuple[tuple[tuple[str, list[Prediction]], str, str, bool], bool]],
+    threshold: int,
+    min_capacity: int,
+    kept_bytes: int,
+    rows_per_step: int,
+) -> None:
+    """Buffers that start at a few rows grow (at any row), widen their name column when a
+    longer name arrives after shorter ones, are reused after a fold or dropped when over
+    the kept size, and fold in steps of a few rows; windows are taken by ``drain()`` at
+    any point, mid-fold included: each taken window still equals store-everything-then-
+    sort over its own frames, every prediction counted."""
+    with (
+        patch.object(window_module, "FOLD_THRESHOLD", threshold),
+        patch.object(window_module, "_MIN_CAPACITY", min_capacity),
+        patch.object(window_module, "_MAX_KEPT_BYTES", kept_bytes),
+        patch.object(window_module, "_ROWS_PER_STEP", rows_per_step),
+        patch.object(window_module, "_CHECK_ROWS_PER_STEP", rows_per_step),
+    ):
+        window = Window()
+        segment: list[tuple[str, str, list[Prediction]]] = []
+        for i, (((model, preds), ids, source, read), cut) in enumerate(frames):
+            if preds:
+                window.add(batch_with(preds, ids), model_id=model, source_id=source, seen_at=i)
+            segment.append((model, source, preds))
+            if read:
+                check_window(window, segment)
+            if cut:
+                check_window(window.drain(), segment)
+                segment = []
+        check_window(window, segment)
+
+
+def test_buffers_are_reused_from_fold_to_fold() -> None:
+    """The steady state allocates no column buffer: one fills while the other is folded,
+    and the folded one, emptied, is the next to fill."""
+    window = Window()
+    preds = [(f"c{i % 20}", (i % 97) / 97, "x", "od") for i in range(50)]
+    seen: dict[int, object] = {}  # held, so that no id is reused by a new buffer
+    for frame in range(FOLD_THRESHOLD // 50 * 6):
+        window.add(batch_of(preds), model_id="m", seen_at=frame)
+        seen.update((id(columns), columns) for columns in window._pending.values())
+    assert len(seen) == 2
+    assert window.stats()[("m", "c0", "")].count == FOLD_THRESHOLD // 50 * 6 * 3
+
+
+def test_a_long_name_after_short_ones_is_kept_whole() -> None:
+    """The name column widens when a longer name arrives: no name is cut to the width of
+    the names before it (numpy would truncate silently)."""
+    with patch.object(window_module, "FOLD_THRESHOLD", 4):
+        window = Window()
+        window.add(batch_of([("a", 0.2, "i", "od")] * 3), model_id="m")
+        window.add(
+            batch_of([("a" * 300, 0.9, "j", "od"), ("ünïcode", 0.4, "k", "od")]), model_id="m"
+        )
+        window.add(batch_of([("a", 0.3, "l", "od")]), model_id="m")
+    assert sorted((s.class_name, s.confidence) for s in window.samples()) == [
+        ("a", 0.3),
+        ("a" * 300, 0.9),
+        ("ünïcode", 0.4),
+    ]
 
 
 # -- the layout carried from one window to the next (issue 14) -------------------------------
@@ -549,7 +623,7 @@ def test_give_back_does_not_fold_the_live_window() -> None:
     live.add(batch_of([("car", 0.4, "a", "od")]), model_id="m", seen_at=1.0)
     failed = fill([("m", [("car", 0.9, "b", "od"), ("bus", 0.5, "c", "od")])])
     store.give_back("k", failed)
-    assert live._pending and live._folding is None  # nothing folded
+    assert live._buffered and live._folding is None  # nothing folded
     taken = store.take("k")
     assert results_of(taken) == {("m", "car"): (0.9, "b", "od"), ("m", "bus"): (0.5, "c", "od")}
     assert taken.stats()[("m", "car", "")].count == 2

@@ -92,11 +92,18 @@ def test_memory_is_flat_during_a_long_fault(capture_server: Any, reply: Reply) -
     assert growth < 64_000, f"grew {growth} bytes: {samples}"
 
 
+def _senders() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("mmagg-sender-aggregator")]
+
+
 def test_closed_aggregators_are_forgotten(capture_server: Any) -> None:
     """An application that makes one aggregator per video file and closes it must not
     keep every reporter (and its HTTP client) alive for the life of the process."""
     gc.collect()
     threads_before = len(own_threads())
+    # Another test in this process may have left a sender of its own (pytest-xdist runs
+    # files in any order): only the threads this test started are judged.
+    senders_before = set(_senders())
     refs = []
     for i in range(12):
         agg = mmagg.Aggregator(
@@ -117,7 +124,7 @@ def test_closed_aggregators_are_forgotten(capture_server: Any) -> None:
     assert alive <= 1, f"{alive} closed reporters still referenced ({registered} registered)"
     assert len(own_threads()) <= threads_before
     assert len(capture_server.posts) == 12
-    assert not [t for t in threading.enumerate() if t.name.startswith("mmagg-sender-aggregator")]
+    assert not [t for t in _senders() if t not in senders_before]
 
 
 def test_collector_preempted_between_window_and_add_loses_nothing(capture_server: Any) -> None:

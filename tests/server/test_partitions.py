@@ -1,4 +1,5 @@
-"""PostgreSQL: `results` partitioned by day (schema step 7, `mmagg.server.partitions`).
+"""PostgreSQL: `results` and `rollups` partitioned by day (schema step 7), `reports` too
+(step 11), `mmagg.server.partitions`.
 
 Real PostgreSQL (and a real SQLite file as the reference for retention). Every time is
 relative to `time.time()`, so the tests hold on any date.
@@ -26,13 +27,18 @@ from v01_schema import WORKSPACE, build_v01_database
 
 from mmagg.server import Database, create_app, tables
 from mmagg.server.bounds import Placement
-from mmagg.server.db import Principal
+from mmagg.server.db import PendingReport, Principal
 from mmagg.server.partitions import (
+    KEY_MONTH_MARGIN_SECONDS,
     PARTITION_SECONDS,
     attached,
+    attached_months,
     convert,
     day_of,
     is_partitioned,
+    key_partition_name,
+    month_bounds,
+    month_of,
     partition_name,
 )
 from mmagg.server.schemas import REPORT_ADAPTER
@@ -73,6 +79,12 @@ def _rows_by_partition(db: Database) -> list[tuple[str, float]]:
     return [(str(name), float(ts)) for name, ts in rows]
 
 
+def _reports_by_partition(db: Database) -> list[tuple[str, float]]:
+    with db.read() as conn:
+        rows = conn.exec_driver_sql("SELECT tableoid::regclass::text, ts FROM reports").all()
+    return [(str(name), float(ts)) for name, ts in rows]
+
+
 def _rollups_by_partition(db: Database) -> list[tuple[str, float]]:
     with db.read() as conn:
         rows = conn.exec_driver_sql("SELECT tableoid::regclass::text, bucket FROM rollups").all()
@@ -93,8 +105,9 @@ def test_a_new_postgresql_database_is_partitioned_with_days_ahead(pg_url: str) -
     try:
         with db.read() as conn:
             assert is_partitioned(conn) and is_partitioned(conn, "rollups")
+            assert is_partitioned(conn, "reports")
             days = set(attached(conn))
-            assert set(attached(conn, "rollups")) == days
+            assert set(attached(conn, "rollups")) == days == set(attached(conn, "reports"))
         today = day_of(time.time())
         assert {today, today + 1, today + 2} <= days
         assert {partition_name(d) for d in days} == _partitions(db)
@@ -125,6 +138,10 @@ def test_reports_over_several_days_land_in_their_partitions(pg_url: str) -> None
         assert sorted(ts for _, ts in placed) == sorted(stamps)
         for name, ts in placed:
             assert name == partition_name(day_of(ts)), (name, ts)
+        filed = _reports_by_partition(db)
+        assert sorted(ts for _, ts in filed) == sorted(stamps)
+        for name, ts in filed:
+            assert name == partition_name(day_of(ts), "reports"), (name, ts)
         # The reports before the rollup watermark were rolled up as they were stored; the
         # one ahead of it (in the future) is folded by the job, into its day's partition too.
         assert db.fold_rollups(now=time.time() + 120) == 1
@@ -156,8 +173,91 @@ def test_idempotency_dedups_across_partitions(pg_url: str) -> None:
         assert again.report_id == first.report_id
         assert db.count_reports() == 1
         assert len(_rows_by_partition(db)) == 1
+        assert [name for name, _ in _reports_by_partition(db)] == [
+            partition_name(day_of(_day_start(2)), "reports")
+        ]
+        # The same key in another workspace is another report.
+        other = _store(db, _principal(db, "beta"), _day_start(0) + 100, key)
+        assert not other.duplicate and other.report_id != first.report_id
     finally:
         db.close()
+
+
+def test_one_key_twice_in_a_batch_is_stored_once(pg_url: str) -> None:
+    """A group-commit batch holding one key twice (two requests of one retry at once):
+    the first is stored, the second answers as its replay; the others are stored."""
+    db = Database(pg_url)
+    try:
+        principal = _principal(db)
+        key = "twice-" + secrets.token_hex(8)
+        items = []
+        for n, (ts, idem) in enumerate(
+            [(_day_start(1) + 5, key), (_day_start(0) + 5, key), (_day_start(0) + 9, None)]
+        ):
+            when = datetime.fromtimestamp(ts, timezone.utc)
+            body = REPORT_ADAPTER.validate_python(report([result(f"c{n}", 0.5)], timestamp=when))
+            items.append(
+                PendingReport(principal, body, idem, Placement(ts, time.time(), "", "client"))
+            )
+        outcomes = db.store_reports(items)
+        assert [getattr(o, "duplicate", o) for o in outcomes] == [False, True, False]
+        assert outcomes[0].report_id == outcomes[1].report_id  # type: ignore[union-attr]
+        assert db.count_reports() == 2
+    finally:
+        db.close()
+
+
+def test_one_key_from_two_writers_on_two_days_is_stored_once(pg_url: str) -> None:
+    """Two processes (two engines) store one Idempotency-Key at the same moment, filed on
+    different days (the retry of a naive timestamp is filed at its own receive time): no
+    unique constraint spans the partitions, the key lock does. 25 keys, one report each."""
+    first, second = Database(pg_url), Database(pg_url)
+    try:
+        principals = (_principal(first), _principal(second))
+        workspace = {p.workspace_id for p in principals}
+        assert len(workspace) == 1  # one workspace, two keys of it
+        outcomes: list[tuple[int, Any]] = []
+        errors: list[BaseException] = []
+        for n in range(25):
+            barrier = threading.Barrier(2)
+            key = f"race-{n}-" + secrets.token_hex(4)
+
+            def write(
+                db: Database,
+                principal: Principal,
+                ts: float,
+                key: str = key,
+                barrier: threading.Barrier = barrier,
+                n: int = n,
+            ) -> None:
+                try:
+                    barrier.wait(timeout=10)
+                    outcomes.append((n, _store(db, principal, ts, key)))
+                except BaseException as error:  # reported below, in the test's thread
+                    errors.append(error)
+
+            threads = [
+                threading.Thread(target=write, args=(first, principals[0], _day_start(3) + n)),
+                threading.Thread(target=write, args=(second, principals[1], _day_start(0) + n)),
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=30)
+        assert errors == []
+        for n in range(25):
+            pair = [stored for m, stored in outcomes if m == n]
+            assert sorted(stored.duplicate for stored in pair) == [False, True]
+            assert pair[0].report_id == pair[1].report_id
+        assert first.count_reports() == 25
+        with first.read() as conn:
+            keys = conn.exec_driver_sql(
+                "SELECT idempotency_key, COUNT(*) FROM reports GROUP BY idempotency_key"
+            ).all()
+        assert len(keys) == 25 and all(count == 1 for _, count in keys)
+    finally:
+        first.close()
+        second.close()
 
 
 def test_idempotency_over_http_stores_once(pg_url: str) -> None:
@@ -236,6 +336,7 @@ def test_a_day_dropped_by_another_process_is_made_again(pg_url: str) -> None:
         assert partition_name(day_of(old)) not in _partitions(writer)
         assert not _store(writer, principal, old + 1).duplicate
         assert [ts for _, ts in _rows_by_partition(writer)] == [old + 1]
+        assert [ts for _, ts in _reports_by_partition(writer)] == [old + 1]
     finally:
         writer.close()
         pruner.close()
@@ -298,11 +399,13 @@ def test_retention_drops_partitions_and_keeps_what_sqlite_keeps(
     assert _remaining(lite) == _remaining(pg)
     assert all(row[0] >= cut for row in _remaining(pg) if len(row) == 2)
     with pg.read() as conn:
-        for table in ("results", "rollups"):
+        for table in ("results", "rollups", "reports"):
             assert all(high > cut for _, _, high, _ in attached(conn, table).values())
     # The day holding the bound stays (pruned row by row) if it held rows or was made.
     for name, ts in _rows_by_partition(pg):
         assert name == partition_name(day_of(ts))
+    for name, ts in _reports_by_partition(pg):
+        assert name == partition_name(day_of(ts), "reports")
 
 
 def _insert_v01_rows(url: str, anchor: float) -> int:
@@ -534,3 +637,127 @@ def test_two_processes_upgrading_at_once_both_start(pg_database_url: str) -> Non
                 db.close()
     finally:
         drop_pg_database(name)
+
+
+def _all_reports(db: Database) -> list[tuple[Any, ...]]:
+    with db.read() as conn:
+        return [tuple(row) for row in conn.execute(sa.select(tables.reports).order_by("id"))]
+
+
+def test_a_version_10_database_gets_partitioned_reports_and_reads_back_equal(
+    pg_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Schema step 11: a database at version 10 (`results` and `rollups` partitioned,
+    `reports` one table with its unique key) holding keyed reports over four days, copied;
+    the original upgraded, the copy left at version 10. Every `reports` row (every column)
+    and every read endpoint over HTTP are equal on both; every report sits in its day's
+    partition; a key stored before the upgrade is still a replay after it; ids carry on;
+    step 11 again changes nothing."""
+    names = [f"mmagg_v10_{uuid.uuid4().hex[:10]}" for _ in range(2)]
+    anchor = _day_start(4) + 321.0
+    try:
+        url = create_pg_database(names[0])
+        with monkeypatch.context() as patch:
+            patch.setattr(tables, "SCHEMA_VERSION", 10)
+            old = Database(url)
+            try:
+                with old.read() as conn:
+                    assert tables.current_version(conn) == 10
+                    assert is_partitioned(conn) and not is_partitioned(conn, "reports")
+                key = old.create_key(WORKSPACE, "ingest,read")
+                principal = old.authenticate(key)
+                assert principal is not None
+                stamps = [anchor + n * 1877.25 for n in range(4 * 86_400 // 1877)]
+                for n, ts in enumerate(stamps):
+                    _store(old, principal, ts, f"v10-{n}", cls=("car", "dog", "bus")[n % 3])
+                old.fold_rollups(now=time.time())
+            finally:
+                old.close()
+            plain = Database(create_pg_database(names[1], template=names[0]))
+        upgraded = Database(url)
+        try:
+            with plain.read() as conn:
+                assert tables.current_version(conn) == 10
+                assert not is_partitioned(conn, "reports")
+            with upgraded.read() as conn:
+                assert tables.current_version(conn) == tables.SCHEMA_VERSION
+                assert is_partitioned(conn, "reports")
+            assert len(_all_reports(upgraded)) == len(stamps)
+            assert _all_reports(upgraded) == _all_reports(plain)
+            with upgraded.read() as conn:
+                keys = conn.exec_driver_sql(
+                    "SELECT report_id, workspace_id, idempotency_key, received_at, result_count "
+                    "FROM report_keys ORDER BY report_id"
+                ).all()
+            assert [tuple(k) for k in keys] == [
+                (row[0], row[1], row[9], row[2], row[12]) for row in _all_reports(plain)
+            ]
+            filed = _reports_by_partition(upgraded)
+            assert len({name for name, _ in filed}) >= 4
+            assert all(name == partition_name(day_of(ts), "reports") for name, ts in filed)
+
+            span = (anchor - 3600, time.time() + 60)
+            assert _read_everything(upgraded, key, *span) == _read_everything(plain, key, *span)
+
+            writer = upgraded.authenticate(key)
+            assert writer is not None
+            replay = _store(upgraded, writer, time.time() - 5, "v10-7")
+            assert replay.duplicate
+            assert replay.report_id == _all_reports(plain)[7][0]
+            fresh = _store(upgraded, writer, time.time() - 5, "v11-new")
+            assert not fresh.duplicate
+            assert fresh.report_id > max(row[0] for row in _all_reports(plain))
+            assert upgraded.count_reports() == len(stamps) + 1
+
+            with upgraded.write() as conn:
+                before = sorted(attached(conn, "reports").items())
+                tables.MIGRATIONS[11](conn)
+                assert sorted(attached(conn, "reports").items()) == before
+        finally:
+            plain.close()
+            upgraded.close()
+    finally:
+        for name in names:
+            drop_pg_database(name)
+
+
+def test_keys_go_by_month_once_every_report_they_name_is_gone(pg_url: str) -> None:
+    """A keyed report received (and filed at its receive time) three months ago: a prune
+    past its day drops its report, but its key's month is kept until the bound passes the
+    month's end by the filing margin, so a retry until then is still its replay; after
+    that the month goes as a partition and the key is new again."""
+    db = Database(pg_url)
+    try:
+        principal = _principal(db)
+        month = month_of(time.time()) - 3
+        start, end = month_bounds(month)
+        received = start + 7_200.5
+        when = datetime.fromtimestamp(received, timezone.utc)
+        body = REPORT_ADAPTER.validate_python(report([result("car", 0.5)], timestamp=when))
+        placement = Placement(received, received, when.replace(tzinfo=None).isoformat(), "naive")
+        first = db.store_report(principal, body, "old-key", placement)
+        with db.read() as conn:
+            assert month in attached_months(conn)  # made on demand for a past month
+            assert (
+                key_partition_name(month)
+                == conn.exec_driver_sql(
+                    "SELECT tableoid::regclass::text FROM report_keys"
+                ).scalar_one()
+            )
+
+        assert db.prune(before=end + KEY_MONTH_MARGIN_SECONDS - 1) == 1
+        assert db.count_reports() == 0
+        replay = _store(db, principal, time.time() - 5, "old-key")
+        assert replay.duplicate and replay.report_id == first.report_id
+        with db.read() as conn:
+            assert month in attached_months(conn)
+
+        assert db.prune(before=end + KEY_MONTH_MARGIN_SECONDS) == 0
+        with db.read() as conn:
+            assert month not in attached_months(conn)
+            assert month_of(time.time()) in attached_months(conn)
+        again = _store(db, principal, time.time() - 5, "old-key")
+        assert not again.duplicate and again.report_id != first.report_id
+        assert db.count_reports() == 1
+    finally:
+        db.close()

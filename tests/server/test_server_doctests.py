@@ -28,6 +28,7 @@ MODULES = [
     "mmagg.server.partitions",
     "mmagg.server.protocols",
     "mmagg.server.ratelimit",
+    "mmagg.server.retention",
     "mmagg.server.rollups",
     "mmagg.server.runner",
     "mmagg.server.schemas",

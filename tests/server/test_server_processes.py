@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
@@ -162,6 +162,36 @@ def test_same_idempotency_key_on_two_instances_is_stored_once(
         answers = list(
             pool.map(
                 lambda job: _post(job[0], key, body, job[1]),
+                [(server.base_url, k) for k in keys for server in (first, second)],
+            )
+        )
+    assert [answer.status_code for answer in answers] == [200] * 40
+    for n in range(20):
+        pair = answers[2 * n : 2 * n + 2]
+        assert pair[0].json()["report_id"] == pair[1].json()["report_id"]
+        assert sorted(a.headers.get("idempotent-replayed", "") for a in pair) == ["", "true"]
+    assert sorted(k or "" for k in _stored(fresh_pg_url)) == sorted(keys)
+
+
+def test_one_key_filed_on_two_days_on_two_instances_is_stored_once(
+    two_instances: tuple[Serve, Serve, str], fresh_pg_url: str
+) -> None:
+    """The same race, but the two copies of each key carry different timestamps (a retry
+    whose naive timestamp is filed at its own receive time): A files its copy two days ago,
+    B files its copy now, in partitions of different days of `reports`, which no unique
+    constraint spans (schema step 11); still one report per key."""
+    first, second = two_instances[:2]
+    key = two_instances[2]
+    now = datetime.now(timezone.utc)
+    bodies = {
+        first.base_url: report([result("person", 0.9)], timestamp=now - timedelta(days=2)),
+        second.base_url: report([result("person", 0.9)], timestamp=now - timedelta(seconds=2)),
+    }
+    keys = [f"days-{n}" for n in range(20)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(
+            pool.map(
+                lambda job: _post(job[0], key, bodies[job[0]], job[1]),
                 [(server.base_url, k) for k in keys for server in (first, second)],
             )
         )

@@ -10,6 +10,7 @@ Routes (docs/server.md has the shapes):
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -71,6 +72,7 @@ from mmagg.server.responses import (
     WorkspaceResponse,
     documented,
 )
+from mmagg.server.retention import Retention, RetentionError
 from mmagg.server.schemas import (
     REPORT_ADAPTER,
     LoginRequest,
@@ -634,8 +636,36 @@ PRUNE_INTERVAL_SECONDS = 3600.0
 RETENTION_LEASE = "retention"
 
 
+def retention_settings(
+    retention_days: float | None,
+    keep_minute_rollups: float | None = None,
+    keep_hour_rollups: float | None = None,
+    keep_day_rollups: float | None = None,
+) -> Retention | None:
+    """The `Retention` of these options (None: keep everything); `RetentionError` naming the
+    option for a rollup kept shorter than a finer kind, or kept without `--retention-days`.
+
+    Example:
+        >>> retention_settings(7, keep_hour_rollups=400).days_of(3600)
+        400.0
+    """
+    if retention_days is None:
+        for option, days in (
+            ("--keep-minute-rollups", keep_minute_rollups),
+            ("--keep-hour-rollups", keep_hour_rollups),
+            ("--keep-day-rollups", keep_day_rollups),
+        ):
+            if days is not None:
+                raise RetentionError(
+                    f"{option}: expected together with --retention-days (without it nothing "
+                    f"is deleted), got {option} {days:g} alone"
+                )
+        return None
+    return Retention(retention_days, keep_minute_rollups, keep_hour_rollups, keep_day_rollups)
+
+
 async def _prune_forever(
-    db: Database, retention_days: float, lease: Lease, metrics: Metrics
+    db: Database, retention: Retention, lease: Lease, metrics: Metrics
 ) -> None:
     """Every hour, delete what is past retention, in whichever process holds the lease.
 
@@ -646,15 +676,17 @@ async def _prune_forever(
     while True:
         try:
             if await anyio.to_thread.run_sync(lease.acquire, time.time()):
-                cutoff = time.time() - retention_days * 86400
-                removed = await anyio.to_thread.run_sync(db.prune, cutoff)
+                bounds = retention.bounds(time.time())
+                removed = await anyio.to_thread.run_sync(
+                    functools.partial(db.prune, bounds.raw, rollups_before=bounds.levels)
+                )
                 metrics.retention_runs.inc()
                 if removed:
                     logger.info(
-                        "mmagg: pruned %d reports older than %s days", removed, retention_days
+                        "mmagg: pruned %d reports older than %s days", removed, retention.raw_days
                     )
         except Exception:  # a failed prune must not take the server down; retried next hour
-            logger.exception("mmagg: pruning reports older than %s days failed", retention_days)
+            logger.exception("mmagg: pruning reports older than %s days failed", retention.raw_days)
         await anyio.sleep(PRUNE_INTERVAL_SECONDS)
 
 
@@ -730,6 +762,9 @@ def create_app(
     session_ttl: float = SESSION_TTL_SECONDS,
     secure_cookies: bool = False,
     retention_days: float | None = None,
+    keep_minute_rollups: float | None = None,
+    keep_hour_rollups: float | None = None,
+    keep_day_rollups: float | None = None,
     login_failures_per_minute: int = DEFAULT_LOGIN_FAILURES_PER_MINUTE,
     alerts: AlertEngine | None = None,
     trusted_proxies: Sequence[str] | str | None = None,
@@ -741,7 +776,10 @@ def create_app(
 
     `database_url` defaults to `$MMAGG_DATABASE_URL`, else `sqlite:///mmagg.db`. Set
     `secure_cookies` when the dashboard is served over HTTPS. With `retention_days`, reports
-    older than that are deleted at start-up and then every hour. A client (IP address) gets
+    older than that are deleted at start-up and then every hour; `keep_minute_rollups`,
+    `keep_hour_rollups` and `keep_day_rollups` keep those rollups (and the hour and day
+    median digests) longer, in days (`mmagg.server.retention`; `RetentionError` when they
+    are shorter than a finer kind, or given without `retention_days`). A client (IP address) gets
     `login_failures_per_minute` failed attempts at `POST /dashboard/api/login` and
     `GET /?api_key=` per minute, in bursts of as many; past that, 429 with `Retry-After`.
     `alerts` (an `AlertEngine` on the same database) is evaluated every `alerts.interval`
@@ -761,6 +799,9 @@ def create_app(
         >>> key = app.state.db.create_key("acme")
         >>> # uvicorn.run(app, host="127.0.0.1", port=9090)
     """
+    retention = retention_settings(
+        retention_days, keep_minute_rollups, keep_hour_rollups, keep_day_rollups
+    )
     if db is None:
         url = database_url or os.environ.get("MMAGG_DATABASE_URL") or DEFAULT_DATABASE_URL
         db = Database(url)
@@ -787,8 +828,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         async with anyio.create_task_group() as tasks:
-            if retention_days is not None:
-                tasks.start_soon(_prune_forever, owned_db, retention_days, retention_lease, metrics)
+            if retention is not None:
+                tasks.start_soon(_prune_forever, owned_db, retention, retention_lease, metrics)
             if owned_db.partitions is not None:
                 tasks.start_soon(_partitions_forever, owned_db)
             if digest_lease is not None and median_digest_interval is not None:

@@ -14,7 +14,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +38,7 @@ from mmagg.server.tables import (
     create_db_engine,
     dashboard_sessions,
     migrate,
+    report_keys,
     reports,
     results,
     rollups,
@@ -67,6 +68,40 @@ FOLD_CHUNK_SECONDS = 600.0
 # PostgreSQL only locks the old rows themselves, and each commit costs a WAL flush.
 PRUNE_BATCH = 1_000
 PRUNE_BATCH_PG = 20_000
+
+# PostgreSQL with `reports` partitioned (schema step 11), where no unique constraint can span
+# the days: ingest takes a transaction lock per (workspace, Idempotency-Key), in the
+# two-integer form of `pg_advisory_xact_lock` (a space apart from the one-bigint locks of
+# migrations, the watermark and the digests), this class and a 32-bit hash of the key, and
+# then looks the keys up in `report_keys` (a partition per month, so a few partitions:
+# probing every day of `reports` cost 1.2 ms a batch at 12 days and 49 ms at 400,
+# docs/scale.md). A hash collision only makes two keys wait for each other.
+IDEMPOTENCY_LOCK_CLASS = 0x6D6D6B  # "mmk"
+_LOCK_KEYS_SQL = (
+    "SELECT pg_advisory_xact_lock(%s, k) FROM unnest(%s::int[]) WITH ORDINALITY AS t(k, n) "
+    "ORDER BY n"
+)
+# Both columns by `= ANY`, each partition's index probed once per key: a generic plan of a
+# join with `unnest` of the pairs scanned the partitions instead (5.5 ms against 0.3 ms at
+# 12 partitions). The pairs it returns are matched in Python.
+_FIND_KEYS_SQL = (
+    "SELECT workspace_id, idempotency_key FROM report_keys "
+    "WHERE workspace_id = ANY(%s::int[]) AND idempotency_key = ANY(%s::text[])"
+)
+
+
+def idempotency_lock_id(workspace_id: int, key: str) -> int:
+    """The signed 32-bit lock id of an Idempotency-Key in a workspace (see
+    `IDEMPOTENCY_LOCK_CLASS`); the same in every process.
+
+    Example:
+        >>> same = idempotency_lock_id(1, "k") == idempotency_lock_id(1, "k")
+        >>> same, idempotency_lock_id(1, "k") == idempotency_lock_id(2, "k")
+        (True, False)
+    """
+    digest = hashlib.blake2b(f"{workspace_id}:{key}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
 
 # Names the backend routes under; a workspace called like this would be unreachable.
 RESERVED_WORKSPACES = frozenset({"dashboard", "metrics", "healthz", "api", "static", "docs"})
@@ -169,6 +204,7 @@ def json_rows(rows: Iterable[Sequence[Any]]) -> str:
 
 
 _RESULT_COPY_TYPES = copy_types(results, _RESULT_COLUMNS)
+_INSERT_KEYS_SQL = _pg_json_insert(report_keys, tuple(c.name for c in report_keys.columns))
 
 
 # The key columns a batch re-checks at commit (`Database.store_reports`).
@@ -361,6 +397,11 @@ class KeyRevokedError(Exception):
     """The API key of a report was revoked or expired before the report could be stored."""
 
 
+class DuplicateKeyError(Exception):
+    """A report's Idempotency-Key is stored already (or twice in one batch): PostgreSQL with
+    `reports` partitioned, where no unique constraint says so (`Database._claim_keys`)."""
+
+
 class Database:
     """The backend's storage: one engine, the writes, keys and sessions.
 
@@ -408,6 +449,9 @@ class Database:
             if partitioned:
                 self.partitions = partitions.PartitionSet(self.engine, clock)
                 self.partitions.prepare()
+        # Schema step 11: `reports` partitioned, Idempotency-Keys in `report_keys`, kept once
+        # by a lock.
+        self._keys_by_lock = self.partitions is not None and self.partitions.keys
 
     def close(self) -> None:
         """Release every pooled connection."""
@@ -761,7 +805,7 @@ class Database:
         """One report in its own transaction; a replayed Idempotency-Key answers the first."""
         try:
             outcome = self._write_batch([item])[0]
-        except self._integrity_error as error:
+        except (self._integrity_error, DuplicateKeyError) as error:
             if self.partitions is not None and partitions.missing_partition(error) and not retried:
                 # Another process's prune dropped the day this process still knew: make it
                 # again and store the report (whose transaction rolled back) once more.
@@ -785,6 +829,9 @@ class Database:
         if self.partitions is not None:
             for ts in {item.placement.ts for item in items}:
                 self.partitions.ready(ts)
+            if self._keys_by_lock:
+                for received in {i.placement.received_at for i in items if i.idempotency_key}:
+                    self.partitions.ready_keys(received)
         with self.write() as conn:
             cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
             try:
@@ -800,7 +847,11 @@ class Database:
                     for n, item in enumerate(items)
                 ]
                 kept = [item for item, no in zip(items, refused, strict=True) if no is None]
+                if self._keys_by_lock:
+                    self._claim_keys(cursor, kept)
                 ids = self._insert_reports(cursor, kept)
+                if self._keys_by_lock:
+                    self._insert_keys(cursor, kept, ids)
                 rows: list[tuple[Any, ...]] = []
                 pending: dict[tuple[Any, ...], list[Any]] = {}
                 found = iter(ids)
@@ -919,6 +970,50 @@ class Database:
                     waits[n] = wait
         return waits
 
+    def _claim_keys(self, cursor: Any, items: Sequence[PendingReport]) -> None:
+        """PostgreSQL, `reports` partitioned: make the Idempotency-Keys of `items` this
+        transaction's, or raise `DuplicateKeyError` (rolling the batch back) if one is
+        stored already or comes twice.
+
+        The key locks are taken in one order (sorted), so two batches never wait for each
+        other in a cycle, and held to the commit; the lookup is its own statement after them,
+        so under READ COMMITTED it sees a report with the key that committed while we waited.
+        Two processes storing one key therefore store it once, whichever day each files it on.
+        """
+        pairs = [
+            (item.principal.workspace_id, item.idempotency_key)
+            for item in items
+            if item.idempotency_key is not None
+        ]
+        if not pairs:
+            return
+        if len(set(pairs)) < len(pairs):
+            raise DuplicateKeyError()
+        locks = sorted({idempotency_lock_id(workspace, key) for workspace, key in pairs})
+        cursor.execute(_LOCK_KEYS_SQL, (IDEMPOTENCY_LOCK_CLASS, locks))
+        cursor.fetchall()
+        cursor.execute(_FIND_KEYS_SQL, (sorted({w for w, _ in pairs}), [k for _, k in pairs]))
+        wanted = set(pairs)
+        if any((int(row[0]), str(row[1])) in wanted for row in cursor.fetchall()):
+            raise DuplicateKeyError()
+
+    @staticmethod
+    def _insert_keys(cursor: Any, items: Sequence[PendingReport], ids: Sequence[int]) -> None:
+        """PostgreSQL, schema step 11: the `report_keys` rows of the keyed `items`."""
+        rows = [
+            (
+                item.principal.workspace_id,
+                item.idempotency_key,
+                item.placement.received_at,
+                report_id,
+                len(item.report.inference_results),
+            )
+            for item, report_id in zip(items, ids, strict=True)
+            if item.idempotency_key is not None
+        ]
+        if rows:
+            cursor.execute(_INSERT_KEYS_SQL, (json_rows(rows),))
+
     def _insert_reports(self, cursor: Any, items: Sequence[PendingReport]) -> list[int]:
         """Insert the report rows of `items`; their ids, in order."""
         sql = self._sql
@@ -965,21 +1060,40 @@ class Database:
             self._last_used_written[key_id] = now
 
     def _find_idempotent(self, workspace_id: int, key: str) -> StoredReport | None:
-        query = sa.select(reports.c.id, reports.c.result_count).where(
-            reports.c.workspace_id == workspace_id, reports.c.idempotency_key == key
+        query = (
+            sa.select(report_keys.c.report_id, report_keys.c.result_count).where(
+                report_keys.c.workspace_id == workspace_id,
+                report_keys.c.idempotency_key == key,
+            )
+            if self._keys_by_lock
+            else sa.select(reports.c.id, reports.c.result_count).where(
+                reports.c.workspace_id == workspace_id, reports.c.idempotency_key == key
+            )
         )
         with self.read() as conn:
             row = conn.execute(query).first()
         return None if row is None else StoredReport(int(row[0]), int(row[1]), duplicate=True)
 
-    def prune(self, before: float, batch: int | None = None) -> int:
+    def prune(
+        self,
+        before: float,
+        batch: int | None = None,
+        *,
+        rollups_before: Mapping[int, float] | None = None,
+    ) -> int:
         """Delete reports (and their results) timestamped before `before`; return how many.
 
-        On PostgreSQL (schema step 7) the days of `results` and `rollups` that end by the
-        bound are dropped as whole partitions first (`mmagg.server.partitions`); the rest
-        goes row by row, in batches of `batch` reports (`PRUNE_BATCH`, `PRUNE_BATCH_PG`), each
-        its own short transaction, so that ingest (which shares the SQLite write lock) waits
-        for one batch at most. Expired dashboard sessions go too.
+        Rollup buckets go once they end by `before`, or by `rollups_before[level]` for a
+        level given there (`mmagg.server.retention`: kept longer than the raw rows, never
+        shorter, a coarser level never shorter than a finer one: ValueError otherwise); the
+        median digests of 3600 and 86400 s go with the bound of their level.
+
+        On PostgreSQL (schema steps 7 and 11) the days of `results`, `rollups` and `reports`
+        that end by the bound are dropped as whole partitions first, and the months of
+        `report_keys` whose reports are all gone (`mmagg.server.partitions`); the rest (the
+        day holding the bound) goes row by row, in batches of `batch` reports (`PRUNE_BATCH`,
+        `PRUNE_BATCH_PG`), each its own short transaction, so that ingest (which shares the
+        SQLite write lock) waits for one batch at most. Expired dashboard sessions go too.
 
         Example:
             >>> Database("sqlite://").prune(before=0.0)
@@ -987,20 +1101,23 @@ class Database:
         """
         if batch is None:
             batch = PRUNE_BATCH_PG if self.dialect == "postgresql" else PRUNE_BATCH
+        levels = _level_bounds(before, rollups_before)
+        digests = {level: levels[level] for level in medians.LEVELS}
         removed = 0
         # Median digests go first and again in every batch, in the batch's transaction (and
         # under the digest job's lock on PostgreSQL), so that no digest of a bucket that
         # starts before the bound outlives a row it describes (mmagg.server.medians).
         with self.write() as conn:
             medians.lock(conn)
-            medians.delete_before(conn, before)
+            medians.delete_before(conn, before, digests)
         if self.partitions is not None:
-            # Whole days before the bound go as partitions; their reports rows below.
-            self.partitions.drop_before(before)
+            # Whole days before the bound go as partitions (`reports` too since step 11);
+            # the day holding the bound goes row by row below.
+            removed += self.partitions.drop_before(before, min(levels.values()))[1]
         while True:
             with self.write() as conn:
                 medians.lock(conn)
-                medians.delete_before(conn, before)
+                medians.delete_before(conn, before, digests)
                 if self.dialect == "postgresql":
                     # One statement per batch, the ids never leave the server: binding
                     # thousands of ids from Python cost 20x the deletes themselves.
@@ -1029,12 +1146,14 @@ class Database:
         # bound (docs/scale.md, "Retention").
         with self.write() as conn:
             for level in rollup_rows.LEVELS:
+                if levels[level] == -math.inf:
+                    continue
                 conn.execute(
                     sa.delete(rollups).where(
                         rollups.c.level == level,
-                        rollups.c.bucket + level <= before,
+                        rollups.c.bucket + level <= levels[level],
                         # Implied by the line above; lets PostgreSQL skip the later days.
-                        rollups.c.bucket < before,
+                        rollups.c.bucket < levels[level],
                     )
                 )
         with self.write() as conn:
@@ -1075,6 +1194,22 @@ _PRUNE_BATCH_PG = sa.text(
     "gone AS (DELETE FROM results WHERE ts < :b AND report_id IN (SELECT id FROM doomed)) "
     "SELECT COUNT(*) FROM doomed"
 )
+
+
+def _level_bounds(before: float, given: Mapping[int, float] | None) -> dict[int, float]:
+    """Each rollup level's retention bound: `given`, else `before`; checked to be no later
+    than `before` nor than the bound of a finer level."""
+    bounds: dict[int, float] = {}
+    finer, finer_name = before, "the raw bound"
+    for level in sorted(rollup_rows.LEVELS):
+        bound = before if given is None else given.get(level, finer)
+        if not bound <= finer:
+            raise ValueError(
+                f"rollups_before[{level}]: expected at most {finer_name} ({finer}), got {bound}"
+            )
+        bounds[level] = bound
+        finer, finer_name = bound, f"the bound of level {level}"
+    return bounds
 
 
 def _in_memory(engine: sa.Engine) -> bool:

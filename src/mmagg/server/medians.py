@@ -39,7 +39,7 @@ import operator
 import time
 import zlib
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -422,13 +422,16 @@ def _by_totals(
     """`medians` for the groups of `totals` whose digests add up; (answers, the groups that
     do not).
 
-    Why a sum per group suffices: a stored digest describes results that all still exist in
-    its bucket (they are only ever added to, and retention deletes a digest before the rows
-    it describes), so n <= the rows there now; raw rows read are the rows there now; and the
-    rollups count at least the rows there now (every result below the watermark, kept
-    boundary buckets counting pruned ones too; raw rows above it). So the digests' n plus the
-    raw rows read can only equal the rollups' count when every digest is complete and no
-    bucket with results lacks one: equal, the digests are valid; else the group is unsure.
+    Why a sum per group suffices: a digest's n never exceeds the rollups' count of its
+    bucket (built equal to it; rollup counts only grow, and retention deletes a digest no
+    later than its level's row); the raw rows read never exceed the rollups' count of their
+    range; and `totals` reads each part of the range at a level at least as coarse as the
+    digest or raw read there, whose count is at least the finer counts (every level counts
+    the same results; retention keeps coarser levels at least as long, a coarse row outliving
+    some of its finer ones: `mmagg.server.retention`). So Σ n + raw rows <= the total, equal
+    only when every digest's n is its bucket's count and no bucket with results lacks one:
+    equal, the digests are valid (the bucket-by-bucket check would take the same ones); else
+    the group is unsure.
 
     Buckets up to `limit` (`rollups.complete_before`) come from digests: whole days, whole
     hours of the edge days (a day no digest describes falls back to its hours), and an hour
@@ -676,12 +679,21 @@ def lock(conn: Connection) -> None:
         conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({LOCK_KEY})")
 
 
-def delete_before(conn: Connection, before: float) -> int:
-    """Delete every digest whose bucket starts before `before` (retention); how many."""
-    doomed = sa.select(median_digests.c.id).where(median_digests.c.bucket < before)
-    conn.execute(sa.delete(median_values).where(median_values.c.digest_id.in_(doomed)))
-    deleted = conn.execute(sa.delete(median_digests).where(median_digests.c.bucket < before))
-    return int(deleted.rowcount or 0)
+def delete_before(
+    conn: Connection, before: float, by_level: Mapping[int, float] | None = None
+) -> int:
+    """Delete every digest whose bucket starts before `before`, or before `by_level[level]`
+    for a level given there (retention per level, `mmagg.server.retention`); how many."""
+    deleted = 0
+    for level in LEVELS:
+        bound = before if by_level is None else by_level.get(level, before)
+        if bound == -math.inf:
+            continue
+        where = (median_digests.c.level == level, median_digests.c.bucket < bound)
+        doomed = sa.select(median_digests.c.id).where(*where)
+        conn.execute(sa.delete(median_values).where(median_values.c.digest_id.in_(doomed)))
+        deleted += int(conn.execute(sa.delete(median_digests).where(*where)).rowcount or 0)
+    return deleted
 
 
 def _delete(conn: Connection, ids: Sequence[int]) -> None:

@@ -16,7 +16,7 @@ from sqlalchemy.pool import StaticPool
 
 from mmagg.wire import HISTOGRAM_BUCKETS
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 
 metadata = sa.MetaData()
 
@@ -112,6 +112,23 @@ results = sa.Table(
     *(sa.Column(f"hist_{i}", sa.Integer, nullable=True) for i in range(HISTOGRAM_BUCKETS)),
     sa.Index("ix_results_ws_model_ts", "workspace_id", "model_id", "ts"),
     sa.Index("ix_results_ws_ts", "workspace_id", "ts"),
+)
+
+# Step 11, PostgreSQL only (so in a MetaData of its own: step 1 never creates it): the
+# Idempotency-Key of every keyed report, partitioned by month of `received_at` (when the
+# report was first received: always about now). `reports` is partitioned by day of `ts`
+# there, and no unique constraint can span its days; ingest keeps each key once with a
+# transaction lock on the key and a lookup here (`mmagg.server.db`). Retention drops a month
+# of keys once every report it can name is gone (`mmagg.server.partitions`), never a row.
+postgres_metadata = sa.MetaData()
+report_keys = sa.Table(
+    "report_keys",
+    postgres_metadata,
+    sa.Column("workspace_id", sa.Integer, nullable=False),
+    sa.Column("idempotency_key", sa.String(255), nullable=False),
+    sa.Column("received_at", sa.Float(53), nullable=False),
+    sa.Column("report_id", sa.BigInteger, nullable=False),
+    sa.Column("result_count", sa.Integer, nullable=False),
 )
 
 # Step 8: the report-wide counters the `devices` read sums (mmagg.server.rollups).
@@ -466,6 +483,17 @@ def _step_10(conn: Connection) -> None:
         )
 
 
+def _step_11(conn: Connection) -> None:
+    """PostgreSQL: `reports` partitioned by day on `ts`, keeping its rows, so that retention
+    drops its days as whole partitions too (docs/scale.md, "Partitions"). Its unique
+    (workspace, Idempotency-Key) constraint becomes a plain index in every partition; ingest
+    keeps each key once by a lock on the key (`mmagg.server.db`). Idempotent, nothing on
+    SQLite, and nothing while `results` is a plain table (its foreign key to `reports.id`)."""
+    from mmagg.server.partitions import convert_reports
+
+    convert_reports(conn)
+
+
 # Step n upgrades a database at version n - 1 to version n; append, never edit.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: _step_1,
@@ -478,6 +506,7 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     8: _step_8,
     9: _step_9,
     10: _step_10,
+    11: _step_11,
 }
 
 
