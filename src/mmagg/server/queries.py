@@ -112,8 +112,13 @@ def _groups(
     )
     medians: dict[tuple[str, str], float | None] = {}
     if with_median and aggs:
-        # The rollups' counts check the digests (read in this snapshot, not read again).
-        totals = {(key[0], key[1]): agg.results for key, agg in aggs.items()}
+        # The rollups' counts check the digests (read in this snapshot, not read again);
+        # counts read over raw rows only (rollups off) are not what the check assumes.
+        totals = (
+            {(key[0], key[1]): agg.results for key, agg in aggs.items()}
+            if rollups.ENABLED
+            else None
+        )
         medians = median_digests.medians(
             conn, workspace_id, span.start, span.end, model_names, totals
         )
