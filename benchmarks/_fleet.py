@@ -37,6 +37,7 @@ import random
 import statistics
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -54,6 +55,7 @@ CLASS_NAMES = ("person", "car", "truck", "helmet", "forklift", "bicycle", "dog",
 MODELS = ("site-a/1", "site-b/1")
 WORKSPACE = "fleet"
 RANGES = {"1 h": 3600, "24 h": 86400, "7 d": 7 * 86400, "30 d": 30 * 86400}
+RAW_MEDIAN = "  median from raw rows"
 NICE_BUCKETS = (60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
 SYSTEM_INFO = json.dumps({"platform": "Linux", "hostname": "edge"})
 
@@ -238,7 +240,7 @@ def reads(workspace_id: int, now: float, seconds: float) -> dict[str, Callable[[
         ),
         # The same read with the median over raw rows (the read before median digests, the
         # baseline of this run): what the digests save.
-        "  median from raw rows": lambda c: _without_digests(
+        RAW_MEDIAN: lambda c: _without_digests(
             lambda: queries.inference_stats(c, workspace_id, span)
         ),
         "models": lambda c: queries.models(c, workspace_id, span),
@@ -263,13 +265,29 @@ def _without_digests(call: Callable[[], Any]) -> Any:
         medians.ENABLED = enabled
 
 
-def _timed(call: Callable[[Any], Any], conn: Any, repeat: int) -> float:
-    seconds = []
+def _timed_all(
+    calls: dict[str, dict[str, Callable[[Any], Any]]], conn: Any, repeat: int
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Per read and range, the median wall and median process CPU seconds over `repeat`
+    calls. Interleaved (each round calls every read over every range once) so that the load
+    of a shared machine, which changes by the minute, weighs on every range alike."""
+    walls: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    cpus: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for _ in range(repeat):
-        started = time.perf_counter()
-        call(conn)
-        seconds.append(time.perf_counter() - started)
-    return statistics.median(seconds)
+        for read_name, by_range in calls.items():
+            for range_name, call in by_range.items():
+                started, used = time.perf_counter(), time.process_time()
+                call(conn)
+                walls[read_name][range_name].append(time.perf_counter() - started)
+                cpus[read_name][range_name].append(time.process_time() - used)
+
+    def medians_of(found: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+        return {
+            name: {key: statistics.median(values) for key, values in row.items()}
+            for name, row in found.items()
+        }
+
+    return medians_of(walls), medians_of(cpus)
 
 
 @contextmanager
@@ -406,10 +424,18 @@ def run(args: argparse.Namespace, directory: str) -> int:
                 print(f"-- {mode} (ms, median of {repeat})")
                 print(header + f"{'30d/1h':>8}" if "30 d" in ranges else header)
                 with db.read() as conn:
-                    table: dict[str, dict[str, float]] = {}
+                    # One untimed call of each read first: otherwise the 1-hour reads, timed
+                    # first, pay for the file's first touches and the ratios look better
+                    # than they are (the raw-row median is only the run's reference).
+                    for seconds in ranges.values():
+                        for read_name, call in reads(workspace_id, now, seconds).items():
+                            if read_name != RAW_MEDIAN:
+                                call(conn)
+                    calls: dict[str, dict[str, Callable[[Any], Any]]] = defaultdict(dict)
                     for range_name, seconds in ranges.items():
                         for read_name, call in reads(workspace_id, now, seconds).items():
-                            table.setdefault(read_name, {})[range_name] = _timed(call, conn, repeat)
+                            calls[read_name][range_name] = call
+                    table, cpu = _timed_all(calls, conn, repeat)
                     for read_name, row in table.items():
                         line = f"{read_name:22}" + "".join(f"{row[r] * 1000:10.1f}" for r in ranges)
                         if "30 d" in row:
@@ -423,6 +449,14 @@ def run(args: argparse.Namespace, directory: str) -> int:
                                     )
                                 )
                         print(line, flush=True)
+                # The goals are judged on the wall times above; on a shared machine those
+                # include waiting for a core, which this process's CPU time does not.
+                print(f"-- the same reads, process CPU (ms, median of {repeat}; not judged)")
+                for read_name, row in cpu.items():
+                    line = f"{read_name:22}" + "".join(f"{row[r] * 1000:10.1f}" for r in ranges)
+                    if "30 d" in row and row["1 h"] > 0:
+                        line += f"{row['30 d'] / row['1 h']:8.1f}"
+                    print(line, flush=True)
             rollups.ENABLED = True
             medians.ENABLED = True
     if not targets:

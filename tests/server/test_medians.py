@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from server_payloads import report, result
 from server_support import scratch_pg_database, start_server
 
-from mmagg.server import Database, create_app, medians, queries
+from mmagg.server import Database, create_app, medians, queries, rollups
 from mmagg.server.bounds import Placement
 from mmagg.server.lease import Lease
 from mmagg.server.queries import TimeRange
@@ -152,6 +152,17 @@ def test_the_median_from_digests_equals_the_raw_median(
                 got = medians.medians(conn, workspace_id, span.start, span.end, models)
                 raw = medians.raw_medians(conn, workspace_id, span.start, span.end, models)
                 assert got == raw, (state, span, models)
+                # Digests checked per group against the rollups' totals (inference-stats'
+                # path): the same medians for every group the rollups count.
+                totals = _rollup_totals(conn, workspace_id, span, models)
+                by_totals = medians.medians(
+                    conn, workspace_id, span.start, span.end, models, totals
+                )
+                assert by_totals == {group: raw.get(group) for group in totals}, (
+                    state,
+                    span,
+                    models,
+                )
                 # The same answer through the endpoint's query, digests on and off.
                 served = queries.inference_stats(conn, workspace_id, span, models)
                 medians.ENABLED = False
@@ -162,6 +173,21 @@ def test_the_median_from_digests_equals_the_raw_median(
                 assert [i["median_confidence"] for i in served["inference_stats"]] == [
                     i["median_confidence"] for i in plain["inference_stats"]
                 ]
+
+
+def _rollup_totals(
+    conn: Any, workspace_id: int, span: TimeRange, models: tuple[str, ...]
+) -> dict[tuple[str, str], int]:
+    """Results per (model, class) in `span` as the rollups count them (inference-stats)."""
+    found = rollups.aggregate(
+        conn,
+        workspace_id,
+        span.start,
+        span.end,
+        ("model_id", "class_name"),
+        rollups.Filters(model_ids=models),
+    )
+    return {(model_id, class_name): agg.results for (model_id, class_name), agg in found.items()}
 
 
 def test_reads_really_use_digests_and_tenants_never_mix(db: Database) -> None:
@@ -196,8 +222,46 @@ def test_reads_really_use_digests_and_tenants_never_mix(db: Database) -> None:
     with db.read() as conn:
         got = medians.medians(conn, ids[0], span.start, span.end)
         raw = medians.raw_medians(conn, ids[0], span.start, span.end)
-    assert got == {(MODELS[0], CLASSES[0]): _python_median(values[0] * 3, dialect)}
+        by_totals = medians.medians(
+            conn, ids[0], span.start, span.end, (), _rollup_totals(conn, ids[0], span, ())
+        )
+    assert got == by_totals == {(MODELS[0], CLASSES[0]): _python_median(values[0] * 3, dialect)}
     assert raw == {(MODELS[0], CLASSES[0]): _python_median(values[0], dialect)}
+
+
+def test_the_engine_bins_every_value_as_bands_of_does(db: Database) -> None:
+    """Raw rows binned in SQL (`band_column`) land in the band `bands_of` gives the digests:
+    every thousandth (as k / 1000 and as k * 0.001, which differ for some k), the floats just
+    below and above each, 0, 1 and random values."""
+    rng = np.random.default_rng(15)
+    edges = [k / 1000 for k in range(1001)] + [k * 0.001 for k in range(1001)]
+    values = sorted(
+        {
+            *edges,
+            *(math.nextafter(edge, 2.0) for edge in edges if edge < 1.0),
+            *(math.nextafter(edge, -1.0) for edge in edges if edge > 0.0),
+            *rng.random(500).tolist(),
+        }
+    )
+    name = f"w{uuid.uuid4().hex[:12]}"
+    anchor = _anchor()
+    drawn = [
+        (i * 1000, 0, [(MODELS[0], CLASSES[0], value) for value in values[i : i + 1000]])
+        for i in range(0, len(values), 1000)
+    ]
+    _store(db, [name], anchor, drawn)
+    workspace_id = db.ensure_workspace(name)
+    with db.read() as conn:
+        rows = conn.execute(
+            sa.select(results.c.confidence, medians.band_column(conn)).where(
+                results.c.workspace_id == workspace_id
+            )
+        ).all()
+    assert len(rows) == len(values)
+    stored = np.array([confidence for confidence, _band in rows])
+    assert sorted(stored.tolist()) == values
+    expected = medians.bands_of(stored).tolist()
+    assert [int(band) for _confidence, band in rows] == expected
 
 
 def test_a_late_report_is_counted_before_and_after_the_rebuild(db: Database) -> None:

@@ -63,6 +63,11 @@ LEVELS = (DAY, HOUR)
 #: fleet: one row per band would be a row per value or two; a day holds 24x more, so finer
 #: chunks keep the phase-2 read small.
 CHUNK_BANDS = {HOUR: 100, DAY: 10}
+#: Bands per block when raw rows are counted in SQL (`_by_totals`): a fleet's edge hours
+#: (~10^4 rows) come back as a few dozen counts per group, then only the values of the
+#: blocks holding the middle. ~sqrt(rows per group x bands) keeps both reads small.
+RAW_BLOCK = 25
+RAW_BLOCKS = BANDS // RAW_BLOCK
 #: Hours are built once they ended this long ago (reports in flight are mostly in by then;
 #: one that is not only makes the digest stale until the next pass).
 GRACE_SECONDS = 120.0
@@ -181,6 +186,9 @@ class _Parts:
 
     digests: list[_Digest] = field(default_factory=list)
     raw: list[np.ndarray] = field(default_factory=list)
+    #: Counts of raw rows not in `raw`, per band (`_by_totals`: counted per block in SQL,
+    #: each block's count in its first band; never a block the middle values lie in).
+    raw_counts: np.ndarray | None = None
 
 
 def _expected(
@@ -267,12 +275,40 @@ def medians(
     start: float,
     end: float,
     model_ids: Sequence[str] = (),
+    totals: dict[Group, int] | None = None,
 ) -> dict[Group, float | None]:
     """Per (model, class), the exact median of the sampled confidences in [start, end),
-    equal to `raw_medians` over the same rows (module docstring)."""
+    equal to `raw_medians` over the same rows (module docstring).
+
+    `totals`, when given, are the results the rollups count per (model, class) in the same
+    range, read on the same connection (`rollups.aggregate`, as `inference-stats` does
+    anyway): the digests are then checked against them per group (`_by_totals`) instead of
+    bucket by bucket against rollup rows read again; medians are answered for those groups.
+    """
     if not ENABLED:
         return raw_medians(conn, workspace_id, start, end, model_ids)
     limit = rollups.complete_before(conn)
+    if totals is None:
+        return _checked(conn, workspace_id, start, end, model_ids, limit)
+    answers, unsure = _by_totals(conn, workspace_id, start, end, model_ids, totals, limit)
+    if unsure:
+        # A stale or missing digest in the range: those groups bucket by bucket.
+        models = sorted({model_id for model_id, _class_name in unsure})
+        checked = _checked(conn, workspace_id, start, end, models, limit)
+        answers.update({group: checked.get(group) for group in unsure})
+    return answers
+
+
+def _checked(
+    conn: Connection,
+    workspace_id: int,
+    start: float,
+    end: float,
+    model_ids: Sequence[str],
+    limit: float,
+) -> dict[Group, float | None]:
+    """`medians` with every digest checked against its own bucket's rollup count; stale
+    buckets are read from raw rows."""
     parts: dict[Group, _Parts] = defaultdict(_Parts)
     raw_ranges: list[tuple[float, float]] = []
     stale: dict[Group, list[tuple[float, float]]] = defaultdict(list)
@@ -317,6 +353,170 @@ def medians(
     return _finish(conn, workspace_id, start, end, parts)
 
 
+def band_column(conn: Connection) -> sa.ColumnElement[Any]:
+    """`bands_of` of `results.confidence` in SQL: the same band for every float on both
+    engines (IEEE multiplication by 1,000, floor, clipped to [0, 999]; SQLite's CAST
+    truncates towards zero, which is floor for the values it does not clip to 0)."""
+    scaled = results.c.confidence * BANDS
+    if conn.dialect.name == "postgresql":
+        clipped = sa.func.least(sa.func.greatest(sa.func.floor(scaled), 0), BANDS - 1)
+        return sa.cast(clipped, sa.Integer)
+    return sa.func.min(sa.func.max(sa.cast(scaled, sa.Integer), 0), BANDS - 1)
+
+
+def _raw_where(
+    workspace_id: int, low: float, high: float, model_ids: Sequence[str]
+) -> list[sa.ColumnElement[bool]]:
+    where = [results.c.workspace_id == workspace_id, results.c.ts >= low, results.c.ts < high]
+    if model_ids:
+        where.append(results.c.model_id.in_(list(model_ids)))
+    return where
+
+
+def _raw_blocks(
+    conn: Connection,
+    workspace_id: int,
+    ranges: Sequence[tuple[float, float]],
+    model_ids: Sequence[str],
+    window: set[int],
+) -> tuple[dict[Group, np.ndarray], dict[tuple[Group, int], list[float]]]:
+    """Per (model, class), how many raw rows in `ranges` fall in each block of `RAW_BLOCK`
+    bands, and the values of those in the blocks of `window`, in one pass in the engine:
+    a few dozen counts per group and the window's values come back, not every row."""
+    counts: dict[Group, np.ndarray] = {}
+    values: dict[tuple[Group, int], list[float]] = defaultdict(list)
+    block = band_column(conn) // RAW_BLOCK
+    # Rows in the window group by value (one row per distinct value, with its count);
+    # the others by block only.
+    value = (
+        sa.case((block.in_(sorted(window)), results.c.confidence), else_=sa.null())
+        if window
+        else sa.null()
+    )
+    for low, high in ranges:
+        rows = conn.execute(
+            sa.select(results.c.model_id, results.c.class_name, block, value, sa.func.count())
+            .where(*_raw_where(workspace_id, low, high, model_ids))
+            .group_by(results.c.model_id, results.c.class_name, block, value)
+        )
+        for model_id, class_name, index, confidence, count in rows:
+            group = (model_id, class_name)
+            found = counts.get(group)
+            if found is None:
+                found = counts[group] = np.zeros(RAW_BLOCKS, dtype=np.int64)
+            found[int(index)] += int(count)
+            if confidence is not None:
+                values[(group, int(index))] += [float(confidence)] * int(count)
+    return counts, values
+
+
+def _by_totals(
+    conn: Connection,
+    workspace_id: int,
+    start: float,
+    end: float,
+    model_ids: Sequence[str],
+    totals: dict[Group, int],
+    limit: float,
+) -> tuple[dict[Group, float | None], set[Group]]:
+    """`medians` for the groups of `totals` whose digests add up; (answers, the groups that
+    do not).
+
+    Why a sum per group suffices: a digest's n never exceeds the rollups' count of its
+    bucket (built equal to it; rollup counts only grow, and retention deletes a digest no
+    later than its level's row); the raw rows read never exceed the rollups' count of their
+    range; and `totals` reads each part of the range at a level at least as coarse as the
+    digest or raw read there, whose count is at least the finer counts (every level counts
+    the same results; retention keeps coarser levels at least as long, a coarse row outliving
+    some of its finer ones: `mmagg.server.retention`). So Σ n + raw rows <= the total, equal
+    only when every digest's n is its bucket's count and no bucket with results lacks one:
+    equal, the digests are valid (the bucket-by-bucket check would take the same ones); else
+    the group is unsure.
+
+    Buckets up to `limit` (`rollups.complete_before`) come from digests: whole days, whole
+    hours of the edge days (a day no digest describes falls back to its hours), and an hour
+    no digest describes (not built yet: the newest hours) is read raw; the partial hours and
+    everything from `limit` on are raw rows, binned in SQL.
+    """
+    digest_end = max(start, min(end, limit))
+    raw_ranges: list[tuple[float, float]] = []
+    if digest_end < end:
+        raw_ranges.append((digest_end, end))
+    pending: list[tuple[float, float, int]] = []
+    for segment in rollups.split(start, digest_end, LEVELS):
+        if segment.level == 0:
+            raw_ranges.append((segment.start, segment.end))
+        else:
+            pending.append((segment.start, segment.end, segment.level))
+    found: dict[Group, list[tuple[int, int, bytes]]] = defaultdict(list)
+    described: dict[Group, int] = defaultdict(int)
+    while pending:
+        low, high, level = pending.pop()
+        stored = _digests(conn, workspace_id, level, low, high, model_ids)
+        present = {bucket for bucket, _model_id, _class_name in stored}
+        for bucket in np.arange(low, high, level, dtype=np.float64).tolist():
+            if bucket in present:
+                continue
+            if level == DAY:
+                pending.append((bucket, bucket + DAY, HOUR))
+            else:
+                raw_ranges.append((bucket, bucket + HOUR))
+        for (_bucket, model_id, class_name), (digest_id, n, blob) in stored.items():
+            group = (model_id, class_name)
+            if group in totals:
+                found[group].append((digest_id, level, blob))
+                described[group] += n
+    if not found:
+        # Nothing to gain from digests: one GROUP BY in the engine is the cheapest raw read.
+        plain = raw_medians(conn, workspace_id, start, end, model_ids)
+        return {group: plain.get(group) for group in totals}, set()
+    # Phase 1 needs the raw values of the blocks holding the middle values only. Raw rows
+    # are `total - described` at most (`unsure` otherwise), so from the digests alone a
+    # middle value of rank r lies between the first block whose digest count through it
+    # plus that exceeds r and the first whose digest count alone does: that window.
+    digests: dict[Group, list[_Digest]] = {}
+    windows: dict[Group, set[int]] = {}
+    for group, total in totals.items():
+        digests[group] = [
+            _Digest(digest_id, level, decode_counts(blob))
+            for digest_id, level, blob in found[group]
+        ]
+        fine = np.zeros(BANDS, dtype=np.int64)
+        for digest in digests[group]:
+            fine += digest.counts
+        through = np.cumsum(fine.reshape(RAW_BLOCKS, RAW_BLOCK).sum(axis=1))
+        rest = max(total - described[group], 0)
+        windows[group] = set()
+        for rank in {(total - 1) // 2, total // 2} if total else set():
+            first = int(np.searchsorted(through + rest, rank, side="right"))
+            last = int(np.searchsorted(through, rank, side="right"))
+            windows[group].update(range(first, min(last, RAW_BLOCKS - 1) + 1))
+    joined = _ranges(raw_ranges)
+    raw_blocks, values = _raw_blocks(
+        conn, workspace_id, joined, model_ids, set().union(*windows.values())
+    )
+    parts: dict[Group, _Parts] = {}
+    unsure: set[Group] = set()
+    for group, total in totals.items():
+        blocks = raw_blocks.get(group, np.zeros(RAW_BLOCKS, dtype=np.int64))
+        if described[group] + int(blocks.sum()) != total:
+            unsure.add(group)
+            continue
+        raw = {
+            block: np.array(values.get((group, block), []), dtype=np.float64)
+            for block in windows[group]
+            if blocks[block]
+        }
+        # The other blocks' raw counts go to their first band: cumulative counts stay exact
+        # at every block edge, and the middle values lie in the window's blocks.
+        elsewhere = blocks.copy()
+        elsewhere[list(raw)] = 0
+        raw_counts = np.zeros(BANDS, dtype=np.int64)
+        raw_counts[::RAW_BLOCK] = elsewhere
+        parts[group] = _Parts(digests=digests[group], raw=list(raw.values()), raw_counts=raw_counts)
+    return _finish(conn, workspace_id, start, end, parts), unsure
+
+
 @dataclass
 class _Target:
     """One group's phase-1 answer: the ranks of its middle values inside their bands."""
@@ -334,12 +534,15 @@ def _finish(
     end: float,
     parts: dict[Group, _Parts],
 ) -> dict[Group, float | None]:
+    """Phases 1 and 2 over each group's digests and raw values."""
     dialect = conn_dialect(conn.dialect.name)
     targets: dict[Group, _Target] = {}
     answers: dict[Group, float | None] = {}
     for group, part in parts.items():
         raw = np.concatenate(part.raw) if part.raw else np.empty(0, dtype=np.float64)
         totals = band_counts(raw)
+        if part.raw_counts is not None:
+            totals += part.raw_counts
         for digest in part.digests:
             totals += digest.counts
         count = int(totals.sum())
@@ -354,13 +557,26 @@ def _finish(
             ranks[band].append(rank - before)
         targets[group] = _Target(count, dict(ranks), raw)
     # Phase 2: the chunks holding the target bands, of every digest that has values there.
-    wanted: dict[tuple[int, int], list[tuple[Group, int, int]]] = defaultdict(list)
+    # (digest, chunk) -> (group, band, where the band's values lie in the chunk, the chunk's
+    # length), all from the digest's band counts.
+    wanted: dict[tuple[int, int], list[tuple[Group, int, int, int, int]]] = defaultdict(list)
     for group, target in targets.items():
         for digest in parts[group].digests:
             for band in target.ranks:
                 if digest.counts[band]:
-                    chunk = band // CHUNK_BANDS[digest.level]
-                    wanted[(digest.id, chunk)].append((group, band, int(digest.counts[band])))
+                    width = CHUNK_BANDS[digest.level]
+                    chunk = band // width
+                    first = chunk * width
+                    low = int(digest.counts[first:band].sum())
+                    wanted[(digest.id, chunk)].append(
+                        (
+                            group,
+                            band,
+                            low,
+                            low + int(digest.counts[band]),
+                            int(digest.counts[first : first + width].sum()),
+                        )
+                    )
     in_band: dict[tuple[Group, int], list[np.ndarray]] = defaultdict(list)
     broken: set[Group] = set()
     found: set[tuple[int, int]] = set()
@@ -373,13 +589,12 @@ def _finish(
             ids, chunks = asks.setdefault((group, digest.level), (set(), set()))
             ids.add(digest.id)
             chunks.update(band // CHUNK_BANDS[digest.level] for band in target.ranks)
-    v = median_values.c
-    conditions: list[sa.ColumnElement[bool]] = []
+    conditions: list[tuple[set[int], set[int]]] = []
     bound = 0
     for ids, chunks in asks.values():
-        conditions.append(sa.and_(v.digest_id.in_(sorted(ids)), v.chunk.in_(sorted(chunks))))
+        conditions.append((ids, chunks))
         bound += len(ids) + len(chunks)
-        # SQLite binds at most 32,766 parameters per statement.
+        # Statements of a bounded length (SQLite: 1,000,000 bytes by default).
         if bound > 20_000:
             _take(_chunks(conn, conditions), wanted, found, broken, in_band)
             conditions, bound = [], 0
@@ -387,7 +602,7 @@ def _finish(
         _take(_chunks(conn, conditions), wanted, found, broken, in_band)
     for key, asked in wanted.items():
         if key not in found:
-            broken.update(group for group, _band, _count in asked)
+            broken.update(ask[0] for ask in asked)
     for group, target in targets.items():
         if group in broken:
             answers.update(raw_medians(conn, workspace_id, start, end, group=group))
@@ -402,31 +617,42 @@ def _finish(
     return answers
 
 
-def _chunks(conn: Connection, conditions: Sequence[sa.ColumnElement[bool]]) -> Iterable[Any]:
-    v = median_values.c
-    return conn.execute(sa.select(v.digest_id, v.chunk, v.vals).where(sa.or_(*conditions)))
+def _chunks(conn: Connection, conditions: Sequence[tuple[set[int], set[int]]]) -> Iterable[Any]:
+    """The chunks (digest id, chunk, values) of each (digest ids, chunk numbers) pair.
+
+    Written as SQL text with the integers inline: a few hundred ids, where compiling the
+    expression and binding each id cost more than the rows themselves."""
+    where = " OR ".join(
+        f"(digest_id IN ({', '.join(str(int(i)) for i in sorted(ids))}) "
+        f"AND chunk IN ({', '.join(str(int(c)) for c in sorted(chunks))}))"
+        for ids, chunks in conditions
+    )
+    return conn.exec_driver_sql(
+        f"SELECT digest_id, chunk, vals FROM {median_values.name} WHERE {where}"
+    )
 
 
 def _take(
     rows: Iterable[Any],
-    wanted: dict[tuple[int, int], list[tuple[Group, int, int]]],
+    wanted: dict[tuple[int, int], list[tuple[Group, int, int, int, int]]],
     found: set[tuple[int, int]],
     broken: set[Group],
     in_band: dict[tuple[Group, int], list[np.ndarray]],
 ) -> None:
-    """File the values of fetched chunks under the (group, band)s that asked for them; a
-    band whose count differs from phase 1's (rebuilt or pruned since) marks its group."""
+    """File the values of fetched chunks under the (group, band)s that asked for them, cut
+    where the digest's band counts put them; a chunk not as phase 1 saw it (rebuilt or
+    pruned since, on a read without a snapshot: another length, or the cut's first and
+    last values in another band) marks its group."""
     for digest_id, chunk, blob in rows:
         asked = wanted.get((int(digest_id), int(chunk)))
         if asked is None:
             continue
         found.add((int(digest_id), int(chunk)))
         values = decode_values(blob)
-        bands = bands_of(values)
-        for group, band, expected in asked:
-            low, high = np.searchsorted(bands, [band, band + 1])
-            if high - low != expected:
+        for group, band, low, high, length in asked:
+            if len(values) != length or (bands_of(values[[low, high - 1]]) != band).any():
                 broken.add(group)
+                continue
             in_band[(group, band)].append(values[low:high])
 
 

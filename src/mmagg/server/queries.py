@@ -112,7 +112,16 @@ def _groups(
     )
     medians: dict[tuple[str, str], float | None] = {}
     if with_median and aggs:
-        medians = median_digests.medians(conn, workspace_id, span.start, span.end, model_names)
+        # The rollups' counts check the digests (read in this snapshot, not read again);
+        # counts read over raw rows only (rollups off) are not what the check assumes.
+        totals = (
+            {(key[0], key[1]): agg.results for key, agg in aggs.items()}
+            if rollups.ENABLED
+            else None
+        )
+        medians = median_digests.medians(
+            conn, workspace_id, span.start, span.end, model_names, totals
+        )
     return {
         (model_id, class_name): _Group(
             agg.results,

@@ -1049,17 +1049,31 @@ def aggregate(
         report_counter(keys, filters)
     found: dict[tuple[Any, ...], Agg] = {}
     watermark = complete_before(conn) if ENABLED else math.inf
-    for segment in segments(start, end, bucket_seconds, watermark):
-        if segment.level == 0:
-            rows = _raw(
-                conn, workspace_id, segment, keys, filters, bucket_seconds, with_reports, with_hist
-            )
-            decode = False
-        else:
+    parts = segments(start, end, bucket_seconds, watermark)
+    rolled = [segment for segment in parts if segment.level]
+    # Every rollup segment in one statement (one GROUP BY over all of them: the segments
+    # do not overlap, so their sums add up); each raw segment in its own.
+    reads: list[tuple[list[Segment], bool]] = [
+        ([segment], False) for segment in parts if not segment.level
+    ]
+    if rolled:
+        reads.append((rolled, True))
+    for chosen, decode in reads:
+        if decode:
             rows = _rolled(
-                conn, workspace_id, segment, keys, filters, bucket_seconds, with_reports, with_hist
+                conn, workspace_id, chosen, keys, filters, bucket_seconds, with_reports, with_hist
             )
-            decode = True
+        else:
+            rows = _raw(
+                conn,
+                workspace_id,
+                chosen[0],
+                keys,
+                filters,
+                bucket_seconds,
+                with_reports,
+                with_hist,
+            )
         width = len(keys) + (bucket_seconds is not None)
         for row in rows:
             key = tuple(row[:width])
@@ -1139,7 +1153,7 @@ def _raw(
 def _rolled(
     conn: Connection,
     workspace_id: int,
-    segment: Segment,
+    chosen: Sequence[Segment],
     keys: Sequence[str],
     filters: Filters,
     bucket_seconds: float | None,
@@ -1152,9 +1166,12 @@ def _rolled(
         group.append(_floor(conn, r.bucket / bucket_seconds))
     where = [
         r.workspace_id == workspace_id,
-        r.level == segment.level,
-        r.bucket >= segment.start,
-        r.bucket < segment.end,
+        sa.or_(
+            *(
+                sa.and_(r.level == segment.level, r.bucket >= segment.start, r.bucket < segment.end)
+                for segment in chosen
+            )
+        ),
     ]
     where += _filtered(
         filters, r.model_id, r.class_name, r.device_key, r.source_key, key=encode_key
