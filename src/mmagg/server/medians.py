@@ -269,6 +269,27 @@ def _ranges(buckets: Iterable[tuple[float, float]]) -> list[tuple[float, float]]
     return joined
 
 
+def _gaps(
+    low: float, high: float, level: int, present: Iterable[float]
+) -> list[tuple[float, float]]:
+    """The runs of [low, high) that none of the buckets `present` (each `level` seconds
+    long, inside the range) covers.
+
+    Example:
+        >>> _gaps(0.0, 10.0, 2, {2.0, 4.0, 8.0})
+        [(0.0, 2.0), (6.0, 8.0)]
+    """
+    runs: list[tuple[float, float]] = []
+    cursor = low
+    for bucket in sorted(present):
+        if bucket > cursor:
+            runs.append((cursor, bucket))
+        cursor = max(cursor, bucket + level)
+    if cursor < high:
+        runs.append((cursor, high))
+    return runs
+
+
 def medians(
     conn: Connection,
     workspace_id: int,
@@ -453,14 +474,14 @@ def _by_totals(
     while pending:
         low, high, level = pending.pop()
         stored = _digests(conn, workspace_id, level, low, high, model_ids)
+        # The runs no digest describes (not bucket by bucket: a range may span centuries):
+        # days fall back to their hours, hours to raw rows.
         present = {bucket for bucket, _model_id, _class_name in stored}
-        for bucket in np.arange(low, high, level, dtype=np.float64).tolist():
-            if bucket in present:
-                continue
+        for gap_low, gap_high in _gaps(low, high, level, present):
             if level == DAY:
-                pending.append((bucket, bucket + DAY, HOUR))
+                pending.append((gap_low, gap_high, HOUR))
             else:
-                raw_ranges.append((bucket, bucket + HOUR))
+                raw_ranges.append((gap_low, gap_high))
         for (_bucket, model_id, class_name), (digest_id, n, blob) in stored.items():
             group = (model_id, class_name)
             if group in totals:
