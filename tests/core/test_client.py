@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 from typing import Any
@@ -26,10 +27,25 @@ class RecordingCache(MemoryCache):
         super().set(key, value, expire)
 
 
+_MADE: list[ModelMonitoringClient] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_made_clients() -> Iterator[None]:
+    """Every client `make_client` built is closed after its test (its pooled connections
+    would otherwise be closed by the garbage collector, with a ResourceWarning, anywhere
+    later)."""
+    yield
+    while _MADE:
+        _MADE.pop().close()
+
+
 def make_client(server: CaptureServer, **kwargs: Any) -> ModelMonitoringClient:
     kwargs.setdefault("retry", RetryPolicy(deadline=5, base_delay=0.01, max_delay=0.05))
     kwargs.setdefault("request_timeout", 2.0)
-    return ModelMonitoringClient(KEY, api_base_url=server.url + "/", **kwargs)
+    client = ModelMonitoringClient(KEY, api_base_url=server.url + "/", **kwargs)
+    _MADE.append(client)
+    return client
 
 
 def test_lookup_and_send_follow_the_original_dialect(capture_server: CaptureServer) -> None:

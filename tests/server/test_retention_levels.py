@@ -27,6 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_payloads import report, result
+from server_payloads import stats as payload_stats
 from server_support import scratch_pg_database, start_server
 
 from mmagg.server import Database, create_app, queries, rollups
@@ -85,17 +86,7 @@ def _store(db: Database, principal: Principal, base: float, drawn: list[Drawn]) 
         for model, class_index, confidence, with_stats in items:
             extra: dict[str, Any] = {}
             if with_stats:
-                values = [confidence / 2, confidence * 0.8, confidence]
-                histogram = [0] * 10
-                for value in values:
-                    histogram[min(int(value * 10), 9)] += 1
-                extra["stats"] = {
-                    "count": len(values),
-                    "sum": sum(values),
-                    "min": min(values),
-                    "max": max(values),
-                    "histogram": histogram,
-                }
+                extra["stats"] = payload_stats([confidence / 2, confidence * 0.8, confidence])
             body_items.append(result(CLASSES[class_index], confidence, MODELS[model], **extra))
         when = datetime.fromtimestamp(ts, timezone.utc)
         body = report(body_items, timestamp=when, device_id=DEVICES[device])

@@ -29,6 +29,7 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_payloads import report, result
+from server_payloads import stats as payload_stats
 from server_support import PG_ADMIN_DSN, drop_pg_database
 from test_rollups import (
     CLASSES,
@@ -83,16 +84,7 @@ def _body(ts: float, device: str | None, drawn_items: list[Any]) -> Any:
         if source is not None:
             extra["source_id"] = source
         if with_stats:
-            histogram = [0] * 10
-            for value in values:
-                histogram[min(int(value * 10), 9)] += 1
-            extra["stats"] = {
-                "count": len(values),
-                "sum": sum(values),
-                "min": min(values),
-                "max": max(values),
-                "histogram": histogram,
-            }
+            extra["stats"] = payload_stats(values)
         body_items.append(result(class_name, max(values), model, **extra))
     when = datetime.fromtimestamp(ts, timezone.utc)
     body = report(body_items, timestamp=when)

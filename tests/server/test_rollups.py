@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_payloads import report, result
+from server_payloads import stats as payload_stats
 from server_support import RunningBackend
 from v01_schema import WORKSPACE, build_v01_database
 
@@ -54,19 +55,6 @@ def db(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory)
     database = Database(url)
     yield database
     database.close()
-
-
-def _stats(values: list[float]) -> dict[str, Any]:
-    histogram = [0] * 10
-    for value in values:
-        histogram[min(int(value * 10), 9)] += 1
-    return {
-        "count": len(values),
-        "sum": sum(values),
-        "min": min(values),
-        "max": max(values),
-        "histogram": histogram,
-    }
 
 
 # A confidence: mostly random at millesimal resolution, sometimes on a bucket edge.
@@ -112,7 +100,7 @@ def _store(db: Database, workspace: str, anchor: float, drawn: list[Any]) -> Non
             if source is not None:
                 extra["source_id"] = source
             if with_stats:
-                extra["stats"] = _stats(values)
+                extra["stats"] = payload_stats(values)
             body_items.append(result(class_name, max(values), model, **extra))
         when = datetime.fromtimestamp(ts, timezone.utc)
         body = report(body_items, timestamp=when)
