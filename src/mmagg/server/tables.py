@@ -7,6 +7,7 @@ arithmetic on both engines.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -542,6 +543,22 @@ def migrate(engine: Engine) -> int:
         >>> migrate(create_db_engine("sqlite://")) == SCHEMA_VERSION
         True
     """
+    # SQLite answers "database is locked" at once, without waiting out its busy timeout, in
+    # a few cases (a connection switching the file to WAL while another migrates; a lock
+    # upgrade it refuses to avoid a deadlock): several instances starting together on one
+    # file then retry the whole upgrade, which is idempotent (each step runs under the lock).
+    attempts = 6 if engine.dialect.name == "sqlite" else 1
+    for attempt in range(attempts):
+        try:
+            return _migrate_once(engine)
+        except sa.exc.OperationalError as error:
+            if attempt == attempts - 1 or "database is locked" not in str(error.orig):
+                raise
+            time.sleep(0.05 * 2**attempt)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _migrate_once(engine: Engine) -> int:
     with engine.connect() as conn:
         if current_version(conn) == SCHEMA_VERSION:
             return SCHEMA_VERSION  # the usual start: nothing to lock
