@@ -150,6 +150,25 @@ def _post(base_url: str, key: str, body: dict[str, object], idempotency_key: str
     )
 
 
+def _race_each_key_to_both(
+    first: Serve, second: Serve, key: str, bodies: dict[str, dict[str, object]], keys: list[str]
+) -> None:
+    """Send each Idempotency-Key to both instances at once (`bodies` by base URL); every
+    answer is 200, and of each pair one stored and one replayed the same report."""
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(
+            pool.map(
+                lambda job: _post(job[0], key, bodies[job[0]], job[1]),
+                [(server.base_url, k) for k in keys for server in (first, second)],
+            )
+        )
+    assert [answer.status_code for answer in answers] == [200] * (2 * len(keys))
+    for n in range(len(keys)):
+        pair = answers[2 * n : 2 * n + 2]
+        assert pair[0].json()["report_id"] == pair[1].json()["report_id"]
+        assert sorted(a.headers.get("idempotent-replayed", "") for a in pair) == ["", "true"]
+
+
 def test_same_idempotency_key_on_two_instances_is_stored_once(
     two_instances: tuple[Serve, Serve, str], fresh_pg_url: str
 ) -> None:
@@ -158,18 +177,7 @@ def test_same_idempotency_key_on_two_instances_is_stored_once(
     keys = [f"retry-{n}" for n in range(20)]
     # Each key sent to both instances at the same moment: the race a client's retry through
     # a load balancer makes.
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        answers = list(
-            pool.map(
-                lambda job: _post(job[0], key, body, job[1]),
-                [(server.base_url, k) for k in keys for server in (first, second)],
-            )
-        )
-    assert [answer.status_code for answer in answers] == [200] * 40
-    for n in range(20):
-        pair = answers[2 * n : 2 * n + 2]
-        assert pair[0].json()["report_id"] == pair[1].json()["report_id"]
-        assert sorted(a.headers.get("idempotent-replayed", "") for a in pair) == ["", "true"]
+    _race_each_key_to_both(first, second, key, {first.base_url: body, second.base_url: body}, keys)
     assert sorted(k or "" for k in _stored(fresh_pg_url)) == sorted(keys)
 
 
@@ -188,18 +196,7 @@ def test_one_key_filed_on_two_days_on_two_instances_is_stored_once(
         second.base_url: report([result("person", 0.9)], timestamp=now - timedelta(seconds=2)),
     }
     keys = [f"days-{n}" for n in range(20)]
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        answers = list(
-            pool.map(
-                lambda job: _post(job[0], key, bodies[job[0]], job[1]),
-                [(server.base_url, k) for k in keys for server in (first, second)],
-            )
-        )
-    assert [answer.status_code for answer in answers] == [200] * 40
-    for n in range(20):
-        pair = answers[2 * n : 2 * n + 2]
-        assert pair[0].json()["report_id"] == pair[1].json()["report_id"]
-        assert sorted(a.headers.get("idempotent-replayed", "") for a in pair) == ["", "true"]
+    _race_each_key_to_both(first, second, key, bodies, keys)
     assert sorted(k or "" for k in _stored(fresh_pg_url)) == sorted(keys)
 
 
