@@ -396,6 +396,28 @@ def test_a_fold_is_spread_over_the_following_calls() -> None:
 
 
 @settings(max_examples=150, deadline=None)
+def _check_cut_stream(
+    frames: list[tuple[tuple[tuple[str, list[Prediction]], str, str, bool], bool]],
+) -> None:
+    """Feed `frames` ((model, predictions), id mode, source, read now?), cut?) into one
+    window: a read checks it against store-everything-then-sort over the frames since the
+    last cut, a cut drains it (the taken window checked the same way, the window left
+    empty)."""
+    window = Window()
+    segment: list[tuple[str, str, list[Prediction]]] = []
+    for i, (((model, preds), ids, source, read), cut) in enumerate(frames):
+        if preds:
+            window.add(batch_with(preds, ids), model_id=model, source_id=source, seen_at=i)
+        segment.append((model, source, preds))
+        if read:
+            check_window(window, segment)
+        if cut:
+            check_window(window.drain(), segment)
+            assert len(window) == 0 and window.is_empty() and not window.samples()
+            segment = []
+    check_window(window, segment)
+
+
 @given(
     st.lists(st.tuples(spread_frame, st.booleans()), max_size=40),
     st.integers(min_value=1, max_value=30),
@@ -422,18 +444,7 @@ def test_column_buffers_grow_widen_and_are_reused_exactly(
         patch.object(window_module, "_ROWS_PER_STEP", rows_per_step),
         patch.object(window_module, "_CHECK_ROWS_PER_STEP", rows_per_step),
     ):
-        window = Window()
-        segment: list[tuple[str, str, list[Prediction]]] = []
-        for i, (((model, preds), ids, source, read), cut) in enumerate(frames):
-            if preds:
-                window.add(batch_with(preds, ids), model_id=model, source_id=source, seen_at=i)
-            segment.append((model, source, preds))
-            if read:
-                check_window(window, segment)
-            if cut:
-                check_window(window.drain(), segment)
-                segment = []
-        check_window(window, segment)
+        _check_cut_stream(frames)
 
 
 def test_buffers_are_reused_from_fold_to_fold() -> None:
@@ -482,20 +493,7 @@ def test_windows_taken_in_turn_each_equal_store_all_then_sort(
     store-everything-then-sort over its own frames, although the next window starts with
     the previous one's key → slot layout and class-id maps (carried, not learned again)."""
     with patch.object(window_module, "FOLD_THRESHOLD", threshold):
-        window = Window()
-        segment: list[tuple[str, str, list[Prediction]]] = []
-        for i, (((model, preds), ids, source, read), cut) in enumerate(frames):
-            if preds:
-                window.add(batch_with(preds, ids), model_id=model, source_id=source, seen_at=i)
-            segment.append((model, source, preds))
-            if read:
-                check_window(window, segment)
-            if cut:
-                taken = window.drain()
-                check_window(taken, segment)
-                assert len(window) == 0 and window.is_empty() and not window.samples()
-                segment = []
-        check_window(window, segment)
+        _check_cut_stream(frames)
 
 
 @settings(max_examples=100, deadline=None)
